@@ -1,0 +1,33 @@
+"""Exceptions of anonproxy.
+
+Messages never carry a value from a dataset: they name attributes (tag or keyword), counts and
+reasons, so that they can be logged, audited and sent as an ErrorComment.
+"""
+
+
+class AnonproxyError(Exception):
+    """Base class of every error anonproxy raises on purpose."""
+
+
+class ConfigError(AnonproxyError):
+    """The configuration is invalid; the message names the key."""
+
+
+class DecodeError(AnonproxyError):
+    """A received dataset cannot be parsed."""
+
+
+class DeidentificationError(AnonproxyError):
+    """An instance cannot be fully de-identified; it must not be forwarded."""
+
+
+class SpoolFullError(AnonproxyError):
+    """The spool cannot take the instance durably (quota, disk space or I/O error)."""
+
+
+class ForwardError(AnonproxyError):
+    """A destination did not take an instance."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -1,0 +1,204 @@
+"""Command-line interface: ``anonproxy serve | check-config | deidentify | describe-profile``.
+
+The CLI builds :class:`~anonproxy.config.Settings` and hands them to the code that does the work;
+it holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from anonproxy import __version__
+from anonproxy.config import Settings, dump_settings, load_settings
+from anonproxy.errors import AnonproxyError, ConfigError
+from anonproxy.secret import Secret, load_secret
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _secret(settings: Settings) -> Secret:
+    secret = load_secret(settings.storage.path)
+    if secret.created:
+        print(f"anonproxy: created a new pseudonymisation secret at {secret.source}", file=sys.stderr)
+    if secret.loose_permissions:
+        print(
+            f"anonproxy: WARNING: the secret file {secret.source} is readable by group or others;"
+            " run: chmod 600",
+            file=sys.stderr,
+        )
+    return secret
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the proxy until SIGINT or SIGTERM."""
+    from anonproxy.audit import configure_logging  # noqa: PLC0415 - keep start-up light
+    from anonproxy.service import Proxy  # noqa: PLC0415
+
+    settings = _settings(args)
+    configure_logging(settings.log.level)
+    secret = _secret(settings)
+    proxy = Proxy(settings, secret)
+    listen = settings.listen
+    destinations = ", ".join(
+        f"{d.name} ({d.type})" for d in settings.effective_destinations
+    )
+    print(
+        f"anonproxy {__version__}: listening as {listen.ae_title} on {listen.host}:{listen.port};"
+        f" destinations: {destinations}; audit: {settings.audit.path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    proxy.run()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration (secrets are never part of it)."""
+    settings = _settings(args)
+    sys.stdout.write(dump_settings(settings))
+    secret = _secret(settings)
+    print(f"# secret: from {secret.source} (value redacted)")
+    return 0
+
+
+def cmd_describe_profile(args: argparse.Namespace) -> int:
+    """Print the effective action for every attribute of Table E.1-1."""
+    from anonproxy.deid import Profile  # noqa: PLC0415
+
+    settings = _settings(args)
+    profile = Profile.from_options(settings.profile.options, strict=settings.profile.strict)
+    for tag, name, action in profile.describe():
+        print(f"{tag}\t{action}\t{name}")
+    return 0
+
+
+def _inputs(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+_WORKER: object = None
+
+
+def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
+    from anonproxy.secret import Secret  # noqa: PLC0415
+    from anonproxy.service import build_deidentifier  # noqa: PLC0415
+
+    global _WORKER  # noqa: PLW0603 - one engine per worker process
+    _WORKER = build_deidentifier(load_settings(settings_path), Secret(secret_value, "parent"))
+
+
+def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
+    """De-identify one file; returns an outcome name (never a value from the file)."""
+    from pydicom import dcmread  # noqa: PLC0415
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+
+    from anonproxy.deid import Deidentifier  # noqa: PLC0415
+    from anonproxy.spool import check_uid_name  # noqa: PLC0415
+
+    source, out_file, out_dir = task
+    engine = _WORKER
+    assert isinstance(engine, Deidentifier)  # noqa: S101 - set by the pool initializer
+    try:
+        dataset = dcmread(source)
+    except (InvalidDicomError, OSError, EOFError):
+        return "skipped (not DICOM)"
+    except Exception as exc:  # noqa: BLE001 - report and go on with the next file
+        return f"failed ({type(exc).__name__})"
+    try:
+        result = engine.deidentify(dataset)
+        if out_file is None:
+            assert out_dir is not None  # noqa: S101
+            out_file = (
+                out_dir
+                / check_uid_name(result.study_instance_uid)
+                / check_uid_name(result.series_instance_uid)
+                / (check_uid_name(result.sop_instance_uid) + ".dcm")
+            )
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(out_file, enforce_file_format=True)
+    except AnonproxyError as exc:
+        return f"failed ({exc})"
+    except Exception as exc:  # noqa: BLE001 - fail closed, report the type only
+        return f"failed ({type(exc).__name__})"
+    return "de-identified"
+
+
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    """De-identify files or folders offline, with the same engine as the proxy."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    settings = _settings(args)
+    secret = _secret(settings)
+    sources = list(_inputs(args.inputs))
+    single_file = len(args.inputs) == 1 and args.inputs[0].is_file() and not args.output.is_dir()
+    tasks = [
+        (source, args.output if single_file else None, None if single_file else args.output)
+        for source in sources
+    ]
+    jobs = args.jobs or os.cpu_count() or 1
+    outcomes: Counter[str] = Counter()
+    with ProcessPoolExecutor(
+        max_workers=jobs, initializer=_init_worker, initargs=(args.config, secret.value)
+    ) as pool:
+        results = pool.map(_deidentify_one, tasks, chunksize=8)
+        for outcome in tqdm(
+            results, total=len(tasks), unit="file", disable=args.quiet, file=sys.stderr
+        ):
+            outcomes[outcome] += 1
+    print(f"{len(tasks)} file(s): " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())))
+    return 0 if all(o.startswith(("de-identified", "skipped")) for o in outcomes) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``anonproxy`` command."""
+    parser = argparse.ArgumentParser(prog="anonproxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"anonproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=None,
+            help="YAML configuration file (default: the embedded default configuration)",
+        )
+        return sub
+
+    add("serve", "run the proxy").set_defaults(func=cmd_serve)
+    add("check-config", "print the effective configuration").set_defaults(func=cmd_check_config)
+    add("describe-profile", "print the effective action for every attribute").set_defaults(
+        func=cmd_describe_profile
+    )
+    deid = add("deidentify", "de-identify files or folders offline")
+    deid.add_argument("inputs", nargs="+", type=Path, help="input files or folders (recursive)")
+    deid.add_argument("output", type=Path, help="output folder (or file, for one input file)")
+    deid.add_argument("-j", "--jobs", type=int, default=0, help="worker processes (default: all cores)")
+    deid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    deid.set_defaults(func=cmd_deidentify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anonproxy`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"anonproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

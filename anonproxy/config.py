@@ -1,0 +1,229 @@
+"""Configuration: YAML files validated by pydantic models.
+
+Every section forbids unknown keys, so a typo is a start-up error that names the key. Relative
+paths are taken relative to the working directory. The pseudonymisation secret is never part of
+the configuration: see :mod:`anonproxy.secret`.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from anonproxy.errors import ConfigError
+
+DEFAULT_CONFIG_RESOURCE = "default.yaml"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        msg = "an AE title is 1 to 16 printable characters, not only spaces, without backslash"
+        raise ValueError(msg)
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Section):
+    """The SCP: where anonproxy receives instances."""
+
+    ae_title: str = "ANONPROXY"
+    host: str = "0.0.0.0"  # noqa: S104 - a network appliance listens on all interfaces
+    port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu_size: int = Field(default=262144, ge=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+
+class DicomDestinationConfig(_Section):
+    """A research PACS reached by C-STORE."""
+
+    type: Literal["dicom"] = "dicom"
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    max_associations: int = Field(default=1, ge=1, le=16)
+    idle_timeout: float = Field(default=10.0, gt=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+
+class FolderDestinationConfig(_Section):
+    """A directory tree, one file per instance: ``<study>/<series>/<instance>.dcm``."""
+
+    type: Literal["folder"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    path: Path
+
+
+def _destination_type(value: Any) -> str:  # noqa: ANN401 - raw YAML or a model
+    if isinstance(value, dict):
+        return str(value.get("type", "dicom"))
+    return str(getattr(value, "type", "dicom"))
+
+
+DestinationConfig = Annotated[
+    Annotated[DicomDestinationConfig, Tag("dicom")]
+    | Annotated[FolderDestinationConfig, Tag("folder")],
+    Discriminator(_destination_type),
+]
+
+
+class ProfileConfig(_Section):
+    """De-identification profile: PS3.15 options by their CID 7050 names."""
+
+    options: list[str] = Field(default_factory=list)
+    strict: bool = False
+    burned_in_annotation: Literal["pass", "reject"] = "reject"
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, value: list[str]) -> list[str]:
+        from anonproxy.deid import ProfileOption  # noqa: PLC0415 - keep config import light
+
+        known = {option.value for option in ProfileOption}
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            msg = f"unknown option(s) {unknown}; known: {sorted(known)}"
+            raise ValueError(msg)
+        return value
+
+
+class StorageConfig(_Section):
+    """Spool, quarantine and state."""
+
+    path: Path = Path("./var")
+    max_bytes: int | None = Field(default=None, ge=0)
+    min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    fsync: bool = True
+
+
+class AuditConfig(_Section):
+    """Audit trail: one JSON line per event."""
+
+    path: Path | None = Path("./var/audit.jsonl")
+    stdout: bool = False
+
+
+class LogConfig(_Section):
+    """Operational log on standard error (never carries PHI)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    """The whole configuration of one anonproxy node."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            msg = f"destination names must be unique: {duplicates}"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def effective_destinations(self) -> list[DicomDestinationConfig | FolderDestinationConfig]:
+        """The configured destinations, or the built-in folder when there are none."""
+        if self.destinations:
+            return list(self.destinations)
+        return [
+            FolderDestinationConfig(
+                type="folder", name="local", path=self.storage.path / "received"
+            )
+        ]
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: object, source: str = "<config>") -> Settings:
+    """Validate a mapping (parsed YAML) into :class:`Settings`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        msg = f"invalid configuration in {source}: the top level must be a mapping"
+        raise ConfigError(msg)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load a YAML file, or the embedded default configuration when *path* is None."""
+    if path is None:
+        text = resources.files("anonproxy").joinpath(DEFAULT_CONFIG_RESOURCE).read_text("utf-8")
+        source = "embedded default"
+    else:
+        try:
+            text = Path(path).read_text("utf-8")
+        except OSError as exc:
+            msg = f"cannot read configuration {path}: {exc.strerror}"
+            raise ConfigError(msg) from None
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = f"invalid YAML in {source}: {exc}"
+        raise ConfigError(msg) from None
+    return parse_settings(data, source)
+
+
+def dump_settings(settings: Settings) -> str:
+    """The effective configuration as YAML (it never contains a secret)."""
+    data = settings.model_dump(mode="json")
+    data["destinations"] = [d.model_dump(mode="json") for d in settings.effective_destinations]
+    return yaml.safe_dump(data, sort_keys=False)

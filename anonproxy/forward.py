@@ -1,0 +1,338 @@
+"""Forwarding: workers that drain each destination's spool queue.
+
+Each destination has its own :class:`~anonproxy.spool.DestinationQueue` and its own workers, so a
+dead PACS never blocks another destination. A worker owns one sender: a
+:class:`DicomSender` keeps an association open to the research PACS and reuses it until it has
+been idle for ``idle_timeout`` seconds; a :class:`FolderSender` moves files into a directory tree.
+
+Outcomes, as PS3.4 means them: Success and Warning are delivered; Out of Resources (0xA7xx),
+rejected or aborted associations, network errors and time-outs are transient and retried with
+exponential back-off and jitter; any other failure status is permanent and the instance goes to
+quarantine with the reason. Every outcome is an audit event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import build_context
+from pynetdicom.status import code_to_category
+
+from anonproxy.audit import AuditLog, get_logger
+from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
+from anonproxy.errors import ForwardError
+from anonproxy.spool import DestinationQueue, QueueItem, Spool, fsync_directory
+
+log = get_logger(__name__)
+
+_config.STORE_SEND_CHUNKED_DATASET = True  # stream spool files; never load pixel data twice
+
+_MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+_RETRY_BASE_S = 0.5
+_RETRY_MAX_S = 60.0
+_STATUS_CATEGORY_DELIVERED = {"Success", "Warning"}
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Sender(Protocol):
+    """Delivers one spooled instance to a destination."""
+
+    def send(self, path: Path) -> str:
+        """Deliver the file at *path*; return a short outcome (e.g. the status as hex).
+
+        Raise :class:`ForwardError` (``permanent=True`` for refusals that a retry cannot fix).
+        """
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class FolderSender:
+    """Moves instances into ``<root>/<study>/<series>/<instance>.dcm``."""
+
+    def __init__(self, config: FolderDestinationConfig, *, fsync: bool = True) -> None:
+        self.root = config.path
+        self.fsync = fsync
+
+    def send(self, path: Path) -> str:
+        from anonproxy.spool import check_uid_name  # noqa: PLC0415
+
+        header = dcmread(
+            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+        )
+        try:
+            study = check_uid_name(str(header.StudyInstanceUID))
+            series = check_uid_name(str(header.SeriesInstanceUID))
+        except (AttributeError, ValueError):
+            raise ForwardError(
+                "instance lacks a valid Study or Series Instance UID", permanent=True
+            ) from None
+        directory = self.root / study / series
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / path.name
+        tmp = directory / f".{path.name}.tmp"
+        try:
+            shutil.copyfile(path, tmp)
+            if self.fsync:
+                with tmp.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+            tmp.replace(target)
+            if self.fsync:
+                fsync_directory(directory)
+        except OSError as exc:
+            raise ForwardError(f"folder write failed: {exc.strerror}") from None
+        return "stored"
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class DicomSender:
+    """C-STORE to a research PACS over a reused association."""
+
+    def __init__(self, config: DicomDestinationConfig, calling_ae_title: str) -> None:
+        self.config = config
+        self.ae = AE(ae_title=config.calling_ae_title or calling_ae_title)
+        self.ae.acse_timeout = config.acse_timeout
+        self.ae.dimse_timeout = config.dimse_timeout
+        self.ae.network_timeout = config.network_timeout
+        self._assoc: Any = None
+        self._last_used = 0.0
+        self._wanted: dict[tuple[str, str], None] = {}
+
+    def _contexts(self) -> list[Any]:
+        """One context per (SOP Class, transfer syntax) seen, plus an uncompressed fallback
+        per SOP Class, so that the accepted contexts tell exactly what the peer takes."""
+        contexts = [build_context(sop_class, syntax) for sop_class, syntax in self._wanted]
+        for sop_class in dict.fromkeys(sop_class for sop_class, _ in self._wanted):
+            contexts.append(
+                build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            )
+        return contexts[:_MAX_CONTEXTS]
+
+    def _accepted_syntaxes(self, sop_class: str) -> set[str]:
+        if self._assoc is None:
+            return set()
+        return {
+            str(cx.transfer_syntax[0])
+            for cx in self._assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class
+        }
+
+    def _associate(self) -> None:
+        self.close()
+        assoc = self.ae.associate(
+            self.config.host,
+            self.config.port,
+            contexts=self._contexts(),
+            ae_title=self.config.ae_title,
+            max_pdu=0,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        )
+        if not assoc.is_established:
+            reason = "rejected" if assoc.is_rejected else "failed or aborted"
+            raise ForwardError(f"association {reason}")
+        self._assoc = assoc
+
+    def send(self, path: Path) -> str:
+        meta = read_file_meta_info(path)
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        syntax = str(meta.TransferSyntaxUID)
+        if (
+            self._assoc is not None
+            and time.monotonic() - self._last_used > self.config.idle_timeout
+        ):
+            self.close()
+        if (sop_class, syntax) not in self._wanted:
+            self._wanted[(sop_class, syntax)] = None
+            if len(self._wanted) > _MAX_CONTEXTS // 2:
+                self._wanted.pop(next(iter(self._wanted)))
+            self.close()  # negotiate again, now with a context for this pair
+        if self._assoc is None:
+            self._associate()
+        accepted = self._accepted_syntaxes(sop_class)
+        if not accepted:
+            self.close()
+            raise ForwardError("SOP class not supported by the destination", permanent=True)
+        dataset: Path | Dataset = path
+        if syntax not in accepted:
+            dataset = self._convert(path, syntax, accepted)
+        try:
+            status = self._assoc.send_c_store(dataset)
+        except (RuntimeError, ValueError, OSError) as exc:
+            self.close()
+            raise ForwardError(f"C-STORE not sent: {type(exc).__name__}") from None
+        self._last_used = time.monotonic()
+        if not status or "Status" not in status:
+            self.close()
+            raise ForwardError("no C-STORE response (time-out or aborted association)")
+        code = int(status.Status)
+        category = code_to_category(code)
+        if category in _STATUS_CATEGORY_DELIVERED:
+            return f"0x{code:04X}"
+        permanent = not (0xA700 <= code <= 0xA7FF)
+        raise ForwardError(f"C-STORE status 0x{code:04X} ({category})", permanent=permanent)
+
+    @staticmethod
+    def _convert(path: Path, syntax: str, accepted: set[str]) -> Dataset:
+        """Re-encode for a destination that does not accept the spooled transfer syntax."""
+        dataset = dcmread(path)
+        if UID(syntax).is_compressed:
+            try:
+                dataset.decompress()
+            except Exception as exc:
+                raise ForwardError(
+                    f"cannot decompress for the destination: {type(exc).__name__}", permanent=True
+                ) from None
+        target = ExplicitVRLittleEndian if ExplicitVRLittleEndian in accepted else None
+        if target is None and ImplicitVRLittleEndian in accepted:
+            target = ImplicitVRLittleEndian
+        if target is None:
+            raise ForwardError("no common transfer syntax with the destination", permanent=True)
+        dataset.file_meta.TransferSyntaxUID = target
+        return dataset
+
+    def close(self) -> None:
+        if self._assoc is not None:
+            with contextlib.suppress(Exception):
+                if self._assoc.is_established:
+                    self._assoc.release()
+            self._assoc = None
+
+    def idle_check(self) -> None:
+        """Close the association once it has been idle for the configured time."""
+        if self._assoc is not None and (
+            time.monotonic() - self._last_used > self.config.idle_timeout
+        ):
+            self.close()
+
+
+def retry_delay(attempts: int) -> float:
+    """Exponential back-off with full jitter, capped."""
+    ceiling = min(_RETRY_MAX_S, _RETRY_BASE_S * (2 ** min(attempts, 16)))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+class ForwardWorker(threading.Thread):
+    """Drains one destination queue with one sender."""
+
+    def __init__(
+        self,
+        destination: str,
+        spool: Spool,
+        sender: Sender,
+        audit: AuditLog,
+        *,
+        index: int = 0,
+    ) -> None:
+        super().__init__(name=f"forward-{destination}-{index}", daemon=True)
+        self.destination = destination
+        self.spool = spool
+        self.queue: DestinationQueue = spool.queues[destination]
+        self.sender = sender
+        self.audit = audit
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        """Finish the current instance, then stop."""
+        self._stop_event.set()
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                item = self.queue.take(timeout=0.5)
+                if item is None:
+                    idle_check = getattr(self.sender, "idle_check", None)
+                    if idle_check is not None:
+                        idle_check()
+                    continue
+                self._forward(item)
+        finally:
+            self.sender.close()
+
+    def _forward(self, item: QueueItem) -> None:
+        path = self.queue.path(item.name)
+        started = time.monotonic()
+        try:
+            outcome = self.sender.send(path)
+        except ForwardError as exc:
+            if exc.permanent:
+                self.spool.quarantine(self.destination, item, str(exc))
+                self.audit.event(
+                    "instance.quarantined",
+                    deid_sop_instance_uid=item.name,
+                    destination=self.destination,
+                    reason=str(exc),
+                )
+                return
+            delay = retry_delay(item.attempts)
+            self.audit.event(
+                "instance.forward_retry",
+                deid_sop_instance_uid=item.name,
+                destination=self.destination,
+                reason=str(exc),
+                attempt=item.attempts + 1,
+                retry_in_s=round(delay, 3),
+            )
+            self.queue.retry_later(item, delay)
+            return
+        except FileNotFoundError:
+            self.queue.done(item)  # removed by an operator
+            return
+        except Exception as exc:
+            log.exception("forward.unexpected_error", destination=self.destination)
+            self.queue.retry_later(item, retry_delay(item.attempts))
+            self.audit.event(
+                "instance.forward_retry",
+                deid_sop_instance_uid=item.name,
+                destination=self.destination,
+                reason=f"unexpected {type(exc).__name__}",
+                attempt=item.attempts + 1,
+            )
+            return
+        self.spool.release(self.queue, item)
+        self.audit.event(
+            "instance.forwarded",
+            deid_sop_instance_uid=item.name,
+            destination=self.destination,
+            status=outcome,
+            attempts=item.attempts + 1,
+            send_ms=round((time.monotonic() - started) * 1000, 1),
+            latency_ms=round((time.time() - item.first_seen) * 1000, 1),
+        )
+
+
+def make_sender(
+    config: DicomDestinationConfig | FolderDestinationConfig,
+    calling_ae_title: str,
+    *,
+    fsync: bool = True,
+) -> Sender:
+    """The sender for a destination's configuration."""
+    if isinstance(config, FolderDestinationConfig):
+        return FolderSender(config, fsync=fsync)
+    return DicomSender(config, calling_ae_title)

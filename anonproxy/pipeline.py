@@ -1,0 +1,139 @@
+"""What happens to one received instance: de-identify, then spool durably.
+
+This module joins the engine (:mod:`anonproxy.deid`) and the spool (:mod:`anonproxy.spool`); it
+knows nothing about the network. :meth:`InstancePipeline.process` returns a
+:class:`StoreOutcome` (a status and an ErrorComment) and never raises: every failure fails
+closed, so an instance that was not fully de-identified and durably stored is never
+acknowledged and never forwarded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+from anonproxy.audit import AuditLog, get_logger
+from anonproxy.deid import DeidResult, Deidentifier
+from anonproxy.errors import DeidentificationError, SpoolFullError
+from anonproxy.spool import Spool
+from anonproxy.status import StoreStatus
+
+log = get_logger(__name__)
+
+_ERROR_COMMENT_MAX = 64  # PS3.7: Error Comment is LO
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The answer for the sender."""
+
+    status: StoreStatus
+    error_comment: str | None = None
+    deid_sop_instance_uid: str | None = None
+
+    @property
+    def comment(self) -> str | None:
+        """The ErrorComment, cut to the length the LO VR allows."""
+        return None if self.error_comment is None else self.error_comment[:_ERROR_COMMENT_MAX]
+
+
+class InstancePipeline:
+    """De-identifies and spools instances for a set of destinations. Thread-safe."""
+
+    def __init__(
+        self,
+        deidentifier: Deidentifier,
+        spool: Spool,
+        destinations: Sequence[str],
+        audit: AuditLog,
+        *,
+        reject_burned_in_annotation: bool = True,
+    ) -> None:
+        self.deidentifier = deidentifier
+        self.spool = spool
+        self.destinations = list(destinations)
+        self.audit = audit
+        self.reject_burned_in_annotation = reject_burned_in_annotation
+
+    def _fail(
+        self, status: StoreStatus, stage: str, reason: str, **fields: object
+    ) -> StoreOutcome:
+        self.audit.event(
+            "instance.failed", stage=stage, status=f"0x{status:04X}", reason=reason, **fields
+        )
+        return StoreOutcome(status, reason)
+
+    def process(
+        self, load: Callable[[], Dataset], *, sop_class_uid: str, **context: object
+    ) -> StoreOutcome:
+        """De-identify the dataset *load* returns and spool it for every destination."""
+        started = time.monotonic()
+        fields = {"sop_class_uid": sop_class_uid, **context}
+        try:
+            dataset = load()
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a DICOM status
+            return self._fail(
+                StoreStatus.CANNOT_UNDERSTAND,
+                "decode",
+                f"cannot parse data set ({type(exc).__name__})",
+                **fields,
+            )
+        self.audit.event("instance.received", **fields)
+        try:
+            result = self.deidentifier.deidentify(dataset)
+        except DeidentificationError as exc:
+            return self._fail(StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), **fields)
+        except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected
+            return self._fail(
+                StoreStatus.DEIDENTIFICATION_FAILED,
+                "deidentify",
+                f"de-identification failed ({type(exc).__name__})",
+                **fields,
+            )
+        fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
+        if self.reject_burned_in_annotation and result.burned_in_annotation == "YES":
+            return self._fail(
+                StoreStatus.DEIDENTIFICATION_FAILED,
+                "policy",
+                "burned-in annotation refused by policy",
+                **fields,
+            )
+        self.audit.event(
+            "instance.deidentified",
+            deid_sop_instance_uid=result.sop_instance_uid,
+            actions=result.action_counts,
+            deidentify_ms=round((time.monotonic() - started) * 1000, 2),
+            **fields,
+        )
+        return self._spool(dataset, result, started, fields)
+
+    def _spool(
+        self, dataset: Dataset, result: DeidResult, started: float, fields: dict[str, object]
+    ) -> StoreOutcome:
+        def write(handle: BinaryIO) -> None:
+            dcmwrite(handle, dataset, enforce_file_format=True)
+
+        try:
+            size = self.spool.put(result.sop_instance_uid, write, self.destinations)
+        except SpoolFullError as exc:
+            return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), **fields)
+        except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
+            return self._fail(
+                StoreStatus.PROCESSING_FAILURE,
+                "spool",
+                f"cannot encode the de-identified data set ({type(exc).__name__})",
+                **fields,
+            )
+        self.audit.event(
+            "instance.spooled",
+            deid_sop_instance_uid=result.sop_instance_uid,
+            destinations=self.destinations,
+            bytes=size,
+            total_ms=round((time.monotonic() - started) * 1000, 2),
+        )
+        return StoreOutcome(StoreStatus.SUCCESS, deid_sop_instance_uid=result.sop_instance_uid)

@@ -1,0 +1,211 @@
+"""Network receive: the Storage SCP and Verification SCP (pynetdicom).
+
+The SCP accepts C-ECHO and every storage SOP Class pynetdicom knows, with every transfer syntax
+pydicom knows (compressed ones included, so that compressed images pass through without
+transcoding). The called AE title must match; the calling AE title must be in the allow-list
+when the list is not empty.
+
+Handlers are thin: they read the event, call the :class:`~anonproxy.pipeline.InstancePipeline`
+and return a named status. Every association is audited when it is accepted, rejected,
+released or aborted, with its counts and duration.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from anonproxy.audit import AuditLog
+from anonproxy.config import ListenConfig
+from anonproxy.forward import set_tcp_nodelay
+from anonproxy.pipeline import InstancePipeline
+from anonproxy.status import EchoStatus, StoreStatus
+
+# pynetdicom's DIMSE debug handlers quote original UIDs: keep them off.
+_config.LOG_HANDLER_LEVEL = "none"
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+@dataclass
+class AssociationRecord:
+    """Counters of one association, for its closing audit record."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    peer_port: int
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+    stored: int = 0
+    failed: int = 0
+
+
+class StorageSCP:
+    """The receiving side of anonproxy."""
+
+    def __init__(self, config: ListenConfig, pipeline: InstancePipeline, audit: AuditLog) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.audit = audit
+        self._records: dict[int, AssociationRecord] = {}
+        self._lock = threading.Lock()
+        self.ae = self._build_ae()
+        self.server: Any = None
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self.config.allowed_calling_ae_titles)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_size
+        ae.acse_timeout = self.config.acse_timeout
+        ae.dimse_timeout = self.config.dimse_timeout
+        ae.network_timeout = self.config.network_timeout
+        syntaxes = list(AllTransferSyntaxes)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, syntaxes)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """The pynetdicom event handlers of the SCP."""
+        return [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_closed),
+            (evt.EVT_CONN_CLOSE, self.handle_closed),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+        ]
+
+    def start(self) -> None:
+        """Listen in the background."""
+        self.server = self.ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
+        )
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with port 0)."""
+        return int(self.server.server_address[1])
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; running associations go on."""
+        if self.server is not None:
+            self.server.shutdown()
+
+    def active_associations(self) -> int:
+        """How many associations are still running."""
+        return len(self.ae.active_associations)
+
+    def shutdown(self) -> None:
+        """Abort whatever is still running."""
+        self.ae.shutdown()
+
+    # -- association events ---------------------------------------------------------------
+
+    @staticmethod
+    def _describe(assoc: Any) -> dict[str, Any]:
+        return {
+            "calling_ae_title": str(assoc.requestor.ae_title).strip(),
+            "called_ae_title": str(assoc.acceptor.ae_title).strip(),
+            "peer_address": assoc.requestor.address,
+            "peer_port": assoc.requestor.port,
+        }
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        """EVT_ACCEPTED: start the association's record."""
+        record = AssociationRecord(**self._describe(event.assoc))
+        with self._lock:
+            self._records[id(event.assoc)] = record
+        self.audit.event(
+            "association.accepted",
+            assoc_id=id(event.assoc),
+            contexts=len(event.assoc.accepted_contexts),
+            **self._describe(event.assoc),
+        )
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """EVT_REJECTED: audit the rejection."""
+        self.audit.event("association.rejected", **self._describe(event.assoc))
+
+    def handle_closed(self, event: evt.Event) -> None:
+        """EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: close the record once."""
+        with self._lock:
+            record = self._records.pop(id(event.assoc), None)
+        if record is None:
+            return
+        name = "association.released" if event.event is evt.EVT_RELEASED else "association.aborted"
+        if event.event is evt.EVT_CONN_CLOSE:
+            name = "association.closed"
+        self.audit.event(
+            name,
+            assoc_id=id(event.assoc),
+            calling_ae_title=record.calling_ae_title,
+            called_ae_title=record.called_ae_title,
+            peer_address=record.peer_address,
+            peer_port=record.peer_port,
+            received=record.received,
+            stored=record.stored,
+            failed=record.failed,
+            duration_s=round(time.monotonic() - record.started, 3),
+        )
+
+    # -- DIMSE services ---------------------------------------------------------------------
+
+    def handle_echo(self, event: evt.Event) -> int:
+        """EVT_C_ECHO: the Verification SCP always answers Success (0x0000)."""
+        del event
+        return EchoStatus.SUCCESS
+
+    def handle_store(self, event: evt.Event) -> Dataset:
+        """EVT_C_STORE: de-identify and spool one instance.
+
+        Uses ``event.dataset``, ``event.file_meta``, ``event.request.AffectedSOPClassUID`` and
+        ``event.assoc``. Returns a status dataset:
+
+        * ``StoreStatus.SUCCESS`` (0x0000): de-identified and durably spooled;
+        * ``StoreStatus.OUT_OF_RESOURCES`` (0xA700): the spool cannot take it; retry later;
+        * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): the data set cannot be parsed;
+        * ``StoreStatus.DEIDENTIFICATION_FAILED`` (0xC001): it cannot be fully de-identified or
+          is refused by policy; it is not forwarded;
+        * ``StoreStatus.PROCESSING_FAILURE`` (0x0110): it cannot be encoded for the spool.
+
+        References: PS3.4 Annex B.2.3; PS3.7 Annex C.
+        """
+
+        def load() -> Dataset:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            return dataset
+
+        with self._lock:
+            record = self._records.get(id(event.assoc))
+        outcome = self.pipeline.process(
+            load,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            assoc_id=id(event.assoc),
+        )
+        if record is not None:
+            record.received += 1
+            if outcome.status == StoreStatus.SUCCESS:
+                record.stored += 1
+            else:
+                record.failed += 1
+        status = Dataset()
+        status.Status = int(outcome.status)
+        if outcome.comment:
+            status.ErrorComment = outcome.comment
+        return status

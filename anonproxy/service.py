@@ -1,0 +1,134 @@
+"""The running node: wires configuration, engine, spool, forward workers, SCP and audit.
+
+Lifecycle: :meth:`Proxy.start` opens the spool (recovering what a previous run left), starts
+the forward workers and then the SCP; :meth:`Proxy.run` waits for SIGINT/SIGTERM;
+:meth:`Proxy.stop` stops accepting, lets running associations finish (up to a time-out), stops
+the workers after their current instance and keeps the rest of the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from anonproxy import __version__
+from anonproxy.audit import AuditLog, get_logger
+from anonproxy.config import Settings
+from anonproxy.deid import Deidentifier, Profile
+from anonproxy.forward import ForwardWorker, make_sender
+from anonproxy.pipeline import InstancePipeline
+from anonproxy.scp import StorageSCP
+from anonproxy.secret import Secret, load_secret
+from anonproxy.spool import Spool
+
+log = get_logger(__name__)
+
+
+def build_deidentifier(settings: Settings, secret: Secret) -> Deidentifier:
+    """The engine for the configured profile."""
+    profile = Profile.from_options(settings.profile.options, strict=settings.profile.strict)
+    return Deidentifier(profile, secret=secret.value)
+
+
+class Proxy:
+    """One anonproxy node."""
+
+    def __init__(self, settings: Settings, secret: Secret | None = None) -> None:
+        self.settings = settings
+        self.secret = secret or load_secret(settings.storage.path)
+        self.audit = AuditLog(settings.audit.path, stdout=settings.audit.stdout)
+        destinations = settings.effective_destinations
+        storage = settings.storage
+        self.spool = Spool(
+            storage.path,
+            [d.name for d in destinations],
+            max_bytes=storage.max_bytes,
+            min_free_bytes=storage.min_free_bytes,
+            fsync=storage.fsync,
+        )
+        self.pipeline = InstancePipeline(
+            build_deidentifier(settings, self.secret),
+            self.spool,
+            [d.name for d in destinations],
+            self.audit,
+            reject_burned_in_annotation=settings.profile.burned_in_annotation == "reject",
+        )
+        self.scp = StorageSCP(settings.listen, self.pipeline, self.audit)
+        self.workers: list[ForwardWorker] = []
+        for destination in destinations:
+            count = getattr(destination, "max_associations", 1)
+            for index in range(count):
+                sender = make_sender(destination, settings.listen.ae_title, fsync=storage.fsync)
+                self.workers.append(
+                    ForwardWorker(destination.name, self.spool, sender, self.audit, index=index)
+                )
+        self._stopped = threading.Event()
+        self._wait = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The port the SCP listens on."""
+        return self.scp.port
+
+    def start(self) -> None:
+        """Recover the spool, start forwarding, then start listening."""
+        recovered = self.spool.recover()
+        for worker in self.workers:
+            worker.start()
+        self.scp.start()
+        self.audit.event(
+            "service.started",
+            version=__version__,
+            ae_title=self.settings.listen.ae_title,
+            port=self.port,
+            destinations=[d.name for d in self.settings.effective_destinations],
+            recovered=recovered,
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful shutdown: stop accepting, drain associations, stop workers."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.scp.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self.scp.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for worker in self.workers:
+            worker.stop()
+        self.spool.close()
+        for worker in self.workers:
+            worker.join(max(0.1, deadline - time.monotonic()))
+        self.scp.shutdown()
+        self.audit.event(
+            "service.stopped",
+            pending={name: len(q) for name, q in self.spool.queues.items()},
+        )
+        self.audit.close()
+
+    def run(self) -> None:
+        """Start, serve until SIGINT or SIGTERM, then stop gracefully."""
+        self.start()
+        with _capture_signals(self._stop_requested):
+            self._wait.wait()
+        self.stop()
+
+    def _stop_requested(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("service.signal", signal=signal.Signals(signum).name)
+        self._wait.set()
+
+
+@contextmanager
+def _capture_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Install *handler* for SIGINT and SIGTERM; restore the previous handlers afterwards."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

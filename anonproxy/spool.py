@@ -1,0 +1,280 @@
+"""The durable spool between receiving and forwarding.
+
+Layout under the storage path::
+
+    spool/tmp/                      partial writes (removed at start-up)
+    spool/<destination>/<uid>.dcm   de-identified instances waiting for that destination
+    quarantine/<destination>/       instances a destination refused for good, with <uid>.json
+
+An instance is written once to ``spool/tmp`` (write, fsync), then hard-linked into the queue
+directory of every destination it is routed to, the directories are fsynced, and only then is
+the temporary name removed. When :meth:`Spool.put` returns, the instance survives a crash or a
+SIGKILL; the C-STORE handler answers Success only after that. File names are de-identified SOP
+Instance UIDs only, validated against the UID grammar (no path can be smuggled in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from anonproxy.errors import SpoolFullError
+
+_UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+SUFFIX = ".dcm"
+
+
+def check_uid_name(uid: str) -> str:
+    """Return *uid* if it is a valid UID usable as a file name, else raise ValueError."""
+    if len(uid) > 64 or not _UID_NAME.match(uid):
+        msg = "not a valid UID for a file name"
+        raise ValueError(msg)
+    return uid
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or link in *path* durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class QueueItem:
+    """One instance waiting in a destination's queue."""
+
+    name: str
+    not_before: float = 0.0
+    attempts: int = 0
+    first_seen: float = field(default_factory=time.time)
+
+
+class DestinationQueue:
+    """The pending instances of one destination: a directory plus an in-memory index.
+
+    Several forward workers of one destination take items from it; an item is handed to one
+    worker at a time.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._pending: dict[str, QueueItem] = {}
+        self._in_flight: set[str] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def path(self, name: str) -> Path:
+        """The spool file of *name*."""
+        return self.directory / (name + SUFFIX)
+
+    def load(self) -> int:
+        """Index the files already in the directory (start-up recovery), oldest first."""
+        entries = sorted(
+            (entry.stat().st_mtime, entry.name[: -len(SUFFIX)])
+            for entry in os.scandir(self.directory)
+            if entry.name.endswith(SUFFIX) and entry.is_file()
+        )
+        with self._cond:
+            for mtime, name in entries:
+                self._pending.setdefault(name, QueueItem(name, first_seen=mtime))
+            self._cond.notify_all()
+        return len(entries)
+
+    def push(self, name: str) -> None:
+        """Announce a newly spooled instance."""
+        with self._cond:
+            if name not in self._pending:
+                self._pending[name] = QueueItem(name)
+            self._cond.notify()
+
+    def take(self, timeout: float) -> QueueItem | None:
+        """The oldest due item not held by another worker, waiting up to *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                now = time.time()
+                wait = deadline - time.monotonic()
+                next_due = None
+                for item in self._pending.values():
+                    if item.name in self._in_flight:
+                        continue
+                    if item.not_before <= now:
+                        self._in_flight.add(item.name)
+                        return item
+                    next_due = min(next_due or item.not_before, item.not_before)
+                if wait <= 0:
+                    return None
+                if next_due is not None:
+                    wait = min(wait, max(next_due - now, 0.01))
+                self._cond.wait(wait)
+        return None
+
+    def done(self, item: QueueItem) -> None:
+        """The item was delivered (or quarantined): forget it and remove its spool file."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(item.name).unlink()
+        with self._cond:
+            self._in_flight.discard(item.name)
+            self._pending.pop(item.name, None)
+
+    def retry_later(self, item: QueueItem, delay: float) -> None:
+        """Give the item back to the queue, due again after *delay* seconds."""
+        with self._cond:
+            item.attempts += 1
+            item.not_before = time.time() + delay
+            self._in_flight.discard(item.name)
+            self._cond.notify()
+
+    def stats(self) -> dict[str, float | int]:
+        """Pending count, in-flight count, retrying count and age of the oldest (seconds)."""
+        with self._cond:
+            now = time.time()
+            oldest = min((i.first_seen for i in self._pending.values()), default=now)
+            return {
+                "pending": len(self._pending),
+                "in_flight": len(self._in_flight),
+                "retrying": sum(1 for i in self._pending.values() if i.attempts),
+                "oldest_age_s": round(now - oldest, 3),
+            }
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Wake every waiting worker; :meth:`take` returns None from now on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Spool:
+    """Durable store-and-forward spool shared by the SCP and the forward workers."""
+
+    def __init__(
+        self,
+        root: Path,
+        destinations: Iterable[str],
+        *,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 0,
+        fsync: bool = True,
+    ) -> None:
+        self.root = root
+        self.spool_dir = root / "spool"
+        self.tmp_dir = self.spool_dir / "tmp"
+        self.quarantine_dir = root / "quarantine"
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self.queues: dict[str, DestinationQueue] = {}
+        self._bytes_lock = threading.Lock()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp_dir.iterdir():
+            stale.unlink()  # a write that never completed was never acknowledged
+        for name in destinations:
+            directory = self.spool_dir / name
+            directory.mkdir(parents=True, exist_ok=True)
+            self.queues[name] = DestinationQueue(directory)
+        self._bytes = self._measure()
+
+    def _measure(self) -> int:
+        total = 0
+        for queue in self.queues.values():
+            for entry in os.scandir(queue.directory):
+                with contextlib.suppress(OSError):
+                    total += entry.stat().st_size
+        return total
+
+    def recover(self) -> dict[str, int]:
+        """Index what a previous run left in the spool; returns counts per destination."""
+        return {name: queue.load() for name, queue in self.queues.items()}
+
+    def _check_space(self) -> None:
+        if self.max_bytes is not None and self._bytes >= self.max_bytes:
+            msg = "spool quota reached"
+            raise SpoolFullError(msg)
+        if self.min_free_bytes:
+            free = shutil.disk_usage(self.spool_dir).free
+            if free < self.min_free_bytes:
+                msg = "free disk space below the spool's high-water mark"
+                raise SpoolFullError(msg)
+
+    def put(self, name: str, write: Callable[[BinaryIO], None], destinations: Iterable[str]) -> int:
+        """Durably store one instance for *destinations*; returns its size in bytes.
+
+        *write* writes the encoded instance to the file object it is given. Raises
+        :class:`SpoolFullError` when the spool cannot take the instance; nothing is then left
+        behind.
+        """
+        check_uid_name(name)
+        targets = [self.queues[d] for d in destinations]
+        self._check_space()
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{SUFFIX}"
+        try:
+            with tmp.open("wb") as handle:
+                write(handle)
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
+                size = handle.tell()
+            for queue in targets:
+                final = queue.path(name)
+                link_tmp = queue.directory / f".{uuid.uuid4().hex}.tmp"
+                os.link(tmp, link_tmp)
+                os.replace(link_tmp, final)
+                if self.fsync:
+                    fsync_directory(queue.directory)
+        except OSError as exc:
+            msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
+            raise SpoolFullError(msg) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        with self._bytes_lock:
+            self._bytes += size * len(targets)
+        for queue in targets:
+            queue.push(name)
+        return size
+
+    def release(self, queue: DestinationQueue, item: QueueItem) -> None:
+        """An item left the spool (delivered or quarantined)."""
+        with contextlib.suppress(OSError):
+            size = queue.path(item.name).stat().st_size
+            with self._bytes_lock:
+                self._bytes = max(0, self._bytes - size)
+        queue.done(item)
+
+    def quarantine(self, destination: str, item: QueueItem, reason: str) -> Path:
+        """Move an item a destination refused for good into quarantine, with its reason."""
+        queue = self.queues[destination]
+        target_dir = self.quarantine_dir / destination
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / (item.name + SUFFIX)
+        note = {"reason": reason, "attempts": item.attempts + 1, "time": time.time()}
+        (target_dir / (item.name + ".json")).write_text(json.dumps(note), "utf-8")
+        with contextlib.suppress(FileNotFoundError):
+            link_tmp = target_dir / f".{uuid.uuid4().hex}.tmp"
+            os.link(queue.path(item.name), link_tmp)
+            os.replace(link_tmp, target)
+        if self.fsync:
+            fsync_directory(target_dir)
+        self.release(queue, item)
+        return target
+
+    def close(self) -> None:
+        """Wake every worker waiting on a queue."""
+        for queue in self.queues.values():
+            queue.close()

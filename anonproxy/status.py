@@ -1,0 +1,38 @@
+"""DIMSE status codes used by anonproxy, named after PS3.4 and PS3.7.
+
+Handlers return these members; no bare hexadecimal status appears anywhere else.
+"""
+
+from enum import IntEnum
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses (PS3.4 Annex B.2.3, PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    """The instance is de-identified and durably spooled."""
+
+    REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+    """PS3.7 C.5.8: the SOP Class is not supported."""
+
+    OUT_OF_RESOURCES = 0xA700
+    """Refused, Out of Resources: the spool cannot take the instance now; retry later."""
+
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    """Error: the data set does not match the SOP Class (e.g. no SOP Instance UID)."""
+
+    CANNOT_UNDERSTAND = 0xC000
+    """Error, Cannot Understand: the data set cannot be parsed."""
+
+    DEIDENTIFICATION_FAILED = 0xC001
+    """Error, Cannot Understand (anonproxy sub-code): the instance cannot be fully de-identified,
+    or it is refused by the profile's policy (e.g. burned-in annotation); it is not forwarded."""
+
+    PROCESSING_FAILURE = 0x0110
+    """PS3.7 C.4.2: an unexpected failure while processing the instance."""
+
+
+class EchoStatus(IntEnum):
+    """C-ECHO response statuses (PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000

@@ -1,0 +1,112 @@
+"""Shared fixtures: the pydicom test corpus, real peers and an in-process proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from anonproxy.config import parse_settings
+from anonproxy.secret import Secret
+from anonproxy.service import Proxy
+from peers import Orthanc, StoreSCP
+
+TEST_SECRET = Secret(b"anonproxy-test-secret-0123456789", "test")
+
+# Files of the pydicom test corpus shipped in its wheel (no download), across SOP classes and
+# transfer syntaxes: uncompressed, deflated, RLE, JPEG baseline/extended, JPEG-LS, JPEG 2000.
+CORPUS_NAMES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPEG2000.dcm",
+    "JPGExtended.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "SC_rgb_rle.dcm",
+    "image_dfl.dcm",
+    "rtplan.dcm",
+    "rtstruct.dcm",
+    "rtdose.dcm",
+    "test-SR.dcm",
+    "waveform_ecg.dcm",
+    "liver_1frame.dcm",
+    "examples_overlay.dcm",
+]
+
+
+def corpus_paths() -> list[Path]:
+    return [Path(str(get_testdata_file(name))) for name in CORPUS_NAMES]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[Path]:
+    """Paths of the test corpus."""
+    return corpus_paths()
+
+
+def identifying_values(path: Path) -> set[str]:
+    """Values of an input that must never appear in any output, log or audit record."""
+    ds = dcmread(path, stop_before_pixels=True)
+    values: set[str] = set()
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "InstitutionName",
+        "ReferringPhysicianName",
+        "OtherPatientIDs",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+    ):
+        value = str(ds.get(keyword, "") or "").strip()
+        if len(value) >= 4:  # short values ("M", "0") occur by chance
+            values.add(value)
+    return values
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """Start in-process proxies on free ports; every one is stopped at the end."""
+    proxies: list[Proxy] = []
+
+    def factory(destinations: list[dict[str, Any]] | None = None, **sections: Any) -> Proxy:
+        data: dict[str, Any] = {
+            "listen": {"port": 0, **sections.pop("listen", {})},
+            "destinations": destinations or [],
+            "storage": {"path": str(tmp_path / "var"), "min_free_bytes": 0},
+            "audit": {"path": str(tmp_path / "var" / "audit.jsonl")},
+            **sections,
+        }
+        proxy = Proxy(parse_settings(data), TEST_SECRET)
+        proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in proxies:
+        proxy.stop(timeout=5)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    """DCMTK storescp as the research PACS (AE title RESEARCH)."""
+    scp = StoreSCP(tmp_path / "research").start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc as the research PACS (AE title ORTHANC)."""
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()

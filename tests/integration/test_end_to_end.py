@@ -1,0 +1,146 @@
+"""End to end with real peers: DCMTK storescu → anonproxy → DCMTK storescp or Orthanc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from conftest import identifying_values
+from peers import StoreSCP, echoscu, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _audit(proxy_root: Path) -> list[dict[str, object]]:
+    lines = (proxy_root / "audit.jsonl").read_text("utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _original(path: Path) -> dict[str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return {k: str(ds.get(k, "")) for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientName")}
+
+
+def test_storescu_to_storescp_deidentified_and_complete(
+    make_proxy, storescp: StoreSCP, corpus: list[Path], tmp_path: Path
+) -> None:
+    proxy = make_proxy(
+        [{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": storescp.port}]
+    )
+    sent = storescu(proxy.port, corpus)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+    expected = {_original(p)["SOPInstanceUID"] for p in corpus}  # some files share UIDs
+    assert wait_for(lambda: len(storescp.files()) >= len(expected), timeout=60)
+    received = storescp.files()
+    assert len(received) == len(expected)
+
+    phi = set().union(*(identifying_values(p) for p in corpus))
+    for path in received:
+        data = path.read_bytes()
+        leaked = [value for value in phi if value.encode() in data]
+        assert not leaked, f"{path.name} carries identifying values"
+        ds = dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.SOPInstanceUID.startswith("2.25.")
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+    # Pixel data passes unchanged (no transcoding), and study structure is preserved.
+    by_original: dict[str, list[Path]] = {}
+    for path in corpus:
+        by_original.setdefault(_original(path)["StudyInstanceUID"], []).append(path)
+    out = [dcmread(p) for p in received]
+    out_by_sop = {str(ds.SOPInstanceUID): ds for ds in out}
+    audit = _audit(tmp_path / "var")
+    deidentified = [e for e in audit if e["event"] == "instance.deidentified"]
+    assert len(deidentified) == len(corpus)
+    for name in ("CT_small.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm"):
+        source = dcmread(next(p for p in corpus if p.name == name))
+        matches = [
+            ds
+            for ds in out
+            if ds.get("Rows") == source.Rows
+            and ds.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+            and ds.PixelData == source.PixelData
+        ]
+        assert matches, f"pixel data of {name} changed"
+    new_studies = {str(ds.StudyInstanceUID) for ds in out}
+    assert len(new_studies) == len({k for k in by_original if k})
+    assert all(uid.startswith("2.25.") for uid in out_by_sop)
+
+    # One JSON line per event; nothing identifying in the audit trail.
+    text = (tmp_path / "var" / "audit.jsonl").read_text("utf-8")
+    assert not [value for value in phi if value in text]
+    events = {e["event"] for e in audit}
+    assert {"association.accepted", "instance.received", "instance.spooled"} <= events
+    assert wait_for(
+        lambda: sum(e["event"] == "instance.forwarded" for e in _audit(tmp_path / "var"))
+        >= len(corpus),
+        timeout=30,
+    )
+    assert any(e["event"] == "association.released" for e in _audit(tmp_path / "var"))
+
+
+def test_same_study_same_pseudonym_across_associations_and_restarts(
+    make_proxy, tmp_path: Path, corpus: list[Path]
+) -> None:
+    ct = next(p for p in corpus if p.name == "CT_small.dcm")
+    first = make_proxy()
+    assert storescu(first.port, [ct]).returncode == 0
+    assert storescu(first.port, [ct]).returncode == 0
+    first.stop()
+    second = make_proxy()  # a restart: same storage, same secret
+    assert storescu(second.port, [ct]).returncode == 0
+    received = tmp_path / "var" / "received"
+    assert wait_for(lambda: len(list(received.rglob("*.dcm"))) == 1, timeout=30)
+    files = list(received.rglob("*.dcm"))
+    assert len(files) == 1  # three sends of one instance: one de-identified instance
+    study, series = files[0].parent.parent.name, files[0].parent.name
+    ds = dcmread(files[0])
+    assert (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) == (study, series)
+    assert files[0].name == f"{ds.SOPInstanceUID}.dcm"
+
+
+def test_orthanc_as_research_pacs(make_proxy, orthanc, corpus: list[Path]) -> None:
+    before = set(orthanc.instances())
+    proxy = make_proxy(
+        [{"name": "orthanc", "ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.port}]
+    )
+    files = [p for p in corpus if p.name in {"CT_small.dcm", "MR_small.dcm", "rtplan.dcm"}]
+    assert storescu(proxy.port, files).returncode == 0
+    assert wait_for(lambda: len(set(orthanc.instances()) - before) == 3, timeout=60)
+    phi = set().union(*(identifying_values(p) for p in files))
+    for instance in set(orthanc.instances()) - before:
+        tags = orthanc.get(f"/instances/{instance}/simplified-tags")
+        assert tags["PatientIdentityRemoved"] == "YES"
+        assert not phi & {str(v) for v in tags.values()}
+
+
+def test_echo_and_calling_ae_allow_list(make_proxy, tmp_path: Path, corpus: list[Path]) -> None:
+    proxy = make_proxy(listen={"allowed_calling_ae_titles": ["MODALITY"]})
+    assert echoscu(proxy.port, calling="MODALITY") == 0
+    assert echoscu(proxy.port, calling="INTRUDER") != 0
+    assert echoscu(proxy.port, called="WRONG") != 0
+    refused = storescu(proxy.port, corpus[:1], calling="INTRUDER")
+    assert refused.returncode != 0
+    events = [e["event"] for e in _audit(tmp_path / "var")]
+    assert events.count("association.rejected") >= 3
+    assert "instance.received" not in events
+
+
+def test_undecodable_instance_is_refused_and_never_forwarded(
+    make_proxy, tmp_path: Path
+) -> None:
+    from pydicom.data import get_testdata_file
+
+    proxy = make_proxy()
+    truncated = Path(str(get_testdata_file("rtplan_truncated.dcm")))
+    result = storescu(proxy.port, [truncated])
+    assert result.returncode == 0 or "Status" in result.stderr  # storescu reports the failure
+    assert not list((tmp_path / "var" / "received").rglob("*.dcm"))
+    failed = [e for e in _audit(tmp_path / "var") if e["event"] == "instance.failed"]
+    assert failed
+    assert failed[0]["status"] in {"0xC000", "0xC001"}

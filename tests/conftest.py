@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydicom import dcmread
@@ -12,8 +12,10 @@ from pydicom.data import get_testdata_file
 
 from anonproxy.config import parse_settings
 from anonproxy.secret import Secret
-from anonproxy.service import Proxy
 from peers import Orthanc, StoreSCP
+
+if TYPE_CHECKING:
+    from anonproxy.service import Proxy
 
 TEST_SECRET = Secret(b"anonproxy-test-secret-0123456789", "test")
 
@@ -86,6 +88,8 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             "audit": {"path": str(tmp_path / "var" / "audit.jsonl")},
             **sections,
         }
+        from anonproxy.service import Proxy
+
         proxy = Proxy(parse_settings(data), TEST_SECRET)
         proxy.start()
         proxies.append(proxy)

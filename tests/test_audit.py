@@ -1,0 +1,44 @@
+"""Audit records are JSON lines; pynetdicom's log lines lose every non-standard UID."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+
+from anonproxy.audit import AuditLog, configure_logging
+
+
+def test_one_json_line_per_event_from_many_threads(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "a" / "audit.jsonl")
+
+    def emit(n: int) -> None:
+        for i in range(100):
+            audit.event("instance.spooled", thread=n, index=i, actions={"X": 1})
+
+    threads = [threading.Thread(target=emit, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    audit.close()
+    lines = (tmp_path / "a" / "audit.jsonl").read_text("utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 400
+    assert {r["event"] for r in records} == {"instance.spooled"}
+    assert all("time" in r for r in records)
+
+
+def test_pynetdicom_logs_are_scrubbed_of_instance_uids() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    logger = logging.getLogger("pynetdicom.dimse")
+    logger.warning("Storing 1.2.826.0.1.3680043.8.498.1234567 of class %s", "1.2.840.10008.5.1.4.1.1.2")
+    logger.debug("Affected SOP Instance UID: 1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322")
+    output = stream.getvalue()
+    assert "<uid>" in output
+    assert "1.2.826.0.1.3680043.8.498.1234567" not in output
+    assert "1.2.840.10008.5.1.4.1.1.2" in output  # a well-known SOP Class UID is not PHI
+    assert "5962" not in output  # DEBUG of pynetdicom is off

@@ -1,0 +1,126 @@
+"""The durable spool: atomic put, fan-out, recovery, quota, quarantine, queue semantics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from anonproxy.errors import SpoolFullError
+from anonproxy.spool import Spool, check_uid_name
+
+UID = "2.25.123456789"
+
+
+def _write(payload: bytes):
+    def write(handle) -> None:
+        handle.write(payload)
+
+    return write
+
+
+def test_put_fans_out_to_every_destination_and_leaves_no_temporary(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a", "b"])
+    size = spool.put(UID, _write(b"DICM" * 10), ["a", "b"])
+    assert size == 40
+    for name in ("a", "b"):
+        assert (tmp_path / "spool" / name / f"{UID}.dcm").read_bytes() == b"DICM" * 10
+        assert len(spool.queues[name]) == 1
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+def test_recovery_indexes_what_a_previous_run_left(tmp_path: Path) -> None:
+    Spool(tmp_path, ["a"]).put(UID, _write(b"x"), ["a"])
+    (tmp_path / "spool" / "tmp" / "partial.dcm").write_bytes(b"half")
+    again = Spool(tmp_path, ["a"])
+    assert again.recover() == {"a": 1}
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []  # never acknowledged
+    item = again.queues["a"].take(timeout=0.1)
+    assert item is not None
+    assert item.name == UID
+
+
+def test_a_failing_writer_leaves_nothing_behind(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+
+    def broken(handle) -> None:
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SpoolFullError, match="No space left"):
+        spool.put(UID, broken, ["a"])
+    assert list((tmp_path / "spool" / "a").iterdir()) == []
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+    assert len(spool.queues["a"]) == 0
+
+
+def test_quota_and_free_space_high_water_mark(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"], max_bytes=10)
+    spool.put("2.25.1", _write(b"x" * 10), ["a"])
+    with pytest.raises(SpoolFullError, match="quota"):
+        spool.put("2.25.2", _write(b"y"), ["a"])
+    item = spool.queues["a"].take(timeout=0.1)
+    assert item is not None
+    spool.release(spool.queues["a"], item)
+    spool.put("2.25.2", _write(b"y"), ["a"])  # space came back
+    huge = Spool(tmp_path / "h", ["a"], min_free_bytes=1 << 62)
+    with pytest.raises(SpoolFullError, match="high-water"):
+        huge.put(UID, _write(b"x"), ["a"])
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "1.2.3/../../x", "01.2", "", "1." * 40])
+def test_file_names_are_validated_uids(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="UID"):
+        check_uid_name(name)
+    with pytest.raises(ValueError, match="UID"):
+        Spool(tmp_path, ["a"]).put(name, _write(b"x"), ["a"])
+
+
+def test_an_item_goes_to_one_worker_at_a_time_and_retries_later(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+    spool.put(UID, _write(b"x"), ["a"])
+    queue = spool.queues["a"]
+    item = queue.take(timeout=0.1)
+    assert item is not None
+    assert queue.take(timeout=0.05) is None  # in flight elsewhere
+    queue.retry_later(item, 0.2)
+    assert queue.take(timeout=0.05) is None  # not due yet
+    again = queue.take(timeout=2)
+    assert again is not None
+    assert again.attempts == 1
+    assert queue.stats()["retrying"] == 1
+
+
+def test_take_wakes_up_on_push_and_on_close(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+    queue = spool.queues["a"]
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(queue.take(timeout=10)))
+    waiter.start()
+    time.sleep(0.05)
+    spool.put(UID, _write(b"x"), ["a"])
+    waiter.join(2)
+    assert got and got[0] is not None
+    closer = threading.Thread(target=lambda: got.append(queue.take(timeout=10)))
+    closer.start()
+    started = time.monotonic()
+    spool.close()
+    closer.join(2)
+    assert time.monotonic() - started < 2
+    assert got[-1] is None
+
+
+def test_quarantine_keeps_the_instance_and_its_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+    spool.put(UID, _write(b"x"), ["a"])
+    item = spool.queues["a"].take(timeout=0.1)
+    assert item is not None
+    target = spool.quarantine("a", item, "C-STORE status 0xC000 (Failure)")
+    assert target.read_bytes() == b"x"
+    note = json.loads(target.with_suffix(".json").read_text("utf-8"))
+    assert note["reason"].startswith("C-STORE status 0xC000")
+    assert not (tmp_path / "spool" / "a" / f"{UID}.dcm").exists()
+    assert len(spool.queues["a"]) == 0

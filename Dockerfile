@@ -1,0 +1,74 @@
+# anonproxy: DICOM C-STORE de-identifying proxy.
+#
+#   docker build -t anonproxy .
+#   docker run -p 11112:11112 -v anonproxy-state:/var/lib/anonproxy \
+#       -v "$PWD/my.yaml:/etc/anonproxy/anonproxy.yaml:ro" anonproxy
+#
+# State (spool, quarantine, secret.key, audit trail) lives in the /var/lib/anonproxy volume.
+# The pseudonymisation secret comes from ANONPROXY_SECRET_FILE (e.g. a Docker secret),
+# ANONPROXY_SECRET, or /var/lib/anonproxy/secret.key (created on first run): back it up.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: a self-contained virtual environment in /opt/anonproxy ---------------------------
+FROM ${PYTHON_IMAGE} AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/anonproxy
+
+WORKDIR /src
+
+# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
+# An empty package stands in for the real one so that pip resolves the dependencies only.
+COPY pyproject.toml ./
+RUN mkdir anonproxy \
+    && touch anonproxy/__init__.py \
+    && /opt/anonproxy/bin/pip install --no-cache-dir . \
+    && /opt/anonproxy/bin/pip uninstall --yes anonproxy \
+    && rm -rf anonproxy build ./*.egg-info
+
+# Then the package itself (with its package data: default.yaml, deid/_standard/*).
+COPY anonproxy/ anonproxy/
+RUN /opt/anonproxy/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/anonproxy/bin/anonproxy --version
+
+# --- runtime ----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.title="anonproxy" \
+      org.opencontainers.image.description="DICOM C-STORE proxy that de-identifies under PS3.15 Annex E and forwards to a research PACS" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PATH=/opt/anonproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# A fixed, unprivileged UID/GID so that volume and secret ownership can be set on the host.
+RUN groupadd --system --gid 10001 anonproxy \
+    && useradd --system --uid 10001 --gid anonproxy --no-create-home \
+       --home-dir /var/lib/anonproxy --shell /usr/sbin/nologin anonproxy \
+    && install -d -o anonproxy -g anonproxy -m 0700 /var/lib/anonproxy \
+    && install -d -m 0755 /etc/anonproxy
+
+COPY --from=build /opt/anonproxy /opt/anonproxy
+COPY config/anonproxy.example.yaml /etc/anonproxy/anonproxy.yaml
+
+USER 10001:10001
+WORKDIR /var/lib/anonproxy
+VOLUME ["/var/lib/anonproxy"]
+
+EXPOSE 11112
+
+# anonproxy stops gracefully on SIGTERM: it closes the SCP, lets the forward workers finish the
+# instance in flight and exits; unsent instances stay in the spool for the next start.
+STOPSIGNAL SIGTERM
+
+# Healthy when the SCP accepts TCP connections on its port (a bare connection opens no
+# association, so it leaves no audit record). Adjust the port if listen.port is changed.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 11112), timeout=4).close()"]
+
+CMD ["anonproxy", "serve", "--config", "/etc/anonproxy/anonproxy.yaml"]

@@ -1,0 +1,132 @@
+"""The command line, run as a user runs it (a subprocess of the installed `anonproxy`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from conftest import identifying_values
+from peers import free_port, storescu, wait_for, wait_port
+
+ANONPROXY = [sys.executable, "-m", "anonproxy"]
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ANONPROXY_")}
+    return subprocess.run(
+        [*ANONPROXY, *args],
+        cwd=cwd,
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_check_config_prints_the_embedded_default_without_the_secret(tmp_path: Path) -> None:
+    result = run(["check-config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ae_title: ANONPROXY" in result.stdout
+    assert "type: folder" in result.stdout
+    secret = (tmp_path / "var" / "secret.key").read_text("utf-8").strip()
+    assert secret not in result.stdout + result.stderr
+    assert "created a new pseudonymisation secret" in result.stderr
+    assert "(value redacted)" in result.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: {port: 104, ae_titel: X}\n", "utf-8")
+    result = run(["check-config", "--config", str(config)], tmp_path)
+    assert result.returncode == 2
+    assert "listen.ae_titel" in result.stderr
+
+
+def test_check_config_warns_about_a_loose_secret_file(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("0123456789abcdef0123456789abcdef", "utf-8")
+    key.chmod(0o644)
+    result = run(["check-config"], tmp_path, ANONPROXY_SECRET_FILE=str(key))
+    assert result.returncode == 0
+    assert "readable by group or others" in result.stderr
+
+
+def test_deidentify_folder_uses_all_cores_and_names_files_by_new_uids(
+    tmp_path: Path, corpus: list[Path]
+) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for path in corpus:
+        (source / path.name).write_bytes(path.read_bytes())
+    (source / "notes.txt").write_text("not DICOM", "utf-8")
+    result = run(["deidentify", str(source), str(tmp_path / "out"), "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(corpus) + 1} file(s)" in result.stdout
+    assert "1 skipped (not DICOM)" in result.stdout
+    outputs = list((tmp_path / "out").rglob("*.dcm"))
+    assert outputs
+    phi = set().union(*(identifying_values(p) for p in corpus))
+    for path in outputs:
+        assert not [v for v in phi if v in str(path)]
+        ds = dcmread(path)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
+        assert not [v for v in phi if v.encode() in path.read_bytes()]
+
+
+def test_deidentify_one_file_to_a_file(tmp_path: Path, corpus: list[Path]) -> None:
+    out = tmp_path / "one.dcm"
+    result = run(["deidentify", str(corpus[0]), str(out), "-q", "-j", "1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert dcmread(out).PatientIdentityRemoved == "YES"
+
+
+def test_describe_profile_lists_every_row_of_table_e1_1(tmp_path: Path) -> None:
+    result = run(["describe-profile"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert len(rows) == 657
+    actions = {tag: action for tag, action, _ in rows}
+    assert actions["(0010,0010)"] == "Z"
+    assert actions["(0008,0018)"] == "U"
+
+
+@pytest.mark.integration
+def test_serve_on_the_default_folder_destination_then_sigterm(
+    tmp_path: Path, corpus: list[Path]
+) -> None:
+    port = free_port()
+    config = tmp_path / "anonproxy.yaml"
+    config.write_text(f"listen: {{port: {port}}}\n", "utf-8")  # everything else is default
+    process = subprocess.Popen(
+        [*ANONPROXY, "serve", "--config", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_port(port, timeout=30)
+        files = [p for p in corpus if p.name in {"CT_small.dcm", "rtplan.dcm"}]
+        sent = storescu(port, files)
+        assert sent.returncode == 0, sent.stderr
+        received = tmp_path / "var" / "received"
+        assert wait_for(lambda: len(list(received.rglob("*.dcm"))) == 2, timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "created a new pseudonymisation secret" in err
+    assert str(tmp_path / "var" / "secret.key") in err
+    audit = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").open()]
+    assert audit[0]["event"] == "service.started"
+    assert audit[-1]["event"] == "service.stopped"
+    phi = set().union(*(identifying_values(p) for p in corpus))
+    assert not [v for v in phi if v in out + err]

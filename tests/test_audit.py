@@ -35,7 +35,9 @@ def test_pynetdicom_logs_are_scrubbed_of_instance_uids() -> None:
     stream = io.StringIO()
     configure_logging("INFO", stream)
     logger = logging.getLogger("pynetdicom.dimse")
-    logger.warning("Storing 1.2.826.0.1.3680043.8.498.1234567 of class %s", "1.2.840.10008.5.1.4.1.1.2")
+    logger.warning(
+        "Storing 1.2.826.0.1.3680043.8.498.1234567 of class %s", "1.2.840.10008.5.1.4.1.1.2"
+    )
     logger.debug("Affected SOP Instance UID: 1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322")
     output = stream.getvalue()
     assert "<uid>" in output

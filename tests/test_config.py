@@ -48,12 +48,18 @@ def test_readme_keys_are_accepted() -> None:
         ({"listen": {"port": 70000}}, "listen.port"),
         ({"listen": {"portt": 104}}, "listen.portt"),
         ({"listen": {"ae_title": "A" * 17}}, "listen.ae_title"),
-        ({"listen": {"allowed_calling_ae_titles": ["BAD\\AE"]}}, "listen.allowed_calling_ae_titles"),
+        (
+            {"listen": {"allowed_calling_ae_titles": ["BAD\\AE"]}},
+            "listen.allowed_calling_ae_titles",
+        ),
         ({"profile": {"options": ["retain_everything"]}}, "profile.options"),
         ({"storage": {"paht": "x"}}, "storage.paht"),
         ({"secret": "hunter2"}, "secret"),
         ({"destinations": [{"name": "a", "type": "folder"}]}, "destinations.0.folder.path"),
-        ({"destinations": [{"name": "a", "host": "h", "port": 1}]}, "destinations.0.dicom.ae_title"),
+        (
+            {"destinations": [{"name": "a", "host": "h", "port": 1}]},
+            "destinations.0.dicom.ae_title",
+        ),
     ],
 )
 def test_invalid_configuration_names_the_key(data: dict[str, object], key: str) -> None:

@@ -103,7 +103,8 @@ def test_take_wakes_up_on_push_and_on_close(tmp_path: Path) -> None:
     time.sleep(0.05)
     spool.put(UID, _write(b"x"), ["a"])
     waiter.join(2)
-    assert got and got[0] is not None
+    assert got
+    assert got[0] is not None
     closer = threading.Thread(target=lambda: got.append(queue.take(timeout=10)))
     closer.start()
     started = time.monotonic()

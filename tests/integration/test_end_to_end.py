@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
 from conftest import identifying_values
 from peers import StoreSCP, echoscu, storescu, wait_for
+from pydicom import dcmread
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +76,9 @@ def test_storescu_to_storescp_deidentified_and_complete(
     events = {e["event"] for e in audit}
     assert {"association.accepted", "instance.received", "instance.spooled"} <= events
     assert wait_for(
-        lambda: sum(e["event"] == "instance.forwarded" for e in _audit(tmp_path / "var"))
-        >= len(corpus),
+        lambda: (
+            sum(e["event"] == "instance.forwarded" for e in _audit(tmp_path / "var")) >= len(corpus)
+        ),
         timeout=30,
     )
     assert any(e["event"] == "association.released" for e in _audit(tmp_path / "var"))
@@ -107,7 +107,14 @@ def test_same_study_same_pseudonym_across_associations_and_restarts(
 def test_orthanc_as_research_pacs(make_proxy, orthanc, corpus: list[Path]) -> None:
     before = set(orthanc.instances())
     proxy = make_proxy(
-        [{"name": "orthanc", "ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.port}]
+        [
+            {
+                "name": "orthanc",
+                "ae_title": orthanc.ae_title,
+                "host": "127.0.0.1",
+                "port": orthanc.port,
+            }
+        ]
     )
     files = [p for p in corpus if p.name in {"CT_small.dcm", "MR_small.dcm", "rtplan.dcm"}]
     assert storescu(proxy.port, files).returncode == 0
@@ -131,16 +138,56 @@ def test_echo_and_calling_ae_allow_list(make_proxy, tmp_path: Path, corpus: list
     assert "instance.received" not in events
 
 
-def test_undecodable_instance_is_refused_and_never_forwarded(
-    make_proxy, tmp_path: Path
+def _send_raw(port: int, meta_from: Path, body: bytes, tmp_path: Path) -> int:
+    """Send a data set body as it is (pynetdicom streams files without parsing them)."""
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE
+
+    import anonproxy.forward  # noqa: F401 - sets pynetdicom's chunked sending
+
+    meta = read_file_meta_info(meta_from)
+    path = tmp_path / "raw.dcm"
+    with path.open("wb") as handle:
+        handle.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(handle, meta, enforce_standard=True)
+        handle.write(body)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ANONPROXY")
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    return int(status.Status)
+
+
+def _body_of(path: Path) -> bytes:
+    """The data set of a DICOM file, after its file meta information."""
+    from pydicom.filereader import read_file_meta_info
+
+    meta = read_file_meta_info(path)
+    return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
+
+
+def test_bad_data_sets_fail_closed_and_the_server_keeps_serving(
+    make_proxy, tmp_path: Path, corpus: list[Path]
 ) -> None:
-    from pydicom.data import get_testdata_file
+    from pydicom.filewriter import dcmwrite
 
     proxy = make_proxy()
-    truncated = Path(str(get_testdata_file("rtplan_truncated.dcm")))
-    result = storescu(proxy.port, [truncated])
-    assert result.returncode == 0 or "Status" in result.stderr  # storescu reports the failure
+    ct = next(p for p in corpus if p.name == "CT_small.dcm")
+    # A garbled body: an element whose length runs past the end of the data.
+    garbled = b"\x08\x00\x18\x00UI\xff\x7f1.2.3"
+    assert _send_raw(proxy.port, ct, garbled, tmp_path) == 0xC000
+    # A parseable data set without SOP Instance UID cannot be de-identified (storescu would
+    # refuse to send such a file; a hostile peer would not).
+    ds = dcmread(ct)
+    del ds.SOPInstanceUID
+    no_uid = tmp_path / "no_uid.dcm"
+    dcmwrite(no_uid, ds, enforce_file_format=True)
+    assert _send_raw(proxy.port, ct, _body_of(no_uid), tmp_path) == 0xC001
     assert not list((tmp_path / "var" / "received").rglob("*.dcm"))
     failed = [e for e in _audit(tmp_path / "var") if e["event"] == "instance.failed"]
-    assert failed
-    assert failed[0]["status"] in {"0xC000", "0xC001"}
+    assert [e["stage"] for e in failed] == ["decode", "deidentify"]
+    assert storescu(proxy.port, [ct]).returncode == 0  # still serving
+    assert wait_for(lambda: len(list((tmp_path / "var" / "received").rglob("*.dcm"))) == 1)

@@ -27,7 +27,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _secret(settings: Settings) -> Secret:
     secret = load_secret(settings.storage.path)
     if secret.created:
-        print(f"anonproxy: created a new pseudonymisation secret at {secret.source}", file=sys.stderr)
+        print(
+            f"anonproxy: created a new pseudonymisation secret at {secret.source}", file=sys.stderr
+        )
     if secret.loose_permissions:
         print(
             f"anonproxy: WARNING: the secret file {secret.source} is readable by group or others;"
@@ -47,9 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secret = _secret(settings)
     proxy = Proxy(settings, secret)
     listen = settings.listen
-    destinations = ", ".join(
-        f"{d.name} ({d.type})" for d in settings.effective_destinations
-    )
+    destinations = ", ".join(f"{d.name} ({d.type})" for d in settings.effective_destinations)
     print(
         f"anonproxy {__version__}: listening as {listen.ae_title} on {listen.host}:{listen.port};"
         f" destinations: {destinations}; audit: {settings.audit.path}",
@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     deid = add("deidentify", "de-identify files or folders offline")
     deid.add_argument("inputs", nargs="+", type=Path, help="input files or folders (recursive)")
     deid.add_argument("output", type=Path, help="output folder (or file, for one input file)")
-    deid.add_argument("-j", "--jobs", type=int, default=0, help="worker processes (default: all cores)")
+    deid.add_argument(
+        "-j", "--jobs", type=int, default=0, help="worker processes (default: all cores)"
+    )
     deid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     deid.set_defaults(func=cmd_deidentify)
     return parser

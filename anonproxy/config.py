@@ -128,6 +128,25 @@ class ProfileConfig(_Section):
         return value
 
 
+class RouteConfig(_Section):
+    """Which destinations receive an instance. A route matches when every criterion given
+    matches (an empty list matches anything); an instance goes to the destinations of every
+    matching route (fan-out)."""
+
+    destinations: list[str] = Field(min_length=1)
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    modalities: list[str] = Field(default_factory=list)
+    sop_classes: list[str] = Field(default_factory=list)
+
+    def matches(self, calling_ae_title: str, modality: str, sop_class_uid: str) -> bool:
+        """True when the instance meets every criterion of the route."""
+        return (
+            (not self.calling_ae_titles or calling_ae_title in self.calling_ae_titles)
+            and (not self.modalities or modality in self.modalities)
+            and (not self.sop_classes or sop_class_uid in self.sop_classes)
+        )
+
+
 class StorageConfig(_Section):
     """Spool, quarantine and state."""
 
@@ -155,6 +174,7 @@ class Settings(_Section):
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
@@ -167,6 +187,12 @@ class Settings(_Section):
         if duplicates:
             msg = f"destination names must be unique: {duplicates}"
             raise ValueError(msg)
+        known = {d.name for d in self.effective_destinations}
+        for index, route in enumerate(self.routes):
+            unknown = sorted(set(route.destinations) - known)
+            if unknown:
+                msg = f"routes.{index}.destinations: unknown destination(s) {unknown}"
+                raise ValueError(msg)
         return self
 
     @property

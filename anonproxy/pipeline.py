@@ -18,7 +18,8 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from anonproxy.audit import AuditLog, get_logger
-from anonproxy.deid import DeidResult, Deidentifier
+from anonproxy.config import RouteConfig
+from anonproxy.deid import Deidentifier, DeidResult
 from anonproxy.errors import DeidentificationError, SpoolFullError
 from anonproxy.spool import Spool
 from anonproxy.status import StoreStatus
@@ -52,26 +53,42 @@ class InstancePipeline:
         destinations: Sequence[str],
         audit: AuditLog,
         *,
+        routes: Sequence[RouteConfig] = (),
         reject_burned_in_annotation: bool = True,
     ) -> None:
         self.deidentifier = deidentifier
         self.spool = spool
         self.destinations = list(destinations)
+        self.routes = list(routes)
         self.audit = audit
         self.reject_burned_in_annotation = reject_burned_in_annotation
 
-    def _fail(
-        self, status: StoreStatus, stage: str, reason: str, **fields: object
-    ) -> StoreOutcome:
+    def _fail(self, status: StoreStatus, stage: str, reason: str, **fields: object) -> StoreOutcome:
         self.audit.event(
             "instance.failed", stage=stage, status=f"0x{status:04X}", reason=reason, **fields
         )
         return StoreOutcome(status, reason)
 
+    def route(self, calling_ae_title: str, modality: str, sop_class_uid: str) -> list[str]:
+        """The destinations of an instance: every destination when no route is configured,
+        else those of every matching route, in configuration order."""
+        if not self.routes:
+            return self.destinations
+        chosen: dict[str, None] = {}
+        for route in self.routes:
+            if route.matches(calling_ae_title, modality, sop_class_uid):
+                chosen.update(dict.fromkeys(route.destinations))
+        return list(chosen)
+
     def process(
-        self, load: Callable[[], Dataset], *, sop_class_uid: str, **context: object
+        self,
+        load: Callable[[], Dataset],
+        *,
+        sop_class_uid: str,
+        calling_ae_title: str = "",
+        **context: object,
     ) -> StoreOutcome:
-        """De-identify the dataset *load* returns and spool it for every destination."""
+        """De-identify the dataset *load* returns and spool it for its destinations."""
         started = time.monotonic()
         fields = {"sop_class_uid": sop_class_uid, **context}
         try:
@@ -84,6 +101,9 @@ class InstancePipeline:
                 **fields,
             )
         self.audit.event("instance.received", **fields)
+        destinations = self.route(calling_ae_title, str(dataset.get("Modality", "")), sop_class_uid)
+        if not destinations:
+            return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", **fields)
         try:
             result = self.deidentifier.deidentify(dataset)
         except DeidentificationError as exc:
@@ -110,16 +130,21 @@ class InstancePipeline:
             deidentify_ms=round((time.monotonic() - started) * 1000, 2),
             **fields,
         )
-        return self._spool(dataset, result, started, fields)
+        return self._spool(dataset, result, destinations, started, fields)
 
     def _spool(
-        self, dataset: Dataset, result: DeidResult, started: float, fields: dict[str, object]
+        self,
+        dataset: Dataset,
+        result: DeidResult,
+        destinations: list[str],
+        started: float,
+        fields: dict[str, object],
     ) -> StoreOutcome:
         def write(handle: BinaryIO) -> None:
             dcmwrite(handle, dataset, enforce_file_format=True)
 
         try:
-            size = self.spool.put(result.sop_instance_uid, write, self.destinations)
+            size = self.spool.put(result.sop_instance_uid, write, destinations)
         except SpoolFullError as exc:
             return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), **fields)
         except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
@@ -132,7 +157,7 @@ class InstancePipeline:
         self.audit.event(
             "instance.spooled",
             deid_sop_instance_uid=result.sop_instance_uid,
-            destinations=self.destinations,
+            destinations=destinations,
             bytes=size,
             total_ms=round((time.monotonic() - started) * 1000, 2),
         )

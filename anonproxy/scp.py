@@ -117,7 +117,7 @@ class StorageSCP:
     # -- association events ---------------------------------------------------------------
 
     @staticmethod
-    def _describe(assoc: Any) -> dict[str, Any]:
+    def _describe(assoc: Any) -> dict[str, Any]:  # noqa: ANN401 - pynetdicom Association
         return {
             "calling_ae_title": str(assoc.requestor.ae_title).strip(),
             "called_ae_title": str(assoc.acceptor.ae_title).strip(),
@@ -196,6 +196,7 @@ class StorageSCP:
         outcome = self.pipeline.process(
             load,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
+            calling_ae_title=record.calling_ae_title if record else "",
             assoc_id=id(event.assoc),
         )
         if record is not None:

@@ -55,6 +55,7 @@ class Proxy:
             self.spool,
             [d.name for d in destinations],
             self.audit,
+            routes=settings.routes,
             reject_burned_in_annotation=settings.profile.burned_in_annotation == "reject",
         )
         self.scp = StorageSCP(settings.listen, self.pipeline, self.audit)

@@ -28,6 +28,9 @@ class StoreStatus(IntEnum):
     """Error, Cannot Understand (anonproxy sub-code): the instance cannot be fully de-identified,
     or it is refused by the profile's policy (e.g. burned-in annotation); it is not forwarded."""
 
+    NO_ROUTE = 0xC002
+    """Error, Cannot Understand (anonproxy sub-code): no configured route takes this instance."""
+
     PROCESSING_FAILURE = 0x0110
     """PS3.7 C.4.2: an unexpected failure while processing the instance."""
 

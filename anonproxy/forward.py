@@ -204,7 +204,7 @@ class DicomSender:
         if UID(syntax).is_compressed:
             try:
                 dataset.decompress()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any codec failure is a permanent refusal
                 raise ForwardError(
                     f"cannot decompress for the destination: {type(exc).__name__}", permanent=True
                 ) from None

@@ -161,6 +161,54 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     return 0 if all(o.startswith(("de-identified", "skipped")) for o in outcomes) else 1
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    """``queue status``: per destination counts; ``queue retry``: retry waiting items now."""
+    from anonproxy import spool  # noqa: PLC0415
+
+    root = _settings(args).storage.path
+    if args.action == "retry":
+        request = root / "control" / "retry-now"
+        request.parent.mkdir(parents=True, exist_ok=True)
+        request.touch()
+        print("retry requested; the running service picks it up within seconds")
+        return 0
+    status = spool.queue_status(root)
+    print("destination\tpending\toldest_age_s\tretrying\tquarantined")
+    for name, row in status.items():
+        print(
+            f"{name}\t{row['pending']}\t{row['oldest_age_s']}\t{row['retrying']}"
+            f"\t{row['quarantined']}"
+        )
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    """``quarantine list | release DEST UID... | purge [--older-than-days N]``."""
+    from anonproxy import spool  # noqa: PLC0415
+
+    root = _settings(args).storage.path
+    if args.action == "list":
+        print("destination\tuid\tattempts\tage_s\treason")
+        for entry in spool.quarantined(root):
+            print(
+                f"{entry['destination']}\t{entry['uid']}\t{entry['attempts']}"
+                f"\t{entry['age_s']}\t{entry['reason']}"
+            )
+        return 0
+    if args.action == "release":
+        if not args.destination or not args.uids:
+            print("anonproxy: quarantine release needs DESTINATION UID...", file=sys.stderr)
+            return 2
+        released = [
+            uid for uid in args.uids if spool.release_quarantined(root, args.destination, uid)
+        ]
+        print(f"released {len(released)} of {len(args.uids)}")
+        return 0 if len(released) == len(args.uids) else 1
+    purged = spool.purge_quarantined(root, args.older_than_days * 86400)
+    print(f"purged {purged}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``anonproxy`` command."""
     parser = argparse.ArgumentParser(prog="anonproxy", description=__doc__.splitlines()[0])
@@ -191,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     deid.set_defaults(func=cmd_deidentify)
+    queue = add("queue", "spool queues: status, or retry waiting instances now")
+    queue.add_argument("action", choices=["status", "retry"])
+    queue.set_defaults(func=cmd_queue)
+    quarantine = add("quarantine", "instances a destination refused for good")
+    quarantine.add_argument("action", choices=["list", "release", "purge"])
+    quarantine.add_argument("destination", nargs="?", help="release: the destination")
+    quarantine.add_argument("uids", nargs="*", help="release: de-identified SOP Instance UIDs")
+    quarantine.add_argument(
+        "--older-than-days", type=float, default=0.0, help="purge: only older entries"
+    )
+    quarantine.set_defaults(func=cmd_quarantine)
     return parser
 
 

@@ -77,6 +77,7 @@ class DicomDestinationConfig(_Section):
     calling_ae_title: str | None = None
     max_associations: int = Field(default=1, ge=1, le=16)
     idle_timeout: float = Field(default=10.0, gt=0)
+    retry_max_age_s: float | None = Field(default=None, gt=0)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
@@ -154,6 +155,8 @@ class StorageConfig(_Section):
     max_bytes: int | None = Field(default=None, ge=0)
     min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     fsync: bool = True
+    keep_rejected_inputs: bool = False
+    rejected_inputs_max_age_days: float = Field(default=7.0, gt=0)
 
 
 class AuditConfig(_Section):

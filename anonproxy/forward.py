@@ -248,6 +248,7 @@ class ForwardWorker(threading.Thread):
         audit: AuditLog,
         *,
         index: int = 0,
+        retry_max_age_s: float | None = None,
     ) -> None:
         super().__init__(name=f"forward-{destination}-{index}", daemon=True)
         self.destination = destination
@@ -255,6 +256,7 @@ class ForwardWorker(threading.Thread):
         self.queue: DestinationQueue = spool.queues[destination]
         self.sender = sender
         self.audit = audit
+        self.retry_max_age_s = retry_max_age_s
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -280,13 +282,17 @@ class ForwardWorker(threading.Thread):
         try:
             outcome = self.sender.send(path)
         except ForwardError as exc:
-            if exc.permanent:
-                self.spool.quarantine(self.destination, item, str(exc))
+            age = time.time() - item.first_seen
+            expired = self.retry_max_age_s is not None and age > self.retry_max_age_s
+            if exc.permanent or expired:
+                reason = str(exc) if exc.permanent else f"gave up after {age:.0f} s: {exc}"
+                self.spool.quarantine(self.destination, item, reason)
                 self.audit.event(
                     "instance.quarantined",
                     deid_sop_instance_uid=item.name,
                     destination=self.destination,
-                    reason=str(exc),
+                    reason=reason,
+                    attempts=item.attempts + 1,
                 )
                 return
             delay = retry_delay(item.attempts)
@@ -324,6 +330,26 @@ class ForwardWorker(threading.Thread):
             send_ms=round((time.monotonic() - started) * 1000, 1),
             latency_ms=round((time.time() - item.first_seen) * 1000, 1),
         )
+
+
+def make_worker(
+    config: DicomDestinationConfig | FolderDestinationConfig,
+    spool: Spool,
+    audit: AuditLog,
+    *,
+    calling_ae_title: str,
+    index: int = 0,
+    fsync: bool = True,
+) -> ForwardWorker:
+    """A worker (with its own sender) for one destination."""
+    return ForwardWorker(
+        config.name,
+        spool,
+        make_sender(config, calling_ae_title, fsync=fsync),
+        audit,
+        index=index,
+        retry_max_age_s=getattr(config, "retry_max_age_s", None),
+    )
 
 
 def make_sender(

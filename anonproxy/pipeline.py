@@ -55,6 +55,7 @@ class InstancePipeline:
         *,
         routes: Sequence[RouteConfig] = (),
         reject_burned_in_annotation: bool = True,
+        keep_rejected_inputs: bool = False,
     ) -> None:
         self.deidentifier = deidentifier
         self.spool = spool
@@ -62,6 +63,7 @@ class InstancePipeline:
         self.routes = list(routes)
         self.audit = audit
         self.reject_burned_in_annotation = reject_burned_in_annotation
+        self.keep_rejected_inputs = keep_rejected_inputs
 
     def _fail(self, status: StoreStatus, stage: str, reason: str, **fields: object) -> StoreOutcome:
         self.audit.event(
@@ -86,6 +88,7 @@ class InstancePipeline:
         *,
         sop_class_uid: str,
         calling_ae_title: str = "",
+        raw: Callable[[], bytes] | None = None,
         **context: object,
     ) -> StoreOutcome:
         """De-identify the dataset *load* returns and spool it for its destinations."""
@@ -98,6 +101,7 @@ class InstancePipeline:
                 StoreStatus.CANNOT_UNDERSTAND,
                 "decode",
                 f"cannot parse data set ({type(exc).__name__})",
+                raw,
                 **fields,
             )
         self.audit.event("instance.received", **fields)
@@ -107,12 +111,15 @@ class InstancePipeline:
         try:
             result = self.deidentifier.deidentify(dataset)
         except DeidentificationError as exc:
-            return self._fail(StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), **fields)
+            return self._fail(
+                StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), raw, **fields
+            )
         except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected
             return self._fail(
                 StoreStatus.DEIDENTIFICATION_FAILED,
                 "deidentify",
                 f"de-identification failed ({type(exc).__name__})",
+                raw,
                 **fields,
             )
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
@@ -121,6 +128,7 @@ class InstancePipeline:
                 StoreStatus.DEIDENTIFICATION_FAILED,
                 "policy",
                 "burned-in annotation refused by policy",
+                raw,
                 **fields,
             )
         self.audit.event(

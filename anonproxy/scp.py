@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -191,10 +193,18 @@ class StorageSCP:
             dataset.file_meta = event.file_meta
             return dataset
 
+        def raw() -> bytes:
+            buffer = DicomBytesIO()
+            buffer.write(b"\0" * 128 + b"DICM")
+            write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
+            buffer.write(event.request.DataSet.getvalue())
+            return buffer.getvalue()
+
         with self._lock:
             record = self._records.get(id(event.assoc))
         outcome = self.pipeline.process(
             load,
+            raw=raw,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             calling_ae_title=record.calling_ae_title if record else "",
             assoc_id=id(event.assoc),

@@ -8,6 +8,8 @@ the workers after their current instance and keeps the rest of the spool for the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import signal
 import threading
 import time
@@ -19,13 +21,16 @@ from anonproxy import __version__
 from anonproxy.audit import AuditLog, get_logger
 from anonproxy.config import Settings
 from anonproxy.deid import Deidentifier, Profile
-from anonproxy.forward import ForwardWorker, make_sender
+from anonproxy.errors import ConfigError
+from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.scp import StorageSCP
 from anonproxy.secret import Secret, load_secret
 from anonproxy.spool import Spool
 
 log = get_logger(__name__)
+
+HOUSEKEEPING_INTERVAL_S = 2.0
 
 
 def build_deidentifier(settings: Settings, secret: Secret) -> Deidentifier:
@@ -56,17 +61,26 @@ class Proxy:
             [d.name for d in destinations],
             self.audit,
             routes=settings.routes,
+            keep_rejected_inputs=storage.keep_rejected_inputs,
             reject_burned_in_annotation=settings.profile.burned_in_annotation == "reject",
         )
         self.scp = StorageSCP(settings.listen, self.pipeline, self.audit)
         self.workers: list[ForwardWorker] = []
         for destination in destinations:
-            count = getattr(destination, "max_associations", 1)
-            for index in range(count):
-                sender = make_sender(destination, settings.listen.ae_title, fsync=storage.fsync)
+            for index in range(getattr(destination, "max_associations", 1)):
                 self.workers.append(
-                    ForwardWorker(destination.name, self.spool, sender, self.audit, index=index)
+                    make_worker(
+                        destination,
+                        self.spool,
+                        self.audit,
+                        calling_ae_title=settings.listen.ae_title,
+                        index=index,
+                        fsync=storage.fsync,
+                    )
                 )
+        self._housekeeping = threading.Thread(
+            target=self._housekeep, name="housekeeping", daemon=True
+        )
         self._stopped = threading.Event()
         self._wait = threading.Event()
 
@@ -77,9 +91,11 @@ class Proxy:
 
     def start(self) -> None:
         """Recover the spool, start forwarding, then start listening."""
+        self._lock_storage()
         recovered = self.spool.recover()
         for worker in self.workers:
             worker.start()
+        self._housekeeping.start()
         self.scp.start()
         self.audit.event(
             "service.started",
@@ -89,6 +105,30 @@ class Proxy:
             destinations=[d.name for d in self.settings.effective_destinations],
             recovered=recovered,
         )
+
+    def _lock_storage(self) -> None:
+        """One service per storage folder: two would deliver and delete each other's files."""
+        path = self.settings.storage.path / "lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = path.open("a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            msg = f"another anonproxy is running on the storage folder {path.parent}"
+            raise ConfigError(msg) from None
+
+    def _housekeep(self) -> None:
+        """Every few seconds: pick up released instances and retry requests, publish the
+        queue state, purge kept rejected inputs past their age."""
+        max_age = self.settings.storage.rejected_inputs_max_age_days * 86400
+        while not self._stopped.wait(HOUSEKEEPING_INTERVAL_S):
+            try:
+                self.spool.rescan()
+                self.spool.write_state()
+                self.spool.purge_rejected(max_age)
+            except OSError:
+                log.warning("housekeeping.failed", exc_info=True)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful shutdown: stop accepting, drain associations, stop workers."""
@@ -105,6 +145,10 @@ class Proxy:
         for worker in self.workers:
             worker.join(max(0.1, deadline - time.monotonic()))
         self.scp.shutdown()
+        self._housekeeping.join(HOUSEKEEPING_INTERVAL_S * 2)
+        with contextlib.suppress(OSError):
+            self.spool.write_state()
+            self._lock_file.close()
         self.audit.event(
             "service.stopped",
             pending={name: len(q) for name, q in self.spool.queues.items()},

@@ -137,6 +137,13 @@ class DestinationQueue:
             self._in_flight.discard(item.name)
             self._cond.notify()
 
+    def retry_now(self) -> None:
+        """Make every waiting item due now (operator's ``queue retry``)."""
+        with self._cond:
+            for item in self._pending.values():
+                item.not_before = 0.0
+            self._cond.notify_all()
+
     def stats(self) -> dict[str, float | int]:
         """Pending count, in-flight count, retrying count and age of the oldest (seconds)."""
         with self._cond:
@@ -181,9 +188,10 @@ class Spool:
         self.fsync = fsync
         self.queues: dict[str, DestinationQueue] = {}
         self._bytes_lock = threading.Lock()
+        self.state_file = root / "state" / "queues.json"
+        self.retry_request = root / "control" / "retry-now"
+        self.rejected_dir = self.quarantine_dir / "rejected"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.tmp_dir.iterdir():
-            stale.unlink()  # a write that never completed was never acknowledged
         for name in destinations:
             directory = self.spool_dir / name
             directory.mkdir(parents=True, exist_ok=True)
@@ -199,8 +207,57 @@ class Spool:
         return total
 
     def recover(self) -> dict[str, int]:
-        """Index what a previous run left in the spool; returns counts per destination."""
+        """Index what a previous run left in the spool; returns counts per destination.
+
+        Only the running service calls this: it also removes partial writes, which were never
+        acknowledged.
+        """
+        for stale in self.tmp_dir.iterdir():
+            stale.unlink()
         return {name: queue.load() for name, queue in self.queues.items()}
+
+    def rescan(self) -> None:
+        """Pick up files put in the queue directories by an operator (quarantine release)."""
+        for queue in self.queues.values():
+            queue.load()
+        if self.retry_request.exists():
+            with contextlib.suppress(FileNotFoundError):
+                self.retry_request.unlink()
+            for queue in self.queues.values():
+                queue.retry_now()
+
+    def write_state(self) -> None:
+        """Publish the queue statistics for ``anonproxy queue status``."""
+        state = {
+            "time": time.time(),
+            "queues": {name: queue.stats() for name, queue in self.queues.items()},
+        }
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state), "utf-8")
+        tmp.replace(self.state_file)
+
+    def purge_rejected(self, older_than_s: float) -> int:
+        """Delete kept rejected inputs older than *older_than_s* seconds."""
+        now = time.time()
+        count = 0
+        if self.rejected_dir.is_dir():
+            for path in self.rejected_dir.glob("*" + SUFFIX):
+                if _age_s(path, now) >= older_than_s:
+                    path.unlink(missing_ok=True)
+                    count += 1
+        return count
+
+    def keep_rejected(self, data: bytes) -> Path:
+        """Keep an input refused before de-identification (it holds PHI): owner-only access,
+        a random file name."""
+        self.rejected_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.rejected_dir.chmod(0o700)
+        path = self.rejected_dir / f"{uuid.uuid4().hex}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return path
 
     def _check_space(self) -> None:
         if self.max_bytes is not None and self._bytes >= self.max_bytes:
@@ -278,3 +335,91 @@ class Spool:
         """Wake every worker waiting on a queue."""
         for queue in self.queues.values():
             queue.close()
+
+
+# -- operator view (works on the storage folder, with or without a running service) ---------
+
+
+def _age_s(path: Path, now: float) -> float:
+    with contextlib.suppress(OSError):
+        return now - path.stat().st_mtime
+    return 0.0
+
+
+def queue_status(root: Path) -> dict[str, dict[str, object]]:
+    """Per destination: pending files, age of the oldest, quarantined count, and the running
+    service's view (in flight, retrying) when it published one."""
+    now = time.time()
+    spool_dir = root / "spool"
+    state: dict[str, dict[str, object]] = {}
+    with contextlib.suppress(OSError, ValueError):
+        published = json.loads((root / "state" / "queues.json").read_text("utf-8"))
+        state = published.get("queues", {})
+    result: dict[str, dict[str, object]] = {}
+    names = sorted(
+        {p.name for p in spool_dir.iterdir() if p.is_dir() and p.name != "tmp"}
+        if spool_dir.is_dir()
+        else set()
+    )
+    for name in names:
+        files = list((spool_dir / name).glob("*" + SUFFIX))
+        quarantined = list((root / "quarantine" / name).glob("*" + SUFFIX))
+        result[name] = {
+            "pending": len(files),
+            "oldest_age_s": round(max((_age_s(f, now) for f in files), default=0.0), 1),
+            "quarantined": len(quarantined),
+            "retrying": state.get(name, {}).get("retrying", 0),
+        }
+    return result
+
+
+def quarantined(root: Path) -> list[dict[str, object]]:
+    """Every quarantined instance: destination, de-identified UID, reason, attempts, age."""
+    now = time.time()
+    entries: list[dict[str, object]] = []
+    base = root / "quarantine"
+    if not base.is_dir():
+        return entries
+    for directory in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "rejected"):
+        for path in sorted(directory.glob("*" + SUFFIX)):
+            note: dict[str, object] = {}
+            with contextlib.suppress(OSError, ValueError):
+                note = json.loads(path.with_suffix(".json").read_text("utf-8"))
+            entries.append(
+                {
+                    "destination": directory.name,
+                    "uid": path.name[: -len(SUFFIX)],
+                    "reason": note.get("reason", "unknown"),
+                    "attempts": note.get("attempts", 0),
+                    "age_s": round(_age_s(path, now), 1),
+                }
+            )
+    return entries
+
+
+def release_quarantined(root: Path, destination: str, uid: str) -> bool:
+    """Put a quarantined instance back in its destination's queue."""
+    check_uid_name(uid)
+    source = root / "quarantine" / destination / (uid + SUFFIX)
+    target_dir = root / "spool" / destination
+    if not source.is_file() or not target_dir.is_dir():
+        return False
+    os.replace(source, target_dir / (uid + SUFFIX))
+    with contextlib.suppress(FileNotFoundError):
+        source.with_suffix(".json").unlink()
+    return True
+
+
+def purge_quarantined(root: Path, older_than_s: float = 0.0) -> int:
+    """Delete quarantined instances (and kept rejected inputs) older than *older_than_s*."""
+    now = time.time()
+    count = 0
+    base = root / "quarantine"
+    if not base.is_dir():
+        return 0
+    for path in base.glob("*/*" + SUFFIX):
+        if _age_s(path, now) >= older_than_s:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+            count += 1
+    return count

@@ -78,6 +78,7 @@ class DicomDestinationConfig(_Section):
     max_associations: int = Field(default=1, ge=1, le=16)
     idle_timeout: float = Field(default=10.0, gt=0)
     retry_max_age_s: float | None = Field(default=None, gt=0)
+    retry_max_delay_s: float = Field(default=30.0, gt=0)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)

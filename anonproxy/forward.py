@@ -46,7 +46,6 @@ _config.STORE_SEND_CHUNKED_DATASET = True  # stream spool files; never load pixe
 
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 _RETRY_BASE_S = 0.5
-_RETRY_MAX_S = 60.0
 _STATUS_CATEGORY_DELIVERED = {"Success", "Warning"}
 
 
@@ -231,9 +230,9 @@ class DicomSender:
             self.close()
 
 
-def retry_delay(attempts: int) -> float:
-    """Exponential back-off with full jitter, capped."""
-    ceiling = min(_RETRY_MAX_S, _RETRY_BASE_S * (2 ** min(attempts, 16)))
+def retry_delay(failures: int, maximum: float) -> float:
+    """Exponential back-off with jitter: base 0.5 s doubling per failure, capped at *maximum*."""
+    ceiling = min(maximum, _RETRY_BASE_S * (2 ** min(failures, 16)))
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
 
 
@@ -249,6 +248,7 @@ class ForwardWorker(threading.Thread):
         *,
         index: int = 0,
         retry_max_age_s: float | None = None,
+        retry_max_delay_s: float = 30.0,
     ) -> None:
         super().__init__(name=f"forward-{destination}-{index}", daemon=True)
         self.destination = destination
@@ -257,6 +257,8 @@ class ForwardWorker(threading.Thread):
         self.sender = sender
         self.audit = audit
         self.retry_max_age_s = retry_max_age_s
+        self.retry_max_delay_s = retry_max_delay_s
+        self.failures = 0  # consecutive transient failures: the destination's back-off
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -275,6 +277,23 @@ class ForwardWorker(threading.Thread):
                 self._forward(item)
         finally:
             self.sender.close()
+
+    def _back_off(self, item: QueueItem, reason: str) -> None:
+        """A transient failure: the item is due again at once, and this worker waits out the
+        destination's back-off (a dead PACS costs one attempt per back-off, not one per
+        instance)."""
+        self.failures += 1
+        delay = retry_delay(self.failures, self.retry_max_delay_s)
+        self.audit.event(
+            "instance.forward_retry",
+            deid_sop_instance_uid=item.name,
+            destination=self.destination,
+            reason=reason,
+            attempt=item.attempts + 1,
+            retry_in_s=round(delay, 3),
+        )
+        self.queue.retry_later(item, 0.0)
+        self._stop_event.wait(delay)
 
     def _forward(self, item: QueueItem) -> None:
         path = self.queue.path(item.name)
@@ -295,31 +314,16 @@ class ForwardWorker(threading.Thread):
                     attempts=item.attempts + 1,
                 )
                 return
-            delay = retry_delay(item.attempts)
-            self.audit.event(
-                "instance.forward_retry",
-                deid_sop_instance_uid=item.name,
-                destination=self.destination,
-                reason=str(exc),
-                attempt=item.attempts + 1,
-                retry_in_s=round(delay, 3),
-            )
-            self.queue.retry_later(item, delay)
+            self._back_off(item, str(exc))
             return
         except FileNotFoundError:
             self.queue.done(item)  # removed by an operator
             return
         except Exception as exc:
             log.exception("forward.unexpected_error", destination=self.destination)
-            self.queue.retry_later(item, retry_delay(item.attempts))
-            self.audit.event(
-                "instance.forward_retry",
-                deid_sop_instance_uid=item.name,
-                destination=self.destination,
-                reason=f"unexpected {type(exc).__name__}",
-                attempt=item.attempts + 1,
-            )
+            self._back_off(item, f"unexpected {type(exc).__name__}")
             return
+        self.failures = 0
         self.spool.release(self.queue, item)
         self.audit.event(
             "instance.forwarded",
@@ -349,6 +353,7 @@ def make_worker(
         audit,
         index=index,
         retry_max_age_s=getattr(config, "retry_max_age_s", None),
+        retry_max_delay_s=getattr(config, "retry_max_delay_s", 30.0),
     )
 
 

@@ -189,3 +189,44 @@ def wait_for(condition: Any, timeout: float = 60.0, interval: float = 0.1) -> bo
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+class RefusingSCP:
+    """A pynetdicom Storage SCP on loopback answering every C-STORE with one fixed status.
+
+    A real network peer for outcomes DCMTK's storescp cannot be asked to produce: permanent
+    failures (0xA9xx, 0xCxxx) and SOP Classes it does not support.
+    """
+
+    def __init__(self, status: int, *, sop_classes: Sequence[str] | None = None) -> None:
+        self.status = status
+        self.sop_classes = sop_classes
+        self.port = free_port()
+        self.ae_title = "REFUSER"
+        self.calls = 0
+        self.server: Any = None
+
+    def start(self) -> RefusingSCP:
+        from pydicom.uid import AllTransferSyntaxes
+        from pynetdicom import AE, evt
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        ae = AE(ae_title=self.ae_title)
+        classes = self.sop_classes or [c.abstract_syntax for c in AllStoragePresentationContexts]
+        for sop_class in classes:
+            ae.add_supported_context(sop_class, list(AllTransferSyntaxes))
+
+        def handle_store(event: Any) -> int:  # noqa: ANN401
+            del event
+            self.calls += 1
+            return self.status
+
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

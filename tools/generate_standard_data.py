@@ -1,0 +1,210 @@
+"""Generate anonproxy's de-identification package data from the shared copies of the standard.
+
+Reads (under ``--shared``, default ``<repo>/../shared``):
+
+* ``ps315/table_e1_1.json``: PS3.15 Table E.1-1 (edition 2026d), one row per attribute;
+* ``ps315/safe_private.json``: PS3.15 Table E.3.10-1 (edition 2026d), safe private attributes;
+* ``iod/iod_types.json.gz``: PS3.3 attribute Types per module and modules per IOD (2026b).
+
+Writes into ``anonproxy/deid/_standard/``:
+
+* ``table_e1_1.json``: the 657 rows with parsed tags (``match`` is ``tag``, ``mask`` or
+  ``private``), the Basic Profile code and the option codes keyed by the CID 7050 snake_case
+  option names;
+* ``safe_private.json``: ``[group, private creator, element byte, VR]`` rows, hex upper case;
+* ``iod_types.json.gz``: per IOD, the strictest Type and its module usage of every keyword path
+  whose last keyword is an attribute with a Basic Profile code that needs the Type (Z and the
+  compound codes), plus the SOP Class UID → IOD map.
+
+The installed package reads only these outputs, never ``../shared``.
+
+Usage::
+
+    python tools/generate_standard_data.py [--shared PATH] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydicom.datadict import keyword_for_tag
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SHARED = REPO.parent / "shared"
+DEFAULT_OUT = REPO / "anonproxy" / "deid" / "_standard"
+
+#: Column names of the shared JSON → CID 7050 snake_case option names, in the standard's order.
+OPTION_COLUMNS: dict[str, str] = {
+    "retain_safe_private": "retain_safe_private",
+    "retain_uids": "retain_uids",
+    "retain_device_identity": "retain_device_identity",
+    "retain_institution_identity": "retain_institution_identity",
+    "retain_patient_characteristics": "retain_patient_characteristics",
+    "retain_longitudinal_full_dates": "retain_longitudinal_temporal_information_full_dates",
+    "retain_longitudinal_modified_dates": (
+        "retain_longitudinal_temporal_information_modified_dates"
+    ),
+    "clean_descriptors": "clean_descriptors",
+    "clean_structured_content": "clean_structured_content",
+    "clean_graphics": "clean_graphics",
+}
+
+BASIC_CODES = {"X", "Z", "D", "U", "X/D", "X/Z", "X/Z/D", "Z/D", "X/Z/U*"}
+OPTION_CODES = {"K", "C"}
+#: Basic codes whose resolution depends on the attribute's Type in the IOD.
+TYPE_DEPENDENT_CODES = {"Z", "X/D", "X/Z", "X/Z/D", "Z/D", "X/Z/U*"}
+#: Strictest first; "None" (no Type given in the source) ranks as Type 3.
+TYPE_ORDER = ("1", "1C", "2", "2C", "3")
+USAGE_ORDER = ("M", "C", "U")
+
+TAG_RE = re.compile(r"\(([0-9A-Fa-fx]{4}),([0-9A-Fa-fx]{4})\)")
+SAFE_TAG_RE = re.compile(r"\(([0-9A-Fa-f]{4}),xx([0-9A-Fa-f]{2})\)")
+PRIVATE_ROW = "(gggg,eeee) where gggg is odd"
+
+
+def parse_e1_1(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the rows of Table E.1-1 in the package layout; fail on anything unexpected."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        tag_text = row["tag"]
+        basic = row["basic"]
+        if basic not in BASIC_CODES:
+            raise SystemExit(f"unknown Basic Profile code {basic!r} in row {tag_text}")
+        options: dict[str, str] = {}
+        for column, option in OPTION_COLUMNS.items():
+            code = row[column]
+            if code is None:
+                continue
+            if code not in OPTION_CODES:
+                raise SystemExit(f"unknown option code {code!r} in row {tag_text}")
+            options[option] = code
+        entry: dict[str, Any] = {"name": row["name"]}
+        if tag_text == PRIVATE_ROW:
+            entry.update(match="private", tag="ggggeeee", keyword="")
+        else:
+            m = TAG_RE.fullmatch(tag_text)
+            if m is None:
+                raise SystemExit(f"cannot parse tag {tag_text!r}")
+            tag = (m.group(1) + m.group(2)).upper().replace("X", "x")
+            if "x" in tag:
+                entry.update(match="mask", tag=tag, keyword="")
+            else:
+                entry.update(match="tag", tag=tag, keyword=keyword_for_tag(int(tag, 16)))
+        entry.update(
+            retired=bool(row["retired"]),
+            in_std_comp_iod=bool(row["in_std_comp_iod"]),
+            basic=basic,
+            options=options,
+        )
+        out.append(entry)
+    return out
+
+
+def parse_safe_private(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Return Table E.3.10-1 as ``[group, creator, element byte, VR]``, sorted."""
+    out: list[list[str]] = []
+    for row in rows:
+        m = SAFE_TAG_RE.fullmatch(row["tag"])
+        if m is None:
+            raise SystemExit(f"cannot parse safe private tag {row['tag']!r}")
+        out.append([m.group(1).upper(), row["private_creator"].strip(), m.group(2).upper(), row["vr"]])
+    return sorted(out)
+
+
+def _rank(type_: str) -> int:
+    return TYPE_ORDER.index(type_) if type_ in TYPE_ORDER else len(TYPE_ORDER) - 1
+
+
+def reduce_iods(iod_data: dict[str, Any], leaf_keywords: set[str]) -> dict[str, Any]:
+    """Per IOD, strictest Type (and the usage of the module giving it) of each needed path."""
+    modules: dict[str, dict[str, str]] = iod_data["modules"]
+    iods_out: dict[str, dict[str, str]] = {}
+    for iod, module_refs in sorted(iod_data["iods"].items()):
+        best: dict[str, tuple[int, int]] = {}
+        for ref in module_refs:
+            usage_rank = USAGE_ORDER.index(ref["usage"])
+            for path, type_ in modules.get(ref["module"], {}).items():
+                if path.rsplit("/", 1)[-1] not in leaf_keywords:
+                    continue
+                candidate = (_rank(type_), usage_rank)
+                if path not in best or candidate < best[path]:
+                    best[path] = candidate
+        iods_out[iod] = {
+            path: f"{TYPE_ORDER[t]}:{USAGE_ORDER[u]}" for path, (t, u) in sorted(best.items())
+        }
+    return {
+        "edition": iod_data["edition"],
+        "sop_classes": dict(sorted(iod_data["sop_classes"].items())),
+        "iods": iods_out,
+    }
+
+
+def dumps_rows(doc: dict[str, Any]) -> str:
+    """JSON text with one table row per line (small diffs when the standard changes)."""
+    head = {k: v for k, v in doc.items() if k != "rows"}
+    lines = [json.dumps(head, ensure_ascii=False)[:-1] + ',"rows":[']
+    rows = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in doc["rows"]]
+    lines.append(",\n".join(rows))
+    lines.append("]}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    shared: Path = args.shared
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    e1_rows = json.loads((shared / "ps315" / "table_e1_1.json").read_text(encoding="utf-8"))
+    table = parse_e1_1(e1_rows)
+    if len(table) != 657:
+        raise SystemExit(f"expected 657 rows in Table E.1-1, found {len(table)}")
+    table_doc = {
+        "standard": "DICOM PS3.15 Table E.1-1",
+        "edition": "2026d",
+        "options": list(OPTION_COLUMNS.values()),
+        "rows": table,
+    }
+    (out / "table_e1_1.json").write_text(dumps_rows(table_doc), encoding="utf-8")
+
+    safe_rows = json.loads((shared / "ps315" / "safe_private.json").read_text(encoding="utf-8"))
+    safe_doc = {
+        "standard": "DICOM PS3.15 Table E.3.10-1",
+        "edition": "2026d",
+        "columns": ["group", "private_creator", "element_byte", "vr"],
+        "rows": parse_safe_private(safe_rows),
+    }
+    (out / "safe_private.json").write_text(dumps_rows(safe_doc), encoding="utf-8")
+
+    leaf_keywords = {
+        row["keyword"]
+        for row in table
+        if row["match"] == "tag" and row["basic"] in TYPE_DEPENDENT_CODES and row["keyword"]
+    }
+    with gzip.open(shared / "iod" / "iod_types.json.gz", "rt", encoding="utf-8") as fh:
+        iod_data = json.load(fh)
+    iod_doc = {"source": "DICOM PS3.3/PS3.4 via highdicom 0.28.2 package data"}
+    iod_doc.update(reduce_iods(iod_data, leaf_keywords))
+    payload = json.dumps(iod_doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # mtime=0 keeps the output byte-identical across runs.
+    (out / "iod_types.json.gz").write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
+
+    print(
+        f"wrote {len(table)} E.1-1 rows, {len(safe_doc['rows'])} safe private rows, "
+        f"{len(iod_doc['iods'])} IODs / {len(iod_doc['sop_classes'])} SOP classes "
+        f"({len(leaf_keywords)} type-dependent keywords) to {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from peers import Orthanc, StoreSCP
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from anonproxy.config import parse_settings
 from anonproxy.secret import Secret
+
+from peers import Orthanc, StoreSCP
 
 if TYPE_CHECKING:
     from anonproxy.service import Proxy

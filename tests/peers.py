@@ -216,7 +216,7 @@ class RefusingSCP:
         for sop_class in classes:
             ae.add_supported_context(sop_class, list(AllTransferSyntaxes))
 
-        def handle_store(event: Any) -> int:  # noqa: ANN401
+        def handle_store(event: Any) -> int:
             del event
             self.calls += 1
             return self.status

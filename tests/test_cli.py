@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+
 from conftest import identifying_values
 from peers import free_port, storescu, wait_for, wait_port
-from pydicom import dcmread
 
 ANONPROXY = [sys.executable, "-m", "anonproxy"]
 

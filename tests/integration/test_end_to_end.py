@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+
 from conftest import identifying_values
 from peers import StoreSCP, echoscu, storescu, wait_for
-from pydicom import dcmread
 
 pytestmark = pytest.mark.integration
 

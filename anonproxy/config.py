@@ -133,12 +133,19 @@ class ProfileConfig(_Section):
 class RouteConfig(_Section):
     """Which destinations receive an instance. A route matches when every criterion given
     matches (an empty list matches anything); an instance goes to the destinations of every
-    matching route (fan-out)."""
+    matching route (fan-out).
+
+    A *transparent* route makes the C-STORE wait (up to ``transparent_timeout_s``) for the
+    destinations' answer and relays it to the sender. When the time-out passes first, the
+    sender gets Success: the instance is durably spooled and will be delivered.
+    """
 
     destinations: list[str] = Field(min_length=1)
     calling_ae_titles: list[str] = Field(default_factory=list)
     modalities: list[str] = Field(default_factory=list)
     sop_classes: list[str] = Field(default_factory=list)
+    transparent: bool = False
+    transparent_timeout_s: float = Field(default=30.0, gt=0)
 
     def matches(self, calling_ae_title: str, modality: str, sop_class_uid: str) -> bool:
         """True when the instance meets every criterion of the route."""

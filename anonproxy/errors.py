@@ -28,6 +28,7 @@ class SpoolFullError(AnonproxyError):
 class ForwardError(AnonproxyError):
     """A destination did not take an instance."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, status: int | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.status = status  # the destination's DIMSE status, when it answered one

@@ -60,8 +60,8 @@ def set_tcp_nodelay(event: evt.Event) -> None:
 class Sender(Protocol):
     """Delivers one spooled instance to a destination."""
 
-    def send(self, path: Path) -> str:
-        """Deliver the file at *path*; return a short outcome (e.g. the status as hex).
+    def send(self, path: Path) -> int:
+        """Deliver the file at *path*; return the destination's status (0 for a folder).
 
         Raise :class:`ForwardError` (``permanent=True`` for refusals that a retry cannot fix).
         """
@@ -104,7 +104,7 @@ class FolderSender:
                 fsync_directory(directory)
         except OSError as exc:
             raise ForwardError(f"folder write failed: {exc.strerror}") from None
-        return "stored"
+        return 0
 
     def close(self) -> None:
         """Nothing to release."""
@@ -157,7 +157,7 @@ class DicomSender:
             raise ForwardError(f"association {reason}")
         self._assoc = assoc
 
-    def send(self, path: Path) -> str:
+    def send(self, path: Path) -> int:
         meta = read_file_meta_info(path)
         sop_class = str(meta.MediaStorageSOPClassUID)
         syntax = str(meta.TransferSyntaxUID)
@@ -192,9 +192,11 @@ class DicomSender:
         code = int(status.Status)
         category = code_to_category(code)
         if category in _STATUS_CATEGORY_DELIVERED:
-            return f"0x{code:04X}"
+            return code
         permanent = not (0xA700 <= code <= 0xA7FF)
-        raise ForwardError(f"C-STORE status 0x{code:04X} ({category})", permanent=permanent)
+        raise ForwardError(
+            f"C-STORE status 0x{code:04X} ({category})", permanent=permanent, status=code
+        )
 
     @staticmethod
     def _convert(path: Path, syntax: str, accepted: set[str]) -> Dataset:
@@ -299,13 +301,13 @@ class ForwardWorker(threading.Thread):
         path = self.queue.path(item.name)
         started = time.monotonic()
         try:
-            outcome = self.sender.send(path)
+            status = self.sender.send(path)
         except ForwardError as exc:
             age = time.time() - item.first_seen
             expired = self.retry_max_age_s is not None and age > self.retry_max_age_s
             if exc.permanent or expired:
                 reason = str(exc) if exc.permanent else f"gave up after {age:.0f} s: {exc}"
-                self.spool.quarantine(self.destination, item, reason)
+                self.spool.quarantine(self.destination, item, reason, exc.status)
                 self.audit.event(
                     "instance.quarantined",
                     deid_sop_instance_uid=item.name,
@@ -324,12 +326,12 @@ class ForwardWorker(threading.Thread):
             self._back_off(item, f"unexpected {type(exc).__name__}")
             return
         self.failures = 0
-        self.spool.release(self.queue, item)
+        self.spool.release(self.queue, item, status)
         self.audit.event(
             "instance.forwarded",
             deid_sop_instance_uid=item.name,
             destination=self.destination,
-            status=outcome,
+            status=f"0x{status:04X}",
             attempts=item.attempts + 1,
             send_ms=round((time.monotonic() - started) * 1000, 1),
             latency_ms=round((time.time() - item.first_seen) * 1000, 1),

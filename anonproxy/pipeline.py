@@ -21,7 +21,7 @@ from anonproxy.audit import AuditLog, get_logger
 from anonproxy.config import RouteConfig
 from anonproxy.deid import Deidentifier, DeidResult
 from anonproxy.errors import DeidentificationError, SpoolFullError
-from anonproxy.spool import Spool
+from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
 
 log = get_logger(__name__)
@@ -33,7 +33,7 @@ _ERROR_COMMENT_MAX = 64  # PS3.7: Error Comment is LO
 class StoreOutcome:
     """The answer for the sender."""
 
-    status: StoreStatus
+    status: int  # a StoreStatus, or a destination's status relayed by a transparent route
     error_comment: str | None = None
     deid_sop_instance_uid: str | None = None
 
@@ -71,16 +71,25 @@ class InstancePipeline:
         )
         return StoreOutcome(status, reason)
 
-    def route(self, calling_ae_title: str, modality: str, sop_class_uid: str) -> list[str]:
-        """The destinations of an instance: every destination when no route is configured,
-        else those of every matching route, in configuration order."""
+    def route(
+        self, calling_ae_title: str, modality: str, sop_class_uid: str
+    ) -> tuple[list[str], dict[str, float]]:
+        """The destinations of an instance, and those of them whose answer the sender waits
+        for (transparent routes) with the time-out. Every destination when no route is
+        configured, else those of every matching route, in configuration order."""
         if not self.routes:
-            return self.destinations
+            return self.destinations, {}
         chosen: dict[str, None] = {}
+        transparent: dict[str, float] = {}
         for route in self.routes:
             if route.matches(calling_ae_title, modality, sop_class_uid):
                 chosen.update(dict.fromkeys(route.destinations))
-        return list(chosen)
+                if route.transparent:
+                    for name in route.destinations:
+                        transparent[name] = max(
+                            transparent.get(name, 0.0), route.transparent_timeout_s
+                        )
+        return list(chosen), transparent
 
     def process(
         self,
@@ -105,7 +114,9 @@ class InstancePipeline:
                 **fields,
             )
         self.audit.event("instance.received", **fields)
-        destinations = self.route(calling_ae_title, str(dataset.get("Modality", "")), sop_class_uid)
+        destinations, transparent = self.route(
+            calling_ae_title, str(dataset.get("Modality", "")), sop_class_uid
+        )
         if not destinations:
             return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", **fields)
         try:
@@ -138,24 +149,32 @@ class InstancePipeline:
             deidentify_ms=round((time.monotonic() - started) * 1000, 2),
             **fields,
         )
-        return self._spool(dataset, result, destinations, started, fields)
+        return self._spool(
+            dataset, result, destinations, transparent, started=started, fields=fields
+        )
 
     def _spool(
         self,
         dataset: Dataset,
         result: DeidResult,
         destinations: list[str],
+        transparent: dict[str, float],
+        *,
         started: float,
         fields: dict[str, object],
     ) -> StoreOutcome:
         def write(handle: BinaryIO) -> None:
             dcmwrite(handle, dataset, enforce_file_format=True)
 
+        name = result.sop_instance_uid
+        watching = {d: self.spool.queues[d].watch(name) for d in transparent}
         try:
-            size = self.spool.put(result.sop_instance_uid, write, destinations)
+            size = self.spool.put(name, write, destinations)
         except SpoolFullError as exc:
+            self._unwatch(name, watching)
             return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), **fields)
         except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
+            self._unwatch(name, watching)
             return self._fail(
                 StoreStatus.PROCESSING_FAILURE,
                 "spool",
@@ -169,4 +188,38 @@ class InstancePipeline:
             bytes=size,
             total_ms=round((time.monotonic() - started) * 1000, 2),
         )
-        return StoreOutcome(StoreStatus.SUCCESS, deid_sop_instance_uid=result.sop_instance_uid)
+        if watching:
+            return self._relay(name, watching, transparent)
+        return StoreOutcome(StoreStatus.SUCCESS, deid_sop_instance_uid=name)
+
+    def _unwatch(self, name: str, watching: dict[str, Delivery]) -> None:
+        for destination, delivery in watching.items():
+            self.spool.queues[destination].unwatch(name, delivery)
+
+    def _relay(
+        self, name: str, watching: dict[str, Delivery], timeouts: dict[str, float]
+    ) -> StoreOutcome:
+        """Transparent routes: wait for the destinations and relay the first refusal (or the
+        last answer). A time-out answers Success, since the instance is durably spooled."""
+        answer: StoreOutcome = StoreOutcome(StoreStatus.SUCCESS, deid_sop_instance_uid=name)
+        try:
+            for destination, delivery in watching.items():
+                if not delivery.done.wait(timeouts[destination]):
+                    self.audit.event(
+                        "instance.transparent_timeout",
+                        deid_sop_instance_uid=name,
+                        destination=destination,
+                    )
+                    continue
+                if delivery.reason is not None:  # quarantined: relay the refusal
+                    status = (
+                        StoreStatus.PROCESSING_FAILURE
+                        if delivery.status is None
+                        else delivery.status
+                    )
+                    return StoreOutcome(status, f"{destination}: {delivery.reason}", name)
+                if delivery.status:
+                    answer = StoreOutcome(delivery.status, None, name)  # a warning, relayed
+        finally:
+            self._unwatch(name, watching)
+        return answer

@@ -24,12 +24,13 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import code_to_category
 
 from anonproxy.audit import AuditLog
 from anonproxy.config import ListenConfig
 from anonproxy.forward import set_tcp_nodelay
 from anonproxy.pipeline import InstancePipeline
-from anonproxy.status import EchoStatus, StoreStatus
+from anonproxy.status import EchoStatus
 
 # pynetdicom's DIMSE debug handlers quote original UIDs: keep them off.
 _config.LOG_HANDLER_LEVEL = "none"
@@ -211,7 +212,7 @@ class StorageSCP:
         )
         if record is not None:
             record.received += 1
-            if outcome.status == StoreStatus.SUCCESS:
+            if code_to_category(outcome.status) in {"Success", "Warning"}:
                 record.stored += 1
             else:
                 record.failed += 1

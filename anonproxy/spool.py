@@ -61,6 +61,16 @@ class QueueItem:
     first_seen: float = field(default_factory=time.time)
 
 
+@dataclass
+class Delivery:
+    """The outcome of one instance at one destination, for a sender that waits for it
+    (transparent routes)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int | None = None  # the destination's DIMSE status; None: not delivered
+    reason: str | None = None
+
+
 class DestinationQueue:
     """The pending instances of one destination: a directory plus an in-memory index.
 
@@ -72,6 +82,7 @@ class DestinationQueue:
         self.directory = directory
         self._pending: dict[str, QueueItem] = {}
         self._in_flight: set[str] = set()
+        self._watchers: dict[str, list[Delivery]] = {}
         self._cond = threading.Condition()
         self._closed = False
 
@@ -121,13 +132,33 @@ class DestinationQueue:
                 self._cond.wait(wait)
         return None
 
-    def done(self, item: QueueItem) -> None:
+    def watch(self, name: str) -> Delivery:
+        """Be told the outcome of *name* at this destination (register before it is put)."""
+        delivery = Delivery()
+        with self._cond:
+            self._watchers.setdefault(name, []).append(delivery)
+        return delivery
+
+    def unwatch(self, name: str, delivery: Delivery) -> None:
+        """Stop waiting for *name*."""
+        with self._cond:
+            watchers = self._watchers.get(name, [])
+            if delivery in watchers:
+                watchers.remove(delivery)
+            if not watchers:
+                self._watchers.pop(name, None)
+
+    def done(self, item: QueueItem, status: int | None = 0, reason: str | None = None) -> None:
         """The item was delivered (or quarantined): forget it and remove its spool file."""
         with contextlib.suppress(FileNotFoundError):
             self.path(item.name).unlink()
         with self._cond:
             self._in_flight.discard(item.name)
             self._pending.pop(item.name, None)
+            watchers = self._watchers.pop(item.name, [])
+        for delivery in watchers:
+            delivery.status, delivery.reason = status, reason
+            delivery.done.set()
 
     def retry_later(self, item: QueueItem, delay: float) -> None:
         """Give the item back to the queue, due again after *delay* seconds."""
@@ -306,15 +337,23 @@ class Spool:
             queue.push(name)
         return size
 
-    def release(self, queue: DestinationQueue, item: QueueItem) -> None:
-        """An item left the spool (delivered or quarantined)."""
+    def release(
+        self,
+        queue: DestinationQueue,
+        item: QueueItem,
+        status: int | None = 0,
+        reason: str | None = None,
+    ) -> None:
+        """An item left the spool (delivered, or quarantined with *reason*)."""
         with contextlib.suppress(OSError):
             size = queue.path(item.name).stat().st_size
             with self._bytes_lock:
                 self._bytes = max(0, self._bytes - size)
-        queue.done(item)
+        queue.done(item, status, reason)
 
-    def quarantine(self, destination: str, item: QueueItem, reason: str) -> Path:
+    def quarantine(
+        self, destination: str, item: QueueItem, reason: str, status: int | None = None
+    ) -> Path:
         """Move an item a destination refused for good into quarantine, with its reason."""
         queue = self.queues[destination]
         target_dir = self.quarantine_dir / destination
@@ -328,7 +367,7 @@ class Spool:
             os.replace(link_tmp, target)
         if self.fsync:
             fsync_directory(target_dir)
-        self.release(queue, item)
+        self.release(queue, item, status, reason)
         return target
 
     def close(self) -> None:

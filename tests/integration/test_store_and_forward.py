@@ -211,3 +211,63 @@ def test_sop_class_not_supported_is_quarantined(make_proxy, tmp_path: Path) -> N
         assert ct_only.calls == 0
     finally:
         ct_only.stop()
+
+
+def test_routes_choose_destinations_and_fan_out(make_proxy, tmp_path: Path, corpus) -> None:
+    a = StoreSCP(tmp_path / "a").start()
+    b = StoreSCP(tmp_path / "b").start()
+    try:
+        proxy = make_proxy(
+            [
+                {"name": "a", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": a.port},
+                {"name": "b", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": b.port},
+            ],
+            routes=[
+                {"destinations": ["a"], "modalities": ["CT"]},
+                {"destinations": ["a", "b"], "calling_ae_titles": ["MRSCANNER"]},
+            ],
+        )
+        ct = [p for p in corpus if p.name == "CT_small.dcm"]
+        mr = [p for p in corpus if p.name == "MR_small.dcm"]
+        assert storescu(proxy.port, ct).returncode == 0
+        assert storescu(proxy.port, mr, calling="MRSCANNER").returncode == 0
+        assert wait_for(lambda: len(a.files()) == 2 and len(b.files()) == 1, timeout=30)
+        unrouted = storescu(proxy.port, mr, extra=["-v"])  # MR from another AE: no route
+        assert "0xc002" in (unrouted.stdout + unrouted.stderr).lower()
+        failed = _events(tmp_path / "var", "instance.failed")
+        assert [e["stage"] for e in failed] == ["route"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_transparent_route_relays_the_destination_answer(
+    make_proxy, tmp_path: Path, corpus
+) -> None:
+    refuser = RefusingSCP(0xC123).start()
+    down = free_port()
+    try:
+        proxy = make_proxy(
+            [
+                {"name": "refuser", "ae_title": "REFUSER", "host": "127.0.0.1",
+                 "port": refuser.port},
+                {"name": "down", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": down},
+            ],
+            routes=[
+                {"destinations": ["refuser"], "modalities": ["CT"], "transparent": True},
+                {"destinations": ["down"], "modalities": ["MR"], "transparent": True,
+                 "transparent_timeout_s": 1},
+            ],
+        )  # fmt: skip
+        ct = [p for p in corpus if p.name == "CT_small.dcm"]
+        refused = storescu(proxy.port, ct, extra=["-v"])
+        assert "0xc123" in (refused.stdout + refused.stderr).lower()
+        mr = [p for p in corpus if p.name == "MR_small.dcm"]
+        started = time.monotonic()
+        held = storescu(proxy.port, mr)
+        assert held.returncode == 0  # time-out: Success, the instance stays spooled
+        assert 1 <= time.monotonic() - started < 10
+        assert len(proxy.spool.queues["down"]) == 1
+        assert _events(tmp_path / "var", "instance.transparent_timeout")
+    finally:
+        refuser.stop()

@@ -33,7 +33,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from peers import PEER_ENV, StoreSCP, free_port, storescu, tool, wait_port  # noqa: E402
+from peers import PEER_ENV, StoreSCP, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
 
@@ -89,7 +89,7 @@ def run_senders(port: int, folders: list[Path], called: str) -> float:
             env=PEER_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for folder in folders
     ]
     for process in processes:

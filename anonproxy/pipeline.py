@@ -65,7 +65,21 @@ class InstancePipeline:
         self.reject_burned_in_annotation = reject_burned_in_annotation
         self.keep_rejected_inputs = keep_rejected_inputs
 
-    def _fail(self, status: StoreStatus, stage: str, reason: str, **fields: object) -> StoreOutcome:
+    def _fail(
+        self,
+        status: StoreStatus,
+        stage: str,
+        reason: str,
+        raw: Callable[[], bytes] | None = None,
+        **fields: object,
+    ) -> StoreOutcome:
+        """Refuse the instance. Inputs refused before de-identification are kept (they hold
+        PHI) only when configured; the audit record names the kept file by its random name."""
+        if self.keep_rejected_inputs and raw is not None:
+            try:
+                fields["kept_as"] = self.spool.keep_rejected(raw()).name
+            except Exception:  # noqa: BLE001 - keeping is best effort; the refusal stands
+                fields["kept_as"] = None
         self.audit.event(
             "instance.failed", stage=stage, status=f"0x{status:04X}", reason=reason, **fields
         )

@@ -113,7 +113,9 @@ def parse_safe_private(rows: list[dict[str, Any]]) -> list[list[str]]:
         m = SAFE_TAG_RE.fullmatch(row["tag"])
         if m is None:
             raise SystemExit(f"cannot parse safe private tag {row['tag']!r}")
-        out.append([m.group(1).upper(), row["private_creator"].strip(), m.group(2).upper(), row["vr"]])
+        out.append(
+            [m.group(1).upper(), row["private_creator"].strip(), m.group(2).upper(), row["vr"]]
+        )
     return sorted(out)
 
 

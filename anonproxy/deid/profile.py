@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from anonproxy.deid.tables import TableRow, table_e1_1
 

@@ -1,0 +1,575 @@
+"""The de-identification engine: applies a :class:`~anonproxy.deid.profile.Profile` to datasets.
+
+One :class:`Deidentifier` is built at start-up and shared by every association thread: it holds
+only immutable, precomputed data (effective code per tag, allow-lists, keys), and all per-call
+state lives in a :class:`_Run` local to :meth:`Deidentifier.deidentify`.
+
+Order of work for one instance:
+
+1. check that SOP Class, SOP Instance, Study Instance and Series Instance UIDs are present
+   (every composite IOD requires them; the spool files instances by them);
+2. collect the identifying values for the self-check (:mod:`anonproxy.deid.selfcheck`);
+3. walk the dataset recursively (every sequence item, at every depth): for each attribute take
+   the first rule that applies:
+
+   * private (odd group): removed (X), unless Retain Safe Private is on and the attribute is in
+     Table E.3.10-1 for its private creator, or is the creator of such an attribute;
+   * group length ``(gggg,0000)``: removed (retired, and stale after de-identification);
+   * a row of Table E.1-1 (exact tag, or the masks (50xx,xxxx), (60xx,3000), (60xx,4000)):
+     the profile's effective code, compound codes resolved by the Type in the IOD
+     (:func:`anonproxy.deid.actions.resolve`);
+   * otherwise, by default, kept: the standard allows public attributes outside the table to be
+     kept, **except** any attribute of VR PN, and any attribute that is not in the data
+     dictionary or is retired and has a free-text VR (LO, SH, LT, ST, UT, UC, PN) or VR UN,
+     which are removed. With ``Profile(strict=True)`` every public attribute outside the table
+     that is not in ``_standard/strict_allowlist.json`` is removed.
+
+   right after its action, each remaining value is searched for identifying values
+   (self-check); a hit raises :class:`~anonproxy.errors.DeidentificationError`;
+4. file meta: Media Storage SOP Instance UID := the new SOP Instance UID; Source, Sending and
+   Receiving AE Titles and the private information removed; Implementation Class UID and
+   Version Name set to anonproxy's; the remaining values searched as well;
+5. Patient Identity Removed, De-identification Method (+ Code Sequence, CID 7050) and
+   Longitudinal Temporal Information Modified are set.
+
+The actions:
+
+* **X** remove; **K** keep (sequences are still walked);
+* **Z** zero-length value (an empty sequence for SQ); D instead in a Type 1 context;
+* **D** a dummy valid for the VR and VM (:data:`anonproxy.deid.actions.DUMMY_BY_VR`); UI gets
+  the mapped UID; sequences are kept and walked ("structure kept, content de-identified");
+* **U** every value mapped by :class:`~anonproxy.deid.uids.UidRemapper` (well-known UIDs kept);
+  sequences are walked so that the UIDs inside them are mapped by their own rows;
+* **C** clean, by VR: DA and DT shifted by the per-patient offset
+  (:class:`~anonproxy.deid.dates.DateShifter`); TM, CS and numbers kept; text (LO, LT, PN, SH,
+  ST, UC, UT) has the identifying values and top-level person names deleted
+  (:meth:`~anonproxy.deid.selfcheck.IdentifyingValues.scrub`); UI mapped; sequences walked.
+  **Fallback:** what cannot be cleaned yet — AE titles, binary values (curve data, overlay
+  data, OB/OW/UN) and dates that do not parse — gets the action of the Basic Profile code of
+  its row instead (always a de-identifying action).
+
+If any step fails the dataset is left partly modified and must be discarded; the error names
+the attribute (tag/keyword), never a value.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import VR
+
+from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
+from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
+from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
+from anonproxy.deid.selfcheck import CODED_VOCABULARY_TAGS, IdentifyingValues
+from anonproxy.deid.tables import (
+    iod_types,
+    safe_private_attributes,
+    strict_allowlist,
+    table_e1_1,
+)
+from anonproxy.deid.uids import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    UidRemapper,
+)
+from anonproxy.errors import DecodeError, DeidentificationError
+
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+_STUDY_INSTANCE_UID = 0x0020000D
+_SERIES_INSTANCE_UID = 0x0020000E
+_PATIENT_ID = 0x00100020
+_BURNED_IN_ANNOTATION = 0x00280301
+
+#: File meta attributes removed: AE titles of the peers and the private information.
+_META_REMOVED = frozenset(
+    {
+        0x00020016,  # Source Application Entity Title
+        0x00020017,  # Sending Application Entity Title
+        0x00020018,  # Receiving Application Entity Title
+        0x00020100,  # Private Information Creator UID
+        0x00020102,  # Private Information
+    }
+)
+
+_FREE_TEXT_VRS = frozenset({VR.LO, VR.SH, VR.LT, VR.ST, VR.UT, VR.UC, VR.PN, VR.UN})
+_CLEANABLE_TEXT_VRS = frozenset({VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.UC, VR.UT})
+_KEPT_BY_CLEAN_VRS = frozenset(
+    {VR.TM, VR.CS, VR.AS, VR.DS, VR.IS, VR.US, VR.SS, VR.UL, VR.SL, VR.UV, VR.SV, VR.FL,
+     VR.FD, VR.AT}
+)  # fmt: skip
+#: The identifying-value attributes whose codes can become K under some option.
+_SELF_CHECK_TAGS = frozenset(
+    {
+        0x00100010,  # PatientName
+        0x00100020,  # PatientID
+        0x00101000,  # OtherPatientIDs
+        0x00101002,  # OtherPatientIDsSequence
+        0x00080050,  # AccessionNumber
+        0x00100030,  # PatientBirthDate
+        0x00080080,  # InstitutionName
+        _SOP_INSTANCE_UID,
+        _STUDY_INSTANCE_UID,
+        _SERIES_INSTANCE_UID,
+    }
+)
+
+_LONGITUDINAL = {
+    ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES: "UNMODIFIED",
+    ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES: "MODIFIED",
+}
+
+
+@dataclass(frozen=True)
+class DeidResult:
+    """What happened to one instance; carries UIDs and counts, never an original value."""
+
+    action_counts: dict[str, int]
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    original_sop_instance_uid_hash: str
+    burned_in_annotation: str | None
+
+
+@dataclass
+class _Run:
+    """Per-call state of one :meth:`Deidentifier.deidentify`."""
+
+    iod: dict[str, str] | None
+    ids: IdentifyingValues
+    date_offset: int
+    counts: Counter[str] = field(default_factory=Counter)
+    where: int = 0
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _where(tag: int) -> str:
+    keyword = keyword_for_tag(tag)
+    return f"{keyword} {_tag_text(tag)}" if keyword else _tag_text(tag)
+
+
+@lru_cache(maxsize=4096)
+def _unknown_or_retired(tag: int) -> bool:
+    """True if ``tag`` is not in the public data dictionary or is retired."""
+    try:
+        return bool(dictionary_is_retired(tag))
+    except KeyError:
+        return True
+
+
+@lru_cache(maxsize=4096)
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag)
+
+
+def _first_vr(vr: str) -> str:
+    """The first VR of an ambiguous one ("US or SS" → "US")."""
+    return vr.split(" or ", 1)[0]
+
+
+class Deidentifier:
+    """Applies a profile to datasets; thread-safe, one instance shared by all associations.
+
+    ``secret`` keys the UID mapping, the date offsets and the original-UID hash; the same
+    secret gives the same results on every machine and run. ``date_shift_days`` is the
+    inclusive range of the per-patient date offset used under the modified-dates option.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        secret: bytes,
+        *,
+        date_shift_days: tuple[int, int] = DEFAULT_SHIFT_DAYS,
+    ) -> None:
+        self._profile = profile
+        self._uids = UidRemapper(secret)
+        self._dates = DateShifter(secret, date_shift_days)
+        self._tag_codes = dict(profile.tag_codes)
+        self._basic_codes = {row.value: row.basic for row in table_e1_1() if row.match == "tag"}
+        self._retain_safe_private = profile.private_code != ActionCode.X
+        self._safe_private = safe_private_attributes() if self._retain_safe_private else None
+        self._allow = strict_allowlist() if profile.strict else None
+        self._kept_ids = frozenset(
+            t for t in _SELF_CHECK_TAGS if self._tag_codes.get(t) == ActionCode.K
+        )
+        self._person_name_tags = tuple(
+            tag
+            for tag in self._tag_codes
+            if tag not in _SELF_CHECK_TAGS and _dictionary_vr(tag) == VR.PN
+        )
+        self._method = ["anonproxy", BASIC_PROFILE_CODE.meaning] + [
+            o.code.meaning for o in profile.ordered_options
+        ]
+        if profile.strict:
+            self._method.append("strict allow-list of public attributes")
+        self._method_codes = [BASIC_PROFILE_CODE] + [o.code for o in profile.ordered_options]
+        self._longitudinal = next(
+            (v for o, v in _LONGITUDINAL.items() if o in profile.options), "REMOVED"
+        )
+
+    @property
+    def profile(self) -> Profile:
+        """The profile this engine applies."""
+        return self._profile
+
+    # -- public API -------------------------------------------------------------------------
+
+    def deidentify(self, ds: Dataset) -> DeidResult:
+        """De-identify ``ds`` (and ``ds.file_meta``, if any) in place.
+
+        Raises DeidentificationError when the instance cannot be fully de-identified; the
+        dataset must then be discarded.
+        """
+        run: _Run | None = None
+        try:
+            sop_class = self._required_uid(ds, _SOP_CLASS_UID, "SOPClassUID")
+            original_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
+            self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
+            self._required_uid(ds, _SERIES_INSTANCE_UID, "SeriesInstanceUID")
+            burned_in = ds.get(_BURNED_IN_ANNOTATION)
+            burned_in_value = str(burned_in.value) if burned_in is not None else None
+            patient_id = ds.get(_PATIENT_ID)
+            ids = IdentifyingValues.collect(ds, self._kept_ids, self._person_name_tags)
+            run = _Run(
+                iod=iod_types(sop_class),
+                ids=ids,
+                date_offset=self._dates.offset_days(
+                    str(patient_id.value or "") if patient_id is not None else ""
+                ),
+            )
+            self._walk(ds, (), run)
+            new_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
+            new_study = self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
+            new_series = self._required_uid(ds, _SERIES_INSTANCE_UID, "SeriesInstanceUID")
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None:
+                self._file_meta(meta, new_sop, run)
+            self._update(ds)
+        except DeidentificationError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure must become a rejection, without values
+            where = _where(run.where) if run is not None and run.where else "dataset"
+            raise DeidentificationError(f"cannot process {where}") from None
+        return DeidResult(
+            action_counts={str(code): n for code, n in run.counts.items()},
+            sop_class_uid=sop_class,
+            sop_instance_uid=new_sop,
+            study_instance_uid=new_study,
+            series_instance_uid=new_series,
+            original_sop_instance_uid_hash=self._uids.original_hash(original_sop),
+            burned_in_annotation=burned_in_value,
+        )
+
+    def deidentify_file(
+        self, src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str]
+    ) -> DeidResult:
+        """Read ``src_path``, de-identify it and write it as a DICOM file to ``dst_path``.
+
+        Parent directories of ``dst_path`` are created; the file is written to a temporary
+        name and renamed, so ``dst_path`` never holds a partial file. A source without file
+        meta (no preamble) is accepted if it is a dataset with a SOP Class UID; file meta is
+        then built from its encoding. Raises DecodeError if the source is not DICOM,
+        DeidentificationError as :meth:`deidentify`.
+        """
+        ds = _read_source(src_path)
+        result = self.deidentify(ds)
+        dst = Path(dst_path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+            os.replace(tmp_name, dst)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return result
+
+    # -- walking ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _required_uid(ds: Dataset, tag: int, keyword: str) -> str:
+        elem = ds.get(tag)
+        value = elem.value if elem is not None else None
+        if not isinstance(value, str) or not value.strip("\x00 "):
+            raise DeidentificationError(f"missing or invalid {keyword} {_tag_text(tag)}")
+        return value.strip("\x00 ")
+
+    def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run) -> None:
+        keys = list(ds.keys())
+        safe_private = self._safe_private_tags(ds, keys) if self._retain_safe_private else ()
+        tag_codes = self._tag_codes
+        for tag in keys:
+            run.where = tag
+            group = tag >> 16
+            if group & 1:
+                if tag in safe_private:
+                    self._keep(ds, tag, parents, run)
+                    run.counts[ActionCode.K] += 1
+                else:
+                    del ds[tag]
+                    run.counts[ActionCode.X] += 1
+                continue
+            if not tag & 0xFFFF:  # group length
+                del ds[tag]
+                run.counts[ActionCode.X] += 1
+                continue
+            code = tag_codes.get(tag)
+            if code is None and 0x5000 <= group <= 0x60FF:
+                code = self._profile.mask_code(tag)
+            if code is None:
+                self._not_in_table(ds, tag, parents, run)
+                continue
+            action = self._resolve(code, tag, parents, run)
+            self._apply(ds, tag, action, parents, run)
+
+    def _resolve(self, code: str, tag: int, parents: tuple[str, ...], run: _Run) -> ActionCode:
+        if len(code) == 1 and code != "Z":
+            return ActionCode(code)
+        if run.iod is None:
+            return resolve(code, UNKNOWN_IOD)
+        path = "/".join((*parents, _keyword(tag)))
+        return resolve(code, run.iod.get(path))
+
+    def _apply(
+        self, ds: Dataset, tag: int, action: ActionCode, parents: tuple[str, ...], run: _Run
+    ) -> None:
+        if action is ActionCode.X:
+            del ds[tag]
+            run.counts[action] += 1
+            return
+        elem = ds[tag]
+        if action is ActionCode.K:
+            self._keep(ds, tag, parents, run)
+        elif action is ActionCode.Z:
+            elem.value = Sequence() if elem.VR == VR.SQ else empty_value_for_VR(elem.VR)
+        elif action is ActionCode.D:
+            self._dummy(elem, parents, run)
+        elif action is ActionCode.U:
+            self._map_uids(elem, parents, run)
+        elif not self._clean(ds, elem, parents, run):
+            # cannot clean this value: fall back to the Basic Profile code of the row
+            basic = self._basic_code(tag)
+            self._apply(ds, tag, self._resolve(basic, tag, parents, run), parents, run)
+            return
+        run.counts[action] += 1
+
+    def _basic_code(self, tag: int) -> str:
+        basic = self._basic_codes.get(tag)
+        if basic is None:  # the masks (50xx,xxxx), (60xx,3000), (60xx,4000): all X
+            return ActionCode.X
+        return basic
+
+    def _keep(self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run) -> None:
+        elem = ds[tag]
+        if elem.VR == VR.SQ:
+            self._walk_items(elem, parents, run)
+        else:
+            self._check(elem, run)
+
+    def _walk_items(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
+        inner = (*parents, _keyword(elem.tag))
+        for item in elem.value:
+            self._walk(item, inner, run)
+        run.where = elem.tag
+
+    def _check(self, elem: DataElement, run: _Run) -> None:
+        if elem.tag in CODED_VOCABULARY_TAGS:
+            return
+        keyword = run.ids.find(elem.VR, elem.value)
+        if keyword is not None:
+            raise DeidentificationError(
+                f"self-check: identifying value of {keyword} survived in {_where(elem.tag)}"
+            )
+
+    def _not_in_table(self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run) -> None:
+        elem = ds[tag]
+        vr = elem.VR
+        if (
+            vr == VR.PN
+            or (self._allow is not None and tag not in self._allow)
+            or (vr in _FREE_TEXT_VRS and _unknown_or_retired(tag))
+        ):
+            del ds[tag]
+            run.counts[ActionCode.X] += 1
+            return
+        self._keep(ds, tag, parents, run)
+
+    def _safe_private_tags(self, ds: Dataset, keys: Iterable[int]) -> frozenset[int]:
+        """Private tags at this level that Table E.3.10-1 lists for their creator (+ creators)."""
+        safe = self._safe_private or frozenset()
+        private = [t for t in keys if (t >> 16) & 1]
+        creators: dict[int, str] = {}
+        for tag in private:
+            if 0x0010 <= tag & 0xFFFF <= 0x00FF:
+                value = ds[tag].value
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1")
+                creators[tag] = str(value).strip("\x00 ")
+        keep: set[int] = set()
+        for tag in private:
+            element = tag & 0xFFFF
+            if element < 0x1000:
+                continue
+            creator_tag = (tag & 0xFFFF0000) | (element >> 8)
+            creator = creators.get(creator_tag)
+            if creator and (tag >> 16, creator, element & 0xFF) in safe:
+                keep.add(tag)
+                keep.add(creator_tag)
+        return frozenset(keep)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _dummy(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
+        vr = _first_vr(elem.VR)
+        if vr == VR.SQ:
+            self._walk_items(elem, parents, run)
+        elif vr == VR.UI:
+            values = [v for v in _uid_values(elem)] or [f"anonproxy-dummy:{elem.tag:08X}"]
+            elem.value = _as_value([self._uids(v) for v in values])
+        else:
+            elem.value = dummy_value(elem.tag, vr, _keyword(elem.tag))
+
+    def _map_uids(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
+        if elem.VR == VR.SQ:
+            self._walk_items(elem, parents, run)
+            return
+        if elem.VR != VR.UI:
+            raise DeidentificationError(f"cannot map UID of {_where(elem.tag)}: VR is not UI")
+        values = _uid_values(elem)
+        if values:
+            elem.value = _as_value([self._uids(v) for v in values])
+
+    def _clean(self, ds: Dataset, elem: DataElement, parents: tuple[str, ...], run: _Run) -> bool:
+        """Apply C; False when this value cannot be cleaned (caller falls back to Basic)."""
+        vr = _first_vr(elem.VR)
+        cleaned = True
+        if vr == VR.SQ:
+            self._walk_items(elem, parents, run)
+        elif vr == VR.UI:
+            self._map_uids(elem, parents, run)
+        elif vr in (VR.DA, VR.DT):
+            cleaned = self._shift_dates(elem, vr, run)
+        elif vr in _CLEANABLE_TEXT_VRS:
+            values = [run.ids.scrub(str(v)) for v in _str_values(elem)]
+            if values:
+                elem.value = _as_value(values)
+            self._check(elem, run)
+        else:
+            cleaned = vr in _KEPT_BY_CLEAN_VRS
+        return cleaned
+
+    def _shift_dates(self, elem: DataElement, vr: str, run: _Run) -> bool:
+        shift = self._dates.shift_da if vr == VR.DA else self._dates.shift_dt
+        try:
+            shifted = [shift(v, run.date_offset) for v in _str_values(elem)]
+        except ValueError:
+            return False
+        if shifted:
+            elem.value = _as_value(shifted)
+        return True
+
+    # -- file meta and updaters -------------------------------------------------------------
+
+    def _file_meta(self, meta: Dataset, new_sop: str, run: _Run) -> None:
+        for tag in list(meta.keys()):
+            run.where = tag
+            if tag in _META_REMOVED:
+                del meta[tag]
+                run.counts[ActionCode.X] += 1
+        meta.MediaStorageSOPInstanceUID = new_sop
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        for elem in meta:
+            run.where = elem.tag
+            self._check(elem, run)
+
+    def _update(self, ds: Dataset) -> None:
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = list(self._method)
+        items = []
+        for code in self._method_codes:
+            item = Dataset()
+            item.CodeValue = code.value
+            item.CodingSchemeDesignator = code.scheme_designator
+            item.CodeMeaning = code.meaning
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        ds.LongitudinalTemporalInformationModified = self._longitudinal
+
+
+def _read_source(path: str | os.PathLike[str]) -> Dataset:
+    """Read a DICOM file, with or without file meta; DecodeError if it is not DICOM."""
+    try:
+        try:
+            ds = dcmread(path)
+        except InvalidDicomError:
+            ds = dcmread(path, force=True)
+            if _SOP_CLASS_UID not in ds:
+                raise DecodeError("source is not a readable DICOM file") from None
+            _add_file_meta(ds)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, struct.error):
+        raise DecodeError("source is not a readable DICOM file") from None
+    return ds
+
+
+def _add_file_meta(ds: Dataset) -> None:
+    """File meta for a dataset read without it, from its encoding (before de-identification)."""
+    meta = FileMetaDataset()
+    implicit, little = ds.original_encoding
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    ds.file_meta = meta
+
+
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
+
+
+def _str_values(elem: DataElement) -> list[str]:
+    value = elem.value
+    if value is None or value == "":
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    if isinstance(value, bytes):
+        raise DeidentificationError(f"cannot read value of {_where(elem.tag)}")
+    return [str(value)]
+
+
+def _uid_values(elem: DataElement) -> list[str]:
+    return [v for v in (s.strip("\x00 ") for s in _str_values(elem)) if v]
+
+
+def _as_value(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values

@@ -1,0 +1,171 @@
+"""Modified dates (per-patient shift), full dates, and the pre-forward self-check."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anonproxy.deid import Deidentifier, Profile
+from anonproxy.deid.dates import DateShifter
+from anonproxy.errors import DeidentificationError
+
+from .helpers import (
+    ACCESSION,
+    INSTITUTION,
+    PATIENT_ID,
+    PATIENT_NAME,
+    SECRET,
+    SOP_UID,
+    item,
+    minimal,
+    seq,
+)
+
+MODIFIED = ["retain_longitudinal_temporal_information_modified_dates"]
+FULL = ["retain_longitudinal_temporal_information_full_dates"]
+dates = st.dates(min_value=date(1901, 1, 1), max_value=date(2099, 12, 31))
+
+
+def _da(d: date) -> str:
+    return d.strftime("%Y%m%d")
+
+
+def _parse(text: str) -> date:
+    return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(study=dates, acquired=dates, patient=st.text(min_size=0, max_size=20))
+def test_modified_dates_preserve_intervals_within_a_patient(
+    study: date, acquired: date, patient: str
+) -> None:
+    ds = minimal()
+    ds.PatientID = patient
+    ds.StudyDate = _da(study)
+    ds.StudyTime = "101500"
+    ds.AcquisitionDateTime = _da(acquired) + "083000.5+0100"
+    ds.ReferencedInstanceSequence = seq(item(InstanceCreationDate=_da(acquired)))
+    Deidentifier(Profile.from_options(MODIFIED), secret=SECRET).deidentify(ds)
+    new_study = _parse(ds.StudyDate)
+    new_acquired = _parse(ds.AcquisitionDateTime)
+    assert new_acquired - new_study == acquired - study
+    assert -365 <= (new_study - study).days <= -1
+    assert ds.AcquisitionDateTime[8:] == "083000.5+0100"
+    assert ds.StudyTime == "101500"
+    assert _parse(ds.ReferencedInstanceSequence[0].InstanceCreationDate) == new_acquired
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+
+
+def test_offset_is_per_patient_and_keyed() -> None:
+    shifter = DateShifter(SECRET)
+    offsets = {shifter.offset_days(f"P{n}") for n in range(50)}
+    assert len(offsets) > 10
+    assert shifter.offset_days("P1") == DateShifter(SECRET).offset_days("P1")
+    assert DateShifter(SECRET, (-10, -10)).offset_days("P1") == -10
+
+
+def test_dt_precision_is_kept() -> None:
+    assert DateShifter.shift_dt("2020", -1) == "2019"
+    assert DateShifter.shift_dt("202003", -1) == "202002"
+    assert DateShifter.shift_dt("20200301120000", -1) == "20200229120000"
+    assert DateShifter.shift_da("2020.03.01", -1) == "20200229"
+    with pytest.raises(ValueError, match="DA"):
+        DateShifter.shift_da("yesterday", 1)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_unparsable_date_falls_back_to_the_basic_code() -> None:
+    ds = minimal()
+    ds.StudyDate = "not a date"  # Basic Z
+    Deidentifier(Profile.from_options(MODIFIED), secret=SECRET).deidentify(ds)
+    assert ds.StudyDate == ""
+
+
+def test_full_dates_keep_dates_and_basic_removes_them() -> None:
+    ds, basic = minimal(), minimal()
+    for d in (ds, basic):
+        d.StudyDate = "20200102"
+    Deidentifier(Profile.from_options(FULL), secret=SECRET).deidentify(ds)
+    Deidentifier(Profile(), secret=SECRET).deidentify(basic)
+    assert ds.StudyDate == "20200102"
+    assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert basic.StudyDate == ""
+    assert basic.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+def test_full_and_modified_dates_exclude_each_other() -> None:
+    with pytest.raises(ValueError, match="exclude each other"):
+        Profile.from_options(FULL + MODIFIED)
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "value", "keyword"),
+    [
+        (0x00181040, "LO", f"IV via {PATIENT_NAME.split('^')[0]}", "PatientName"),  # kept LO
+        (0x00181040, "LO", PATIENT_ID, "PatientID"),
+        (0x00181040, "LO", f"acc {ACCESSION.lower()}", "AccessionNumber"),
+        (0x00181040, "LO", INSTITUTION, "InstitutionName"),
+        (0x00080117, "UI", SOP_UID, "SOPInstanceUID"),  # ContextUID: not in the table
+    ],
+)
+def test_self_check_rejects_a_surviving_identifier_without_naming_it(
+    tag: int, vr: str, value: str, keyword: str
+) -> None:
+    ds = minimal()
+    ds.add_new(tag, vr, value)
+    with pytest.raises(DeidentificationError) as info:
+        Deidentifier(Profile(), secret=SECRET).deidentify(ds)
+    message = str(info.value)
+    assert message.startswith(f"self-check: identifying value of {keyword} survived in ")
+    assert f"({tag >> 16:04X},{tag & 0xFFFF:04X})" in message
+    for planted in (value, PATIENT_ID, ACCESSION, INSTITUTION, SOP_UID, *PATIENT_NAME.split("^")):
+        if len(planted) >= 3:
+            assert planted.casefold() not in message.casefold()
+
+
+def test_self_check_ignores_words_inside_other_words_and_product_names() -> None:
+    ds = minimal()
+    ds.PatientName = "Ann^Lee"
+    ds.ContrastBolusRoute = "Scanner knee"  # "ann" and "lee" only inside words
+    ds.Manufacturer = "Saint Elsewhere Hospital Devices"  # institution name = product vocabulary
+    ds.ManufacturerModelName = "Model Saint Elsewhere Hospital"
+    Deidentifier(Profile(), secret=SECRET).deidentify(ds)
+    assert ds.ContrastBolusRoute == "Scanner knee"
+
+
+def test_retained_institution_is_not_a_self_check_hit() -> None:
+    ds = minimal()
+    ds.ContrastBolusRoute = INSTITUTION
+    profile = Profile.from_options(["retain_institution_identity"])
+    Deidentifier(profile, secret=SECRET).deidentify(ds)
+    assert ds.InstitutionName == INSTITUTION
+
+
+def test_clean_descriptors_scrubs_identifiers_and_person_names() -> None:
+    ds = minimal()
+    ds.OperatorsName = "Smithereens^Jo"
+    ds.StudyDescription = f"CT head for {PATIENT_NAME.split('^')[0]}, op Smithereens"
+    ds.SeriesDescription = "Axial 5mm"
+    result = Deidentifier(Profile.from_options(["clean_descriptors"]), secret=SECRET).deidentify(ds)
+    assert ds.StudyDescription == "CT head for , op"
+    assert ds.SeriesDescription == "Axial 5mm"
+    assert result.action_counts["C"] >= 2
+
+
+@pytest.mark.parametrize("missing", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID"])
+def test_missing_required_uid_is_rejected(missing: str) -> None:
+    ds = minimal()
+    delattr(ds, missing)
+    with pytest.raises(DeidentificationError, match=missing):
+        Deidentifier(Profile(), secret=SECRET).deidentify(ds)
+
+
+def test_a_value_that_cannot_be_processed_becomes_a_deidentification_error() -> None:
+    ds = minimal()
+    ds.add_new(0x00080018, "UI", SOP_UID)
+    ds.add_new(0x00081155, "US", 5)  # ReferencedSOPInstanceUID with the wrong VR: U impossible
+    with pytest.raises(DeidentificationError, match=r"\(0008,1155\)"):
+        Deidentifier(Profile(), secret=SECRET).deidentify(ds)

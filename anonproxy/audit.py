@@ -22,10 +22,12 @@ import logging
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 import structlog
+from pydicom import config as pydicom_config
 from pydicom.uid import UID_dictionary
 
 _UID_PATTERN = re.compile(r"\b[0-2](?:\.(?:0|[1-9][0-9]*)){3,}\b")
@@ -94,8 +96,21 @@ class AuditLog:
             self._files.clear()
 
 
+def silence_value_reports() -> None:
+    """pydicom reports invalid values by quoting them (warnings and its logger): turn value
+    validation off and keep its logger quiet, so that no received value reaches a log."""
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    logger = logging.getLogger("pydicom")
+    logger.handlers[:] = [logging.NullHandler()]
+    logger.setLevel(logging.CRITICAL)
+    logger.propagate = False
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+
+
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Operational logs to standard error; pynetdicom's logger at WARNING, UIDs scrubbed."""
+    silence_value_reports()
     out = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(out)
     handler.addFilter(UidScrubber())

@@ -92,42 +92,39 @@ _WORKER: object = None
 
 
 def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
+    from anonproxy.audit import silence_value_reports  # noqa: PLC0415
     from anonproxy.secret import Secret  # noqa: PLC0415
     from anonproxy.service import build_deidentifier  # noqa: PLC0415
 
+    silence_value_reports()
     global _WORKER  # noqa: PLW0603 - one engine per worker process
     _WORKER = build_deidentifier(load_settings(settings_path), Secret(secret_value, "parent"))
 
 
 def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
     """De-identify one file; returns an outcome name (never a value from the file)."""
-    from pydicom import dcmread  # noqa: PLC0415
-    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
-
-    from anonproxy.deid import Deidentifier  # noqa: PLC0415
+    from anonproxy.deid import Deidentifier, read_instance, write_instance  # noqa: PLC0415
+    from anonproxy.errors import DecodeError  # noqa: PLC0415
     from anonproxy.spool import check_uid_name  # noqa: PLC0415
 
     source, out_file, out_dir = task
     engine = _WORKER
     assert isinstance(engine, Deidentifier)  # noqa: S101 - set by the pool initializer
     try:
-        dataset = dcmread(source)
-    except (InvalidDicomError, OSError, EOFError):
+        dataset = read_instance(source)
+    except (DecodeError, OSError):
         return "skipped (not DICOM)"
-    except Exception as exc:  # noqa: BLE001 - report and go on with the next file
-        return f"failed ({type(exc).__name__})"
     try:
         result = engine.deidentify(dataset)
         if out_file is None:
-            assert out_dir is not None  # noqa: S101
+            assert out_dir is not None  # noqa: S101 - one of the two is always given
             out_file = (
                 out_dir
                 / check_uid_name(result.study_instance_uid)
                 / check_uid_name(result.series_instance_uid)
                 / (check_uid_name(result.sop_instance_uid) + ".dcm")
             )
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_as(out_file, enforce_file_format=True)
+        write_instance(dataset, out_file)
     except AnonproxyError as exc:
         return f"failed ({exc})"
     except Exception as exc:  # noqa: BLE001 - fail closed, report the type only

@@ -139,11 +139,11 @@ class InstancePipeline:
             return self._fail(
                 StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), raw, **fields
             )
-        except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected
+        except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
             return self._fail(
-                StoreStatus.DEIDENTIFICATION_FAILED,
+                StoreStatus.CANNOT_UNDERSTAND,
                 "deidentify",
-                f"de-identification failed ({type(exc).__name__})",
+                f"cannot decode data set ({type(exc).__name__})",
                 raw,
                 **fields,
             )

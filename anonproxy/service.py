@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from anonproxy import __version__
-from anonproxy.audit import AuditLog, get_logger
+from anonproxy.audit import AuditLog, get_logger, silence_value_reports
 from anonproxy.config import Settings
 from anonproxy.deid import Deidentifier, Profile
 from anonproxy.errors import ConfigError
@@ -44,6 +44,7 @@ class Proxy:
 
     def __init__(self, settings: Settings, secret: Secret | None = None) -> None:
         self.settings = settings
+        silence_value_reports()
         self.secret = secret or load_secret(settings.storage.path)
         self.audit = AuditLog(settings.audit.path, stdout=settings.audit.stdout)
         destinations = settings.effective_destinations

@@ -8,7 +8,7 @@ Pure and thread-safe: no networking, no logging, no value of a dataset in any me
 """
 
 from anonproxy.deid.actions import ActionCode
-from anonproxy.deid.engine import Deidentifier, DeidResult
+from anonproxy.deid.engine import Deidentifier, DeidResult, read_instance, write_instance
 from anonproxy.deid.profile import Profile, ProfileOption
 from anonproxy.deid.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -20,4 +20,6 @@ __all__ = [
     "Deidentifier",
     "Profile",
     "ProfileOption",
+    "read_instance",
+    "write_instance",
 ]

@@ -293,18 +293,9 @@ class Deidentifier:
         then built from its encoding. Raises DecodeError if the source is not DICOM,
         DeidentificationError as :meth:`deidentify`.
         """
-        ds = _read_source(src_path)
+        ds = read_instance(src_path)
         result = self.deidentify(ds)
-        dst = Path(dst_path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-            os.replace(tmp_name, dst)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_instance(ds, dst_path)
         return result
 
     # -- walking ----------------------------------------------------------------------------
@@ -520,18 +511,34 @@ class Deidentifier:
         ds.LongitudinalTemporalInformationModified = self._longitudinal
 
 
-def _read_source(path: str | os.PathLike[str]) -> Dataset:
-    """Read a DICOM file, with or without file meta; DecodeError if it is not DICOM."""
+def write_instance(ds: Dataset, path: str | os.PathLike[str]) -> None:
+    """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
+    *path* never holds a partial file."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+        os.replace(tmp_name, dst)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_instance(path: str | os.PathLike[str]) -> Dataset:
+    """Read a DICOM instance file, with or without file meta; DecodeError if it is not one."""
     try:
         try:
             ds = dcmread(path)
         except InvalidDicomError:
             ds = dcmread(path, force=True)
-            if _SOP_CLASS_UID not in ds:
-                raise DecodeError("source is not a readable DICOM file") from None
-            _add_file_meta(ds)
+            if _SOP_CLASS_UID in ds:
+                _add_file_meta(ds)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, struct.error):
         raise DecodeError("source is not a readable DICOM file") from None
+    if _SOP_CLASS_UID not in ds:  # e.g. a DICOMDIR: not a composite instance
+        raise DecodeError("source is not a DICOM instance (no SOP Class UID)")
     return ds
 
 

@@ -20,7 +20,7 @@ def _audit(proxy_root: Path) -> list[dict[str, object]]:
 
 
 def _original(path: Path) -> dict[str, str]:
-    ds = dcmread(path, stop_before_pixels=True)
+    ds = dcmread(path, stop_before_pixels=True, force=True)
     return {k: str(ds.get(k, "")) for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientName")}
 
 
@@ -58,7 +58,7 @@ def test_storescu_to_storescp_deidentified_and_complete(
     deidentified = [e for e in audit if e["event"] == "instance.deidentified"]
     assert len(deidentified) == len(corpus)
     for name in ("CT_small.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm"):
-        source = dcmread(next(p for p in corpus if p.name == name))
+        source = dcmread(next(p for p in corpus if p.name == name), force=True)
         matches = [
             ds
             for ds in out

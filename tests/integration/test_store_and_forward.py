@@ -130,7 +130,7 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         wanted = {_deidentified_uid(path) for path in acknowledged}
 
         def arrived() -> set[str]:
-            return {p.stem for p in research.files()} & wanted
+            return {p.stem.split(".", 1)[1] for p in research.files()} & wanted  # MR.<uid>
 
         assert wait_for(lambda: arrived() == wanted, timeout=60), len(wanted - arrived())
     finally:
@@ -151,7 +151,7 @@ def test_spool_over_quota_answers_out_of_resources_and_recovers(make_proxy, tmp_
         storage={"path": str(tmp_path / "var"), "min_free_bytes": 0, "max_bytes": size * 15},
     )  # fmt: skip
     result = storescu(proxy.port, [tmp_path / "series"], extra=["-v"])
-    assert "0xa700" in (result.stdout + result.stderr).lower()
+    assert "refused: outofresources" in (result.stdout + result.stderr).lower()  # 0xA700
     spooled = len(_events(tmp_path / "var", "instance.spooled"))
     refused = [e for e in _events(tmp_path / "var", "instance.failed") if e["status"] == "0xA700"]
     assert 10 <= spooled < 40

@@ -52,6 +52,32 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(msg)
 
 
+# DCMTK storescu proposes uncompressed transfer syntaxes unless told which compressed one to
+# propose; a mixed set of files is therefore sent in one storescu run per transfer syntax.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": "-xs",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE Lossless
+    "1.2.840.10008.1.2.1.99": "-xd",  # Deflated Explicit VR Little Endian
+}
+
+
+def _propose_option(path: Path) -> str:
+    from pydicom import dcmread
+
+    try:
+        syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    except Exception:  # noqa: BLE001 - no meta: storescu sends it uncompressed
+        return ""
+    return STORESCU_PROPOSE.get(syntax, "")
+
+
 def storescu(
     port: int,
     paths: Sequence[Path | str],
@@ -61,20 +87,35 @@ def storescu(
     extra: Sequence[str] = (),
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """Send files (or folders, recursively) with DCMTK storescu."""
-    command = [
-        tool("storescu"),
-        "-aet", calling,
-        "-aec", called,
-        "+sd", "+r",  # scan folders, recursively
-        "-nh",  # DICOMDIR-less folders: no header check
-        *extra,
-        "127.0.0.1", str(port),
-        *map(str, paths),
-    ]  # fmt: skip
-    return subprocess.run(
-        command, env=PEER_ENV, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    """Send files (or folders, recursively) with DCMTK storescu, one run per transfer syntax.
+
+    storescu exits 0 even when a C-STORE fails: callers check ``stderr`` for "Store Failed".
+    """
+    groups: dict[str, list[str]] = {}
+    for path in map(Path, paths):
+        option = "" if path.is_dir() else _propose_option(path)
+        groups.setdefault(option, []).append(str(path))
+    returncode, stdout, stderr = 0, "", ""
+    for option, members in groups.items():
+        command = [
+            tool("storescu"),
+            "-aet", calling,
+            "-aec", called,
+            "+sd", "+r",  # scan folders, recursively
+            "-nh",  # folders without DICOMDIR: no header check
+            "-R",  # propose the SOP Classes of the files (storescu's own list lacks some)
+            *([option] if option else []),
+            *extra,
+            "127.0.0.1", str(port),
+            *members,
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, env=PEER_ENV, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        returncode = max(returncode, done.returncode)
+        stdout += done.stdout
+        stderr += done.stderr
+    return subprocess.CompletedProcess(["storescu"], returncode, stdout, stderr)
 
 
 def echoscu(port: int, *, called: str = "ANONPROXY", calling: str = "MODALITY") -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from conftest import identifying_values
+from conftest import corpus_identifying_values
 from peers import free_port, storescu, wait_for, wait_port
 
 ANONPROXY = [sys.executable, "-m", "anonproxy"]
@@ -73,7 +73,7 @@ def test_deidentify_folder_uses_all_cores_and_names_files_by_new_uids(
     assert "1 skipped (not DICOM)" in result.stdout
     outputs = list((tmp_path / "out").rglob("*.dcm"))
     assert outputs
-    phi = set().union(*(identifying_values(p) for p in corpus))
+    phi = corpus_identifying_values(corpus)
     for path in outputs:
         assert not [v for v in phi if v in str(path)]
         ds = dcmread(path)
@@ -128,5 +128,5 @@ def test_serve_on_the_default_folder_destination_then_sigterm(
     audit = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").open()]
     assert audit[0]["event"] == "service.started"
     assert audit[-1]["event"] == "service.stopped"
-    phi = set().union(*(identifying_values(p) for p in corpus))
+    phi = corpus_identifying_values(corpus)
     assert not [v for v in phi if v in out + err]

@@ -33,6 +33,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from anonproxy.audit import AuditLog, get_logger
@@ -126,7 +127,11 @@ class DicomSender:
     def _contexts(self) -> list[Any]:
         """One context per (SOP Class, transfer syntax) seen, plus an uncompressed fallback
         per SOP Class, so that the accepted contexts tell exactly what the peer takes."""
-        contexts = [build_context(sop_class, syntax) for sop_class, syntax in self._wanted]
+        # Verification is always proposed, so that the association is established even when a
+        # peer accepts none of the storage contexts: that refusal is then told apart from a
+        # network failure (permanent, not transient).
+        contexts = [build_context(Verification)]
+        contexts += [build_context(sop_class, syntax) for sop_class, syntax in self._wanted]
         for sop_class in dict.fromkeys(sop_class for sop_class, _ in self._wanted):
             contexts.append(
                 build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

@@ -256,6 +256,7 @@ class RefusingSCP:
         classes = self.sop_classes or [c.abstract_syntax for c in AllStoragePresentationContexts]
         for sop_class in classes:
             ae.add_supported_context(sop_class, list(AllTransferSyntaxes))
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification, as every PACS has
 
         def handle_store(event: Any) -> int:
             del event

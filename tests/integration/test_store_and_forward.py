@@ -150,8 +150,8 @@ def test_spool_over_quota_answers_out_of_resources_and_recovers(make_proxy, tmp_
           "port": research.port, "retry_max_delay_s": 2}],
         storage={"path": str(tmp_path / "var"), "min_free_bytes": 0, "max_bytes": size * 15},
     )  # fmt: skip
-    result = storescu(proxy.port, [tmp_path / "series"], extra=["-v"])
-    assert "refused: outofresources" in (result.stdout + result.stderr).lower()  # 0xA700
+    result = storescu(proxy.port, [tmp_path / "series"], extra=["-d"])
+    assert "0xa700" in (result.stdout + result.stderr).lower()
     spooled = len(_events(tmp_path / "var", "instance.spooled"))
     refused = [e for e in _events(tmp_path / "var", "instance.failed") if e["status"] == "0xA700"]
     assert 10 <= spooled < 40
@@ -232,7 +232,7 @@ def test_routes_choose_destinations_and_fan_out(make_proxy, tmp_path: Path, corp
         assert storescu(proxy.port, ct).returncode == 0
         assert storescu(proxy.port, mr, calling="MRSCANNER").returncode == 0
         assert wait_for(lambda: len(a.files()) == 2 and len(b.files()) == 1, timeout=30)
-        unrouted = storescu(proxy.port, mr, extra=["-v"])  # MR from another AE: no route
+        unrouted = storescu(proxy.port, mr, extra=["-d"])  # MR from another AE: no route
         assert "0xc002" in (unrouted.stdout + unrouted.stderr).lower()
         failed = _events(tmp_path / "var", "instance.failed")
         assert [e["stage"] for e in failed] == ["route"]
@@ -260,7 +260,7 @@ def test_transparent_route_relays_the_destination_answer(
             ],
         )  # fmt: skip
         ct = [p for p in corpus if p.name == "CT_small.dcm"]
-        refused = storescu(proxy.port, ct, extra=["-v"])
+        refused = storescu(proxy.port, ct, extra=["-d"])
         assert "0xc123" in (refused.stdout + refused.stderr).lower()
         mr = [p for p in corpus if p.name == "MR_small.dcm"]
         started = time.monotonic()

@@ -28,7 +28,7 @@ from typing import IO, Any, TextIO
 
 import structlog
 from pydicom import config as pydicom_config
-from pydicom.uid import UID_dictionary
+from pydicom._uid_dict import UID_dictionary
 
 _UID_PATTERN = re.compile(r"\b[0-2](?:\.(?:0|[1-9][0-9]*)){3,}\b")
 

@@ -78,7 +78,7 @@ class FolderSender:
         self.root = config.path
         self.fsync = fsync
 
-    def send(self, path: Path) -> str:
+    def send(self, path: Path) -> int:
         from anonproxy.spool import check_uid_name  # noqa: PLC0415
 
         header = dcmread(

@@ -70,16 +70,17 @@ class InstancePipeline:
         status: StoreStatus,
         stage: str,
         reason: str,
+        fields: dict[str, object],
         raw: Callable[[], bytes] | None = None,
-        **fields: object,
     ) -> StoreOutcome:
         """Refuse the instance. Inputs refused before de-identification are kept (they hold
         PHI) only when configured; the audit record names the kept file by its random name."""
         if self.keep_rejected_inputs and raw is not None:
             try:
-                fields["kept_as"] = self.spool.keep_rejected(raw()).name
+                kept: str | None = self.spool.keep_rejected(raw()).name
             except Exception:  # noqa: BLE001 - keeping is best effort; the refusal stands
-                fields["kept_as"] = None
+                kept = None
+            fields = {**fields, "kept_as": kept}
         self.audit.event(
             "instance.failed", stage=stage, status=f"0x{status:04X}", reason=reason, **fields
         )
@@ -124,28 +125,28 @@ class InstancePipeline:
                 StoreStatus.CANNOT_UNDERSTAND,
                 "decode",
                 f"cannot parse data set ({type(exc).__name__})",
+                fields,
                 raw,
-                **fields,
             )
         self.audit.event("instance.received", **fields)
         destinations, transparent = self.route(
             calling_ae_title, str(dataset.get("Modality", "")), sop_class_uid
         )
         if not destinations:
-            return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", **fields)
+            return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
         try:
             result = self.deidentifier.deidentify(dataset)
         except DeidentificationError as exc:
             return self._fail(
-                StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), raw, **fields
+                StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), fields, raw
             )
         except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
             return self._fail(
                 StoreStatus.CANNOT_UNDERSTAND,
                 "deidentify",
                 f"cannot decode data set ({type(exc).__name__})",
+                fields,
                 raw,
-                **fields,
             )
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
         if self.reject_burned_in_annotation and result.burned_in_annotation == "YES":
@@ -153,8 +154,8 @@ class InstancePipeline:
                 StoreStatus.DEIDENTIFICATION_FAILED,
                 "policy",
                 "burned-in annotation refused by policy",
+                fields,
                 raw,
-                **fields,
             )
         self.audit.event(
             "instance.deidentified",
@@ -186,14 +187,14 @@ class InstancePipeline:
             size = self.spool.put(name, write, destinations)
         except SpoolFullError as exc:
             self._unwatch(name, watching)
-            return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), **fields)
+            return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
         except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
             self._unwatch(name, watching)
             return self._fail(
                 StoreStatus.PROCESSING_FAILURE,
                 "spool",
                 f"cannot encode the de-identified data set ({type(exc).__name__})",
-                **fields,
+                fields,
             )
         self.audit.event(
             "instance.spooled",

@@ -75,12 +75,12 @@ class StorageSCP:
         ae.network_timeout = self.config.network_timeout
         syntaxes = list(AllTransferSyntaxes)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            ae.add_supported_context(str(context.abstract_syntax), syntaxes)
         ae.add_supported_context(Verification, syntaxes)
         return ae
 
     @property
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:
         """The pynetdicom event handlers of the SCP."""
         return [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
@@ -198,7 +198,8 @@ class StorageSCP:
             buffer = DicomBytesIO()
             buffer.write(b"\0" * 128 + b"DICM")
             write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
-            buffer.write(event.request.DataSet.getvalue())
+            request: Any = event.request  # a C_STORE primitive: its DataSet is a BytesIO
+            buffer.write(request.DataSet.getvalue())
             return buffer.getvalue()
 
         with self._lock:

@@ -11,6 +11,12 @@ When the code does not offer the preferred letter the next one that keeps the in
 conformant is used (``X/D`` for a Type 2 attribute → D, ``Z/D`` for a Type 3 → Z, plain ``Z``
 for a Type 1 → D, since a Type 1 attribute cannot be empty).
 
+**X/Z/U*** (Referenced Image Sequence, Source Image Sequence) is always resolved to U: the
+references are kept with their UIDs replaced consistently. The code allows any of its letters;
+U is as safe as X (a mapped UID identifies nothing) and keeps every Type, condition and
+cross-reference conformant — removing a Source Image Sequence nested in a functional group
+makes validators report a Referenced Series Sequence that references nothing.
+
 **Unknown SOP Classes** (not in the shipped IOD data): the Type is unknown, so the engine takes
 Z wherever the code offers it (``X/Z``, ``X/Z/D``, ``Z/D`` (e.g. Patient ID), ``X/Z/U*``, ``Z``
 → Z) and D otherwise (``X/D`` → D). Z is conformant for Type 2 and 3 attributes and carries no
@@ -60,6 +66,8 @@ def resolve(code: str, type_: str | None) -> ActionCode:
     plain X, D, U, K or C is returned as it is.
     """
     letters = code.replace("*", "").split("/")
+    if "U" in letters:
+        return ActionCode.U  # X/Z/U*: keep the references, UIDs replaced (module docstring)
     if len(letters) == 1:
         chosen = letters[0]
     else:

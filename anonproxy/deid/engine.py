@@ -335,6 +335,22 @@ class Deidentifier:
                 continue
             action = self._resolve(code, tag, parents, run)
             self._apply(ds, tag, action, parents, run)
+        self._drop_incomplete_overlays(ds, run)
+
+    @staticmethod
+    def _drop_incomplete_overlays(ds: Dataset, run: _Run) -> None:
+        """An overlay whose Overlay Data (60xx,3000) was removed is removed whole: the Overlay
+        Plane module requires its data, so a partial overlay would make the instance
+        non-conformant (the module is optional: removing it all is conformant)."""
+        tags = list(ds.keys())
+        groups = {t >> 16 for t in tags if 0x6000 <= t >> 16 <= 0x60FF and not t >> 16 & 1}
+        for group in groups:
+            if (group << 16 | 0x3000) in ds:
+                continue
+            for tag in tags:
+                if tag >> 16 == group:
+                    del ds[tag]
+                    run.counts[ActionCode.X] += 1
 
     def _resolve(self, code: str, tag: int, parents: tuple[str, ...], run: _Run) -> ActionCode:
         if len(code) == 1 and code != "Z":

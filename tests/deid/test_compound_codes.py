@@ -23,8 +23,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
         ("X/Z/D", "3", "X"),
         ("X/Z/D", None, "X"),
         ("X/Z/U*", "1", "U"),
-        ("X/Z/U*", "2", "Z"),
-        ("X/Z/U*", "3", "X"),
+        ("X/Z/U*", "2", "U"),
+        ("X/Z/U*", "3", "U"),
         ("X/D", "2", "D"),
         ("X/D", "3", "X"),
         ("Z/D", "1", "D"),
@@ -41,7 +41,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
         ("X/D", UNKNOWN_IOD, "D"),
         ("X/Z/D", UNKNOWN_IOD, "Z"),
         ("Z/D", UNKNOWN_IOD, "Z"),
-        ("X/Z/U*", UNKNOWN_IOD, "Z"),
+        ("X/Z/U*", UNKNOWN_IOD, "U"),
     ],
 )
 def test_resolve(code: str, type_: str | None, expected: str) -> None:

@@ -69,14 +69,38 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+ACTION_MEANINGS = {
+    "X": "remove",
+    "Z": "zero length",
+    "D": "dummy value",
+    "K": "keep",
+    "C": "clean",
+    "U": "replace UID (keyed, consistent)",
+}
+
+
 def cmd_describe_profile(args: argparse.Namespace) -> int:
-    """Print the effective action for every attribute of Table E.1-1."""
+    """Print the effective action for every attribute of Table E.1-1 (or a summary)."""
     from anonproxy.deid import Profile  # noqa: PLC0415
 
     settings = _settings(args)
     profile = Profile.from_options(settings.profile.options, strict=settings.profile.strict)
-    for tag, name, action in profile.describe():
-        print(f"{tag}\t{action}\t{name}")
+    rows = list(profile.describe())
+    if not args.summary:
+        for tag, name, action in rows:
+            print(f"{tag}\t{action}\t{name}")
+        return 0
+    counts = Counter(action for _, _, action in rows)
+    print(f"{len(rows)} attributes of PS3.15 Table E.1-1:")
+    for action, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        letters = action.rstrip("*").split("/")
+        if "U" in letters and len(letters) > 1:  # X/Z/U*: see anonproxy.deid.actions
+            meaning = "replace the UIDs inside (references kept)"
+        else:
+            meaning = " or ".join(ACTION_MEANINGS.get(letter, letter) for letter in letters)
+            if len(letters) > 1:
+                meaning += ", by the attribute's Type in the IOD"
+        print(f"  {action:7} {count:4}  {meaning}")
     return 0
 
 
@@ -225,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("serve", "run the proxy").set_defaults(func=cmd_serve)
     add("check-config", "print the effective configuration").set_defaults(func=cmd_check_config)
-    add("describe-profile", "print the effective action for every attribute").set_defaults(
-        func=cmd_describe_profile
-    )
+    describe = add("describe-profile", "print the effective action for every attribute")
+    describe.add_argument("--summary", action="store_true", help="counts per action only")
+    describe.set_defaults(func=cmd_describe_profile)
     deid = add("deidentify", "de-identify files or folders offline")
     deid.add_argument("inputs", nargs="+", type=Path, help="input files or folders (recursive)")
     deid.add_argument("output", type=Path, help="output folder (or file, for one input file)")
@@ -260,3 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `anonproxy describe-profile | head`
+        sys.stderr.close()
+        return 0

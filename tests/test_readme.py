@@ -1,0 +1,35 @@
+"""The README tells the truth: its profile summary is what `describe-profile` prints, and its
+two set-up commands are the ones `.ci/run` and `./dev` implement."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text("utf-8")
+
+
+def test_default_profile_summary_matches_describe_profile(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "anonproxy", "describe-profile", "--summary"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    section = README.split("## What the default profile does", 1)[1]
+    block = re.search(r"```\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    assert block.group(1) == done.stdout
+
+
+def test_the_two_commands_are_the_ones_ci_runs() -> None:
+    assert "./dev serve" in README
+    assert "./dev test" in README
+    ci = (ROOT / ".ci" / "run").read_text("utf-8")
+    assert "exec ./dev test" in ci
+    for package in ("dcmtk", "orthanc", "dicom3tools"):
+        assert package in ci

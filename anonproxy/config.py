@@ -111,11 +111,61 @@ DestinationConfig = Annotated[
 
 
 class ProfileConfig(_Section):
-    """De-identification profile: PS3.15 options by their CID 7050 names."""
+    """De-identification profile: PS3.15 options by their CID 7050 names, presets, user rules,
+    patient pseudonyms and the date shift range (see :mod:`anonproxy.deid`)."""
+
+    class Rule(_Section):
+        """One user rule: exactly one selector and an action (see :mod:`anonproxy.deid.rules`)."""
+
+        keyword: str | None = None
+        tag: str | None = None
+        tag_mask: str | None = None
+        private_creator: str | None = None
+        element: int | str | None = None
+        group: int | str | None = None
+        action: Literal[
+            "keep", "remove", "empty", "dummy", "replace", "hash", "shift_date", "regex_replace"
+        ]
+        value: str | int | float | None = None
+        pattern: str | None = None
+        replacement: str | None = None
+
+        @model_validator(mode="after")
+        def _valid_rule(self) -> ProfileConfig.Rule:
+            from anonproxy.deid.rules import Rule  # noqa: PLC0415 - keep config import light
+
+            Rule.parse(self.model_dump(exclude_none=True))  # ValueError: pydantic adds the index
+            return self
+
+    class PatientId(_Section):
+        """Patient pseudonyms (see :mod:`anonproxy.deid.pseudonyms`)."""
+
+        method: Literal["hash", "lookup"] = "hash"
+        format: str = "ANON-{hash:10}"
+        patient_name_format: str | None = None
+        lookup_csv: Path | None = None
+        unknown_patient: Literal["reject", "hash"] = "reject"
+
+        @model_validator(mode="after")
+        def _valid_patient_id(self) -> ProfileConfig.PatientId:
+            from anonproxy.deid.pseudonyms import PseudonymFormat  # noqa: PLC0415
+
+            PseudonymFormat.parse(self.format)
+            if self.patient_name_format is not None:
+                PseudonymFormat.parse(self.patient_name_format, allow_pseudonym=True)
+            if self.method == "lookup" and self.lookup_csv is None:
+                raise ValueError("method lookup needs lookup_csv")
+            if self.method == "hash" and self.lookup_csv is not None:
+                raise ValueError("lookup_csv goes with method lookup only")
+            return self
 
     options: list[str] = Field(default_factory=list)
+    preset: list[str] = Field(default_factory=list)
     strict: bool = False
     burned_in_annotation: Literal["pass", "reject"] = "reject"
+    rules: list[ProfileConfig.Rule] = Field(default_factory=list)
+    patient_id: ProfileConfig.PatientId | None = None
+    date_shift_days: tuple[int, int] = (-365, -1)
 
     @field_validator("options")
     @classmethod
@@ -128,6 +178,39 @@ class ProfileConfig(_Section):
             msg = f"unknown option(s) {unknown}; known: {sorted(known)}"
             raise ValueError(msg)
         return value
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _preset_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("preset")
+    @classmethod
+    def _known_presets(cls, value: list[str]) -> list[str]:
+        from anonproxy.deid.profile import preset_options  # noqa: PLC0415
+
+        preset_options(value)  # ValueError listing the known presets
+        return value
+
+    @field_validator("date_shift_days")
+    @classmethod
+    def _shift_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not -36500 <= low <= high <= -1:
+            msg = "date_shift_days is [min, max] with -36500 <= min <= max <= -1 (days back)"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_options(self) -> ProfileConfig:
+        from anonproxy.deid.profile import (  # noqa: PLC0415
+            check_option_set,
+            parse_options,
+            preset_options,
+        )
+
+        check_option_set(parse_options(self.options) | preset_options(self.preset))
+        return self
 
 
 class RouteConfig(_Section):

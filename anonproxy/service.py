@@ -34,9 +34,16 @@ HOUSEKEEPING_INTERVAL_S = 2.0
 
 
 def build_deidentifier(settings: Settings, secret: Secret) -> Deidentifier:
-    """The engine for the configured profile."""
-    profile = Profile.from_options(settings.profile.options, strict=settings.profile.strict)
-    return Deidentifier(profile, secret=secret.value)
+    """The engine for the configured profile: options, presets, strict, user rules, patient
+    pseudonyms and date shift range (as :meth:`Deidentifier.from_config`). ``serve`` and
+    ``deidentify`` both build it here; ``describe-profile`` uses the same
+    :meth:`Profile.from_config`. A lookup table that cannot be used is a ConfigError."""
+    config = settings.profile
+    try:
+        profile = Profile.from_config(config)
+        return Deidentifier(profile, secret.value, date_shift_days=config.date_shift_days)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration in profile: {exc}") from None
 
 
 class Proxy:

@@ -128,10 +128,18 @@ def echoscu(port: int, *, called: str = "ANONPROXY", calling: str = "MODALITY") 
 class StoreSCP:
     """DCMTK storescp as a research PACS: writes every received instance to a folder."""
 
-    def __init__(self, directory: Path, *, ae_title: str = "RESEARCH", port: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        ae_title: str = "RESEARCH",
+        port: int = 0,
+        accept_compressed: bool = True,
+    ) -> None:
         self.directory = directory
         self.ae_title = ae_title
         self.port = port or free_port()
+        self.accept_compressed = accept_compressed
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreSCP:
@@ -140,7 +148,7 @@ class StoreSCP:
             tool("storescp"),
             "--aetitle", self.ae_title,
             "--output-directory", str(self.directory),
-            "+xa",  # accept every transfer syntax, compressed ones included
+            *(["+xa"] if self.accept_compressed else []),  # every transfer syntax
             "--filename-extension", ".dcm",
             str(self.port),
         ]  # fmt: skip

@@ -12,8 +12,13 @@ Order of work for one instance:
 3. walk the dataset recursively (every sequence item, at every depth): for each attribute take
    the first rule that applies:
 
+   * a **user rule** (:mod:`anonproxy.deid.rules`; first matching rule in file order) on a
+     public attribute or a private data element: its action (counted as ``rule:<action>``);
+   * the **patient pseudonyms** (:mod:`anonproxy.deid.pseudonyms`), if configured, on the
+     top-level Patient ID and Patient's Name (counted as ``pseudonym``);
    * private (odd group): removed (X), unless Retain Safe Private is on and the attribute is in
-     Table E.3.10-1 for its private creator, or is the creator of such an attribute;
+     Table E.3.10-1 for its private creator; a private creator element is kept when an element
+     of its block is kept (by Retain Safe Private or a user rule);
    * group length ``(gggg,0000)``: removed (retired, and stale after de-identification);
    * a row of Table E.1-1 (exact tag, or the masks (50xx,xxxx), (60xx,3000), (60xx,4000)):
      the profile's effective code, compound codes resolved by the Type in the IOD
@@ -58,11 +63,13 @@ import os
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
@@ -71,11 +78,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pydicom.valuerep import VR
+from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
 from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
 from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
+from anonproxy.deid.pseudonyms import Pseudonymizer
+from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import CODED_VOCABULARY_TAGS, IdentifyingValues
 from anonproxy.deid.tables import (
     iod_types,
@@ -90,11 +99,15 @@ from anonproxy.deid.uids import (
 )
 from anonproxy.errors import DecodeError, DeidentificationError
 
+if TYPE_CHECKING:
+    from anonproxy.config import ProfileConfig
+
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
 _STUDY_INSTANCE_UID = 0x0020000D
 _SERIES_INSTANCE_UID = 0x0020000E
 _PATIENT_ID = 0x00100020
+_PATIENT_NAME = 0x00100010
 _BURNED_IN_ANNOTATION = 0x00280301
 
 #: File meta attributes removed: AE titles of the peers and the private information.
@@ -130,6 +143,15 @@ _SELF_CHECK_TAGS = frozenset(
     }
 )
 
+_STRING_VRS = frozenset(
+    {VR.AE, VR.AS, VR.CS, VR.DA, VR.DS, VR.DT, VR.IS, VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.TM,
+     VR.UC, VR.UI, VR.UR, VR.UT}
+)  # fmt: skip
+_INT_VRS = frozenset({VR.US, VR.SS, VR.UL, VR.SL, VR.UV, VR.SV})
+_FLOAT_VRS = frozenset({VR.FL, VR.FD})
+_DATE_VRS = frozenset({VR.DA, VR.DT})
+_PSEUDONYM_KEY = "pseudonym"
+
 _LONGITUDINAL = {
     ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES: "UNMODIFIED",
     ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES: "MODIFIED",
@@ -156,6 +178,7 @@ class _Run:
     iod: dict[str, str] | None
     ids: IdentifyingValues
     date_offset: int
+    pseudonyms: tuple[str, str] | None = None
     counts: Counter[str] = field(default_factory=Counter)
     where: int = 0
 
@@ -191,9 +214,10 @@ def _first_vr(vr: str) -> str:
 class Deidentifier:
     """Applies a profile to datasets; thread-safe, one instance shared by all associations.
 
-    ``secret`` keys the UID mapping, the date offsets and the original-UID hash; the same
-    secret gives the same results on every machine and run. ``date_shift_days`` is the
-    inclusive range of the per-patient date offset used under the modified-dates option.
+    ``secret`` keys the UID mapping, the date offsets, the patient pseudonyms, the ``hash``
+    rule action and the original-UID hash; the same secret gives the same results on every
+    machine and run. ``date_shift_days`` is the inclusive range of the per-patient date offset
+    used under the modified-dates option and by ``shift_date`` rules.
     """
 
     def __init__(
@@ -211,9 +235,13 @@ class Deidentifier:
         self._retain_safe_private = profile.private_code != ActionCode.X
         self._safe_private = safe_private_attributes() if self._retain_safe_private else None
         self._allow = strict_allowlist() if profile.strict else None
-        self._kept_ids = frozenset(
-            t for t in _SELF_CHECK_TAGS if self._tag_codes.get(t) == ActionCode.K
+        self._rules = profile.rules
+        self._private_rules = any(r.is_private for r in profile.rules)
+        self._hasher = RuleHasher(secret)
+        self._pseudonyms = (
+            Pseudonymizer(profile.patient_ids, secret) if profile.patient_ids else None
         )
+        self._kept_ids = frozenset(t for t in _SELF_CHECK_TAGS if self._kept_by_profile(t))
         self._person_name_tags = tuple(
             tag
             for tag in self._tag_codes
@@ -224,10 +252,47 @@ class Deidentifier:
         ]
         if profile.strict:
             self._method.append("strict allow-list of public attributes")
+        if profile.patient_ids is not None:
+            self._method.append(f"patient pseudonyms ({profile.patient_ids.method.value})")
+        if profile.rules:
+            self._method.append(f"{len(profile.rules)} user rule(s)")
         self._method_codes = [BASIC_PROFILE_CODE] + [o.code for o in profile.ordered_options]
         self._longitudinal = next(
-            (v for o, v in _LONGITUDINAL.items() if o in profile.options), "REMOVED"
+            (v for o, v in _LONGITUDINAL.items() if o in profile.options), self._rule_dates()
         )
+
+    def _kept_by_profile(self, tag: int) -> bool:
+        """True if the profile keeps ``tag`` as received (K, or a ``keep`` user rule)."""
+        rule = first_match(self._rules, tag, None)
+        if rule is not None:
+            return rule.action is RuleAction.KEEP
+        return self._tag_codes.get(tag) == ActionCode.K
+
+    def _rule_dates(self) -> str:
+        """Longitudinal Temporal Information Modified without a longitudinal option."""
+        if any(r.action is RuleAction.SHIFT_DATE for r in self._rules):
+            return "MODIFIED"
+        if any(
+            r.action is RuleAction.KEEP
+            and (tag := r.exact_tag) is not None
+            and _dictionary_vr(tag) in _DATE_VRS
+            for r in self._rules
+        ):
+            return "UNMODIFIED"
+        return "REMOVED"
+
+    @classmethod
+    def from_config(
+        cls, config: ProfileConfig | Mapping[str, object], secret: bytes
+    ) -> Deidentifier:
+        """The engine of a ``profile:`` configuration section (validated, or a mapping in the
+        YAML form): :meth:`Profile.from_config` plus its ``date_shift_days``. This is what
+        ``anonproxy serve`` and ``anonproxy deidentify`` build."""
+        if isinstance(config, Mapping):
+            from anonproxy.config import ProfileConfig  # noqa: PLC0415 - avoid an import cycle
+
+            config = ProfileConfig.model_validate(dict(config))
+        return cls(Profile.from_config(config), secret, date_shift_days=config.date_shift_days)
 
     @property
     def profile(self) -> Profile:
@@ -252,13 +317,15 @@ class Deidentifier:
             burned_in_value = str(burned_in.value) if burned_in is not None else None
             patient_id = ds.get(_PATIENT_ID)
             ids = IdentifyingValues.collect(ds, self._kept_ids, self._person_name_tags)
+            original_id = str(patient_id.value or "") if patient_id is not None else ""
             run = _Run(
                 iod=iod_types(sop_class),
                 ids=ids,
-                date_offset=self._dates.offset_days(
-                    str(patient_id.value or "") if patient_id is not None else ""
-                ),
+                date_offset=self._dates.offset_days(original_id),
             )
+            original_id = original_id.strip("\x00 ")
+            if self._pseudonyms is not None and original_id:
+                run.pseudonyms = self._pseudonyms.pseudonyms(original_id)
             self._walk(ds, (), run)
             new_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
             new_study = self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
@@ -310,13 +377,20 @@ class Deidentifier:
 
     def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run) -> None:
         keys = list(ds.keys())
-        safe_private = self._safe_private_tags(ds, keys) if self._retain_safe_private else ()
+        rules = self._rules
+        private_rules: dict[int, Rule] = {}
+        kept_private: frozenset[int] = frozenset()
+        if (self._retain_safe_private or self._private_rules) and any((t >> 16) & 1 for t in keys):
+            kept_private, private_rules = self._private_plan(ds, keys)
         tag_codes = self._tag_codes
         for tag in keys:
             run.where = tag
             group = tag >> 16
             if group & 1:
-                if tag in safe_private:
+                rule = private_rules.get(tag)
+                if rule is not None:
+                    self._apply_rule(ds, tag, rule, parents, run)
+                elif tag in kept_private:
                     self._keep(ds, tag, parents, run)
                     run.counts[ActionCode.K] += 1
                 else:
@@ -326,6 +400,12 @@ class Deidentifier:
             if not tag & 0xFFFF:  # group length
                 del ds[tag]
                 run.counts[ActionCode.X] += 1
+                continue
+            if rules and (rule := first_match(rules, tag, None)) is not None:
+                self._apply_rule(ds, tag, rule, parents, run)
+                continue
+            if run.pseudonyms is not None and not parents and tag in (_PATIENT_ID, _PATIENT_NAME):
+                self._pseudonym(ds[tag], run)
                 continue
             code = tag_codes.get(tag)
             if code is None and 0x5000 <= group <= 0x60FF:
@@ -424,8 +504,12 @@ class Deidentifier:
             return
         self._keep(ds, tag, parents, run)
 
-    def _safe_private_tags(self, ds: Dataset, keys: Iterable[int]) -> frozenset[int]:
-        """Private tags at this level that Table E.3.10-1 lists for their creator (+ creators)."""
+    def _private_plan(
+        self, ds: Dataset, keys: Iterable[int]
+    ) -> tuple[frozenset[int], dict[int, Rule]]:
+        """The private tags at this level kept as received (Table E.3.10-1 under Retain Safe
+        Private, and the creators of kept blocks), and the user rule of each private data
+        element a rule selects. A creator is kept when any element of its block is kept."""
         safe = self._safe_private or frozenset()
         private = [t for t in keys if (t >> 16) & 1]
         creators: dict[int, str] = {}
@@ -436,16 +520,107 @@ class Deidentifier:
                     value = value.decode("latin-1")
                 creators[tag] = str(value).strip("\x00 ")
         keep: set[int] = set()
+        rules: dict[int, Rule] = {}
         for tag in private:
             element = tag & 0xFFFF
             if element < 0x1000:
                 continue
             creator_tag = (tag & 0xFFFF0000) | (element >> 8)
             creator = creators.get(creator_tag)
-            if creator and (tag >> 16, creator, element & 0xFF) in safe:
+            rule = first_match(self._rules, tag, creator) if self._private_rules else None
+            if rule is not None:
+                rules[tag] = rule
+                if rule.action is not RuleAction.REMOVE and creator is not None:
+                    keep.add(creator_tag)
+            elif creator and (tag >> 16, creator, element & 0xFF) in safe:
                 keep.add(tag)
                 keep.add(creator_tag)
-        return frozenset(keep)
+        return frozenset(keep), rules
+
+    # -- user rules and pseudonyms ----------------------------------------------------------
+
+    def _pseudonym(self, elem: DataElement, run: _Run) -> None:
+        assert run.pseudonyms is not None  # noqa: S101 - checked by the caller
+        patient_id, patient_name = run.pseudonyms
+        elem.value = patient_id if elem.tag == _PATIENT_ID else patient_name
+        self._check(elem, run)
+        run.counts[_PSEUDONYM_KEY] += 1
+
+    def _apply_rule(
+        self, ds: Dataset, tag: int, rule: Rule, parents: tuple[str, ...], run: _Run
+    ) -> None:
+        """Apply a user rule; a value the action cannot take is removed (never kept)."""
+        action = rule.action
+        elem = ds[tag]
+        vr = _first_vr(elem.VR)
+        done = True
+        if action is RuleAction.REMOVE:
+            done = False
+        elif action is RuleAction.KEEP:
+            self._keep(ds, tag, parents, run)
+        elif action is RuleAction.EMPTY:
+            elem.value = Sequence() if vr == VR.SQ else empty_value_for_VR(elem.VR)
+        elif action is RuleAction.DUMMY:
+            self._dummy(elem, parents, run)
+        elif vr == VR.SQ or isinstance(elem.value, bytes | bytearray):
+            done = False  # the value actions need values, not items or bytes
+        elif action is RuleAction.REPLACE:
+            done = self._rule_replace(elem, vr, rule)
+        elif action is RuleAction.HASH:
+            done = self._rule_hash(elem, vr)
+        elif action is RuleAction.SHIFT_DATE:
+            done = vr == VR.TM or (vr in _DATE_VRS and self._shift_dates(elem, vr, run))
+        else:
+            done = self._rule_regex(elem, vr, rule)
+        if not done:
+            del ds[tag]
+            run.counts[f"rule:{RuleAction.REMOVE.value}"] += 1
+            return
+        if action not in (RuleAction.KEEP, RuleAction.EMPTY) and vr != VR.SQ:
+            self._check(elem, run)
+        run.counts[f"rule:{action.value}"] += 1
+
+    @staticmethod
+    def _rule_replace(elem: DataElement, vr: str, rule: Rule) -> bool:
+        values: list[object]
+        try:
+            if vr in _INT_VRS:
+                values = [int(v) for v in rule.replace_values]
+            elif vr in _FLOAT_VRS:
+                values = [float(v) for v in rule.replace_values]
+            elif vr in _STRING_VRS:
+                values = list(rule.replace_values)
+            else:
+                return False
+        except ValueError:
+            return False
+        _set_valid(elem, vr, values, rule)
+        return True
+
+    def _rule_hash(self, elem: DataElement, vr: str) -> bool:
+        if vr == VR.UI:
+            uids = _uid_values(elem)
+            if uids:
+                elem.value = _as_value([self._uids(v) for v in uids])
+            return True
+        if vr not in _STRING_VRS:
+            return False
+        values = _str_values(elem)
+        hashed = [self._hasher.render(vr, v) for v in values]
+        if any(h is None for h in hashed):
+            return False
+        if hashed:
+            elem.value = _as_value([h for h in hashed if h is not None])
+        return True
+
+    @staticmethod
+    def _rule_regex(elem: DataElement, vr: str, rule: Rule) -> bool:
+        if vr not in _STRING_VRS or rule.pattern is None:
+            return False
+        values = [rule.pattern.sub(rule.replacement, v) for v in _str_values(elem)]
+        if values:
+            _set_valid(elem, vr, list(values), rule)
+        return True
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -525,6 +700,19 @@ class Deidentifier:
             items.append(item)
         ds.DeidentificationMethodCodeSequence = Sequence(items)
         ds.LongitudinalTemporalInformationModified = self._longitudinal
+
+
+def _set_valid(elem: DataElement, vr: str, values: list[object], rule: Rule) -> None:
+    """Set the values a rule made, after checking them against the VR (no value in errors)."""
+    for value in values:
+        try:
+            validate_value(vr, value, pydicom_config.RAISE)
+        except (ValueError, TypeError):
+            raise DeidentificationError(
+                f"user rule {rule.index} ({rule.action.value}) makes an invalid {vr} value "
+                f"for {_where(elem.tag)}"
+            ) from None
+    elem.value = values[0] if len(values) == 1 else values
 
 
 def write_instance(ds: Dataset, path: str | os.PathLike[str]) -> None:

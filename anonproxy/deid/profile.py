@@ -9,6 +9,12 @@ longitudinal options (full dates and modified dates) is a contradiction and rais
 
 Compound codes (``X/Z``, ``X/D``, ``Z/D``, ``X/Z/D``, ``X/Z/U*``) stay compound here; the
 engine resolves them per instance from the attribute's Type in the IOD of its SOP Class.
+
+On top of the table a profile carries the user's **rules** (:mod:`anonproxy.deid.rules`, applied
+first, in order, first match wins) and the **patient pseudonyms** settings
+(:mod:`anonproxy.deid.pseudonyms`, applied next to Patient ID and Patient's Name); the table
+comes last. **Presets** (:data:`PRESETS`) are the option names other tools use (``CleanDesc``,
+``RetainUIDs``, ...); they map to option sets and combine with ``options`` by union.
 """
 
 from __future__ import annotations
@@ -17,11 +23,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from anonproxy.deid.pseudonyms import PatientPseudonyms
+from anonproxy.deid.rules import Rule, parse_rules
 from anonproxy.deid.tables import TableRow, table_e1_1
+
+if TYPE_CHECKING:
+    from anonproxy.config import ProfileConfig
+
+_PATIENT_NAME = 0x00100010
+_PATIENT_ID = 0x00100020
+_PSEUDONYM_TAGS = (_PATIENT_ID, _PATIENT_NAME)
 
 
 class ProfileOption(StrEnum):
@@ -67,6 +83,65 @@ _OPTION_CODES: dict[ProfileOption, Code] = {
 
 BASIC_PROFILE_CODE: Code = codes.DCM.BasicApplicationConfidentialityProfile
 
+#: Named presets (the option names known from other de-identification tools) → option sets.
+PRESETS: Mapping[str, frozenset[ProfileOption]] = MappingProxyType(
+    {
+        "BasicProfile": frozenset(),
+        "RetainSafePrivate": frozenset({ProfileOption.RETAIN_SAFE_PRIVATE}),
+        "RetainUIDs": frozenset({ProfileOption.RETAIN_UIDS}),
+        "RetainDeviceIdent": frozenset({ProfileOption.RETAIN_DEVICE_IDENTITY}),
+        "RetainInstitutionIdent": frozenset({ProfileOption.RETAIN_INSTITUTION_IDENTITY}),
+        "RetainPatientChars": frozenset({ProfileOption.RETAIN_PATIENT_CHARACTERISTICS}),
+        "RetainLongFullDates": frozenset(
+            {ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES}
+        ),
+        "RetainLongModifDates": frozenset(
+            {ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES}
+        ),
+        "CleanDesc": frozenset({ProfileOption.CLEAN_DESCRIPTORS}),
+        "CleanStructdCont": frozenset({ProfileOption.CLEAN_STRUCTURED_CONTENT}),
+        "CleanGraph": frozenset({ProfileOption.CLEAN_GRAPHICS}),
+    }
+)
+
+
+def preset_options(presets: Iterable[str]) -> frozenset[ProfileOption]:
+    """The union of the options of ``presets``; ValueError naming an unknown one (and listing
+    the known names)."""
+    options: set[ProfileOption] = set()
+    for name in presets:
+        preset = PRESETS.get(name)
+        if preset is None:
+            known = ", ".join(PRESETS)
+            raise ValueError(f"unknown preset {name!r}; known: {known}")
+        options |= preset
+    return frozenset(options)
+
+
+def parse_options(options: Iterable[str]) -> frozenset[ProfileOption]:
+    """CID 7050 snake_case option names → options; ValueError naming the first unknown one."""
+    parsed: set[ProfileOption] = set()
+    for name in options:
+        try:
+            parsed.add(ProfileOption(name))
+        except ValueError:
+            known = ", ".join(o.value for o in ProfileOption)
+            raise ValueError(f"unknown profile option {name!r}; known: {known}") from None
+    return frozenset(parsed)
+
+
+def check_option_set(options: Iterable[ProfileOption]) -> None:
+    """ValueError if the options contradict each other (both longitudinal options)."""
+    if {
+        ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES,
+        ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES,
+    } <= set(options):
+        raise ValueError(
+            "options retain_longitudinal_temporal_information_full_dates and "
+            "retain_longitudinal_temporal_information_modified_dates exclude each other"
+        )
+
+
 _OPTION_ORDER = tuple(ProfileOption)
 
 
@@ -85,11 +160,15 @@ class Profile:
     """Basic Application Confidentiality Profile with a set of options (immutable).
 
     ``strict`` additionally removes every public attribute that Table E.1-1 does not name and
-    that is not in the shipped allow-list (``_standard/strict_allowlist.json``).
+    that is not in the shipped allow-list (``_standard/strict_allowlist.json``). ``rules`` are
+    the user's rules in precedence order (:class:`~anonproxy.deid.rules.Rule`); ``patient_ids``
+    the patient pseudonym settings (None: the table's actions for Patient ID and Name).
     """
 
     options: frozenset[ProfileOption] = frozenset()
     strict: bool = False
+    rules: tuple[Rule, ...] = ()
+    patient_ids: PatientPseudonyms | None = None
     _tag_codes: Mapping[int, str] = field(init=False, repr=False, compare=False)
     _mask_codes: tuple[tuple[int, int, str], ...] = field(init=False, repr=False, compare=False)
     _private_code: str = field(init=False, repr=False, compare=False)
@@ -97,14 +176,8 @@ class Profile:
     def __post_init__(self) -> None:
         options = frozenset(ProfileOption(o) for o in self.options)
         object.__setattr__(self, "options", options)
-        if {
-            ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES,
-            ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES,
-        } <= options:
-            raise ValueError(
-                "options retain_longitudinal_temporal_information_full_dates and "
-                "retain_longitudinal_temporal_information_modified_dates exclude each other"
-            )
+        object.__setattr__(self, "rules", parse_rules(self.rules))
+        check_option_set(options)
         tag_codes: dict[int, str] = {}
         masks: list[tuple[int, int, str]] = []
         private_code = "X"
@@ -121,19 +194,58 @@ class Profile:
         object.__setattr__(self, "_private_code", private_code)
 
     @classmethod
-    def from_options(cls, options: Iterable[str], *, strict: bool = False) -> Profile:
+    def from_options(
+        cls,
+        options: Iterable[str],
+        *,
+        strict: bool = False,
+        presets: Iterable[str] = (),
+        rules: Iterable[Mapping[str, object] | Rule] = (),
+        patient_ids: PatientPseudonyms | None = None,
+    ) -> Profile:
         """Build a profile from CID 7050 snake_case option names; ``[]`` is the Basic Profile.
 
-        Raises ValueError naming the first unknown option.
+        ``presets`` add their options (union); ``rules`` are mappings in the YAML form
+        (``{"keyword": "StudyDescription", "action": "keep"}``) or :class:`Rule` objects.
+        Raises ValueError naming the first unknown option or preset, or the first bad rule.
         """
-        parsed: set[ProfileOption] = set()
-        for name in options:
-            try:
-                parsed.add(ProfileOption(name))
-            except ValueError:
-                known = ", ".join(o.value for o in ProfileOption)
-                raise ValueError(f"unknown profile option {name!r}; known: {known}") from None
-        return cls(options=frozenset(parsed), strict=strict)
+        parsed = parse_options(options) | preset_options(presets)
+        return cls(
+            options=parsed,
+            strict=strict,
+            rules=parse_rules(rules),
+            patient_ids=patient_ids,
+        )
+
+    @classmethod
+    def from_config(cls, config: ProfileConfig | Mapping[str, object]) -> Profile:
+        """The profile of a ``profile:`` configuration section (a validated
+        :class:`~anonproxy.config.ProfileConfig`, or a mapping validated into one).
+
+        Reads the patient lookup table, if configured (ConfigError if it cannot be used).
+        The same function serves ``serve``, ``deidentify`` and ``describe-profile``.
+        """
+        if isinstance(config, Mapping):
+            from anonproxy.config import ProfileConfig  # noqa: PLC0415 - avoid an import cycle
+
+            config = ProfileConfig.model_validate(dict(config))
+        patient_ids = None
+        if config.patient_id is not None:
+            spec = config.patient_id
+            patient_ids = PatientPseudonyms.build(
+                method=spec.method,
+                format=spec.format,
+                patient_name_format=spec.patient_name_format,
+                lookup_csv=spec.lookup_csv,
+                unknown_patient=spec.unknown_patient,
+            )
+        return cls.from_options(
+            config.options,
+            strict=config.strict,
+            presets=config.preset,
+            rules=[rule.model_dump(exclude_none=True) for rule in config.rules],
+            patient_ids=patient_ids,
+        )
 
     @property
     def ordered_options(self) -> tuple[ProfileOption, ...]:
@@ -160,10 +272,46 @@ class Profile:
         """Effective code of the private attributes row: X, or C under Retain Safe Private."""
         return self._private_code
 
-    def describe(self) -> Iterator[tuple[str, str, str]]:
-        """``(tag, name, effective code)`` for every row of Table E.1-1, in the table's order.
+    def rule_for(self, tag: int, creator: str | None = None) -> Rule | None:
+        """The user rule that selects ``tag`` (first in order), or None."""
+        for rule in self.rules:
+            if rule.matches(tag, creator):
+                return rule
+        return None
 
-        Compound codes are shown unresolved: they depend on the IOD of each instance.
+    def describe(self) -> Iterator[tuple[str, str, str]]:
+        """``(tag, name, effective action)`` for every row of Table E.1-1, in the table's order,
+        then one line per user rule that selects attributes outside those rows.
+
+        The action is the profile's code (compound codes unresolved: they depend on the IOD of
+        each instance), ``rule:<action>`` when the first user rule selecting the row covers all
+        of it, ``<code>, partly rule:<action>`` when rules select only part of a mask or the
+        private row, and ``pseudonym:<method>`` for Patient ID and Patient's Name when patient
+        pseudonyms are configured.
         """
+        shown: set[int] = set()
         for row in table_e1_1():
-            yield row.tag, row.name, effective_code(row, self.options)
+            code = effective_code(row, self.options)
+            if row.match == "private":
+                partial = sorted({r.action.value for r in self.rules if r.is_private})
+                if partial:
+                    code = f"{code}, partly rule:{'/'.join(partial)}"
+                yield row.tag, row.name, code
+                continue
+            mask = 0xFFFFFFFF if row.match == "tag" else row.mask
+            for rule in self.rules:
+                if rule.covers(row.value, mask):
+                    code = f"rule:{rule.action.value}"
+                    if (rule.value, rule.mask) == (row.value, mask):
+                        shown.add(rule.index)
+                    break
+                if rule.overlaps(row.value, mask):
+                    code = f"{code}, partly rule:{rule.action.value}"
+                    break
+            else:
+                if self.patient_ids is not None and row.value in _PSEUDONYM_TAGS:
+                    code = self.patient_ids.describe()
+            yield row.tag, row.name, code
+        for rule in self.rules:
+            if rule.index not in shown:
+                yield rule.selector, rule.describe_name(), f"rule:{rule.action.value}"

@@ -271,3 +271,85 @@ def test_transparent_route_relays_the_destination_answer(
         assert _events(tmp_path / "var", "instance.transparent_timeout")
     finally:
         refuser.stop()
+
+
+def test_compressed_instance_is_decompressed_for_a_destination_that_needs_it(
+    make_proxy, tmp_path: Path, corpus
+) -> None:
+    research = StoreSCP(tmp_path / "research", accept_compressed=False).start()
+    try:
+        proxy = make_proxy(
+            [{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
+              "port": research.port}]
+        )  # fmt: skip
+        source = next(p for p in corpus if p.name == "MR_small_jp2klossless.dcm")
+        sent = storescu(proxy.port, [source])
+        assert "Store Failed" not in sent.stderr
+        assert wait_for(lambda: len(research.files()) == 1, timeout=30)
+    finally:
+        research.stop()
+    out = dcmread(research.files()[0])
+    assert not out.file_meta.TransferSyntaxUID.is_compressed
+    assert (out.pixel_array == dcmread(source).pixel_array).all()  # lossless: same pixels
+
+
+def test_operator_commands_list_release_and_purge_quarantine(make_proxy, tmp_path: Path) -> None:
+    make_series(tmp_path / "series", 3)
+    refuser = RefusingSCP(0xA900).start()
+    try:
+        proxy = make_proxy(
+            [{"name": "pacs", "ae_title": "REFUSER", "host": "127.0.0.1", "port": refuser.port}]
+        )
+        assert storescu(proxy.port, [tmp_path / "series"]).returncode == 0
+        root = tmp_path / "var"
+        assert wait_for(lambda: len(_events(root, "instance.quarantined")) == 3, timeout=30)
+        config = tmp_path / "ops.yaml"
+        config.write_text(json.dumps({"storage": {"path": str(root)}}), "utf-8")
+
+        def anonproxy(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "anonproxy", *args, "--config", str(config)],
+                capture_output=True, text=True, check=True, timeout=60,
+            )  # fmt: skip
+            return done.stdout
+
+        listing = anonproxy("quarantine", "list").splitlines()[1:]
+        assert len(listing) == 3
+        assert all("0xA900" in line for line in listing)
+        status = anonproxy("queue", "status")
+        assert "pacs\t0\t" in status
+        assert status.rstrip().endswith("\t3")  # quarantined
+        refuser.status = 0x0000  # the PACS is fixed: release one, it is delivered
+        uid = listing[0].split("\t")[1]
+        assert "released 1 of 1" in anonproxy("quarantine", "release", "pacs", uid)
+        assert wait_for(lambda: len(_events(root, "instance.forwarded")) == 1, timeout=30)
+        assert "purged 2" in anonproxy("quarantine", "purge")
+        assert anonproxy("quarantine", "list").splitlines()[1:] == []
+        assert "retry requested" in anonproxy("queue", "retry")
+        assert wait_for(lambda: not (root / "control" / "retry-now").exists(), timeout=10)
+    finally:
+        refuser.stop()
+
+
+def test_rejected_inputs_are_kept_only_when_configured_and_private(
+    make_proxy, tmp_path: Path, corpus
+) -> None:
+    proxy = make_proxy(
+        profile={"burned_in_annotation": "reject"},
+        storage={"path": str(tmp_path / "var"), "min_free_bytes": 0,
+                 "keep_rejected_inputs": True},
+    )  # fmt: skip
+    source = tmp_path / "burned.dcm"
+    ds = dcmread(next(p for p in corpus if p.name == "CT_small.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(source)
+    result = storescu(proxy.port, [source], extra=["-d"])
+    assert "0xc001" in (result.stdout + result.stderr).lower()
+    [failed] = _events(tmp_path / "var", "instance.failed")
+    assert failed["stage"] == "policy"
+    kept = tmp_path / "var" / "quarantine" / "rejected" / str(failed["kept_as"])
+    assert kept.is_file()
+    assert kept.stat().st_mode & 0o077 == 0
+    assert (kept.parent.stat().st_mode & 0o077) == 0
+    assert dcmread(kept).PatientName == ds.PatientName  # the input, for inspection
+    assert str(ds.PatientName) not in str(failed)

@@ -80,6 +80,8 @@ class AuditLog:
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
                 structlog.processors.JSONRenderer(sort_keys=False),
             ],
+            # Never filtered by the operational log level: every audit event is written.
+            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
             cache_logger_on_first_use=True,
         )
         self._lock = threading.Lock()

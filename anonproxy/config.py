@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    IPvAnyNetwork,
     Tag,
     ValidationError,
     field_validator,
@@ -42,14 +43,68 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AllowedPeer(_Section):
+    """A calling AE title allowed to associate from some source addresses only."""
+
+    ae_title: str
+    addresses: list[IPvAnyNetwork] = Field(min_length=1)  # addresses or CIDR networks
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+def _allowed_entry_kind(value: Any) -> str:  # noqa: ANN401 - raw YAML or a model
+    return "title" if isinstance(value, str) else "peer"
+
+
+AllowedCallingEntry = Annotated[
+    Annotated[str, Tag("title")] | Annotated[AllowedPeer, Tag("peer")],
+    Discriminator(_allowed_entry_kind),
+]
+
+
+class TlsServerConfig(_Section):
+    """DICOM TLS (PS3.15 Annex B) on the SCP: TLS 1.2 or newer, BCP 195 cipher suites."""
+
+    certificate: Path  # PEM: the server certificate, then any intermediate certificates
+    private_key: Path  # PEM, unencrypted: protect it with file permissions
+    ca_certificates: Path | None = None  # PEM file or folder: CAs trusted for client certs
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> TlsServerConfig:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
+class TlsClientConfig(_Section):
+    """DICOM TLS (PS3.15 Annex B) to a destination: TLS 1.2 or newer, BCP 195 cipher suites."""
+
+    ca_certificates: Path  # PEM file or folder: the CAs trusted for the PACS's certificate
+    certificate: Path | None = None  # PEM: anonproxy's client certificate (mutual TLS)
+    private_key: Path | None = None  # PEM, unencrypted
+    verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> TlsClientConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class ListenConfig(_Section):
     """The SCP: where anonproxy receives instances."""
 
     ae_title: str = "ANONPROXY"
     host: str = "0.0.0.0"  # noqa: S104 - a network appliance listens on all interfaces
     port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
-    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    allowed_calling_ae_titles: list[AllowedCallingEntry] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
+    max_associations_per_peer: int | None = Field(default=None, ge=1)
+    tls: TlsServerConfig | None = None
     max_pdu_size: int = Field(default=262144, ge=0)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
@@ -62,8 +117,20 @@ class ListenConfig(_Section):
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod
-    def _allowed(cls, value: list[str]) -> list[str]:
-        return [_check_ae_title(v) for v in value]
+    def _allowed(cls, value: list[str | AllowedPeer]) -> list[str | AllowedPeer]:
+        entries = [v if isinstance(v, AllowedPeer) else _check_ae_title(v) for v in value]
+        anywhere = {v for v in entries if isinstance(v, str)}
+        bound = {v.ae_title for v in entries if isinstance(v, AllowedPeer)}
+        if anywhere & bound:
+            msg = f"AE title(s) {sorted(anywhere & bound)} listed both with and without addresses"
+            raise ValueError(msg)
+        return entries
+
+    @property
+    def allowed_ae_titles(self) -> list[str]:
+        """The calling AE titles of the allow-list (with or without addresses)."""
+        titles = (v if isinstance(v, str) else v.ae_title for v in self.allowed_calling_ae_titles)
+        return list(dict.fromkeys(titles))
 
 
 class DicomDestinationConfig(_Section):
@@ -82,6 +149,7 @@ class DicomDestinationConfig(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    tls: TlsClientConfig | None = None
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from anonproxy.audit import AuditLog, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ForwardError
 from anonproxy.spool import DestinationQueue, QueueItem, Spool, fsync_directory
+from anonproxy.tls import client_context
 
 log = get_logger(__name__)
 
@@ -120,6 +122,10 @@ class DicomSender:
         self.ae.acse_timeout = config.acse_timeout
         self.ae.dimse_timeout = config.dimse_timeout
         self.ae.network_timeout = config.network_timeout
+        self._tls_args: tuple[ssl.SSLContext, str] | None = None
+        if config.tls is not None:  # DICOM TLS; a certificate that cannot be read: ConfigError
+            key = f"destinations.{config.name}.tls"
+            self._tls_args = (client_context(config.tls, key), config.host)
         self._assoc: Any = None
         self._last_used = 0.0
         self._wanted: dict[tuple[str, str], None] = {}
@@ -156,9 +162,12 @@ class DicomSender:
             ae_title=self.config.ae_title,
             max_pdu=0,
             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+            tls_args=self._tls_args,
         )
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "failed or aborted"
+            if self._tls_args is not None and not assoc.is_rejected:
+                reason += " (TLS)"
             raise ForwardError(f"association {reason}")
         self._assoc = assoc
 

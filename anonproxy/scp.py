@@ -12,6 +12,7 @@ released or aborted, with its counts and duration.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
+from anonproxy import tls
+from anonproxy.access import AccessPolicy, Rejection
 from anonproxy.audit import AuditLog
 from anonproxy.config import ListenConfig
 from anonproxy.forward import set_tcp_nodelay
@@ -65,9 +68,16 @@ class StorageSCP:
         self.server: Any = None
 
     def _build_ae(self) -> AE:
+        # Access control (see anonproxy.access) is decided in handle_requested; pynetdicom's own
+        # checks of the AE titles stay on behind it.
+        self.access = AccessPolicy(self.config)
+        self._rejections: dict[int, Rejection] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+        if self.config.tls is not None:
+            self.ssl_context = tls.server_context(self.config.tls)
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = True
-        ae.require_calling_aet = list(self.config.allowed_calling_ae_titles)
+        ae.require_calling_aet = self.config.allowed_ae_titles
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.acse_timeout = self.config.acse_timeout
@@ -84,9 +94,12 @@ class StorageSCP:
         """The pynetdicom event handlers of the SCP."""
         return [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, self.handle_connection_opened),
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_idle_abort),
             (evt.EVT_ABORTED, self.handle_closed),
             (evt.EVT_CONN_CLOSE, self.handle_closed),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -96,7 +109,10 @@ class StorageSCP:
     def start(self) -> None:
         """Listen in the background."""
         self.server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=self.handlers,
+            ssl_context=self.ssl_context,
         )
 
     @property
@@ -128,21 +144,99 @@ class StorageSCP:
             "peer_port": assoc.requestor.port,
         }
 
+    @staticmethod
+    def _tls_socket(assoc: Any) -> ssl.SSLSocket | None:  # noqa: ANN401 - pynetdicom Association
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        return sock if isinstance(sock, ssl.SSLSocket) else None
+
+    def handle_connection_opened(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN (TLS only): shake hands in the connection's own thread, within the
+        ACSE time-out. A failed handshake closes the connection and is audited as
+        ``association.rejected`` (reason ``tls_handshake_failed``)."""
+        assoc: Any = event.assoc
+        sock = self._tls_socket(assoc)
+        if sock is None:
+            return
+        try:
+            tls.handshake(sock, self.config.acse_timeout)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            self.audit.event(
+                "association.rejected",
+                reason="tls_handshake_failed",
+                detail=tls.failure_reason(exc),
+                peer_address=assoc.requestor.address,
+                peer_port=assoc.requestor.port,
+            )
+            # Nothing to negotiate on this connection: let the acceptor give up at once.
+            assoc.acse_timeout = 0.001
+            assoc.dul.socket.close()
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: apply the access policy to the A-ASSOCIATE-RQ (see
+        :mod:`anonproxy.access`); a refusal is an A-ASSOCIATE-RJ and EVT_REJECTED."""
+        assoc: Any = event.assoc
+        request = assoc.requestor.primitive
+        address = assoc.requestor.address
+        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+        rejection = self.access.check(
+            called_ae_title=str(request.called_ae_title),
+            calling_ae_title=str(request.calling_ae_title),
+            address=address,
+            active=len(acceptors),
+            active_from_peer=sum(a.requestor.address == address for a in acceptors),
+        )
+        if rejection is None:
+            return
+        with self._lock:
+            self._rejections[id(assoc)] = rejection
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()  # returns once the A-ASSOCIATE-RJ is sent and the connection closed
+
     def handle_accepted(self, event: evt.Event) -> None:
         """EVT_ACCEPTED: start the association's record."""
         record = AssociationRecord(**self._describe(event.assoc))
         with self._lock:
             self._records[id(event.assoc)] = record
+        sock = self._tls_socket(event.assoc)
         self.audit.event(
             "association.accepted",
             assoc_id=id(event.assoc),
             contexts=len(event.assoc.accepted_contexts),
             **self._describe(event.assoc),
+            **(tls.session_summary(sock) if sock is not None else {}),
         )
 
     def handle_rejected(self, event: evt.Event) -> None:
-        """EVT_REJECTED: audit the rejection."""
-        self.audit.event("association.rejected", **self._describe(event.assoc))
+        """EVT_REJECTED: audit the rejection, with its reason, result, source and diagnostic."""
+        assoc: Any = event.assoc
+        with self._lock:
+            rejection = self._rejections.pop(id(assoc), None)
+        if rejection is None:  # decided by pynetdicom itself
+            answer = assoc.acceptor.primitive
+            rejection = Rejection.from_primitive(
+                int(answer.result or 0), int(answer.result_source or 0), int(answer.diagnostic or 0)
+            )
+        request = assoc.requestor.primitive
+        self.audit.event(
+            "association.rejected",
+            calling_ae_title=str(request.calling_ae_title).strip(),
+            called_ae_title=str(request.called_ae_title).strip(),
+            peer_address=assoc.requestor.address,
+            peer_port=assoc.requestor.port,
+            **rejection.audit_fields(),
+        )
+
+    def handle_idle_abort(self, event: evt.Event) -> None:
+        """EVT_ABORTED: audit ``association.idle_timeout`` when anonproxy aborts an association
+        that stayed silent for ``network_timeout`` seconds (``association.aborted`` follows)."""
+        if event.assoc.dul.idle_timer_expired():
+            self.audit.event(
+                "association.idle_timeout",
+                assoc_id=id(event.assoc),
+                network_timeout_s=self.config.network_timeout,
+                **self._describe(event.assoc),
+            )
 
     def handle_closed(self, event: evt.Event) -> None:
         """EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: close the record once."""

@@ -16,6 +16,7 @@ Instance UIDs only, validated against the UID grammar (no path can be smuggled i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -40,6 +41,25 @@ def check_uid_name(uid: str) -> str:
         msg = "not a valid UID for a file name"
         raise ValueError(msg)
     return uid
+
+
+_names = itertools.count()
+
+
+def _unique() -> str:
+    """A name unique within this storage (one service per storage folder: see its lock)."""
+    return f"{os.getpid()}-{next(_names)}"
+
+
+def _link_replacing(source: Path, target: Path) -> None:
+    """Hard-link *source* as *target*, atomically replacing an existing *target* (a re-sent
+    instance has the same de-identified UID, hence the same name)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        temporary = target.with_name(f".{_unique()}.tmp")
+        os.link(source, temporary)
+        os.replace(temporary, target)
 
 
 def fsync_directory(path: Path) -> None:
@@ -310,7 +330,7 @@ class Spool:
         check_uid_name(name)
         targets = [self.queues[d] for d in destinations]
         self._check_space()
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{SUFFIX}"
+        tmp = self.tmp_dir / f"{_unique()}{SUFFIX}"
         try:
             with tmp.open("wb") as handle:
                 write(handle)
@@ -319,10 +339,7 @@ class Spool:
                     os.fsync(handle.fileno())
                 size = handle.tell()
             for queue in targets:
-                final = queue.path(name)
-                link_tmp = queue.directory / f".{uuid.uuid4().hex}.tmp"
-                os.link(tmp, link_tmp)
-                os.replace(link_tmp, final)
+                _link_replacing(tmp, queue.path(name))
                 if self.fsync:
                     fsync_directory(queue.directory)
         except OSError as exc:
@@ -362,9 +379,7 @@ class Spool:
         note = {"reason": reason, "attempts": item.attempts + 1, "time": time.time()}
         (target_dir / (item.name + ".json")).write_text(json.dumps(note), "utf-8")
         with contextlib.suppress(FileNotFoundError):
-            link_tmp = target_dir / f".{uuid.uuid4().hex}.tmp"
-            os.link(queue.path(item.name), link_tmp)
-            os.replace(link_tmp, target)
+            _link_replacing(queue.path(item.name), target)
         if self.fsync:
             fsync_directory(target_dir)
         self.release(queue, item, status, reason)

@@ -280,3 +280,111 @@ class RefusingSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+
+# --- DICOM TLS and access control ---------------------------------------------------------------
+
+
+class Pki:
+    """A throw-away test PKI made with the openssl command: a CA, a server certificate for
+    localhost/127.0.0.1 and a client certificate, each with its unencrypted PEM key."""
+
+    def __init__(self, directory: Path, *, name: str = "anonproxy test") -> None:
+        self.directory = directory
+        self.name = name
+        self.ca = directory / "ca.pem"
+        self.ca_key = directory / "ca.key"
+        self.server_cert = directory / "server.pem"
+        self.server_key = directory / "server.key"
+        self.client_cert = directory / "client.pem"
+        self.client_key = directory / "client.key"
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(
+            [tool("openssl"), *args], cwd=self.directory, capture_output=True, check=True, timeout=60
+        )
+
+    def _leaf(self, stem: str, common_name: str, extensions: str) -> None:
+        (self.directory / f"{stem}.ext").write_text(extensions, "utf-8")
+        self._openssl(
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={common_name}",
+            "-keyout", f"{stem}.key", "-out", f"{stem}.csr",
+        )  # fmt: skip
+        self._openssl(
+            "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "2",
+            "-sha256", "-extfile", f"{stem}.ext", "-out", f"{stem}.pem",
+        )  # fmt: skip
+
+    def create(self) -> Pki:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2",
+            "-subj", f"/CN={self.name} CA", "-keyout", "ca.key", "-out", "ca.pem",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+        common = (
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+        )
+        self._leaf(
+            "server",
+            "localhost",
+            common + "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        self._leaf("client", "MODALITY", common + "extendedKeyUsage=clientAuth\n")
+        return self
+
+    def dcmtk_client(self, *, certificate: bool = True) -> list[str]:
+        """DCMTK storescu/echoscu options: TLS with the client certificate (or without any,
+        ``+tla``), trusting this CA."""
+        identity = ["+tls", str(self.client_key), str(self.client_cert)] if certificate else ["+tla"]
+        return [*identity, "+cf", str(self.ca)]
+
+    def dcmtk_server(self) -> list[str]:
+        """DCMTK storescp options: TLS with the server certificate; clients need a certificate
+        of this CA."""
+        return ["+tls", str(self.server_key), str(self.server_cert), "+cf", str(self.ca)]
+
+
+def echo(
+    port: int,
+    *,
+    called: str = "ANONPROXY",
+    calling: str = "MODALITY",
+    extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """C-ECHO with DCMTK echoscu and extra options (``-d`` shows the A-ASSOCIATE-RJ fields)."""
+    command = [
+        tool("echoscu"), "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port),
+    ]  # fmt: skip
+    return subprocess.run(
+        command, env=PEER_ENV, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+class TlsStoreSCP(StoreSCP):
+    """DCMTK storescp as a research PACS that speaks DICOM TLS only (mutual TLS)."""
+
+    def __init__(self, directory: Path, pki: Pki, *, ae_title: str = "RESEARCH") -> None:
+        super().__init__(directory, ae_title=ae_title)
+        self.pki = pki
+
+    def start(self) -> TlsStoreSCP:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            tool("storescp"),
+            "--aetitle", self.ae_title,
+            "--output-directory", str(self.directory),
+            "+xa",
+            "--filename-extension", ".dcm",
+            *self.pki.dcmtk_server(),
+            str(self.port),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self.port)
+        return self

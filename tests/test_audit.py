@@ -44,3 +44,12 @@ def test_pynetdicom_logs_are_scrubbed_of_instance_uids() -> None:
     assert "1.2.826.0.1.3680043.8.498.1234567" not in output
     assert "1.2.840.10008.5.1.4.1.1.2" in output  # a well-known SOP Class UID is not PHI
     assert "5962" not in output  # DEBUG of pynetdicom is off
+
+
+def test_the_audit_trail_ignores_the_operational_log_level(tmp_path: Path) -> None:
+    configure_logging("ERROR", io.StringIO())
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit.event("association.accepted", calling_ae_title="CT01")
+    audit.close()
+    [record] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert record["event"] == "association.accepted"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -97,7 +98,12 @@ def _name_components(value: object) -> Iterator[str]:
 
 
 def _word_pattern(values: Iterable[str]) -> re.Pattern[str] | None:
-    ordered = sorted(set(values), key=len, reverse=True)
+    return _compiled_word_pattern(tuple(sorted(set(values), key=lambda v: (-len(v), v))))
+
+
+@lru_cache(maxsize=1024)
+def _compiled_word_pattern(ordered: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One pattern per set of values: the instances of a series share their patient's."""
     if not ordered:
         return None
     body = "|".join(re.escape(v) for v in ordered)
@@ -147,7 +153,8 @@ class IdentifyingValues:
         for value, keyword in _identifying(ds, kept):
             folded = value.casefold()
             if keyword in _UID_TAGS:
-                uids[value] = keyword
+                uids[value] = keyword  # searched as substrings of text, not in the pattern
+                continue
             if len(value) >= MIN_LENGTH and folded not in STRING_DUMMIES:
                 words.setdefault(folded, keyword)
         product = "\n".join(
@@ -181,10 +188,15 @@ class IdentifyingValues:
                 if keyword is not None:
                     return keyword
             return None
-        if self.pattern is None or vr not in TEXT_VRS:
+        if vr not in TEXT_VRS:
             return None
         for text in _strings(value):
             if text.casefold() in STRING_DUMMIES:
+                continue
+            for uid, keyword in self.uids.items():
+                if uid in text:
+                    return keyword
+            if self.pattern is None:
                 continue
             match = self.pattern.search(text)
             if match is not None:

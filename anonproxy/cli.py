@@ -84,11 +84,16 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
     from anonproxy.deid import Profile  # noqa: PLC0415
 
     settings = _settings(args)
-    profile = Profile.from_options(settings.profile.options, strict=settings.profile.strict)
+    profile = Profile.from_config(settings.profile)
     rows = list(profile.describe())
     if not args.summary:
         for tag, name, action in rows:
             print(f"{tag}\t{action}\t{name}")
+        rules = list(profile.describe_rules())
+        if rules:
+            print("# user rules, first match wins (before the profile):")
+            for selector, name, action in rules:
+                print(f"{selector}\t{action}\t{name}")
         return 0
     counts = Counter(action for _, _, action in rows)
     print(f"{len(rows)} attributes of PS3.15 Table E.1-1:")

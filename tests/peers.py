@@ -301,7 +301,11 @@ class Pki:
 
     def _openssl(self, *args: str) -> None:
         subprocess.run(
-            [tool("openssl"), *args], cwd=self.directory, capture_output=True, check=True, timeout=60
+            [tool("openssl"), *args],
+            cwd=self.directory,
+            capture_output=True,
+            check=True,
+            timeout=60,
         )
 
     def _leaf(self, stem: str, common_name: str, extensions: str) -> None:
@@ -340,7 +344,9 @@ class Pki:
     def dcmtk_client(self, *, certificate: bool = True) -> list[str]:
         """DCMTK storescu/echoscu options: TLS with the client certificate (or without any,
         ``+tla``), trusting this CA."""
-        identity = ["+tls", str(self.client_key), str(self.client_cert)] if certificate else ["+tla"]
+        identity = (
+            ["+tls", str(self.client_key), str(self.client_cert)] if certificate else ["+tla"]
+        )
         return [*identity, "+cf", str(self.ca)]
 
     def dcmtk_server(self) -> list[str]:

@@ -78,7 +78,7 @@ def test_entries_bind_an_ae_title_to_addresses_and_networks() -> None:
     ],
 )
 def test_bad_entries_name_the_key(entries: list[object], message: str) -> None:
-    with pytest.raises(ConfigError, match="listen.allowed_calling_ae_titles") as error:
+    with pytest.raises(ConfigError, match=r"listen\.allowed_calling_ae_titles") as error:
         parse_settings({"listen": {"allowed_calling_ae_titles": entries}})
     assert message in str(error.value)
 
@@ -143,7 +143,11 @@ def test_tls_settings_validate() -> None:
     destination = {"name": "r", "ae_title": "R", "host": "h", "port": 1}
     with pytest.raises(ConfigError, match="certificate and private_key go together"):
         parse_settings(
-            {"destinations": [{**destination, "tls": {"ca_certificates": "ca.pem", "certificate": "c"}}]}
+            {
+                "destinations": [
+                    {**destination, "tls": {"ca_certificates": "ca.pem", "certificate": "c"}}
+                ]
+            }
         )
     with pytest.raises(ConfigError, match=r"destinations\.0\.dicom\.tls\.ca_certificates"):
         parse_settings({"destinations": [{**destination, "tls": {}}]})

@@ -280,16 +280,16 @@ class Profile:
         return None
 
     def describe(self) -> Iterator[tuple[str, str, str]]:
-        """``(tag, name, effective action)`` for every row of Table E.1-1, in the table's order,
-        then one line per user rule that selects attributes outside those rows.
+        """``(tag, name, effective action)`` for every row of Table E.1-1, in the table's order.
 
         The action is the profile's code (compound codes unresolved: they depend on the IOD of
-        each instance), ``rule:<action>`` when the first user rule selecting the row covers all
-        of it, ``<code>, partly rule:<action>`` when rules select only part of a mask or the
-        private row, and ``pseudonym:<method>`` for Patient ID and Patient's Name when patient
-        pseudonyms are configured.
+        each instance); ``rule:<action>`` when the first user rule touching the row selects all
+        of it; ``<code>, partly rule:<action>`` when rules select only part of a mask row or of
+        the private attributes; ``pseudonym:<method>`` for Patient ID and Patient's Name when
+        patient pseudonyms are configured (and no rule selects them). The user rules
+        themselves, including those on attributes outside the table, are listed by
+        :meth:`describe_rules`.
         """
-        shown: set[int] = set()
         for row in table_e1_1():
             code = effective_code(row, self.options)
             if row.match == "private":
@@ -302,8 +302,6 @@ class Profile:
             for rule in self.rules:
                 if rule.covers(row.value, mask):
                     code = f"rule:{rule.action.value}"
-                    if (rule.value, rule.mask) == (row.value, mask):
-                        shown.add(rule.index)
                     break
                 if rule.overlaps(row.value, mask):
                     code = f"{code}, partly rule:{rule.action.value}"
@@ -312,6 +310,9 @@ class Profile:
                 if self.patient_ids is not None and row.value in _PSEUDONYM_TAGS:
                     code = self.patient_ids.describe()
             yield row.tag, row.name, code
+
+    def describe_rules(self) -> Iterator[tuple[str, str, str]]:
+        """``(selector, name, rule:<action>)`` for every user rule, in precedence order (the
+        first rule that selects an attribute wins)."""
         for rule in self.rules:
-            if rule.index not in shown:
-                yield rule.selector, rule.describe_name(), f"rule:{rule.action.value}"
+            yield rule.selector, rule.describe_name(), f"rule:{rule.action.value}"

@@ -345,9 +345,15 @@ def test_rules_are_visible_in_describe() -> None:
     assert actions["(60xx,3000)"] == "rule:keep"
     assert actions["(gggg,eeee)"] == "X, partly rule:hash"
     assert actions["(0008,0050)"] == "Z"  # untouched rows keep the profile's code
-    extra = rows[657:]
-    assert [tag for tag, _, _ in extra] == ["(60xx,xxxx)", "(gggg,xx10) ACME", "(0018,1040)"]
-    assert extra[2][2] == "rule:dummy"
+    assert len(rows) == 657
+    listed = list(profile.describe_rules())
+    assert [tag for tag, _, _ in listed] == [
+        "(0008,1030)", "(50xx,xxxx)", "(60xx,xxxx)", "(gggg,xx10) ACME", "(0018,1040)",
+    ]  # fmt: skip
+    assert listed[0][1] == "StudyDescription (user rule 0)"
+    assert [action for _, _, action in listed] == [
+        "rule:keep", "rule:remove", "rule:keep", "rule:hash", "rule:dummy",
+    ]  # fmt: skip
 
 
 def test_describe_shows_partial_mask_rules() -> None:

@@ -33,3 +33,17 @@ def test_the_two_commands_are_the_ones_ci_runs() -> None:
     assert "exec ./dev test" in ci
     for package in ("dcmtk", "orthanc", "dicom3tools"):
         assert package in ci
+
+
+def test_every_yaml_example_in_the_readme_is_a_valid_configuration() -> None:
+    import textwrap
+
+    import yaml
+
+    from anonproxy.config import parse_settings
+
+    blocks = re.findall(r"( *)```yaml\n(.*?)\1```", README, re.DOTALL)
+    assert len(blocks) >= 2
+    for _, body in blocks:
+        settings = parse_settings(yaml.safe_load(textwrap.dedent(body)), "README")
+        assert settings.listen.ae_title == "ANONPROXY"

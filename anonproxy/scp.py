@@ -189,8 +189,8 @@ class StorageSCP:
             return
         with self._lock:
             self._rejections[id(assoc)] = rejection
+        evt.trigger(assoc, evt.EVT_REJECTED, {})  # audited before the peer hears of it
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()  # returns once the A-ASSOCIATE-RJ is sent and the connection closed
 
     def handle_accepted(self, event: evt.Event) -> None:

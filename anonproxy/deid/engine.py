@@ -85,7 +85,7 @@ from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
 from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
-from anonproxy.deid.selfcheck import CODED_VOCABULARY_TAGS, IdentifyingValues
+from anonproxy.deid.selfcheck import CODED_VOCABULARY_TAGS, TEXT_VRS, IdentifyingValues
 from anonproxy.deid.tables import (
     iod_types,
     safe_private_attributes,
@@ -122,6 +122,9 @@ _META_REMOVED = frozenset(
 )
 
 _FREE_TEXT_VRS = frozenset({VR.LO, VR.SH, VR.LT, VR.ST, VR.UT, VR.UC, VR.PN, VR.UN})
+#: VRs whose values must be decoded to be kept: the self-check reads them (text, UIDs), they
+#: hold items (SQ), or their real VR is unknown (UN).
+_DECODE_TO_KEEP_VRS = frozenset(TEXT_VRS | {VR.PN, VR.SQ, VR.UI, VR.UN} | _FREE_TEXT_VRS)
 _CLEANABLE_TEXT_VRS = frozenset({VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.UC, VR.UT})
 _KEPT_BY_CLEAN_VRS = frozenset(
     {VR.TM, VR.CS, VR.AS, VR.DS, VR.IS, VR.US, VR.SS, VR.UL, VR.SL, VR.UV, VR.SV, VR.FL,
@@ -492,6 +495,12 @@ class Deidentifier:
             )
 
     def _not_in_table(self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run) -> None:
+        if self._allow is None or tag in self._allow:
+            # Fast path: a kept attribute whose VR the self-check does not read (numbers,
+            # codes, dates, binary data such as Pixel Data) stays as received, undecoded.
+            raw_vr = ds.get_item(tag).VR or _dictionary_vr(tag)
+            if raw_vr and _first_vr(raw_vr) not in _DECODE_TO_KEEP_VRS:
+                return
         elem = ds[tag]
         vr = elem.VR
         if (

@@ -237,8 +237,9 @@ def test_plain_tcp_to_a_tls_listener_fails(
     assert echo(proxy.port).returncode != 0
     sent = storescu(proxy.port, [_ct(corpus)])
     assert sent.returncode != 0 or "Store Failed" in sent.stderr
-    rejected = _rejections(tmp_path)
-    assert len(rejected) == 3  # the silent connection (closed), echoscu, storescu
+    # The refusal is audited just after the peer sees the TLS alert.
+    assert wait_for(lambda: len(_rejections(tmp_path)) == 3, timeout=5)
+    rejected = _rejections(tmp_path)  # the silent connection (closed), echoscu, storescu
     assert all(e["reason"] == "tls_handshake_failed" for e in rejected)
     assert not _received(tmp_path)
     assert echo(proxy.port, extra=pki.dcmtk_client()).returncode == 0  # still serving TLS
@@ -253,6 +254,8 @@ def test_client_without_trusted_certificate_is_refused_under_mutual_tls(
     assert anonymous.returncode != 0
     untrusted = ["+tls", str(rogue.client_key), str(rogue.client_cert), "+cf", str(pki.ca)]
     assert echo(proxy.port, extra=untrusted).returncode != 0
+    # The refusal is audited just after the peer sees the TLS alert.
+    assert wait_for(lambda: len(_rejections(tmp_path)) == 2, timeout=5)
     rejected = _rejections(tmp_path)
     assert [e["reason"] for e in rejected] == ["tls_handshake_failed"] * 2
     assert "CERTIFICATE" in rejected[0]["detail"].upper()

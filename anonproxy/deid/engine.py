@@ -498,7 +498,9 @@ class Deidentifier:
         if self._allow is None or tag in self._allow:
             # Fast path: a kept attribute whose VR the self-check does not read (numbers,
             # codes, dates, binary data such as Pixel Data) stays as received, undecoded.
-            raw_vr = ds.get_item(tag).VR or _dictionary_vr(tag)
+            # Only with the VR known from the data (explicit VR): an implicit VR element may
+            # have to be re-encoded in another encoding, which needs its decoded form.
+            raw_vr = ds.get_item(tag).VR
             if raw_vr and _first_vr(raw_vr) not in _DECODE_TO_KEEP_VRS:
                 return
         elem = ds[tag]

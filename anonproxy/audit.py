@@ -4,9 +4,10 @@ The audit trail is one JSON object per line, one line per event, written with st
 file and/or standard output. Event names are dotted ``noun.past_verb``:
 
 ``association.accepted``, ``association.rejected``, ``association.released``,
-``association.aborted``, ``instance.received``, ``instance.deidentified``, ``instance.spooled``,
-``instance.failed``, ``instance.forwarded``, ``instance.forward_retry``,
-``instance.quarantined``, ``service.started``, ``service.stopped``.
+``association.aborted``, ``association.closed``, ``association.idle_timeout``,
+``instance.received``, ``instance.deidentified``, ``instance.spooled``, ``instance.failed``,
+``instance.forwarded``, ``instance.forward_retry``, ``instance.quarantined``,
+``instance.transparent_timeout``, ``service.started``, ``service.stopped``.
 
 No field ever carries a value of a received dataset: instances are named by their
 de-identified SOP Instance UID and by a keyed hash of the original one.

@@ -9,6 +9,7 @@ acknowledged and never forwarded.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,7 +180,11 @@ class InstancePipeline:
         fields: dict[str, object],
     ) -> StoreOutcome:
         def write(handle: BinaryIO) -> None:
-            dcmwrite(handle, dataset, enforce_file_format=True)
+            # Encode in memory, then one write: every write to a file releases the GIL, and
+            # getting it back behind a busy forward worker costs up to a switch interval.
+            buffer = io.BytesIO()
+            dcmwrite(buffer, dataset, enforce_file_format=True)
+            handle.write(buffer.getbuffer())
 
         name = result.sop_instance_uid
         watching = {d: self.spool.queues[d].watch(name) for d in transparent}

@@ -27,13 +27,14 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from anonproxy import tls
+from anonproxy import limits, tls
 from anonproxy.access import AccessPolicy, Rejection
 from anonproxy.audit import AuditLog
 from anonproxy.config import ListenConfig
+from anonproxy.errors import DecodeError
 from anonproxy.forward import set_tcp_nodelay
 from anonproxy.pipeline import InstancePipeline
-from anonproxy.status import EchoStatus
+from anonproxy.status import EchoStatus, StoreStatus
 
 # pynetdicom's DIMSE debug handlers quote original UIDs: keep them off.
 _config.LOG_HANDLER_LEVEL = "none"
@@ -95,6 +96,7 @@ class StorageSCP:
         return [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_CONN_OPEN, self.handle_connection_opened),
+            (evt.EVT_CONN_OPEN, self.handle_guard_pdus),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
@@ -103,7 +105,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, self.handle_closed),
             (evt.EVT_CONN_CLOSE, self.handle_closed),
             (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_STORE, self.handle_store_within_limits),
         ]
 
     def start(self) -> None:
@@ -259,6 +261,75 @@ class StorageSCP:
             failed=record.failed,
             duration_s=round(time.monotonic() - record.started, 3),
         )
+
+    def handle_guard_pdus(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN: check every PDU header before its body is read (see
+        :class:`anonproxy.limits.PduGuard`); a refusal is an A-ABORT, audited as
+        ``association.protocol_violation`` with the reason and the declared length."""
+        assoc: Any = event.assoc
+
+        def violation(reason: str, details: dict[str, object]) -> None:
+            self.audit.event(
+                "association.protocol_violation",
+                reason=reason,
+                assoc_id=id(assoc),
+                peer_address=assoc.requestor.address,
+                peer_port=assoc.requestor.port,
+                **details,
+            )
+
+        limits.PduGuard.install(assoc, self.config.max_pdu_size, violation)
+
+    def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset:
+        """Answer a C-STORE refused by a limit, audited as ``instance.failed``."""
+        with self._lock:
+            record = self._records.get(id(event.assoc))
+        if record is not None:
+            record.received += 1
+            record.failed += 1
+        self.audit.event(
+            "instance.failed",
+            stage="limits",
+            status=f"0x{status:04X}",
+            reason=reason,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            assoc_id=id(event.assoc),
+        )
+        answer = Dataset()
+        answer.Status = int(status)
+        answer.ErrorComment = reason[:64]
+        return answer
+
+    def handle_store_within_limits(self, event: evt.Event) -> Dataset:
+        """EVT_C_STORE: apply ``max_instance_bytes`` (inflation bounded, see
+        :mod:`anonproxy.limits`) before anything decodes the data set, then
+        the structure checks before de-identification, then :meth:`handle_store`.
+
+        * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
+        * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream, sequences
+          nested deeper than ``max_sequence_depth``, an odd value length or an unknown
+          Specific Character Set (see :func:`anonproxy.limits.check_structure`).
+        """
+        request: Any = event.request
+        encoded = getattr(request, "DataSet", None)
+        deflated = bool(event.context.transfer_syntax.is_deflated)
+        if encoded is not None and hasattr(encoded, "getbuffer"):
+            try:
+                with encoded.getbuffer() as view:
+                    limits.check_instance_size(
+                        view, deflated=deflated, max_bytes=self.config.max_instance_bytes
+                    )
+            except limits.LimitExceeded as exc:
+                return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
+            except DecodeError as exc:
+                return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
+        try:
+            limits.check_structure(event.dataset, self.config.max_sequence_depth)
+        except DecodeError as exc:  # LimitExceeded included
+            return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
+        except Exception:  # noqa: BLE001, S110 - unparseable: handle_store answers and audits it
+            pass
+        return self.handle_store(event)
 
     # -- DIMSE services ---------------------------------------------------------------------
 

@@ -18,6 +18,11 @@ class StoreStatus(IntEnum):
     OUT_OF_RESOURCES = 0xA700
     """Refused, Out of Resources: the spool cannot take the instance now; retry later."""
 
+    INSTANCE_TOO_LARGE = 0xA701
+    """Refused, Out of Resources (anonproxy sub-code): the data set (inflated, when deflated) is
+    larger than ``listen.max_instance_bytes``. PS3.4 B.2.3 names this case Out of Resources; the
+    sub-code tells it apart from a full spool (0xA700), since retrying will not help."""
+
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     """Error: the data set does not match the SOP Class (e.g. no SOP Instance UID)."""
 

@@ -1,0 +1,247 @@
+"""Resource limits on what a peer sends: PDU lengths, instance size, inflation, nesting depth.
+
+Four bounds protect the SCP from a hostile or broken peer (issue 5, item 3):
+
+* **PDU length.** pynetdicom reads the 6-byte PDU header, then reads (and accumulates) as many
+  bytes as the header declares, up to 4 GiB, before it looks at them. :class:`PduGuard` sits
+  between pynetdicom's upper layer and its socket (installed on EVT_CONN_OPEN, before the first
+  read) and checks each header as it passes: a P-DATA-TF PDU longer than the maximum PDU
+  length anonproxy advertised (``listen.max_pdu_size``), or any other PDU longer than
+  :data:`MAX_CONTROL_PDU_BYTES`, is refused *before its body is read*: the guard sends an
+  A-ABORT (service-provider, invalid-PDU-parameter-value) and closes the connection. The guard
+  also checks that the PDV items of a P-DATA-TF PDU exactly fill it.
+* **Instance size** (``listen.max_instance_bytes``): a C-STORE data set larger than the limit
+  (as received, or once inflated for the Deflated transfer syntax) is refused with
+  :attr:`~anonproxy.status.StoreStatus.INSTANCE_TOO_LARGE` before it is decoded.
+* **Inflation.** pydicom (through pynetdicom) inflates a deflated data set in one
+  ``zlib.decompress`` call, without a bound. :func:`inflated_size` inflates it first, piece by
+  piece with zlib's ``max_length``, keeping nothing, and stops as soon as the limit is passed:
+  a decompression bomb costs at most the limit in CPU and a few kilobytes of memory.
+* **Structure** (``listen.max_sequence_depth``): :func:`check_structure` walks the sequences
+  of a decoded data set without recursion and without converting any other element, and
+  refuses, before de-identification, one nested deeper than the limit, an odd value length or
+  an unknown Specific Character Set.
+
+Messages and audit fields carry lengths and limits only, never a value of the data set.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+
+from anonproxy.errors import DecodeError
+
+MAX_CONTROL_PDU_BYTES = 1 << 20
+"""Longest PDU other than P-DATA-TF accepted (A-ASSOCIATE-RQ with 128 presentation contexts
+and every transfer syntax is far shorter); A-RELEASE and A-ABORT PDUs are 4 bytes long."""
+
+_P_DATA_TF = 0x04
+_KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+_ABORT_SOURCE_PROVIDER = 0x02
+_ABORT_INVALID_PARAMETER_VALUE = 0x06
+_INFLATE_CHUNK = 64 * 1024
+
+Violation = Callable[[str, dict[str, object]], None]
+"""Called with a reason and data-free details when the guard refuses a PDU."""
+
+
+class LimitExceeded(DecodeError):
+    """A received data set exceeds a configured limit (its message names the limit only)."""
+
+
+def abort_pdu(reason: int = _ABORT_INVALID_PARAMETER_VALUE) -> bytes:
+    """An A-ABORT PDU (PS3.8 9.3.8) from the service provider with *reason*."""
+    return struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, _ABORT_SOURCE_PROVIDER, reason)
+
+
+def pdv_items_fill(body: bytes | bytearray) -> bool:
+    """True when the PDV items of a P-DATA-TF PDU body exactly fill it (PS3.8 9.3.5.1): each
+    has a length of at least 2 (context ID and message control header) within the PDU."""
+    offset, end = 0, len(body)
+    if end == 0:
+        return False
+    while offset < end:
+        if end - offset < 6:
+            return False
+        (length,) = struct.unpack_from(">L", body, offset)
+        if length < 2 or length > end - offset - 4:
+            return False
+        offset += 4 + length
+    return True
+
+
+class PduGuard:
+    """Checks every PDU header a pynetdicom acceptor reads, before the body is read.
+
+    :meth:`install` replaces the ``recv`` of the association's
+    :class:`pynetdicom.transport.AssociationSocket` (the only reader is the upper layer's
+    ``_read_pdu_data``, which reads a 6-byte header, then the body in one call).
+    """
+
+    def __init__(self, assoc: Any, max_pdu_size: int, on_violation: Violation) -> None:  # noqa: ANN401
+        self.assoc = assoc
+        self.max_pdu_size = max_pdu_size
+        self.on_violation = on_violation
+        self.tripped = False
+        self._body_type: int | None = None  # the type of the PDU whose body comes next
+        self._recv: Callable[[int], bytearray] = assoc.dul.socket.recv
+
+    @classmethod
+    def install(cls, assoc: Any, max_pdu_size: int, on_violation: Violation) -> PduGuard:  # noqa: ANN401
+        """Guard the socket of *assoc* (call on EVT_CONN_OPEN, before its first read)."""
+        guard = cls(assoc, max_pdu_size, on_violation)
+        assoc.dul.socket.recv = guard.recv
+        return guard
+
+    def limit(self, pdu_type: int) -> int:
+        """The longest body accepted for a PDU of *pdu_type*."""
+        if pdu_type == _P_DATA_TF and self.max_pdu_size:
+            return self.max_pdu_size
+        if pdu_type == _P_DATA_TF:
+            return 0xFFFFFFFF  # max_pdu_size 0: unlimited, as advertised
+        return MAX_CONTROL_PDU_BYTES
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read like ``AssociationSocket.recv``; an empty read once a PDU has been refused."""
+        if self.tripped:
+            return bytearray()
+        if self._body_type is None:
+            header = self._recv(nr_bytes)
+            if nr_bytes == 6 and len(header) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", header)
+                if pdu_type in _KNOWN_PDU_TYPES:
+                    if length > self.limit(pdu_type):
+                        self._refuse(
+                            "pdu_too_long",
+                            pdu_type=pdu_type,
+                            declared_length=length,
+                            limit=self.limit(pdu_type),
+                        )
+                        return bytearray()
+                    self._body_type = pdu_type
+            return header
+        pdu_type, self._body_type = self._body_type, None
+        body = self._recv(nr_bytes)
+        if pdu_type == _P_DATA_TF and len(body) == nr_bytes and not pdv_items_fill(body):
+            self._refuse("pdv_length_inconsistent", pdu_type=pdu_type, declared_length=nr_bytes)
+            return bytearray()
+        return body
+
+    def _refuse(self, reason: str, **details: object) -> None:
+        """A-ABORT the peer and close the connection; the upper layer then sees it closed."""
+        self.tripped = True
+        self.on_violation(reason, details)
+        raw = getattr(self.assoc.dul.socket, "socket", None)
+        if raw is None:
+            return
+        try:
+            raw.sendall(abort_pdu())
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer is gone already
+
+
+def inflated_size(deflated: bytes | memoryview, limit: int) -> int:
+    """The inflated size of a raw deflate stream (the Deflated Explicit VR Little Endian
+    transfer syntax), inflated piece by piece without keeping the output.
+
+    Raises :class:`LimitExceeded` as soon as it passes *limit* bytes, :class:`DecodeError` when
+    the stream is corrupt.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending: bytes | memoryview = deflated
+    try:
+        while True:
+            out = inflater.decompress(pending, _INFLATE_CHUNK)
+            total += len(out)
+            if total > limit:
+                raise LimitExceeded("inflated data set exceeds max_instance_bytes")
+            pending = inflater.unconsumed_tail
+            if not pending and not out:
+                break
+            if inflater.eof:
+                break
+        total += len(inflater.flush())
+    except zlib.error:
+        raise DecodeError("deflated data set cannot be inflated") from None
+    if total > limit:
+        raise LimitExceeded("inflated data set exceeds max_instance_bytes")
+    return total
+
+
+def check_instance_size(encoded: bytes | memoryview, *, deflated: bool, max_bytes: int) -> None:
+    """Refuse a received data set larger than *max_bytes* (once inflated, when deflated).
+
+    Raises :class:`LimitExceeded` (or :class:`DecodeError` for a corrupt deflate stream).
+    """
+    if len(encoded) > max_bytes:
+        raise LimitExceeded("data set exceeds max_instance_bytes")
+    if deflated:
+        inflated_size(encoded, max_bytes)
+
+
+def _is_sequence(raw: RawDataElement | DataElement) -> bool:
+    if isinstance(raw, DataElement):
+        return raw.VR == "SQ"
+    if raw.length == 0xFFFFFFFF and raw.VR in {None, "UN"}:
+        return True  # undefined length, VR unknown: pydicom reads it as a sequence
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    if raw.tag.is_private:
+        return False
+    try:
+        return dictionary_VR(raw.tag) == "SQ"
+    except KeyError:
+        return raw.length == 0xFFFFFFFF
+
+
+def _known_character_sets(dataset: Dataset) -> bool:
+    raw = dataset.get_item(0x00080005)
+    if raw is None:
+        return True
+    value = raw.value
+    if isinstance(value, bytes | bytearray):
+        terms = [term.strip() for term in bytes(value).decode("ascii", "replace").split("\\")]
+    elif isinstance(value, str):
+        terms = [value.strip()]
+    else:
+        terms = [str(term).strip() for term in value or []]
+    return all(term == "" or term in python_encoding for term in terms)
+
+
+def check_structure(dataset: Dataset, max_depth: int) -> None:
+    """Refuse, before de-identification, a data set whose sequences nest deeper than
+    *max_depth* (a top-level sequence has depth 1), with an odd value length (PS3.5 7.1.1), or
+    with a Specific Character Set term pydicom does not know. Only sequence elements are
+    converted; the walk uses no recursion.
+
+    Raises :class:`LimitExceeded` (depth) or :class:`DecodeError`; a sequence that cannot be
+    parsed raises what pydicom raises.
+    """
+    stack: list[tuple[Dataset, int]] = [(dataset, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if not _known_character_sets(current):
+            raise DecodeError("unknown Specific Character Set (0008,0005)")
+        for tag in list(current.keys()):
+            raw = current.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length % 2:
+                raise DecodeError(f"element {raw.tag} has an odd value length")
+            if not _is_sequence(raw):
+                continue
+            element = current[tag]
+            if element.VR != "SQ":
+                continue
+            if depth + 1 > max_depth:
+                raise LimitExceeded(f"sequences nest deeper than max_sequence_depth {max_depth}")
+            stack.extend((item, depth + 1) for item in element.value)

@@ -236,6 +236,18 @@ class ProfileConfig(_Section):
     rules: list[ProfileConfig.Rule] = Field(default_factory=list)
     patient_id: ProfileConfig.PatientId | None = None
     date_shift_days: tuple[int, int] = (-365, -1)
+    clean_patterns: list[str] = Field(default_factory=list)
+
+    @field_validator("clean_patterns")
+    @classmethod
+    def _valid_patterns(cls, value: list[str]) -> list[str]:
+        for index, pattern in enumerate(value):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                msg = f"clean_patterns.{index}: not a regular expression ({exc.msg})"
+                raise ValueError(msg) from None
+        return value
 
     @field_validator("options")
     @classmethod

@@ -206,7 +206,7 @@ def _is_sequence(raw: RawDataElement | DataElement) -> bool:
 
 
 def _known_character_sets(dataset: Dataset) -> bool:
-    raw = dataset.get_item(0x00080005)
+    raw: Any = dataset.get_item(0x00080005)
     if raw is None:
         return True
     value = raw.value
@@ -234,7 +234,7 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
         if not _known_character_sets(current):
             raise DecodeError("unknown Specific Character Set (0008,0005)")
         for tag in list(current.keys()):
-            raw = current.get_item(tag)
+            raw: Any = current.get_item(tag)
             if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length % 2:
                 raise DecodeError(f"element {raw.tag} has an odd value length")
             if not _is_sequence(raw):

@@ -60,6 +60,7 @@ the attribute (tag/keyword), never a value.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import tempfile
 from collections import Counter
@@ -229,8 +230,10 @@ class Deidentifier:
         secret: bytes,
         *,
         date_shift_days: tuple[int, int] = DEFAULT_SHIFT_DAYS,
+        clean_patterns: Iterable[str] = (),
     ) -> None:
         self._profile = profile
+        self._clean_patterns = tuple(re.compile(p, re.IGNORECASE) for p in clean_patterns)
         self._uids = UidRemapper(secret)
         self._dates = DateShifter(secret, date_shift_days)
         self._tag_codes = dict(profile.tag_codes)
@@ -295,7 +298,12 @@ class Deidentifier:
             from anonproxy.config import ProfileConfig  # noqa: PLC0415 - avoid an import cycle
 
             config = ProfileConfig.model_validate(dict(config))
-        return cls(Profile.from_config(config), secret, date_shift_days=config.date_shift_days)
+        return cls(
+            Profile.from_config(config),
+            secret,
+            date_shift_days=config.date_shift_days,
+            clean_patterns=config.clean_patterns,
+        )
 
     @property
     def profile(self) -> Profile:
@@ -666,13 +674,19 @@ class Deidentifier:
         elif vr in (VR.DA, VR.DT):
             cleaned = self._shift_dates(elem, vr, run)
         elif vr in _CLEANABLE_TEXT_VRS:
-            values = [run.ids.scrub(str(v)) for v in _str_values(elem)]
+            values = [self._clean_text(run.ids.scrub(str(v))) for v in _str_values(elem)]
             if values:
                 elem.value = _as_value(values)
             self._check(elem, run)
         else:
             cleaned = vr in _KEPT_BY_CLEAN_VRS
         return cleaned
+
+    def _clean_text(self, text: str) -> str:
+        """Remove what the site's ``clean_patterns`` match (names of staff, phone numbers...)."""
+        for pattern in self._clean_patterns:
+            text = pattern.sub(" ", text)
+        return " ".join(text.split()) if self._clean_patterns else text
 
     def _shift_dates(self, elem: DataElement, vr: str, run: _Run) -> bool:
         shift = self._dates.shift_da if vr == VR.DA else self._dates.shift_dt

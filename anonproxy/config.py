@@ -103,6 +103,7 @@ class ListenConfig(_Section):
     port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
     allowed_calling_ae_titles: list[AllowedCallingEntry] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
+    deidentify_workers: int | None = Field(default=None, ge=0, le=64)
     max_associations_per_peer: int | None = Field(default=None, ge=1)
     tls: TlsServerConfig | None = None
     max_pdu_size: int = Field(default=262144, ge=0)

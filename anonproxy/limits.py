@@ -84,7 +84,8 @@ class PduGuard:
 
     :meth:`install` replaces the ``recv`` of the association's
     :class:`pynetdicom.transport.AssociationSocket` (the only reader is the upper layer's
-    ``_read_pdu_data``, which reads a 6-byte header, then the body in one call).
+    ``_read_pdu_data``, which reads a 6-byte header, then the body in one call), and keeps the
+    upper layer from reading while the association request is being decided (state Sta3).
     """
 
     def __init__(self, assoc: Any, max_pdu_size: int, on_violation: Violation) -> None:  # noqa: ANN401
@@ -100,6 +101,20 @@ class PduGuard:
         """Guard the socket of *assoc* (call on EVT_CONN_OPEN, before its first read)."""
         guard = cls(assoc, max_pdu_size, on_violation)
         assoc.dul.socket.recv = guard.recv
+        transport_event: Callable[[], bool] = assoc.dul._is_transport_event
+
+        def hold_while_deciding() -> bool:
+            # Sta3: the A-ASSOCIATE-RQ is being decided. pynetdicom's state machine has no
+            # transition for the local answer (Evt7/Evt8) once anything read here has moved it
+            # on (garbage or an A-ABORT: Sta13 or Sta1), and its reactor thread then dies with
+            # InvalidEventError. Read nothing until the answer is sent, nor while an event
+            # read earlier waits (the A-ASSOCIATE-RQ's own Evt6, behind Evt5).
+            dul = assoc.dul
+            if dul.state_machine.current_state == "Sta3" or not dul.event_queue.empty():
+                return False
+            return transport_event()
+
+        assoc.dul._is_transport_event = hold_while_deciding
         return guard
 
     def limit(self, pdu_type: int) -> int:

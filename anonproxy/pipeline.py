@@ -9,21 +9,18 @@ acknowledged and never forwarded.
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from pydicom import dcmwrite
-from pydicom.dataset import Dataset
-
 from anonproxy.audit import AuditLog, get_logger
 from anonproxy.config import RouteConfig
-from anonproxy.deid import Deidentifier, DeidResult
-from anonproxy.errors import DeidentificationError, SpoolFullError
+from anonproxy.deid import DeidResult
+from anonproxy.errors import SpoolFullError
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
+from anonproxy.workers import DeidentifierPool, Refusal
 
 log = get_logger(__name__)
 
@@ -49,7 +46,7 @@ class InstancePipeline:
 
     def __init__(
         self,
-        deidentifier: Deidentifier,
+        runner: DeidentifierPool,
         spool: Spool,
         destinations: Sequence[str],
         audit: AuditLog,
@@ -58,7 +55,7 @@ class InstancePipeline:
         reject_burned_in_annotation: bool = True,
         keep_rejected_inputs: bool = False,
     ) -> None:
-        self.deidentifier = deidentifier
+        self.runner = runner
         self.spool = spool
         self.destinations = list(destinations)
         self.routes = list(routes)
@@ -72,13 +69,13 @@ class InstancePipeline:
         stage: str,
         reason: str,
         fields: dict[str, object],
-        raw: Callable[[], bytes] | None = None,
+        data: bytes | None = None,
     ) -> StoreOutcome:
         """Refuse the instance. Inputs refused before de-identification are kept (they hold
         PHI) only when configured; the audit record names the kept file by its random name."""
-        if self.keep_rejected_inputs and raw is not None:
+        if self.keep_rejected_inputs and data is not None:
             try:
-                kept: str | None = self.spool.keep_rejected(raw()).name
+                kept: str | None = self.spool.keep_rejected(data).name
             except Exception:  # noqa: BLE001 - keeping is best effort; the refusal stands
                 kept = None
             fields = {**fields, "kept_as": kept}
@@ -109,46 +106,21 @@ class InstancePipeline:
 
     def process(
         self,
-        load: Callable[[], Dataset],
+        data: bytes,
         *,
         sop_class_uid: str,
         calling_ae_title: str = "",
-        raw: Callable[[], bytes] | None = None,
         **context: object,
     ) -> StoreOutcome:
-        """De-identify the dataset *load* returns and spool it for its destinations."""
+        """De-identify the DICOM file *data* (preamble, file meta, data set as received) and
+        spool it for its destinations."""
         started = time.monotonic()
         fields = {"sop_class_uid": sop_class_uid, **context}
-        try:
-            dataset = load()
-        except Exception as exc:  # noqa: BLE001 - any parser failure is a DICOM status
-            return self._fail(
-                StoreStatus.CANNOT_UNDERSTAND,
-                "decode",
-                f"cannot parse data set ({type(exc).__name__})",
-                fields,
-                raw,
-            )
         self.audit.event("instance.received", **fields)
-        destinations, transparent = self.route(
-            calling_ae_title, str(dataset.get("Modality", "")), sop_class_uid
-        )
-        if not destinations:
-            return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
-        try:
-            result = self.deidentifier.deidentify(dataset)
-        except DeidentificationError as exc:
-            return self._fail(
-                StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc), fields, raw
-            )
-        except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
-            return self._fail(
-                StoreStatus.CANNOT_UNDERSTAND,
-                "deidentify",
-                f"cannot decode data set ({type(exc).__name__})",
-                fields,
-                raw,
-            )
+        done = self.runner.run(data)
+        if isinstance(done, Refusal):
+            return self._fail(done.status, done.stage, done.reason, fields, data)
+        result = done.result
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
         if self.reject_burned_in_annotation and result.burned_in_annotation == "YES":
             return self._fail(
@@ -156,8 +128,11 @@ class InstancePipeline:
                 "policy",
                 "burned-in annotation refused by policy",
                 fields,
-                raw,
+                data,
             )
+        destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
+        if not destinations:
+            return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
         self.audit.event(
             "instance.deidentified",
             deid_sop_instance_uid=result.sop_instance_uid,
@@ -166,12 +141,12 @@ class InstancePipeline:
             **fields,
         )
         return self._spool(
-            dataset, result, destinations, transparent, started=started, fields=fields
+            done.encoded, result, destinations, transparent, started=started, fields=fields
         )
 
     def _spool(
         self,
-        dataset: Dataset,
+        encoded: bytes,
         result: DeidResult,
         destinations: list[str],
         transparent: dict[str, float],
@@ -180,11 +155,7 @@ class InstancePipeline:
         fields: dict[str, object],
     ) -> StoreOutcome:
         def write(handle: BinaryIO) -> None:
-            # Encode in memory, then one write: every write to a file releases the GIL, and
-            # getting it back behind a busy forward worker costs up to a switch interval.
-            buffer = io.BytesIO()
-            dcmwrite(buffer, dataset, enforce_file_format=True)
-            handle.write(buffer.getbuffer())
+            handle.write(encoded)
 
         name = result.sop_instance_uid
         watching = {d: self.spool.queues[d].watch(name) for d in transparent}
@@ -193,14 +164,6 @@ class InstancePipeline:
         except SpoolFullError as exc:
             self._unwatch(name, watching)
             return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
-        except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
-            self._unwatch(name, watching)
-            return self._fail(
-                StoreStatus.PROCESSING_FAILURE,
-                "spool",
-                f"cannot encode the de-identified data set ({type(exc).__name__})",
-                fields,
-            )
         self.audit.event(
             "instance.spooled",
             deid_sop_instance_uid=result.sop_instance_uid,

@@ -341,8 +341,8 @@ class StorageSCP:
     def handle_store(self, event: evt.Event) -> Dataset:
         """EVT_C_STORE: de-identify and spool one instance.
 
-        Uses ``event.dataset``, ``event.file_meta``, ``event.request.AffectedSOPClassUID`` and
-        ``event.assoc``. Returns a status dataset:
+        Uses ``event.request`` (its encoded data set: it is decoded in the pipeline, not in
+        this thread), ``event.file_meta`` and ``event.assoc``. Returns a status dataset:
 
         * ``StoreStatus.SUCCESS`` (0x0000): de-identified and durably spooled;
         * ``StoreStatus.OUT_OF_RESOURCES`` (0xA700): the spool cannot take it; retry later;
@@ -354,24 +354,17 @@ class StorageSCP:
         References: PS3.4 Annex B.2.3; PS3.7 Annex C.
         """
 
-        def load() -> Dataset:
-            dataset = event.dataset
-            dataset.file_meta = event.file_meta
-            return dataset
-
-        def raw() -> bytes:
-            buffer = DicomBytesIO()
-            buffer.write(b"\0" * 128 + b"DICM")
-            write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
-            request: Any = event.request  # a C_STORE primitive: its DataSet is a BytesIO
-            buffer.write(request.DataSet.getvalue())
-            return buffer.getvalue()
+        # The file as received: preamble, file meta, then the data set bytes untouched.
+        request: Any = event.request  # a C_STORE primitive: its DataSet is a BytesIO
+        buffer = DicomBytesIO()
+        buffer.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
+        buffer.write(request.DataSet.getbuffer())
 
         with self._lock:
             record = self._records.get(id(event.assoc))
         outcome = self.pipeline.process(
-            load,
-            raw=raw,
+            buffer.getvalue(),
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             calling_ae_title=record.calling_ae_title if record else "",
             assoc_id=id(event.assoc),

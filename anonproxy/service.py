@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import signal
 import sys
 import threading
@@ -21,13 +22,14 @@ from types import FrameType
 from anonproxy import __version__
 from anonproxy.audit import AuditLog, get_logger, silence_value_reports
 from anonproxy.config import Settings
-from anonproxy.deid import Deidentifier, Profile
+from anonproxy.deid import Deidentifier
 from anonproxy.errors import ConfigError
 from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.scp import StorageSCP
 from anonproxy.secret import Secret, load_secret
 from anonproxy.spool import Spool
+from anonproxy.workers import DeidentifierPool
 
 log = get_logger(__name__)
 
@@ -35,15 +37,20 @@ HOUSEKEEPING_INTERVAL_S = 2.0
 SWITCH_INTERVAL_S = 0.0005
 
 
+def deidentify_workers(settings: Settings) -> int:
+    """Worker processes for de-identification: ``listen.deidentify_workers``, or one per core
+    (at most 4) when not set; 0 runs it in the association threads."""
+    configured = settings.listen.deidentify_workers
+    return min(os.cpu_count() or 1, 4) if configured is None else configured
+
+
 def build_deidentifier(settings: Settings, secret: Secret) -> Deidentifier:
     """The engine for the configured profile: options, presets, strict, user rules, patient
     pseudonyms and date shift range (as :meth:`Deidentifier.from_config`). ``serve`` and
     ``deidentify`` both build it here; ``describe-profile`` uses the same
     :meth:`Profile.from_config`. A lookup table that cannot be used is a ConfigError."""
-    config = settings.profile
     try:
-        profile = Profile.from_config(config)
-        return Deidentifier(profile, secret.value, date_shift_days=config.date_shift_days)
+        return Deidentifier.from_config(settings.profile, secret.value)
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None
 
@@ -69,8 +76,14 @@ class Proxy:
             min_free_bytes=storage.min_free_bytes,
             fsync=storage.fsync,
         )
-        self.pipeline = InstancePipeline(
+        self.deidentifiers = DeidentifierPool(
             build_deidentifier(settings, self.secret),
+            settings.profile.model_dump(mode="json"),
+            self.secret.value,
+            workers=deidentify_workers(settings),
+        )
+        self.pipeline = InstancePipeline(
+            self.deidentifiers,
             self.spool,
             [d.name for d in destinations],
             self.audit,
@@ -107,6 +120,7 @@ class Proxy:
         """Recover the spool, start forwarding, then start listening."""
         self._lock_storage()
         recovered = self.spool.recover()
+        self.deidentifiers.start()
         for worker in self.workers:
             worker.start()
         self._housekeeping.start()
@@ -159,6 +173,7 @@ class Proxy:
         for worker in self.workers:
             worker.join(max(0.1, deadline - time.monotonic()))
         self.scp.shutdown()
+        self.deidentifiers.shutdown()
         self._housekeeping.join(HOUSEKEEPING_INTERVAL_S * 2)
         with contextlib.suppress(OSError):
             self.spool.write_state()

@@ -95,7 +95,9 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
 
     def factory(destinations: list[dict[str, Any]] | None = None, **sections: Any) -> Proxy:
         data: dict[str, Any] = {
-            "listen": {"port": 0, **sections.pop("listen", {})},
+            # de-identification in the association threads: no worker processes to spawn per
+            # test (tests that want them set deidentify_workers)
+            "listen": {"port": 0, "deidentify_workers": 0, **sections.pop("listen", {})},
             "destinations": destinations or [],
             "storage": {"path": str(tmp_path / "var"), "min_free_bytes": 0},
             "audit": {"path": str(tmp_path / "var" / "audit.jsonl")},

@@ -394,3 +394,137 @@ class TlsStoreSCP(StoreSCP):
         )
         wait_port(self.port)
         return self
+
+
+# --- hostile peers: raw PDUs and raw data sets -----------------------------------------------------
+
+
+def _pdu_item(item_type: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
+
+
+def associate_rq(
+    *,
+    called: str = "ANONPROXY",
+    calling: str = "MODALITY",
+    contexts: Sequence[tuple[int, str, Sequence[str]]] = (
+        (1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),
+    ),
+    max_pdu: int = 16384,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2), built byte by byte."""
+    import struct
+
+    presentation = b"".join(
+        _pdu_item(
+            0x20,
+            bytes([context_id, 0, 0, 0])
+            + _pdu_item(0x30, abstract.encode())
+            + b"".join(_pdu_item(0x40, syntax.encode()) for syntax in syntaxes),
+        )
+        for context_id, abstract, syntaxes in contexts
+    )
+    user = _pdu_item(
+        0x50, _pdu_item(0x51, struct.pack(">L", max_pdu)) + _pdu_item(0x52, b"1.2.3.4.5.6")
+    )
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16).encode()
+        + calling.ljust(16).encode()
+        + bytes(32)
+        + _pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
+        + presentation
+        + user
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def p_data_tf(items: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU of PDV items (context ID, message control header, fragment)."""
+    import struct
+
+    body = b"".join(
+        struct.pack(">LBB", len(data) + 2, context_id, control) + data
+        for context_id, control, data in items
+    )
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+class RawPeer:
+    """A scripted peer on a plain TCP socket: sends bytes, reads whole PDUs."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def send(self, data: bytes) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):  # the server may abort before it has read it all
+            self.sock.sendall(data)
+
+    def _read(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            try:
+                chunk = self.sock.recv(count - len(data))
+            except OSError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+        return data
+
+    def read_pdu(self) -> tuple[int, bytes] | None:
+        """The next PDU (type, body), or None once the server closed the connection."""
+        import struct
+
+        header = self._read(6)
+        if len(header) < 6:
+            return None
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        return pdu_type, self._read(length)
+
+    def pdus_until_closed(self, limit: int = 10) -> list[tuple[int, bytes]]:
+        """Every PDU the server sends until it closes the connection."""
+        pdus = []
+        while len(pdus) < limit:
+            pdu = self.read_pdu()
+            if pdu is None:
+                break
+            pdus.append(pdu)
+        return pdus
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send_body(port: int, sop_class: str, transfer_syntax: str, body: bytes, directory: Path) -> Any:
+    """C-STORE a data set body as it is, with pynetdicom (which streams a file without parsing
+    it); returns the status data set (Status, ErrorComment), or None when aborted."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE
+
+    import anonproxy.forward  # noqa: F401 - sets pynetdicom's chunked sending
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.999.1"
+    meta.TransferSyntaxUID = transfer_syntax
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"raw-{time.monotonic_ns()}.dcm"
+    with path.open("wb") as handle:
+        handle.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(handle, meta, enforce_standard=True)
+        handle.write(body)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(sop_class, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ANONPROXY")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_store(path)
+    if assoc.is_established:
+        assoc.release()
+    return status if status else None

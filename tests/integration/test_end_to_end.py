@@ -28,7 +28,8 @@ def test_storescu_to_storescp_deidentified_and_complete(
     make_proxy, storescp: StoreSCP, corpus: list[Path], tmp_path: Path
 ) -> None:
     proxy = make_proxy(
-        [{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": storescp.port}]
+        [{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": storescp.port}],
+        listen={"deidentify_workers": 2},  # the worker processes, as in production
     )
     sent = storescu(proxy.port, corpus)
     assert sent.returncode == 0, sent.stderr[-2000:]

@@ -112,11 +112,12 @@ class DestinationQueue:
 
     def load(self) -> int:
         """Index the files already in the directory (start-up recovery), oldest first."""
-        entries = sorted(
-            (entry.stat().st_mtime, entry.name[: -len(SUFFIX)])
-            for entry in os.scandir(self.directory)
-            if entry.name.endswith(SUFFIX) and entry.is_file()
-        )
+        entries = []
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(SUFFIX):
+                with contextlib.suppress(FileNotFoundError):  # delivered meanwhile
+                    entries.append((entry.stat().st_mtime, entry.name[: -len(SUFFIX)]))
+        entries.sort()
         with self._cond:
             for mtime, name in entries:
                 self._pending.setdefault(name, QueueItem(name, first_seen=mtime))

@@ -7,8 +7,9 @@ de-identified file) or a :class:`Refusal` (a status, the stage and a reason with
 :class:`DeidentifierPool` runs it in worker processes, so that de-identification of several
 associations uses every core and the network threads of the service keep the interpreter for
 themselves. Instances larger than ``inline_max_bytes`` are processed in the calling thread, to
-avoid copying a large data set between processes (memory, not only time). With ``workers=0``
-everything runs in the calling thread.
+avoid copying a large data set between processes (memory, not only time), and so is an
+instance that arrives while no other is being processed. With ``workers=0`` everything runs in
+the calling thread.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class DeidentifierPool:
         self.inline_max_bytes = inline_max_bytes
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self._busy = 0  # instances being de-identified now
+        self.offloaded = 0  # instances sent to a worker process (for tests and metrics)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the service process runs threads (pynetdicom, forward workers)
@@ -137,11 +140,17 @@ class DeidentifierPool:
             future.result()
 
     def run(self, data: bytes) -> Deidentified | Refusal:
-        """De-identify one encoded instance."""
-        pool = self._pool
-        if pool is None or len(data) > self.inline_max_bytes:
-            return deidentify_encoded(self.engine, data)
+        """De-identify one encoded instance: in the calling thread when no other instance is
+        being processed (a lone association gains nothing from a round trip to a worker),
+        in a worker process when several are."""
+        with self._lock:
+            pool = self._pool
+            self._busy += 1
+            inline = pool is None or self._busy == 1 or len(data) > self.inline_max_bytes
+            self.offloaded += not inline
         try:
+            if inline or pool is None:
+                return deidentify_encoded(self.engine, data)
             return pool.submit(_run_in_worker, data).result()
         except BrokenProcessPool:
             with self._lock:
@@ -150,6 +159,9 @@ class DeidentifierPool:
             return Refusal(
                 StoreStatus.PROCESSING_FAILURE, "deidentify", "de-identification worker failed"
             )
+        finally:
+            with self._lock:
+                self._busy -= 1
 
     def shutdown(self) -> None:
         """Stop the worker processes."""

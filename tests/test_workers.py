@@ -1,0 +1,95 @@
+"""De-identification in worker processes gives exactly what the association thread gives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from anonproxy.config import ProfileConfig
+from anonproxy.deid import Deidentifier
+from anonproxy.status import StoreStatus
+from anonproxy.workers import (
+    Deidentified,
+    DeidentifierPool,
+    Refusal,
+    _run_in_worker,
+    deidentify_encoded,
+)
+
+from conftest import TEST_SECRET, corpus_paths
+
+PROFILE = ProfileConfig(options=["retain_longitudinal_temporal_information_modified_dates"])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    engine = Deidentifier.from_config(PROFILE, TEST_SECRET.value)
+    workers = DeidentifierPool(
+        engine, PROFILE.model_dump(mode="json"), TEST_SECRET.value, workers=2
+    )
+    workers.start()
+    yield workers
+    workers.shutdown()
+
+
+def _file_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    return data
+
+
+def test_workers_and_the_calling_thread_agree(pool: DeidentifierPool) -> None:
+    files = [p for p in corpus_paths() if p.name != "rtstruct.dcm"]  # rtstruct has no meta
+    results: dict[str, Deidentified | Refusal] = {}
+
+    def run(path: Path) -> None:
+        results[path.name] = pool.run(_file_bytes(path))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in files]  # concurrent: workers
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert pool.offloaded > 0
+    for path in files:
+        inline = deidentify_encoded(pool.engine, _file_bytes(path))
+        assert isinstance(inline, Deidentified)
+        assert results[path.name] == inline
+
+
+def test_a_refusal_crosses_the_process_boundary(pool: DeidentifierPool) -> None:
+    assert pool._pool is not None
+    refusal = pool._pool.submit(_run_in_worker, b"\0" * 128 + b"DICM" + b"\xff" * 9).result()
+    assert isinstance(refusal, Refusal)
+    assert refusal.status == StoreStatus.CANNOT_UNDERSTAND
+    assert refusal.stage == "decode"
+
+
+def test_a_dead_worker_fails_one_instance_closed_and_the_pool_recovers(
+    pool: DeidentifierPool,
+) -> None:
+    data = _file_bytes(corpus_paths()[0])
+    assert pool._pool is not None
+    for process in list(pool._pool._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)
+    outcomes = []
+
+    def run() -> None:
+        outcomes.append(pool.run(data))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(o, Deidentified | Refusal) for o in outcomes)
+    refused = [o for o in outcomes if isinstance(o, Refusal)]
+    assert all(o.status == StoreStatus.PROCESSING_FAILURE for o in refused)
+    again = [pool.run(data) for _ in range(2)]
+    assert all(isinstance(o, Deidentified) for o in again)
+    assert dcmread(__import__("io").BytesIO(again[0].encoded)).PatientIdentityRemoved == "YES"

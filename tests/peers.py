@@ -33,6 +33,18 @@ def tool(name: str) -> str:
     return found
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Terminate a peer, killing it when it does not stop within *timeout* seconds."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
     with socket.socket() as sock:
@@ -162,14 +174,8 @@ class StoreSCP:
         return sorted(p for p in self.directory.rglob("*.dcm") if p.is_file())
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        stop_process(self.process, 10)
+        self.process = None
 
 
 class Orthanc:
@@ -219,14 +225,8 @@ class Orthanc:
         return list(self.get("/instances"))
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        stop_process(self.process, 20)
+        self.process = None
 
 
 def wait_for(condition: Any, timeout: float = 60.0, interval: float = 0.1) -> bool:

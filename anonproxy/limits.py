@@ -9,7 +9,9 @@ Four bounds protect the SCP from a hostile or broken peer (issue 5, item 3):
   length anonproxy advertised (``listen.max_pdu_size``), or any other PDU longer than
   :data:`MAX_CONTROL_PDU_BYTES`, is refused *before its body is read*: the guard sends an
   A-ABORT (service-provider, invalid-PDU-parameter-value) and closes the connection. The guard
-  also checks that the PDV items of a P-DATA-TF PDU exactly fill it.
+  also checks that the PDV items of a P-DATA-TF PDU exactly fill it, and refuses an unknown
+  PDU type at once (A-ABORT, unrecognized-PDU) rather than letting pynetdicom read every
+  following 6 bytes as one more PDU header.
 * **Instance size** (``listen.max_instance_bytes``): a C-STORE data set larger than the limit
   (as received, or once inflated for the Deflated transfer syntax) is refused with
   :attr:`~anonproxy.status.StoreStatus.INSTANCE_TOO_LARGE` before it is decoded.
@@ -19,8 +21,8 @@ Four bounds protect the SCP from a hostile or broken peer (issue 5, item 3):
   a decompression bomb costs at most the limit in CPU and a few kilobytes of memory.
 * **Structure** (``listen.max_sequence_depth``): :func:`check_structure` walks the sequences
   of a decoded data set without recursion and without converting any other element, and
-  refuses, before de-identification, one nested deeper than the limit, an odd value length or
-  an unknown Specific Character Set.
+  refuses, before de-identification, one nested deeper than the limit, an unknown VR, a truncated
+  value, an odd value length or an unknown Specific Character Set.
 
 Messages and audit fields carry lengths and limits only, never a value of the data set.
 """
@@ -37,6 +39,7 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.valuerep import VR as VR_
 
 from anonproxy.errors import DecodeError
 
@@ -47,8 +50,10 @@ and every transfer syntax is far shorter); A-RELEASE and A-ABORT PDUs are 4 byte
 _P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 _ABORT_SOURCE_PROVIDER = 0x02
+_ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_INVALID_PARAMETER_VALUE = 0x06
 _INFLATE_CHUNK = 64 * 1024
+_VRS = frozenset(str(vr) for vr in VR_)
 
 Violation = Callable[[str, dict[str, object]], None]
 """Called with a reason and data-free details when the guard refuses a PDU."""
@@ -97,9 +102,23 @@ class PduGuard:
         self._recv: Callable[[int], bytearray] = assoc.dul.socket.recv
 
     @classmethod
-    def install(cls, assoc: Any, max_pdu_size: int, on_violation: Violation) -> PduGuard:  # noqa: ANN401
-        """Guard the socket of *assoc* (call on EVT_CONN_OPEN, before its first read)."""
+    def install(
+        cls,
+        assoc: Any,  # noqa: ANN401 - pynetdicom Association
+        max_pdu_size: int,
+        on_violation: Violation,
+        read_timeout: float | None = None,
+    ) -> PduGuard:
+        """Guard the socket of *assoc* (call on EVT_CONN_OPEN, before its first read).
+
+        With *read_timeout*, a read that waits longer (a peer that stops in the middle of a
+        PDU) fails, and the upper layer sees the connection closed: pynetdicom reads a PDU in a
+        blocking loop, where its own idle time-out is never checked.
+        """
         guard = cls(assoc, max_pdu_size, on_violation)
+        raw = getattr(assoc.dul.socket, "socket", None)
+        if raw is not None and read_timeout is not None:
+            raw.settimeout(read_timeout)
         assoc.dul.socket.recv = guard.recv
         transport_event: Callable[[], bool] = assoc.dul._is_transport_event
 
@@ -115,6 +134,24 @@ class PduGuard:
             return transport_event()
 
         assoc.dul._is_transport_event = hold_while_deciding
+
+        # A P-DATA-TF whose command set lacks Command Field (or is otherwise undecodable)
+        # raises in pynetdicom's DIMSE decoder inside the reactor thread, which dies and leaves
+        # the association (and its slot) behind. Turn that into Evt19 (A-ABORT), as pynetdicom
+        # does itself for messages that fail later.
+        dimse = assoc.dimse
+        receive: Callable[[Any], None] = dimse.receive_primitive
+
+        def receive_or_abort(primitive: Any) -> None:  # noqa: ANN401 - a P_DATA primitive
+            try:
+                receive(primitive)
+            except Exception:  # noqa: BLE001 - any decoding failure is a protocol violation
+                dimse.message = None
+                if not guard.tripped:
+                    guard.on_violation("invalid_dimse_message", {"pdu_type": _P_DATA_TF})
+                assoc.dul.event_queue.put("Evt19")
+
+        dimse.receive_primitive = receive_or_abort
         return guard
 
     def limit(self, pdu_type: int) -> int:
@@ -133,10 +170,14 @@ class PduGuard:
             header = self._recv(nr_bytes)
             if nr_bytes == 6 and len(header) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", header)
+                if pdu_type not in _KNOWN_PDU_TYPES:
+                    self._refuse("unknown_pdu_type", _ABORT_UNRECOGNIZED_PDU, pdu_type=pdu_type)
+                    return bytearray()
                 if pdu_type in _KNOWN_PDU_TYPES:
                     if length > self.limit(pdu_type):
                         self._refuse(
                             "pdu_too_long",
+                            _ABORT_INVALID_PARAMETER_VALUE,
                             pdu_type=pdu_type,
                             declared_length=length,
                             limit=self.limit(pdu_type),
@@ -147,11 +188,16 @@ class PduGuard:
         pdu_type, self._body_type = self._body_type, None
         body = self._recv(nr_bytes)
         if pdu_type == _P_DATA_TF and len(body) == nr_bytes and not pdv_items_fill(body):
-            self._refuse("pdv_length_inconsistent", pdu_type=pdu_type, declared_length=nr_bytes)
+            self._refuse(
+                "pdv_length_inconsistent",
+                _ABORT_INVALID_PARAMETER_VALUE,
+                pdu_type=pdu_type,
+                declared_length=nr_bytes,
+            )
             return bytearray()
         return body
 
-    def _refuse(self, reason: str, **details: object) -> None:
+    def _refuse(self, reason: str, abort_reason: int, **details: object) -> None:
         """A-ABORT the peer and close the connection; the upper layer then sees it closed."""
         self.tripped = True
         self.on_violation(reason, details)
@@ -159,7 +205,7 @@ class PduGuard:
         if raw is None:
             return
         try:
-            raw.sendall(abort_pdu())
+            raw.sendall(abort_pdu(abort_reason))
             raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # the peer is gone already
@@ -236,9 +282,10 @@ def _known_character_sets(dataset: Dataset) -> bool:
 
 def check_structure(dataset: Dataset, max_depth: int) -> None:
     """Refuse, before de-identification, a data set whose sequences nest deeper than
-    *max_depth* (a top-level sequence has depth 1), with an odd value length (PS3.5 7.1.1), or
-    with a Specific Character Set term pydicom does not know. Only sequence elements are
-    converted; the walk uses no recursion.
+    *max_depth* (a top-level sequence has depth 1), or with an unknown VR, a value shorter than
+    its length (a truncated data set), an odd value length (PS3.5 7.1.1), or a Specific
+    Character Set term pydicom does not know. Only sequence elements are converted; the walk
+    uses no recursion.
 
     Raises :class:`LimitExceeded` (depth) or :class:`DecodeError`; a sequence that cannot be
     parsed raises what pydicom raises.
@@ -250,8 +297,13 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
             raise DecodeError("unknown Specific Character Set (0008,0005)")
         for tag in list(current.keys()):
             raw: Any = current.get_item(tag)
-            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length % 2:
-                raise DecodeError(f"element {raw.tag} has an odd value length")
+            if isinstance(raw, RawDataElement) and raw.VR is not None and raw.VR not in _VRS:
+                raise DecodeError(f"element {raw.tag} has an unknown VR")
+            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
+                if raw.length % 2:
+                    raise DecodeError(f"element {raw.tag} has an odd value length")
+                if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
+                    raise DecodeError(f"element {raw.tag} is truncated")
             if not _is_sequence(raw):
                 continue
             element = current[tag]

@@ -278,7 +278,9 @@ class StorageSCP:
                 **details,
             )
 
-        limits.PduGuard.install(assoc, self.config.max_pdu_size, violation)
+        limits.PduGuard.install(
+            assoc, self.config.max_pdu_size, violation, read_timeout=self.config.network_timeout
+        )
 
     def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset:
         """Answer a C-STORE refused by a limit, audited as ``instance.failed``."""
@@ -303,12 +305,10 @@ class StorageSCP:
     def handle_store_within_limits(self, event: evt.Event) -> Dataset:
         """EVT_C_STORE: apply ``max_instance_bytes`` (inflation bounded, see
         :mod:`anonproxy.limits`) before anything decodes the data set, then
-        the structure checks before de-identification, then :meth:`handle_store`.
+        :meth:`handle_store` (the structure checks run with the decoding, in the pipeline).
 
         * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
-        * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream, sequences
-          nested deeper than ``max_sequence_depth``, an odd value length or an unknown
-          Specific Character Set (see :func:`anonproxy.limits.check_structure`).
+        * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream.
         """
         request: Any = event.request
         encoded = getattr(request, "DataSet", None)
@@ -323,12 +323,6 @@ class StorageSCP:
                 return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
             except DecodeError as exc:
                 return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
-        try:
-            limits.check_structure(event.dataset, self.config.max_sequence_depth)
-        except DecodeError as exc:  # LimitExceeded included
-            return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
-        except Exception:  # noqa: BLE001, S110 - unparseable: handle_store answers and audits it
-            pass
         return self.handle_store(event)
 
     # -- DIMSE services ---------------------------------------------------------------------

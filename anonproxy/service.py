@@ -82,6 +82,7 @@ class Proxy:
             settings.profile.model_dump(mode="json"),
             self.secret.value,
             workers=deidentify_workers(settings),
+            max_sequence_depth=settings.listen.max_sequence_depth,
         )
         self.pipeline = InstancePipeline(
             self.deidentifiers,

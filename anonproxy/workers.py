@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 from pydicom import dcmread, dcmwrite
 
+from anonproxy import limits
 from anonproxy.audit import silence_value_reports
 from anonproxy.deid import Deidentifier, DeidResult
-from anonproxy.errors import DeidentificationError
+from anonproxy.errors import DecodeError, DeidentificationError
 from anonproxy.status import StoreStatus
 
 DEFAULT_INLINE_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_SEQUENCE_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,17 @@ class Refusal:
     reason: str
 
 
-def deidentify_encoded(engine: Deidentifier, data: bytes) -> Deidentified | Refusal:
-    """Decode the DICOM file *data*, de-identify it and encode the result."""
+def deidentify_encoded(
+    engine: Deidentifier, data: bytes, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH
+) -> Deidentified | Refusal:
+    """Decode the DICOM file *data*, check its structure (:func:`anonproxy.limits.
+    check_structure`), de-identify it and encode the result."""
     try:
         dataset = dcmread(io.BytesIO(data))
+        limits.check_structure(dataset, max_sequence_depth)
         modality = str(dataset.get("Modality", "") or "")
+    except DecodeError as exc:  # LimitExceeded included: the message names no value
+        return Refusal(StoreStatus.CANNOT_UNDERSTAND, "limits", str(exc))
     except Exception as exc:  # noqa: BLE001 - any parser failure is a DICOM status
         return Refusal(
             StoreStatus.CANNOT_UNDERSTAND, "decode", f"cannot parse data set ({type(exc).__name__})"
@@ -81,17 +89,19 @@ def deidentify_encoded(engine: Deidentifier, data: bytes) -> Deidentified | Refu
 
 
 _worker_engine: Deidentifier | None = None
+_worker_max_depth = DEFAULT_MAX_SEQUENCE_DEPTH
 
 
-def _start_worker(profile: dict[str, object], secret: bytes) -> None:
-    global _worker_engine  # noqa: PLW0603 - one engine per worker process
+def _start_worker(profile: dict[str, object], secret: bytes, max_sequence_depth: int) -> None:
+    global _worker_engine, _worker_max_depth  # noqa: PLW0603 - one engine per worker process
     silence_value_reports()
     _worker_engine = Deidentifier.from_config(profile, secret)
+    _worker_max_depth = max_sequence_depth
 
 
 def _run_in_worker(data: bytes) -> Deidentified | Refusal:
     assert _worker_engine is not None  # noqa: S101 - set by the pool initializer
-    return deidentify_encoded(_worker_engine, data)
+    return deidentify_encoded(_worker_engine, data, _worker_max_depth)
 
 
 def _ready() -> bool:
@@ -109,12 +119,14 @@ class DeidentifierPool:
         *,
         workers: int,
         inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES,
+        max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
     ) -> None:
         self.engine = engine
         self._profile = profile
         self._secret = secret
         self.workers = workers
         self.inline_max_bytes = inline_max_bytes
+        self.max_sequence_depth = max_sequence_depth
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._busy = 0  # instances being de-identified now
@@ -126,7 +138,7 @@ class DeidentifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(self._profile, self._secret),
+            initargs=(self._profile, self._secret, self.max_sequence_depth),
         )
 
     def start(self) -> None:
@@ -150,7 +162,7 @@ class DeidentifierPool:
             self.offloaded += not inline
         try:
             if inline or pool is None:
-                return deidentify_encoded(self.engine, data)
+                return deidentify_encoded(self.engine, data, self.max_sequence_depth)
             return pool.submit(_run_in_worker, data).result()
         except BrokenProcessPool:
             with self._lock:

@@ -63,6 +63,7 @@ import os
 import re
 import struct
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -764,7 +765,21 @@ def read_instance(path: str | os.PathLike[str]) -> Dataset:
             ds = dcmread(path, force=True)
             if _SOP_CLASS_UID in ds:
                 _add_file_meta(ds)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, struct.error):
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # not a decoding problem
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        struct.error,
+        NotImplementedError,  # pydicom: an unknown VR
+        OSError,  # pydicom: "no tag to read" in a damaged file
+        zlib.error,  # a damaged deflated data set
+        RecursionError,  # sequences nested beyond Python's recursion limit
+        BytesLengthException,  # a value length that is no multiple of its VR's size
+    ):
         raise DecodeError("source is not a readable DICOM file") from None
     if _SOP_CLASS_UID not in ds:  # e.g. a DICOMDIR: not a composite instance
         raise DecodeError("source is not a DICOM instance (no SOP Class UID)")

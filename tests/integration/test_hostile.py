@@ -20,7 +20,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import dcmwrite
 
 from peers import RawPeer, associate_rq, echoscu, p_data_tf, send_body, storescu, wait_for
@@ -52,8 +51,8 @@ def body_of(ds: Dataset) -> bytes:
     buffer = DicomBytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     data = buffer.getvalue()
-    meta = read_file_meta_info(DicomBytesIO(data))
-    return data[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
+    (group_length,) = struct.unpack_from("<L", data, 140)  # (0002,0000) UL, after the preamble
+    return data[132 + 12 + group_length :]
 
 
 def element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
@@ -153,6 +152,7 @@ def test_hostile_peer_cannot_crash_the_server_and_storescu_follows(
     peer.send(associate_rq() + b"\xde\xad\xbe\xef" * 64)
     pdus = peer.pdus_until_closed()
     assert [p[0] for p in pdus] == [A_ASSOCIATE_AC, A_ABORT]
+    assert pdus[-1][1][2:4] == b"\x02\x01"  # service provider, unrecognized PDU
     peer.close()
 
     # 3. A P-DATA-TF whose PDV claims more than the PDU holds.
@@ -175,12 +175,16 @@ def test_hostile_peer_cannot_crash_the_server_and_storescu_follows(
     violations = _events(tmp_path, "association.protocol_violation")
     assert [(v["reason"], v["pdu_type"]) for v in violations] == [
         ("pdu_too_long", 0x01),
+        ("unknown_pdu_type", 0xDE),
         ("pdv_length_inconsistent", 0x04),
         ("pdu_too_long", 0x04),
     ]
     assert violations[0]["declared_length"] == 0xFFFFFFF0
-    assert violations[2]["limit"] == 16384
-    assert wait_for(lambda: len(_events(tmp_path, "association.aborted")) >= 3, timeout=10)
+    assert violations[3]["limit"] == 16384
+    closing = {"association.aborted", "association.closed"}  # whichever pynetdicom reports first
+    assert wait_for(
+        lambda: sum(e["event"] in closing for e in _audit(tmp_path)) >= 3, timeout=10
+    ), [e["event"] for e in _audit(tmp_path)]
 
     # 5. Malformed data sets in C-STORE: each a failure status and an instance.failed record.
     ct_small = next(p for p in corpus if p.name == "CT_small.dcm")
@@ -226,3 +230,107 @@ def test_storescu_within_a_small_max_pdu_size_is_not_refused(
     assert status is not None
     assert int(status.Status) == 0x0000
     assert not _events(tmp_path, "association.protocol_violation")
+
+
+PLANTED = {
+    "PatientName": "ZQPLANTNAME^XAVERIA",
+    "PatientID": "ZQPID7731",
+    "AccessionNumber": "ZQACC55120",
+    "InstitutionName": "ZQ PLANTED HOSPITAL",
+    "StudyDescription": "ZQSTUDYDESC PLANTED",
+    "SeriesDescription": "ZQSERIESDESC PLANTED",
+}
+PLANTED_PRIVATE = "ZQPRIVATE VALUE"
+PLANTED_NESTED = "ZQNESTED PROCEDURE"
+
+
+def plant(source: Path, target: Path) -> Path:
+    """A corpus file with distinctive values in identifying attributes, a private element and
+    a nested sequence."""
+    ds = dcmread(source)
+    for keyword, value in PLANTED.items():
+        setattr(ds, keyword, value)
+    block = ds.private_block(0x0011, "ZQ CREATOR", create=True)
+    block.add_new(0x01, "LO", PLANTED_PRIVATE)
+    item = Dataset()
+    item.RequestedProcedureDescription = PLANTED_NESTED
+    item.ScheduledProcedureStepID = "ZQSPS0042"
+    ds.RequestAttributesSequence = [item]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_no_planted_value_leaks_from_a_running_proxy(tmp_path: Path, corpus: list[Path]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import TEST_SECRET
+    from peers import free_port, wait_port
+
+    names = {"CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "test-SR.dcm", "image_dfl.dcm"}
+    planted = [plant(p, tmp_path / "planted" / p.name) for p in corpus if p.name in names]
+    port = free_port()
+    config = tmp_path / "anonproxy.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "listen": {"port": port, "max_instance_bytes": 2_000_000},
+                "storage": {"path": str(tmp_path / "var"), "min_free_bytes": 0,
+                            "keep_rejected_inputs": False},
+                "audit": {"path": str(tmp_path / "var" / "audit.jsonl"), "stdout": True},
+                "log": {"level": "DEBUG"},
+            }
+        ),
+        "utf-8",
+    )  # fmt: skip
+    env = {**os.environ, "ANONPROXY_SECRET": TEST_SECRET.value.decode()}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    comments: list[str] = []
+    try:
+        wait_port(port, timeout=30)
+        sent = storescu(port, planted)
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        bodies = malformed_bodies(
+            planted[0], name=PLANTED["PatientName"], id=PLANTED["PatientID"], desc=PLANTED_NESTED
+        )
+        for syntax, body in bodies.values():
+            status = send_body(port, CT_IMAGE, syntax, body, tmp_path / "raw")
+            assert status is not None
+            assert int(status.Status) != 0
+            comments.append(str(status.get("ErrorComment", "")))
+        # A peer that breaks the protocol with planted bytes in its PDUs.
+        peer = RawPeer(port)
+        peer.send(associate_rq(calling="MODALITY") + p_data_tf([(1, 0x02, body)])[:200])
+        peer.pdus_until_closed()
+        peer.close()
+        assert wait_for(lambda: len(_received(tmp_path)) == len(planted), timeout=30)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=30)
+    values = {*PLANTED.values(), PLANTED_PRIVATE, PLANTED_NESTED, "ZQSPS0042"}
+    values |= {v.split("^")[0] for v in values}  # parts of the name, too
+    audit = (tmp_path / "var" / "audit.jsonl").read_text("utf-8")
+    assert "instance.failed" in audit
+    outputs = {
+        "audit": audit,
+        "stdout": stdout,
+        "stderr": stderr,
+        "file names": "\n".join(str(p) for p in (tmp_path / "var").rglob("*")),
+        "ErrorComments": "\n".join(comments),
+    }
+    for where, text in outputs.items():
+        leaked = sorted(v for v in values if v.lower() in text.lower())
+        assert not leaked, (where, leaked)
+    for path in _received(tmp_path):
+        data = path.read_bytes()
+        assert not [v for v in values if v.encode() in data], path.name

@@ -27,12 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import builders
 from peers import PEER_ENV, StoreSCP, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
@@ -40,32 +36,10 @@ SECRET = "benchmark-secret-0123456789abcdef"
 
 def make_series(directory: Path, template: str, count: int, rows: int, frames: int = 1) -> int:
     """Write *count* instances of *rows*x*rows* 16-bit pixels; returns total bytes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(str(get_testdata_file(template)))
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    rng = np.random.default_rng(7)
-    pixels = rng.integers(0, 4096, size=(frames, rows, rows), dtype=np.uint16)
-    ds.Rows = ds.Columns = rows
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.PixelData = pixels.tobytes()
-    ds.PatientName = "Bench^Mark"
-    ds.PatientID = "BENCH-001"
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    total = 0
-    for number in range(count):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number + 1
-        path = directory / f"{number:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        total += path.stat().st_size
-    return total
+    paths = builders.make_series(
+        directory, count, template=template, patient_name="Bench^Mark", rows=rows, frames=frames
+    )
+    return sum(path.stat().st_size for path in paths)
 
 
 def run_senders(port: int, folders: list[Path], called: str) -> float:

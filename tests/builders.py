@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 
 def make_series(
@@ -17,10 +19,18 @@ def make_series(
     template: str = "MR_small.dcm",
     patient_name: str = "Doe^Jane^Q",
     patient_id: str = "PID-4711-X",
+    rows: int | None = None,
+    frames: int = 1,
 ) -> list[Path]:
-    """Write *count* instances of one series of one study; returns their paths."""
+    """Write *count* instances of one series of one study; returns their paths.
+
+    With *rows*, the pixel data is replaced by random 12-bit pixels of *rows* x *rows* (and
+    *frames* frames), in Explicit VR Little Endian: the synthetic series of the benchmarks.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ds = dcmread(str(get_testdata_file(template)))
+    if rows is not None:
+        _synthetic_pixels(ds, rows, frames)
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.AccessionNumber = "ACC-90210-Z"
@@ -35,3 +45,16 @@ def make_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _synthetic_pixels(ds: Dataset, rows: int, frames: int) -> None:
+    pixels = np.random.default_rng(7).integers(0, 4096, size=(frames, rows, rows), dtype=np.uint16)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixels.tobytes()

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -154,7 +154,7 @@ class StoreSCP:
         self.accept_compressed = accept_compressed
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> StoreSCP:
+    def start(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             tool("storescp"),
@@ -162,6 +162,7 @@ class StoreSCP:
             "--output-directory", str(self.directory),
             *(["+xa"] if self.accept_compressed else []),  # every transfer syntax
             "--filename-extension", ".dcm",
+            *self.options(),
             str(self.port),
         ]  # fmt: skip
         self.process = subprocess.Popen(
@@ -169,6 +170,10 @@ class StoreSCP:
         )
         wait_port(self.port)
         return self
+
+    def options(self) -> list[str]:
+        """More storescp options (subclasses)."""
+        return []
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.directory.rglob("*.dcm") if p.is_file())
@@ -378,22 +383,8 @@ class TlsStoreSCP(StoreSCP):
         super().__init__(directory, ae_title=ae_title)
         self.pki = pki
 
-    def start(self) -> TlsStoreSCP:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = [
-            tool("storescp"),
-            "--aetitle", self.ae_title,
-            "--output-directory", str(self.directory),
-            "+xa",
-            "--filename-extension", ".dcm",
-            *self.pki.dcmtk_server(),
-            str(self.port),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(self.port)
-        return self
+    def options(self) -> list[str]:
+        return self.pki.dcmtk_server()
 
 
 # --- hostile peers: raw PDUs and raw data sets -----------------------------------------------------

@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -65,18 +66,27 @@ class _TeeLogger:
 class AuditLog:
     """Writes audit events as JSON lines. Thread-safe; one per process."""
 
-    def __init__(self, path: Path | None, *, stdout: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        stdout: bool = False,
+        sinks: Sequence[Callable[[str, dict[str, Any]], None]] = (),
+    ) -> None:
+        # Called with each event after its JSON line is written (e.g. the syslog sender); a
+        # sink must be quick and never raise: whatever it raises is logged and swallowed.
+        self._event_sinks = list(sinks)
         self._files: list[IO[str]] = []
-        sinks: list[structlog.WriteLogger] = []
+        writers: list[structlog.WriteLogger] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = path.open("a", encoding="utf-8")
             self._files.append(handle)
-            sinks.append(structlog.WriteLogger(handle))
+            writers.append(structlog.WriteLogger(handle))
         if stdout:
-            sinks.append(structlog.WriteLogger(sys.stdout))
+            writers.append(structlog.WriteLogger(sys.stdout))
         self._logger = structlog.wrap_logger(
-            _TeeLogger(sinks),
+            _TeeLogger(writers),
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
                 structlog.processors.JSONRenderer(sort_keys=False),
@@ -90,6 +100,13 @@ class AuditLog:
     def event(self, name: str, **fields: Any) -> None:  # noqa: ANN401 - JSON-able values
         """Write one audit record named *name*."""
         self._logger.info(name, **fields)
+        for sink in self._event_sinks:
+            try:
+                sink(name, fields)
+            except Exception:  # noqa: BLE001 - an audit sink never fails the caller
+                logging.getLogger(__name__).warning(
+                    "audit sink %s failed on %s", type(sink).__name__, name
+                )
 
     def close(self) -> None:
         """Flush and close the audit file."""

@@ -333,11 +333,38 @@ class StorageConfig(_Section):
     rejected_inputs_max_age_days: float = Field(default=7.0, gt=0)
 
 
+class SyslogConfig(_Section):
+    """DICOM audit messages (PS3.15 A.5) sent as RFC 5424 syslog to an audit record repository:
+    UDP (RFC 5426), TCP or TLS (RFC 5425, octet-counting framing). See :mod:`anonproxy.syslog`."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=514, ge=1, le=65535)  # 6514: the RFC 5425 port for TLS
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    ca_certificates: Path | None = None  # TLS: PEM file or folder trusted for the server
+    certificate: Path | None = None  # TLS: PEM client certificate (mutual TLS)
+    private_key: Path | None = None  # PEM, unencrypted
+    verify_hostname: bool = True
+    app_name: str = Field(default="anonproxy", pattern=r"^[!-~]{1,48}$")  # RFC 5424 APP-NAME
+    facility: int = Field(default=10, ge=0, le=23)  # 10: authpriv (security/authorization)
+    audit_source_id: str | None = Field(default=None, min_length=1)  # default: the host name
+    enterprise_site_id: str | None = Field(default=None, min_length=1)
+    queue_size: int = Field(default=10000, ge=1)
+
+    @model_validator(mode="after")
+    def _tls_settings(self) -> SyslogConfig:
+        if self.transport == "tls" and self.ca_certificates is None:
+            raise ValueError("transport tls needs ca_certificates")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class AuditConfig(_Section):
-    """Audit trail: one JSON line per event."""
+    """Audit trail: one JSON line per event; optionally DICOM audit messages over syslog."""
 
     path: Path | None = Path("./var/audit.jsonl")
     stdout: bool = False
+    syslog: SyslogConfig | None = None
 
 
 class LogConfig(_Section):

@@ -136,6 +136,7 @@ class InstancePipeline:
         self.audit.event(
             "instance.deidentified",
             deid_sop_instance_uid=result.sop_instance_uid,
+            deid_study_instance_uid=result.study_instance_uid,
             actions=result.action_counts,
             deidentify_ms=round((time.monotonic() - started) * 1000, 2),
             **fields,

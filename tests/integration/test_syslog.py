@@ -137,29 +137,18 @@ def _send_and_check(
     assert wait_for(lambda: receiver.event_ids().count("110100") == 2, timeout=5)
 
 
-def test_udp_one_datagram_per_message(make_proxy, tmp_path: Path, corpus: list[Path]) -> None:
-    receiver = Receiver("udp")
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_udp_datagrams_and_tcp_octet_counted_frames(
+    make_proxy, tmp_path: Path, corpus: list[Path], transport: str
+) -> None:
+    receiver = Receiver(transport)  # one datagram per message / RFC 5425 framing
     try:
         _send_and_check(
             make_proxy,
             tmp_path,
             corpus,
             receiver,
-            {"host": "127.0.0.1", "port": receiver.port, "transport": "udp"},
-        )
-    finally:
-        receiver.close()
-
-
-def test_tcp_octet_counted_frames(make_proxy, tmp_path: Path, corpus: list[Path]) -> None:
-    receiver = Receiver("tcp")
-    try:
-        _send_and_check(
-            make_proxy,
-            tmp_path,
-            corpus,
-            receiver,
-            {"host": "127.0.0.1", "port": receiver.port, "transport": "tcp"},
+            {"host": "127.0.0.1", "port": receiver.port, "transport": transport},
         )
     finally:
         receiver.close()

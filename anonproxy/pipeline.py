@@ -14,15 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from anonproxy.audit import AuditLog, get_logger
+from anonproxy.audit import AuditLog
 from anonproxy.config import RouteConfig
 from anonproxy.deid import DeidResult
 from anonproxy.errors import SpoolFullError
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
 from anonproxy.workers import DeidentifierPool, Refusal
-
-log = get_logger(__name__)
 
 _ERROR_COMMENT_MAX = 64  # PS3.7: Error Comment is LO
 

@@ -12,9 +12,6 @@ class StoreStatus(IntEnum):
     SUCCESS = 0x0000
     """The instance is de-identified and durably spooled."""
 
-    REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
-    """PS3.7 C.5.8: the SOP Class is not supported."""
-
     OUT_OF_RESOURCES = 0xA700
     """Refused, Out of Resources: the spool cannot take the instance now; retry later."""
 
@@ -22,9 +19,6 @@ class StoreStatus(IntEnum):
     """Refused, Out of Resources (anonproxy sub-code): the data set (inflated, when deflated) is
     larger than ``listen.max_instance_bytes``. PS3.4 B.2.3 names this case Out of Resources; the
     sub-code tells it apart from a full spool (0xA700), since retrying will not help."""
-
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    """Error: the data set does not match the SOP Class (e.g. no SOP Instance UID)."""
 
     CANNOT_UNDERSTAND = 0xC000
     """Error, Cannot Understand: the data set cannot be parsed."""

@@ -89,12 +89,6 @@ def table_e1_1() -> tuple[TableRow, ...]:
 
 
 @lru_cache(maxsize=1)
-def option_names() -> tuple[str, ...]:
-    """The ten option columns of Table E.1-1 (CID 7050 snake_case), in the standard's order."""
-    return tuple(_read_json("table_e1_1.json")["options"])
-
-
-@lru_cache(maxsize=1)
 def table_edition() -> str:
     """Edition of PS3.15 the shipped Table E.1-1 comes from."""
     return str(_read_json("table_e1_1.json")["edition"])

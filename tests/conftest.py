@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,14 @@ CORPUS_NAMES = [
     "liver_1frame.dcm",
     "examples_overlay.dcm",
 ]
+
+
+def audit_records(path: Path) -> list[dict[str, Any]]:
+    """The records of an audit file; a line a running proxy is still writing is left out."""
+    if not path.exists():
+        return []
+    text = path.read_text("utf-8")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def corpus_paths() -> list[Path]:

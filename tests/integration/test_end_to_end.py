@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from conftest import corpus_identifying_values
+from conftest import audit_records, corpus_identifying_values
 from peers import StoreSCP, echoscu, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def _audit(proxy_root: Path) -> list[dict[str, object]]:
-    lines = (proxy_root / "audit.jsonl").read_text("utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    return audit_records(proxy_root / "audit.jsonl")
 
 
 def _original(path: Path) -> dict[str, str]:

@@ -4,7 +4,6 @@ command (DCMTK storescu/echoscu/storescp with their TLS options), and idle assoc
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import time
@@ -17,7 +16,7 @@ from pynetdicom import AE
 
 from anonproxy.tls import BCP195_CIPHERS, server_context
 
-from conftest import corpus_identifying_values
+from conftest import audit_records, corpus_identifying_values
 from peers import Pki, TlsStoreSCP, echo, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -26,8 +25,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 
 def _audit(tmp_path: Path) -> list[dict[str, Any]]:
-    lines = (tmp_path / "var" / "audit.jsonl").read_text("utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    return audit_records(tmp_path / "var" / "audit.jsonl")
 
 
 def _rejections(tmp_path: Path) -> list[dict[str, Any]]:

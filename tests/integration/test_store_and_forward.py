@@ -15,17 +15,14 @@ import pytest
 from pydicom import dcmread
 
 from builders import make_series
-from conftest import TEST_SECRET
+from conftest import TEST_SECRET, audit_records
 from peers import PEER_ENV, RefusingSCP, StoreSCP, free_port, storescu, tool, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 
 
 def _events(root: Path, name: str) -> list[dict[str, object]]:
-    path = root / "audit.jsonl"
-    if not path.exists():
-        return []
-    return [e for e in map(json.loads, path.read_text("utf-8").splitlines()) if e["event"] == name]
+    return [e for e in audit_records(root / "audit.jsonl") if e["event"] == name]
 
 
 def _deidentified_uid(path: Path) -> str:
@@ -134,8 +131,12 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
         assert wait_for(lambda: arrived() == wanted, timeout=60), len(wanted - arrived())
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(30)
+        proxy.send_signal(signal.SIGTERM)  # graceful: lets a running association finish
+        try:
+            proxy.wait(60)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
         research.stop()
     uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in research.files()}
     assert wanted <= uids

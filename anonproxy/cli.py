@@ -50,13 +50,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     proxy = Proxy(settings, secret)
     listen = settings.listen
     destinations = ", ".join(f"{d.name} ({d.type})" for d in settings.effective_destinations)
-    print(
-        f"anonproxy {__version__}: listening as {listen.ae_title} on {listen.host}:{listen.port};"
-        f" destinations: {destinations}; audit: {settings.audit.path}",
-        file=sys.stderr,
-        flush=True,
-    )
-    proxy.run()
+
+    def announce() -> None:
+        print(
+            f"anonproxy {__version__}: listening as {listen.ae_title} on {listen.host}:"
+            f"{proxy.port}; destinations: {destinations}; audit: {settings.audit.path}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    proxy.run(on_started=announce)
     return 0
 
 

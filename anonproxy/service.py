@@ -197,10 +197,13 @@ class Proxy:
             self.audit_syslog.close(timeout=2.0)
         self.audit.close()
 
-    def run(self) -> None:
-        """Start, serve until SIGINT or SIGTERM, then stop gracefully."""
-        self.start()
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Start, call *on_started* once the SCP listens, serve until SIGINT or SIGTERM, then
+        stop gracefully."""
         with _capture_signals(self._stop_requested):
+            self.start()
+            if on_started is not None:
+                on_started()
             self._wait.wait()
         self.stop()
 

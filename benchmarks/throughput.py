@@ -166,6 +166,7 @@ def report(name: str, count: int, size: int, base: dict[str, float], runs: dict[
         print(
             f"  {label:30s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
             f"  last arrival {result['seconds']:.2f} s  ratio {r / rate:.2f}"
+            f"  acknowledged {count / result['acknowledged_s']:.1f} inst/s"
             f"  p50 {result['p50_ms']:.0f} ms  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
         )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,19 @@ def audit_records(path: Path) -> list[dict[str, Any]]:
         return []
     text = path.read_text("utf-8")
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def serve(config: Path, cwd: Path, *, stdout: int | None = None) -> subprocess.Popen[str]:
+    """`anonproxy serve --config CONFIG` as a user runs it, with the test secret; standard
+    error is captured (and standard output, with ``stdout=subprocess.PIPE``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
+        cwd=cwd,
+        env={**os.environ, "ANONPROXY_SECRET": TEST_SECRET.value.decode()},
+        stdout=subprocess.DEVNULL if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def corpus_paths() -> list[Path]:

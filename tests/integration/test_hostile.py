@@ -262,12 +262,10 @@ def plant(source: Path, target: Path) -> Path:
 
 
 def test_no_planted_value_leaks_from_a_running_proxy(tmp_path: Path, corpus: list[Path]) -> None:
-    import os
     import signal
     import subprocess
-    import sys
 
-    from conftest import TEST_SECRET
+    from conftest import serve
     from peers import free_port, wait_port
 
     names = {"CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "test-SR.dcm", "image_dfl.dcm"}
@@ -286,15 +284,7 @@ def test_no_planted_value_leaks_from_a_running_proxy(tmp_path: Path, corpus: lis
         ),
         "utf-8",
     )  # fmt: skip
-    env = {**os.environ, "ANONPROXY_SECRET": TEST_SECRET.value.decode()}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = serve(config, tmp_path, stdout=subprocess.PIPE)
     comments: list[str] = []
     try:
         wait_port(port, timeout=30)

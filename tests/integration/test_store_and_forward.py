@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from builders import make_series
-from conftest import TEST_SECRET, audit_records
+from conftest import TEST_SECRET, audit_records, serve
 from peers import PEER_ENV, RefusingSCP, StoreSCP, free_port, storescu, tool, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
@@ -63,18 +62,6 @@ def test_destination_down_then_back_delivers_everything(make_proxy, tmp_path: Pa
     assert len(files) == 300
 
 
-def _serve(config: Path, cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "ANONPROXY_SECRET": TEST_SECRET.value.decode()}
-    return subprocess.Popen(
-        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _acknowledged(storescu_log: str) -> list[Path]:
     """Files storescu saw acknowledged with Success, from its verbose log."""
     acknowledged = []
@@ -107,7 +94,7 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         ),
         "utf-8",
     )  # fmt: skip
-    proxy = _serve(config, tmp_path)
+    proxy = serve(config, tmp_path)
     try:
         wait_port(port, timeout=30)
         sender = subprocess.Popen(
@@ -123,7 +110,7 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         log, _ = sender.communicate(timeout=60)
         acknowledged = _acknowledged(log)
         assert 100 <= len(acknowledged) < 300
-        proxy = _serve(config, tmp_path)  # restart: the spool is forwarded on start-up
+        proxy = serve(config, tmp_path)  # restart: the spool is forwarded on start-up
         wanted = {_deidentified_uid(path) for path in acknowledged}
 
         def arrived() -> set[str]:

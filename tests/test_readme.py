@@ -31,8 +31,10 @@ def test_the_two_commands_are_the_ones_ci_runs() -> None:
     assert "./dev test" in README
     ci = (ROOT / ".ci" / "run").read_text("utf-8")
     assert "exec ./dev test" in ci
-    for package in ("dcmtk", "orthanc", "dicom3tools"):
+    dev = (ROOT / "dev").read_text("utf-8")
+    for package in ("dcmtk", "orthanc", "dicom3tools", "openssl"):
         assert package in ci
+        assert package in dev
 
 
 def test_every_yaml_example_in_the_readme_is_a_valid_configuration() -> None:

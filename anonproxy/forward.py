@@ -294,16 +294,21 @@ class ForwardWorker(threading.Thread):
         finally:
             self.sender.close()
 
+    def _audit(self, event: str, item: QueueItem, **fields: object) -> None:
+        """An audit record about *item* at this destination."""
+        self.audit.event(
+            event, deid_sop_instance_uid=item.name, destination=self.destination, **fields
+        )
+
     def _back_off(self, item: QueueItem, reason: str) -> None:
         """A transient failure: the item is due again at once, and this worker waits out the
         destination's back-off (a dead PACS costs one attempt per back-off, not one per
         instance)."""
         self.failures += 1
         delay = retry_delay(self.failures, self.retry_max_delay_s)
-        self.audit.event(
+        self._audit(
             "instance.forward_retry",
-            deid_sop_instance_uid=item.name,
-            destination=self.destination,
+            item,
             reason=reason,
             attempt=item.attempts + 1,
             retry_in_s=round(delay, 3),
@@ -322,10 +327,9 @@ class ForwardWorker(threading.Thread):
             if exc.permanent or expired:
                 reason = str(exc) if exc.permanent else f"gave up after {age:.0f} s: {exc}"
                 self.spool.quarantine(self.destination, item, reason, exc.status)
-                self.audit.event(
+                self._audit(
                     "instance.quarantined",
-                    deid_sop_instance_uid=item.name,
-                    destination=self.destination,
+                    item,
                     reason=reason,
                     attempts=item.attempts + 1,
                 )
@@ -341,10 +345,9 @@ class ForwardWorker(threading.Thread):
             return
         self.failures = 0
         self.spool.release(self.queue, item, status)
-        self.audit.event(
+        self._audit(
             "instance.forwarded",
-            deid_sop_instance_uid=item.name,
-            destination=self.destination,
+            item,
             status=f"0x{status:04X}",
             attempts=item.attempts + 1,
             send_ms=round((time.monotonic() - started) * 1000, 1),

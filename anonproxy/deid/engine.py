@@ -427,7 +427,8 @@ class Deidentifier:
                 continue
             action = self._resolve(code, tag, parents, run)
             self._apply(ds, tag, action, parents, run)
-        self._drop_incomplete_overlays(ds, run)
+        if not parents:  # the Overlay Plane module is at the top level of a data set
+            self._drop_incomplete_overlays(ds, run)
 
     @staticmethod
     def _drop_incomplete_overlays(ds: Dataset, run: _Run) -> None:

@@ -61,7 +61,7 @@ class InstancePipeline:
         self.reject_burned_in_annotation = reject_burned_in_annotation
         self.keep_rejected_inputs = keep_rejected_inputs
 
-    def _fail(
+    def refuse(
         self,
         status: StoreStatus,
         stage: str,
@@ -117,11 +117,11 @@ class InstancePipeline:
         self.audit.event("instance.received", **fields)
         done = self.runner.run(data)
         if isinstance(done, Refusal):
-            return self._fail(done.status, done.stage, done.reason, fields, data)
+            return self.refuse(done.status, done.stage, done.reason, fields, data)
         result = done.result
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
         if self.reject_burned_in_annotation and result.burned_in_annotation == "YES":
-            return self._fail(
+            return self.refuse(
                 StoreStatus.DEIDENTIFICATION_FAILED,
                 "policy",
                 "burned-in annotation refused by policy",
@@ -130,7 +130,7 @@ class InstancePipeline:
             )
         destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
         if not destinations:
-            return self._fail(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
+            return self.refuse(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
         self.audit.event(
             "instance.deidentified",
             deid_sop_instance_uid=result.sop_instance_uid,
@@ -162,7 +162,7 @@ class InstancePipeline:
             size = self.spool.put(name, write, destinations)
         except SpoolFullError as exc:
             self._unwatch(name, watching)
-            return self._fail(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
+            return self.refuse(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
         self.audit.event(
             "instance.spooled",
             deid_sop_instance_uid=result.sop_instance_uid,

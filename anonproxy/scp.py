@@ -33,7 +33,7 @@ from anonproxy.audit import AuditLog
 from anonproxy.config import ListenConfig
 from anonproxy.errors import DecodeError
 from anonproxy.forward import set_tcp_nodelay
-from anonproxy.pipeline import InstancePipeline
+from anonproxy.pipeline import InstancePipeline, StoreOutcome
 from anonproxy.status import EchoStatus, StoreStatus
 
 # pynetdicom's DIMSE debug handlers quote original UIDs: keep them off.
@@ -284,23 +284,13 @@ class StorageSCP:
 
     def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset:
         """Answer a C-STORE refused by a limit, audited as ``instance.failed``."""
-        with self._lock:
-            record = self._records.get(id(event.assoc))
-        if record is not None:
-            record.received += 1
-            record.failed += 1
-        self.audit.event(
-            "instance.failed",
-            stage="limits",
-            status=f"0x{status:04X}",
-            reason=reason,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            assoc_id=id(event.assoc),
+        fields: dict[str, object] = {
+            "sop_class_uid": str(event.request.AffectedSOPClassUID),
+            "assoc_id": id(event.assoc),
+        }
+        return self._answer(
+            self._record(event), self.pipeline.refuse(status, "limits", reason, fields)
         )
-        answer = Dataset()
-        answer.Status = int(status)
-        answer.ErrorComment = reason[:64]
-        return answer
 
     def handle_store_within_limits(self, event: evt.Event) -> Dataset:
         """EVT_C_STORE: apply ``max_instance_bytes`` (inflation bounded, see
@@ -355,14 +345,22 @@ class StorageSCP:
         write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
         buffer.write(request.DataSet.getbuffer())
 
-        with self._lock:
-            record = self._records.get(id(event.assoc))
+        record = self._record(event)
         outcome = self.pipeline.process(
             buffer.getvalue(),
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             calling_ae_title=record.calling_ae_title if record else "",
             assoc_id=id(event.assoc),
         )
+        return self._answer(record, outcome)
+
+    def _record(self, event: evt.Event) -> AssociationRecord | None:
+        with self._lock:
+            return self._records.get(id(event.assoc))
+
+    @staticmethod
+    def _answer(record: AssociationRecord | None, outcome: StoreOutcome) -> Dataset:
+        """Count the outcome in the association's record; the C-STORE response status."""
         if record is not None:
             record.received += 1
             if code_to_category(outcome.status) in {"Success", "Warning"}:

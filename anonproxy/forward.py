@@ -37,6 +37,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
+from anonproxy import reactor
 from anonproxy.audit import AuditLog, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ForwardError
@@ -117,6 +118,7 @@ class DicomSender:
     """C-STORE to a research PACS over a reused association."""
 
     def __init__(self, config: DicomDestinationConfig, calling_ae_title: str) -> None:
+        reactor.install()
         self.config = config
         self.ae = AE(ae_title=config.calling_ae_title or calling_ae_title)
         self.ae.acse_timeout = config.acse_timeout

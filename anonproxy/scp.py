@@ -27,7 +27,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from anonproxy import limits, tls
+from anonproxy import limits, reactor, tls
 from anonproxy.access import AccessPolicy, Rejection
 from anonproxy.audit import AuditLog
 from anonproxy.config import ListenConfig
@@ -60,6 +60,7 @@ class StorageSCP:
     """The receiving side of anonproxy."""
 
     def __init__(self, config: ListenConfig, pipeline: InstancePipeline, audit: AuditLog) -> None:
+        reactor.install()
         self.config = config
         self.pipeline = pipeline
         self.audit = audit

@@ -1,0 +1,188 @@
+"""Event-driven waits for pynetdicom's reactor loops.
+
+pynetdicom 3.0.4 runs two polling loops per association: the upper layer (DUL) thread sleeps
+``_run_loop_delay`` (1 ms) whenever its event queue is empty, and the association thread
+sleeps 1 ms before every look at the DIMSE message queue. One sender waits for each C-STORE
+response before it sends the next request, so these sleeps are on the critical path of every
+instance: a message waits on average half a loop at each of three hand-offs (request bytes to
+the DUL, the decoded message to the association thread, the response back to the DUL). Short
+sleeps would cut that wait but make every thread wake thousands of times a second, and each
+wake-up competes for the interpreter lock with the threads doing the real work.
+
+:func:`install` keeps pynetdicom's loops and delays but turns their sleeps into waits that end
+as soon as there is something to do:
+
+* the DUL thread waits with ``select`` on its socket and on a pipe that
+  :meth:`~pynetdicom.dul.DULServiceProvider.send_pdu` writes to when the association thread
+  hands it a primitive to send;
+* the association thread waits on its DIMSE message queue's condition (and passes the
+  wake-up on, since a requestor's thread may be blocked in ``get`` on the same queue).
+
+With nothing to do, each still wakes once per delay (1 ms), as before, to check its timers and
+flags. It depends on pynetdicom's internals (the version is pinned) and is a candidate for an
+upstream option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import ssl
+import threading
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom.association
+import pynetdicom.dul
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+
+_waiter = threading.local()  # .wait: how the current reactor thread waits, if it is one
+
+
+def _sleep(seconds: float) -> None:
+    wait: Callable[[float], None] | None = getattr(_waiter, "wait", None)
+    if wait is None:
+        time.sleep(seconds)
+    else:
+        wait(seconds)
+
+
+class _ReactorTime(types.ModuleType):
+    """The :mod:`time` module as pynetdicom's reactors see it: only ``sleep`` differs."""
+
+    sleep = staticmethod(_sleep)
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - mirrors the time module
+        return getattr(time, name)
+
+
+class _Wakeup:
+    """A pipe that another thread writes to, to end a DUL thread's wait early."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._closed = False
+
+    def set(self) -> None:
+        with self._lock:  # never write to a closed (and perhaps reused) descriptor
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):  # already full: already set
+                    os.write(self._write_fd, b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read_fd, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self._write_fd)
+        os.close(self.read_fd)
+
+
+def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], None]:
+    reads_at_socket_wake: int | None = None  # set when the socket ended the last wait
+
+    def wait(seconds: float) -> None:
+        nonlocal reads_at_socket_wake
+        sock = getattr(dul.socket, "socket", None)
+        reads = getattr(dul, "_anonproxy_reads", 0)
+        if sock is None or sock.fileno() < 0 or reads_at_socket_wake == reads:
+            # No socket, or readable data that this state does not read: sleep, not spin.
+            reads_at_socket_wake = None
+            time.sleep(seconds)
+            return
+        reads_at_socket_wake = None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted data waiting in the SSL buffer: select cannot see it
+        try:
+            ready, _, _ = select.select([sock, wakeup.read_fd], [], [], seconds)
+        except (OSError, ValueError):  # the socket was closed meanwhile: the loop will see it
+            return
+        if wakeup.read_fd in ready:
+            wakeup.clear()
+        elif ready:
+            reads_at_socket_wake = reads
+
+    return wait
+
+
+def _read_pdu_data(original: Callable[[DULServiceProvider], None]) -> Callable[..., None]:
+    def read_pdu_data(self: DULServiceProvider) -> None:
+        self._anonproxy_reads = getattr(self, "_anonproxy_reads", 0) + 1  # type: ignore[attr-defined]
+        original(self)
+
+    return read_pdu_data
+
+
+def _run_dul_reactor(original: Callable[[DULServiceProvider], None]) -> Callable[..., None]:
+    def run_reactor(self: DULServiceProvider) -> None:
+        if self.assoc.is_requestor:
+            original(self)
+            return
+        wakeup = _Wakeup()
+        self._anonproxy_wakeup = wakeup  # type: ignore[attr-defined]
+        _waiter.wait = _dul_wait(self, wakeup)
+        try:
+            original(self)
+        finally:
+            _waiter.wait = None
+            self._anonproxy_wakeup = None  # type: ignore[attr-defined]
+            wakeup.close()
+
+    return run_reactor
+
+
+def _send_pdu(original: Callable[[DULServiceProvider, Any], None]) -> Callable[..., None]:
+    def send_pdu(self: DULServiceProvider, primitive: Any) -> None:  # noqa: ANN401
+        original(self, primitive)
+        wakeup: _Wakeup | None = getattr(self, "_anonproxy_wakeup", None)
+        if wakeup is not None:
+            wakeup.set()
+
+    return send_pdu
+
+
+def _run_association_reactor(original: Callable[[Association], None]) -> Callable[..., None]:
+    def run_reactor(self: Association) -> None:
+        if self.is_requestor:
+            original(self)
+            return
+        messages = self.dimse.msg_queue
+
+        def wait(seconds: float) -> None:
+            with messages.not_empty:  # the queue's mutex: use its unlocked _qsize
+                if not messages._qsize():
+                    messages.not_empty.wait(seconds)
+                if messages._qsize():
+                    # put() wakes one waiter: pass it on, in case it was meant for a thread
+                    # blocked in get() (a requestor waiting for its C-STORE response).
+                    messages.not_empty.notify()
+
+        _waiter.wait = wait
+        try:
+            original(self)
+        finally:
+            _waiter.wait = None
+
+    return run_reactor
+
+
+def install() -> None:
+    """Make pynetdicom's reactor loops wait for work instead of sleeping (idempotent)."""
+    if isinstance(pynetdicom.dul.time, _ReactorTime):
+        return
+    reactor_time = _ReactorTime("time")
+    pynetdicom.dul.time = reactor_time  # type: ignore[attr-defined]
+    pynetdicom.association.time = reactor_time  # type: ignore[attr-defined]
+    DULServiceProvider.run_reactor = _run_dul_reactor(DULServiceProvider.run_reactor)  # type: ignore[method-assign]
+    DULServiceProvider._read_pdu_data = _read_pdu_data(DULServiceProvider._read_pdu_data)  # type: ignore[method-assign]
+    DULServiceProvider.send_pdu = _send_pdu(DULServiceProvider.send_pdu)  # type: ignore[method-assign]
+    Association._run_reactor = _run_association_reactor(Association._run_reactor)  # type: ignore[method-assign]

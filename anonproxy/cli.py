@@ -135,7 +135,7 @@ def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
 
 def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
     """De-identify one file; returns an outcome name (never a value from the file)."""
-    from anonproxy.deid import Deidentifier, read_instance, write_instance  # noqa: PLC0415
+    from anonproxy.deid import Deidentifier, read_header, write_instance  # noqa: PLC0415
     from anonproxy.errors import DecodeError  # noqa: PLC0415
     from anonproxy.spool import check_uid_name  # noqa: PLC0415
 
@@ -143,7 +143,7 @@ def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
     engine = _WORKER
     assert isinstance(engine, Deidentifier)  # noqa: S101 - set by the pool initializer
     try:
-        dataset = read_instance(source)
+        dataset, pixels = read_header(source)  # the pixel data stays on disk
     except (DecodeError, OSError):
         return "skipped (not DICOM)"
     try:
@@ -156,7 +156,7 @@ def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
                 / check_uid_name(result.series_instance_uid)
                 / (check_uid_name(result.sop_instance_uid) + ".dcm")
             )
-        write_instance(dataset, out_file)
+        write_instance(dataset, out_file, pixels)
     except AnonproxyError as exc:
         return f"failed ({exc})"
     except Exception as exc:  # noqa: BLE001 - fail closed, report the type only

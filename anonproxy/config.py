@@ -391,6 +391,10 @@ class Settings(_Section):
         if duplicates:
             msg = f"destination names must be unique: {duplicates}"
             raise ValueError(msg)
+        reserved = sorted({"tmp", "incoming"} & set(names))  # folders of the spool
+        if reserved:
+            msg = f"destination names {reserved} are reserved"
+            raise ValueError(msg)
         known = {d.name for d in self.effective_destinations}
         for index, route in enumerate(self.routes):
             unknown = sorted(set(route.destinations) - known)

@@ -1,28 +1,43 @@
 """Forwarding: workers that drain each destination's spool queue.
 
 Each destination has its own :class:`~anonproxy.spool.DestinationQueue` and its own workers, so a
-dead PACS never blocks another destination. A worker owns one sender: a
-:class:`DicomSender` keeps an association open to the research PACS and reuses it until it has
-been idle for ``idle_timeout`` seconds; a :class:`FolderSender` moves files into a directory tree.
+dead PACS never blocks another destination. A worker owns one sender: a :class:`ProcessSender`
+C-STOREs to the research PACS from a child process, a :class:`FolderSender` moves files into a
+directory tree.
+
+The worker thread keeps the queue, the back-off, quarantine and the audit trail; only the
+network side of C-STORE runs in the child, so that the DICOM upper layer of the SCU does not
+compete with the SCP for the service process's interpreter. The child runs a
+:class:`DicomSender`, which keeps an association open to the research PACS and reuses it until it
+has been idle for ``idle_timeout`` seconds. Parent and child exchange spool paths and outcomes
+over a pipe, never data sets. The child is started on the first instance, started again after it
+has died, and ends when its pipe is closed (the service stopped or died).
 
 Outcomes, as PS3.4 means them: Success and Warning are delivered; Out of Resources (0xA7xx),
-rejected or aborted associations, network errors and time-outs are transient and retried with
-exponential back-off and jitter; any other failure status is permanent and the instance goes to
-quarantine with the reason. Every outcome is an audit event.
+rejected or aborted associations, network errors, time-outs and a failed sender process are
+transient and retried with exponential back-off and jitter; any other failure status is permanent
+and the instance goes to quarantine with the reason. Every outcome is an audit event.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import multiprocessing
 import os
 import random
 import shutil
+import signal
 import socket
 import ssl
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -38,7 +53,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from anonproxy import reactor
-from anonproxy.audit import AuditLog, get_logger
+from anonproxy.audit import AuditLog, configure_logging, get_logger, silence_value_reports
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ForwardError
 from anonproxy.spool import DestinationQueue, QueueItem, Spool, fsync_directory
@@ -51,6 +66,10 @@ _config.STORE_SEND_CHUNKED_DATASET = True  # stream spool files; never load pixe
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 _RETRY_BASE_S = 0.5
 _STATUS_CATEGORY_DELIVERED = {"Success", "Warning"}
+_REPLY_MARGIN_S = 30.0  # start-up of the sender process, transfer syntax conversion
+_MIN_THROUGHPUT_BYTES_S = 1_000_000  # the reply time-out grows by 1 s per MB of the instance
+_CLOSE_WAIT_S = 5.0  # for the sender process to release its association and exit
+_LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def set_tcp_nodelay(event: evt.Event) -> None:
@@ -115,7 +134,8 @@ class FolderSender:
 
 
 class DicomSender:
-    """C-STORE to a research PACS over a reused association."""
+    """C-STORE to a research PACS over a reused association (in the sender process of a
+    :class:`ProcessSender`)."""
 
     def __init__(self, config: DicomDestinationConfig, calling_ae_title: str) -> None:
         reactor.install()
@@ -246,6 +266,217 @@ class DicomSender:
             time.monotonic() - self._last_used > self.config.idle_timeout
         ):
             self.close()
+
+
+# --- the sender process ----------------------------------------------------------------------
+# Requests, parent to child: ("send", spool path), ("idle", ""), ("close", ""). "send" is
+# answered with one reply; "idle" and "close" are not answered.
+
+_Request = tuple[Literal["send", "idle", "close"], str]
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Reply: the destination took the instance with this C-STORE status (Success, Warning)."""
+
+    status: int
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """Reply: the fields of the :class:`ForwardError` raised in the sender process."""
+
+    message: str
+    permanent: bool
+    status: int | None
+
+
+@dataclass(frozen=True)
+class _Missing:
+    """Reply: the spool file is gone (an operator removed it)."""
+
+
+_Reply = _Stored | _Refused | _Missing
+
+
+def _send_one(sender: DicomSender, path: str) -> _Reply:
+    try:
+        return _Stored(sender.send(Path(path)))
+    except ForwardError as exc:
+        return _Refused(str(exc), exc.permanent, exc.status)
+    except FileNotFoundError:
+        return _Missing()
+    except Exception as exc:  # logged here, reported to the parent; the process carries on
+        log.exception("forward.unexpected_error", destination=sender.config.name)
+        return _Refused(f"unexpected {type(exc).__name__}", permanent=False, status=None)
+
+
+def _serve_sender(
+    conn: Connection, config: DicomDestinationConfig, calling_ae_title: str, log_level: str
+) -> None:
+    """The sender process: a :class:`DicomSender` that answers the requests on *conn* until it
+    is asked to close or the pipe ends (the parent has closed it, or died)."""
+    # Ctrl-C reaches the whole process group: the parent, not the signal, ends this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # As in anonproxy.scp: pynetdicom's DIMSE debug handlers quote UIDs; keep them off.
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    silence_value_reports()
+    configure_logging(log_level)
+    sender = DicomSender(config, calling_ae_title)
+    try:
+        while True:
+            request: _Request = conn.recv()
+            operation, path = request
+            if operation == "close":
+                break
+            if operation == "idle":
+                sender.idle_check()
+                continue
+            conn.send(_send_one(sender, path))
+    except (EOFError, OSError):
+        pass  # the parent is gone
+    finally:
+        sender.close()
+        conn.close()
+
+
+def _log_level_name() -> str:
+    """The level of the service's operational log (the root logger's), for the child."""
+    name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return name if name in _LEVEL_NAMES else "INFO"
+
+
+class ProcessSender:
+    """C-STORE to a research PACS from a child process that runs a :class:`DicomSender`.
+
+    The child is started (with ``spawn``: the service runs threads) on the first :meth:`send` and
+    reused for every later one, so its association stays open as a :class:`DicomSender`'s does.
+    A child that dies, or does not answer within :attr:`reply_timeout` seconds (plus one second
+    per megabyte of the instance), is killed: that send fails as transient and the next one
+    starts a new child. Used by one thread.
+    """
+
+    def __init__(
+        self,
+        config: DicomDestinationConfig,
+        calling_ae_title: str,
+        *,
+        log_level: str | None = None,
+    ) -> None:
+        if config.tls is not None:  # a certificate that cannot be read: ConfigError, here
+            client_context(config.tls, f"destinations.{config.name}.tls")
+        self.config = config
+        self.calling_ae_title = calling_ae_title
+        self.log_level = log_level or _log_level_name()
+        # A-RELEASE of an idle association, A-ASSOCIATE, the data set written under the network
+        # time-out and its C-STORE response under the DIMSE time-out, and a margin.
+        self.reply_timeout = (
+            2 * config.acse_timeout + config.network_timeout + config.dimse_timeout
+        ) + _REPLY_MARGIN_S
+        self._process: SpawnProcess | None = None
+        self._conn: Connection | None = None
+        self._last_reply = 0.0
+        self._maybe_associated = False  # the child may hold an association: idle check due
+
+    @property
+    def pid(self) -> int | None:
+        """The process ID of the running child, if any."""
+        return None if self._process is None else self._process.pid
+
+    def _start(self) -> Connection:
+        context = multiprocessing.get_context("spawn")
+        conn, child_conn = context.Pipe()
+        process = context.Process(
+            target=_serve_sender,
+            args=(child_conn, self.config, self.calling_ae_title, self.log_level),
+            name=f"forward-sender-{self.config.name}",
+            daemon=True,  # and the child ends on EOF, should this process be killed
+        )
+        try:
+            process.start()
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            child_conn.close()  # the child's end lives in the child only: its death is our EOF
+        self._process, self._conn = process, conn
+        log.info("forward.sender_started", destination=self.config.name, pid=process.pid)
+        return conn
+
+    def _stop(self, *, graceful: bool) -> int | None:
+        """End the child: ask it to close and wait for it (*graceful*), else kill it. Returns
+        its exit code (negative: the signal that ended it)."""
+        process, conn = self._process, self._conn
+        self._process, self._conn = None, None
+        self._maybe_associated = False
+        if conn is not None and graceful:
+            request: _Request = ("close", "")
+            with contextlib.suppress(OSError):
+                conn.send(request)
+        exitcode = None
+        if process is not None:
+            if graceful:
+                process.join(_CLOSE_WAIT_S)
+                if process.is_alive():
+                    process.terminate()
+                    process.join(1.0)
+            if process.is_alive():
+                process.kill()
+            process.join(_CLOSE_WAIT_S)
+            exitcode = process.exitcode
+            with contextlib.suppress(ValueError):  # still running after SIGKILL: leave it be
+                process.close()
+        if conn is not None:
+            conn.close()
+        return exitcode
+
+    def _failed(self, reason: str) -> ForwardError:
+        """Kill the child after a failure; the error that fails the send (transient)."""
+        exitcode = self._stop(graceful=False)
+        log.warning(
+            "forward.sender_failed", destination=self.config.name, reason=reason, exitcode=exitcode
+        )
+        return ForwardError(reason)
+
+    def send(self, path: Path) -> int:
+        timeout = self.reply_timeout + path.stat().st_size / _MIN_THROUGHPUT_BYTES_S
+        conn = self._conn or self._start()
+        request: _Request = ("send", str(path))
+        try:
+            conn.send(request)
+            answered = conn.poll(timeout)
+            reply: _Reply | None = conn.recv() if answered else None
+        except (EOFError, OSError):
+            raise self._failed("sender process failed") from None
+        if reply is None:
+            raise self._failed(f"sender process did not answer within {timeout:.0f} s")
+        self._last_reply = time.monotonic()
+        self._maybe_associated = True
+        if isinstance(reply, _Stored):
+            return reply.status
+        if isinstance(reply, _Missing):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        raise ForwardError(reply.message, permanent=reply.permanent, status=reply.status)
+
+    def idle_check(self) -> None:
+        """Have the child release its association once it has been idle for the configured
+        time (as :meth:`DicomSender.idle_check`)."""
+        if self._conn is None or not self._maybe_associated:
+            return
+        if time.monotonic() - self._last_reply <= self.config.idle_timeout:
+            return
+        self._maybe_associated = False
+        request: _Request = ("idle", "")
+        try:
+            self._conn.send(request)
+        except OSError:
+            self._failed("sender process failed")
+
+    def close(self) -> None:
+        """Have the child release its association and exit; kill it if it does not."""
+        self._stop(graceful=True)
 
 
 def retry_delay(failures: int, maximum: float) -> float:
@@ -384,7 +615,8 @@ def make_sender(
     *,
     fsync: bool = True,
 ) -> Sender:
-    """The sender for a destination's configuration."""
+    """The sender for a destination's configuration: C-STORE from a child process, or a folder
+    written in this one."""
     if isinstance(config, FolderDestinationConfig):
         return FolderSender(config, fsync=fsync)
-    return DicomSender(config, calling_ae_title)
+    return ProcessSender(config, calling_ae_title)

@@ -29,11 +29,13 @@ Messages and audit fields carry lengths and limits only, never a value of the da
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
@@ -211,27 +213,23 @@ class PduGuard:
             pass  # the peer is gone already
 
 
-def inflated_size(deflated: bytes | memoryview, limit: int) -> int:
+def inflated_size(deflated: BinaryIO, limit: int) -> int:
     """The inflated size of a raw deflate stream (the Deflated Explicit VR Little Endian
-    transfer syntax), inflated piece by piece without keeping the output.
+    transfer syntax) read from *deflated*, inflated piece by piece without keeping the output.
 
     Raises :class:`LimitExceeded` as soon as it passes *limit* bytes, :class:`DecodeError` when
     the stream is corrupt.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    pending: bytes | memoryview = deflated
     try:
-        while True:
-            out = inflater.decompress(pending, _INFLATE_CHUNK)
-            total += len(out)
+        while not inflater.eof:
+            pending = inflater.unconsumed_tail or deflated.read(_INFLATE_CHUNK)
+            if not pending:
+                break
+            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
             if total > limit:
                 raise LimitExceeded("inflated data set exceeds max_instance_bytes")
-            pending = inflater.unconsumed_tail
-            if not pending and not out:
-                break
-            if inflater.eof:
-                break
         total += len(inflater.flush())
     except zlib.error:
         raise DecodeError("deflated data set cannot be inflated") from None
@@ -240,15 +238,30 @@ def inflated_size(deflated: bytes | memoryview, limit: int) -> int:
     return total
 
 
-def check_instance_size(encoded: bytes | memoryview, *, deflated: bool, max_bytes: int) -> None:
-    """Refuse a received data set larger than *max_bytes* (once inflated, when deflated).
+def data_set_offset(handle: BinaryIO) -> int:
+    """Where the data set starts in a DICOM file with preamble and file meta (read from the
+    File Meta Information Group Length); 0 when that cannot be told."""
+    handle.seek(0)
+    head = handle.read(144)
+    if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00" or head[136:138] != b"UL":
+        return 0
+    return 144 + int(struct.unpack_from("<L", head, 140)[0])
+
+
+def check_received_file(path: Path, *, deflated: bool, max_bytes: int) -> None:
+    """Refuse a received data set (the file pynetdicom wrote: preamble, file meta, data set)
+    larger than *max_bytes* (once inflated, when deflated).
 
     Raises :class:`LimitExceeded` (or :class:`DecodeError` for a corrupt deflate stream).
     """
-    if len(encoded) > max_bytes:
-        raise LimitExceeded("data set exceeds max_instance_bytes")
-    if deflated:
-        inflated_size(encoded, max_bytes)
+    with path.open("rb") as handle:
+        start = data_set_offset(handle)
+        size = os.fstat(handle.fileno()).st_size - start
+        if size > max_bytes:
+            raise LimitExceeded("data set exceeds max_instance_bytes")
+        if deflated:
+            handle.seek(start)
+            inflated_size(handle, max_bytes)
 
 
 def _is_sequence(raw: RawDataElement | DataElement) -> bool:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
 
 from anonproxy.audit import AuditLog
 from anonproxy.config import RouteConfig
-from anonproxy.deid import DeidResult
 from anonproxy.errors import SpoolFullError
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
@@ -67,13 +66,13 @@ class InstancePipeline:
         stage: str,
         reason: str,
         fields: dict[str, object],
-        data: bytes | None = None,
+        source: Path | None = None,
     ) -> StoreOutcome:
         """Refuse the instance. Inputs refused before de-identification are kept (they hold
         PHI) only when configured; the audit record names the kept file by its random name."""
-        if self.keep_rejected_inputs and data is not None:
+        if self.keep_rejected_inputs and source is not None:
             try:
-                kept: str | None = self.spool.keep_rejected(data).name
+                kept: str | None = self.spool.keep_rejected(source).name
             except Exception:  # noqa: BLE001 - keeping is best effort; the refusal stands
                 kept = None
             fields = {**fields, "kept_as": kept}
@@ -104,20 +103,34 @@ class InstancePipeline:
 
     def process(
         self,
-        data: bytes,
+        source: Path,
         *,
         sop_class_uid: str,
         calling_ae_title: str = "",
         **context: object,
     ) -> StoreOutcome:
-        """De-identify the DICOM file *data* (preamble, file meta, data set as received) and
-        spool it for its destinations."""
+        """De-identify the DICOM file *source* (preamble, file meta, data set as received) and
+        spool it for its destinations. *source* is left in place."""
         started = time.monotonic()
         fields = {"sop_class_uid": sop_class_uid, **context}
         self.audit.event("instance.received", **fields)
-        done = self.runner.run(data)
+        try:
+            with self.spool.staging() as staged:
+                return self._process(source, staged, started, calling_ae_title, fields)
+        except SpoolFullError as exc:
+            return self.refuse(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
+
+    def _process(
+        self,
+        source: Path,
+        staged: Path,
+        started: float,
+        calling_ae_title: str,
+        fields: dict[str, object],
+    ) -> StoreOutcome:
+        done = self.runner.run(source, staged)
         if isinstance(done, Refusal):
-            return self.refuse(done.status, done.stage, done.reason, fields, data)
+            return self.refuse(done.status, done.stage, done.reason, fields, source)
         result = done.result
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
         if self.reject_burned_in_annotation and result.burned_in_annotation == "YES":
@@ -126,8 +139,9 @@ class InstancePipeline:
                 "policy",
                 "burned-in annotation refused by policy",
                 fields,
-                data,
+                source,
             )
+        sop_class_uid = str(fields["sop_class_uid"])
         destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
         if not destinations:
             return self.refuse(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
@@ -139,33 +153,16 @@ class InstancePipeline:
             deidentify_ms=round((time.monotonic() - started) * 1000, 2),
             **fields,
         )
-        return self._spool(
-            done.encoded, result, destinations, transparent, started=started, fields=fields
-        )
-
-    def _spool(
-        self,
-        encoded: bytes,
-        result: DeidResult,
-        destinations: list[str],
-        transparent: dict[str, float],
-        *,
-        started: float,
-        fields: dict[str, object],
-    ) -> StoreOutcome:
-        def write(handle: BinaryIO) -> None:
-            handle.write(encoded)
-
         name = result.sop_instance_uid
         watching = {d: self.spool.queues[d].watch(name) for d in transparent}
         try:
-            size = self.spool.put(name, write, destinations)
-        except SpoolFullError as exc:
+            size = self.spool.commit(staged, name, destinations)
+        except SpoolFullError:
             self._unwatch(name, watching)
-            return self.refuse(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
+            raise
         self.audit.event(
             "instance.spooled",
-            deid_sop_instance_uid=result.sop_instance_uid,
+            deid_sop_instance_uid=name,
             destinations=destinations,
             bytes=size,
             total_ms=round((time.monotonic() - started) * 1000, 2),

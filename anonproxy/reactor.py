@@ -177,7 +177,7 @@ def _run_association_reactor(original: Callable[[Association], None]) -> Callabl
 
 def install() -> None:
     """Make pynetdicom's reactor loops wait for work instead of sleeping (idempotent)."""
-    if isinstance(pynetdicom.dul.time, _ReactorTime):
+    if isinstance(getattr(pynetdicom.dul, "time", None), _ReactorTime):
         return
     reactor_time = _ReactorTime("time")
     pynetdicom.dul.time = reactor_time  # type: ignore[attr-defined]

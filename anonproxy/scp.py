@@ -12,15 +12,17 @@ released or aborted, with its counts and duration.
 
 from __future__ import annotations
 
+import functools
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -40,6 +42,16 @@ from anonproxy.status import EchoStatus, StoreStatus
 _config.LOG_HANDLER_LEVEL = "none"
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# C-STORE data sets are written to a file as they arrive (see receive_into), never held whole.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def receive_into(directory: Path) -> None:
+    """Make pynetdicom write received C-STORE data sets into *directory* (the spool's
+    owner-only ``incoming`` folder) rather than the system's temporary folder: they hold PHI."""
+    pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined,assignment]
+        tempfile.NamedTemporaryFile, dir=directory, prefix="in-"
+    )
 
 
 @dataclass
@@ -61,6 +73,7 @@ class StorageSCP:
 
     def __init__(self, config: ListenConfig, pipeline: InstancePipeline, audit: AuditLog) -> None:
         reactor.install()
+        receive_into(pipeline.spool.incoming_dir)
         self.config = config
         self.pipeline = pipeline
         self.audit = audit
@@ -297,24 +310,28 @@ class StorageSCP:
         """EVT_C_STORE: apply ``max_instance_bytes`` (inflation bounded, see
         :mod:`anonproxy.limits`) before anything decodes the data set, then
         :meth:`handle_store` (the structure checks run with the decoding, in the pipeline).
+        The received file is removed afterwards, whatever the outcome.
 
         * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
         * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream.
         """
-        request: Any = event.request
-        encoded = getattr(request, "DataSet", None)
-        deflated = bool(event.context.transfer_syntax.is_deflated)
-        if encoded is not None and hasattr(encoded, "getbuffer"):
-            try:
-                with encoded.getbuffer() as view:
-                    limits.check_instance_size(
-                        view, deflated=deflated, max_bytes=self.config.max_instance_bytes
-                    )
-            except limits.LimitExceeded as exc:
-                return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
-            except DecodeError as exc:
-                return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
-        return self.handle_store(event)
+        received = Path(event.dataset_path)
+        try:
+            limits.check_received_file(
+                received,
+                deflated=bool(event.context.transfer_syntax.is_deflated),
+                max_bytes=self.config.max_instance_bytes,
+            )
+        except limits.LimitExceeded as exc:
+            received.unlink(missing_ok=True)
+            return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
+        except DecodeError as exc:
+            received.unlink(missing_ok=True)
+            return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
+        try:
+            return self.handle_store(event, received)
+        finally:
+            received.unlink(missing_ok=True)
 
     # -- DIMSE services ---------------------------------------------------------------------
 
@@ -323,11 +340,12 @@ class StorageSCP:
         del event
         return EchoStatus.SUCCESS
 
-    def handle_store(self, event: evt.Event) -> Dataset:
+    def handle_store(self, event: evt.Event, received: Path) -> Dataset:
         """EVT_C_STORE: de-identify and spool one instance.
 
-        Uses ``event.request`` (its encoded data set: it is decoded in the pipeline, not in
-        this thread), ``event.file_meta`` and ``event.assoc``. Returns a status dataset:
+        *received* is the file pynetdicom wrote as the data set arrived (preamble, file meta,
+        data set untouched); it is decoded in the pipeline, not in this thread. Returns a
+        status dataset:
 
         * ``StoreStatus.SUCCESS`` (0x0000): de-identified and durably spooled;
         * ``StoreStatus.OUT_OF_RESOURCES`` (0xA700): the spool cannot take it; retry later;
@@ -338,17 +356,9 @@ class StorageSCP:
 
         References: PS3.4 Annex B.2.3; PS3.7 Annex C.
         """
-
-        # The file as received: preamble, file meta, then the data set bytes untouched.
-        request: Any = event.request  # a C_STORE primitive: its DataSet is a BytesIO
-        buffer = DicomBytesIO()
-        buffer.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
-        buffer.write(request.DataSet.getbuffer())
-
         record = self._record(event)
         outcome = self.pipeline.process(
-            buffer.getvalue(),
+            received,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             calling_ae_title=record.calling_ae_title if record else "",
             assoc_id=id(event.assoc),

@@ -156,13 +156,17 @@ class Proxy:
 
     def _housekeep(self) -> None:
         """Every few seconds: pick up released instances and retry requests, publish the
-        queue state, purge kept rejected inputs past their age."""
+        queue state, purge kept rejected inputs past their age and the data sets of aborted
+        associations (received in part, never processed: no write for twice the network
+        time-out, after which an association that stopped sending has been aborted)."""
         max_age = self.settings.storage.rejected_inputs_max_age_days * 86400
+        abandoned = 2 * self.settings.listen.network_timeout + HOUSEKEEPING_INTERVAL_S
         while not self._stopped.wait(HOUSEKEEPING_INTERVAL_S):
             try:
                 self.spool.rescan()
                 self.spool.write_state()
                 self.spool.purge_rejected(max_age)
+                self.spool.purge_incoming(abandoned)
             except OSError:
                 log.warning("housekeeping.failed", exc_info=True)
 

@@ -2,15 +2,18 @@
 
 Layout under the storage path::
 
-    spool/tmp/                      partial writes (removed at start-up)
+    spool/incoming/                 data sets being received (PHI: owner-only, removed at
+                                    start-up and when abandoned by an aborted association)
+    spool/tmp/                      de-identified instances being written (removed at start-up)
     spool/<destination>/<uid>.dcm   de-identified instances waiting for that destination
     quarantine/<destination>/       instances a destination refused for good, with <uid>.json
 
 An instance is written once to ``spool/tmp`` (write, fsync), then hard-linked into the queue
 directory of every destination it is routed to, the directories are fsynced, and only then is
-the temporary name removed. When :meth:`Spool.put` returns, the instance survives a crash or a
-SIGKILL; the C-STORE handler answers Success only after that. File names are de-identified SOP
-Instance UIDs only, validated against the UID grammar (no path can be smuggled in).
+the temporary name removed. When :meth:`Spool.commit` (or :meth:`Spool.put`) returns, the
+instance survives a crash or a SIGKILL; the C-STORE handler answers Success only after that.
+File names are de-identified SOP Instance UIDs only, validated against the UID grammar (no
+path can be smuggled in).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +36,7 @@ from anonproxy.errors import SpoolFullError
 
 _UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 SUFFIX = ".dcm"
+_NOT_QUEUES = frozenset({"tmp", "incoming"})  # folders of the spool that are no queue
 
 
 def check_uid_name(uid: str) -> str:
@@ -234,6 +238,7 @@ class Spool:
         self.root = root
         self.spool_dir = root / "spool"
         self.tmp_dir = self.spool_dir / "tmp"
+        self.incoming_dir = self.spool_dir / "incoming"
         self.quarantine_dir = root / "quarantine"
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -244,6 +249,8 @@ class Spool:
         self.retry_request = root / "control" / "retry-now"
         self.rejected_dir = self.quarantine_dir / "rejected"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir.mkdir(exist_ok=True, mode=0o700)
+        self.incoming_dir.chmod(0o700)
         for name in destinations:
             directory = self.spool_dir / name
             directory.mkdir(parents=True, exist_ok=True)
@@ -266,6 +273,7 @@ class Spool:
         """
         for stale in self.tmp_dir.iterdir():
             stale.unlink()
+        self.purge_incoming(0.0)
         return {name: queue.load() for name, queue in self.queues.items()}
 
     def rescan(self) -> None:
@@ -300,15 +308,30 @@ class Spool:
                     count += 1
         return count
 
-    def keep_rejected(self, data: bytes) -> Path:
+    def purge_incoming(self, older_than_s: float) -> int:
+        """Delete received data sets untouched for *older_than_s* seconds: what an aborted
+        association left half-received (it holds PHI and will never be processed)."""
+        now = time.time()
+        count = 0
+        for path in self.incoming_dir.iterdir():
+            if _age_s(path, now) >= older_than_s:
+                path.unlink(missing_ok=True)
+                count += 1
+        return count
+
+    def keep_rejected(self, source: Path) -> Path:
         """Keep an input refused before de-identification (it holds PHI): owner-only access,
         a random file name."""
         self.rejected_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.rejected_dir.chmod(0o700)
         path = self.rejected_dir / f"{uuid.uuid4().hex}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            os.link(source, path)
+            path.chmod(0o600)
+        except OSError:  # another file system: copy
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle, source.open("rb") as original:
+                shutil.copyfileobj(original, handle)
         return path
 
     def _check_space(self) -> None:
@@ -321,6 +344,46 @@ class Spool:
                 msg = "free disk space below the spool's high-water mark"
                 raise SpoolFullError(msg)
 
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A new path in ``spool/tmp`` to write one instance to, removed on leaving (after
+        :meth:`commit` has linked it). Raises :class:`SpoolFullError` when the spool cannot
+        take one more instance."""
+        self._check_space()
+        tmp = self.tmp_dir / f"{_unique()}{SUFFIX}"
+        try:
+            yield tmp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def commit(self, tmp: Path, name: str, destinations: Iterable[str]) -> int:
+        """Durably store the instance written at *tmp* (from :meth:`staging`) as *name* for
+        *destinations*; returns its size in bytes. Raises :class:`SpoolFullError` on an I/O
+        error."""
+        check_uid_name(name)
+        targets = [self.queues[d] for d in destinations]
+        try:
+            size = tmp.stat().st_size
+            if self.fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for queue in targets:
+                _link_replacing(tmp, queue.path(name))
+                if self.fsync:
+                    fsync_directory(queue.directory)
+        except OSError as exc:
+            msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
+            raise SpoolFullError(msg) from None
+        with self._bytes_lock:
+            self._bytes += size * len(targets)
+        for queue in targets:
+            queue.push(name)
+        return size
+
     def put(self, name: str, write: Callable[[BinaryIO], None], destinations: Iterable[str]) -> int:
         """Durably store one instance for *destinations*; returns its size in bytes.
 
@@ -329,31 +392,14 @@ class Spool:
         behind.
         """
         check_uid_name(name)
-        targets = [self.queues[d] for d in destinations]
-        self._check_space()
-        tmp = self.tmp_dir / f"{_unique()}{SUFFIX}"
-        try:
-            with tmp.open("wb") as handle:
-                write(handle)
-                handle.flush()
-                if self.fsync:
-                    os.fsync(handle.fileno())
-                size = handle.tell()
-            for queue in targets:
-                _link_replacing(tmp, queue.path(name))
-                if self.fsync:
-                    fsync_directory(queue.directory)
-        except OSError as exc:
-            msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
-            raise SpoolFullError(msg) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        with self._bytes_lock:
-            self._bytes += size * len(targets)
-        for queue in targets:
-            queue.push(name)
-        return size
+        with self.staging() as tmp:
+            try:
+                with tmp.open("wb") as handle:
+                    write(handle)
+            except OSError as exc:
+                msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
+                raise SpoolFullError(msg) from None
+            return self.commit(tmp, name, destinations)
 
     def release(
         self,
@@ -412,7 +458,7 @@ def queue_status(root: Path) -> dict[str, dict[str, object]]:
         state = published.get("queues", {})
     result: dict[str, dict[str, object]] = {}
     names = sorted(
-        {p.name for p in spool_dir.iterdir() if p.is_dir() and p.name != "tmp"}
+        {p.name for p in spool_dir.iterdir() if p.is_dir() and p.name not in _NOT_QUEUES}
         if spool_dir.is_dir()
         else set()
     )

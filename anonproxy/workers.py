@@ -1,45 +1,48 @@
 """De-identification off the network threads: decode, de-identify and encode one instance.
 
-:func:`deidentify_encoded` takes the bytes of a DICOM file (preamble, file meta, data set) and
-returns either a :class:`Deidentified` (the result, the Modality for routing, and the encoded
-de-identified file) or a :class:`Refusal` (a status, the stage and a reason without values).
+:func:`deidentify_file` reads a received DICOM file (preamble, file meta, data set), writes the
+de-identified file and returns either a :class:`Deidentified` (the result, the Modality for
+routing, and the size written) or a :class:`Refusal` (a status, the stage and a reason without
+values). Only the header is decoded and encoded: the pixel data is copied from file to file
+unchanged (see :mod:`anonproxy.deid.files`), so a large instance never sits in memory.
 
 :class:`DeidentifierPool` runs it in worker processes, so that de-identification of several
 associations uses every core and the network threads of the service keep the interpreter for
-themselves. Instances larger than ``inline_max_bytes`` are processed in the calling thread, to
-avoid copying a large data set between processes (memory, not only time), and so is an
-instance that arrives while no other is being processed. With ``workers=0`` everything runs in
-the calling thread.
+themselves; only the two paths cross the process boundary. An instance that arrives while no
+other is being processed is de-identified in the calling thread (a lone association gains
+nothing from a round trip to a worker). With ``workers=0`` everything runs in the calling
+thread.
 """
 
 from __future__ import annotations
 
-import io
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-
-from pydicom import dcmread, dcmwrite
+from pathlib import Path
 
 from anonproxy import limits
 from anonproxy.audit import silence_value_reports
 from anonproxy.deid import Deidentifier, DeidResult
+from anonproxy.deid.files import read_header, write_spliced
 from anonproxy.errors import DecodeError, DeidentificationError
 from anonproxy.status import StoreStatus
 
-DEFAULT_INLINE_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SEQUENCE_DEPTH = 16
+_PARENT_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
 class Deidentified:
-    """A de-identified instance, encoded as a DICOM file."""
+    """A de-identified instance, written as a DICOM file."""
 
     result: DeidResult
     modality: str
-    encoded: bytes
+    size: int
 
 
 @dataclass(frozen=True)
@@ -51,17 +54,23 @@ class Refusal:
     reason: str
 
 
-def deidentify_encoded(
-    engine: Deidentifier, data: bytes, max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH
+def deidentify_file(
+    engine: Deidentifier,
+    source: Path,
+    target: Path,
+    max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
 ) -> Deidentified | Refusal:
-    """Decode the DICOM file *data*, check its structure (:func:`anonproxy.limits.
-    check_structure`), de-identify it and encode the result."""
+    """Decode the DICOM file *source* (all but its pixel data), check its structure
+    (:func:`anonproxy.limits.check_structure`), de-identify it and write the result to
+    *target* (created or truncated; not synced)."""
+    stage = "decode"
     try:
-        dataset = dcmread(io.BytesIO(data))
+        dataset, pixels = read_header(source)
+        stage = "limits"
         limits.check_structure(dataset, max_sequence_depth)
         modality = str(dataset.get("Modality", "") or "")
     except DecodeError as exc:  # LimitExceeded included: the message names no value
-        return Refusal(StoreStatus.CANNOT_UNDERSTAND, "limits", str(exc))
+        return Refusal(StoreStatus.CANNOT_UNDERSTAND, stage, str(exc))
     except Exception as exc:  # noqa: BLE001 - any parser failure is a DICOM status
         return Refusal(
             StoreStatus.CANNOT_UNDERSTAND, "decode", f"cannot parse data set ({type(exc).__name__})"
@@ -76,32 +85,43 @@ def deidentify_encoded(
             "deidentify",
             f"cannot decode data set ({type(exc).__name__})",
         )
-    buffer = io.BytesIO()
     try:
-        dcmwrite(buffer, dataset, enforce_file_format=True)
+        with target.open("wb") as handle:
+            write_spliced(dataset, pixels, handle)
+            size = handle.tell()
     except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
         return Refusal(
             StoreStatus.PROCESSING_FAILURE,
             "encode",
             f"cannot encode the de-identified data set ({type(exc).__name__})",
         )
-    return Deidentified(result, modality, buffer.getvalue())
+    return Deidentified(result, modality, size)
 
 
 _worker_engine: Deidentifier | None = None
 _worker_max_depth = DEFAULT_MAX_SEQUENCE_DEPTH
 
 
-def _start_worker(profile: dict[str, object], secret: bytes, max_sequence_depth: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose service was killed (SIGKILL: no shutdown) exits instead of lingering."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_CHECK_S)
+    os._exit(0)
+
+
+def _start_worker(
+    profile: dict[str, object], secret: bytes, max_sequence_depth: int, parent: int
+) -> None:
     global _worker_engine, _worker_max_depth  # noqa: PLW0603 - one engine per worker process
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     silence_value_reports()
     _worker_engine = Deidentifier.from_config(profile, secret)
     _worker_max_depth = max_sequence_depth
 
 
-def _run_in_worker(data: bytes) -> Deidentified | Refusal:
+def _run_in_worker(source: str, target: str) -> Deidentified | Refusal:
     assert _worker_engine is not None  # noqa: S101 - set by the pool initializer
-    return deidentify_encoded(_worker_engine, data, _worker_max_depth)
+    return deidentify_file(_worker_engine, Path(source), Path(target), _worker_max_depth)
 
 
 def _ready() -> bool:
@@ -109,7 +129,7 @@ def _ready() -> bool:
 
 
 class DeidentifierPool:
-    """Runs :func:`deidentify_encoded` in worker processes (or inline). Thread-safe."""
+    """Runs :func:`deidentify_file` in worker processes (or inline). Thread-safe."""
 
     def __init__(
         self,
@@ -118,14 +138,12 @@ class DeidentifierPool:
         secret: bytes,
         *,
         workers: int,
-        inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES,
         max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
     ) -> None:
         self.engine = engine
         self._profile = profile
         self._secret = secret
         self.workers = workers
-        self.inline_max_bytes = inline_max_bytes
         self.max_sequence_depth = max_sequence_depth
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
@@ -138,7 +156,7 @@ class DeidentifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(self._profile, self._secret, self.max_sequence_depth),
+            initargs=(self._profile, self._secret, self.max_sequence_depth, os.getpid()),
         )
 
     def start(self) -> None:
@@ -151,19 +169,18 @@ class DeidentifierPool:
         for future in futures:
             future.result()
 
-    def run(self, data: bytes) -> Deidentified | Refusal:
-        """De-identify one encoded instance: in the calling thread when no other instance is
-        being processed (a lone association gains nothing from a round trip to a worker),
-        in a worker process when several are."""
+    def run(self, source: Path, target: Path) -> Deidentified | Refusal:
+        """De-identify the file *source* into *target*: in the calling thread when no other
+        instance is being processed, in a worker process when several are."""
         with self._lock:
             pool = self._pool
             self._busy += 1
-            inline = pool is None or self._busy == 1 or len(data) > self.inline_max_bytes
+            inline = pool is None or self._busy == 1
             self.offloaded += not inline
         try:
             if inline or pool is None:
-                return deidentify_encoded(self.engine, data, self.max_sequence_depth)
-            return pool.submit(_run_in_worker, data).result()
+                return deidentify_file(self.engine, source, target, self.max_sequence_depth)
+            return pool.submit(_run_in_worker, str(source), str(target)).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:  # replace it once, for every waiting thread

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--mr 1000] [--ct 500] [--large-mib 1024]
 
-Generates synthetic series (MR 256x256, CT 512x512, optionally one large multi-frame instance),
+Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts DCMTK storescp as the destination and measures, in the same run:
 
 * direct: storescu -> storescp;
@@ -10,8 +10,8 @@ starts DCMTK storescp as the destination and measures, in the same run:
 * proxy with 4 parallel storescu senders.
 
 Prints instances/s, MB/s, time to the last arrival, forwarding latency p50/p99 (from the audit
-trail), the proxy's peak RSS, and the ratio against the direct run. DCMTK runs with
-TCP_NODELAY=1.
+trail), the proxy's peak RSS (alone, and summed with its child processes), and the ratio
+against the direct run. DCMTK runs with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pydicom import dcmread
+
 import builders
 from peers import PEER_ENV, StoreSCP, free_port, tool, wait_port
 
@@ -77,11 +80,51 @@ def count_files(directory: Path) -> int:
     return sum(1 for _ in directory.rglob("*.dcm"))
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def peak_rss_mib(pid: int) -> tuple[float, float]:
+    """Peak RSS of the process, and the sum of the peaks of it and its child processes
+    (de-identification workers, forwarding senders): an upper bound of the whole."""
+    peaks = []
+    for member in [pid, *_descendants(pid)]:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return (peaks[0], sum(peaks)) if peaks else (float("nan"), float("nan"))
+
+
+def make_large(directory: Path, mib: int) -> int:
+    """One multi-frame instance of about *mib* MiB (512x512 16-bit frames), written in chunks
+    so that the benchmark itself never holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    frames = max(1, mib * 2**20 // (512 * 512 * 2))
+    (template,) = builders.make_series(directory / "template", 1, rows=64)
+    ds = dcmread(template)
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    del ds.PixelData
+    for tag in [t for t in ds.keys() if t > 0x7FE00010]:  # noqa: SIM118 - tags, not elements
+        del ds[tag]
+    path = directory / "large.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    frame = builders.random_pixels(512, 1).tobytes()
+    with path.open("ab") as handle:
+        handle.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, len(frame) * frames))
+        for _ in range(frames):
+            handle.write(frame)
+    shutil.rmtree(directory / "template")
+    return path.stat().st_size
 
 
 def direct(work: Path, folders: list[Path], expected: int) -> dict[str, float]:
@@ -133,7 +176,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float
                 raise TimeoutError("instances did not arrive")
             time.sleep(0.01)
         arrived = time.perf_counter() - started
-        rss = peak_rss_mib(proxy.pid)
+        rss, tree_rss = peak_rss_mib(proxy.pid)
     finally:
         proxy.terminate()
         proxy.wait(60)
@@ -152,6 +195,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float
         "p50_ms": quantiles[49],
         "p99_ms": quantiles[98],
         "peak_rss_mib": rss,
+        "tree_rss_mib": tree_rss,
     }
 
 
@@ -169,12 +213,11 @@ def report(name: str, count: int, size: int, base: dict[str, float], runs: dict[
             f"  acknowledged {count / result['acknowledged_s']:.1f} inst/s"
             f"  p50 {result['p50_ms']:.0f} ms  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
+            f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
         )
 
 
-def bench(work: Path, name: str, template: str, count: int, rows: int, frames: int = 1) -> None:
-    series = work / name
-    size = make_series(series, template, count, rows, frames)
+def bench(work: Path, name: str, series: Path, count: int, size: int) -> None:
     base = direct(work, [series], count)
     runs = {"anonproxy, 1 sender": via_proxy(work, [series], count)}
     if count >= 4:
@@ -190,17 +233,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mr", type=int, default=1000, help="MR 256x256 instances (0: skip)")
     parser.add_argument("--ct", type=int, default=500, help="CT 512x512 instances (0: skip)")
-    parser.add_argument("--large-mib", type=int, default=0, help="one multi-frame instance")
+    parser.add_argument(
+        "--large-mib", type=int, default=1024, help="one multi-frame instance (0: skip)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="anonproxy-bench-") as tmp:
         work = Path(tmp)
         if args.mr:
-            bench(work, "MR-256", "MR_small.dcm", args.mr, 256)
+            series = work / "MR-256"
+            size = make_series(series, "MR_small.dcm", args.mr, 256)
+            bench(work, "MR-256", series, args.mr, size)
         if args.ct:
-            bench(work, "CT-512", "CT_small.dcm", args.ct, 512)
+            series = work / "CT-512"
+            size = make_series(series, "CT_small.dcm", args.ct, 512)
+            bench(work, "CT-512", series, args.ct, size)
         if args.large_mib:
-            frames = max(1, args.large_mib * 1024 * 1024 // (512 * 512 * 2))
-            bench(work, "multiframe", "CT_small.dcm", 1, 512, frames)
+            series = work / "multiframe"
+            size = make_large(series, args.large_mib)
+            bench(work, f"multi-frame {args.large_mib} MiB", series, 1, size)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,13 @@ def make_series(
     return paths
 
 
+def random_pixels(rows: int, frames: int) -> np.ndarray:
+    """12-bit random pixels, *frames* x *rows* x *rows*, the same on every call."""
+    return np.random.default_rng(7).integers(0, 4096, size=(frames, rows, rows), dtype=np.uint16)
+
+
 def _synthetic_pixels(ds: Dataset, rows: int, frames: int) -> None:
-    pixels = np.random.default_rng(7).integers(0, 4096, size=(frames, rows, rows), dtype=np.uint16)
+    pixels = random_pixels(rows, frames)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.Rows = ds.Columns = rows
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11

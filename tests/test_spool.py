@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from anonproxy.errors import SpoolFullError
-from anonproxy.spool import Spool, check_uid_name
+from anonproxy.spool import Spool, check_uid_name, queue_status
 
 UID = "2.25.123456789"
 
@@ -41,6 +42,22 @@ def test_recovery_indexes_what_a_previous_run_left(tmp_path: Path) -> None:
     item = again.queues["a"].take(timeout=0.1)
     assert item is not None
     assert item.name == UID
+
+
+def test_received_data_sets_are_owner_only_and_purged_when_abandoned(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+    incoming = tmp_path / "spool" / "incoming"
+    assert incoming.stat().st_mode & 0o777 == 0o700  # they hold PHI
+    (incoming / "in-old.dcm").write_bytes(b"half a data set")
+    (incoming / "in-new.dcm").write_bytes(b"being received")
+    past = time.time() - 300
+    os.utime(incoming / "in-old.dcm", (past, past))
+    assert spool.purge_incoming(120) == 1
+    assert [p.name for p in incoming.iterdir()] == ["in-new.dcm"]
+    again = Spool(tmp_path, ["a"])
+    again.recover()  # a restart: nothing is being received
+    assert list(incoming.iterdir()) == []
+    assert "incoming" not in queue_status(tmp_path)
 
 
 def test_a_failing_writer_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from anonproxy.workers import (
     DeidentifierPool,
     Refusal,
     _run_in_worker,
-    deidentify_encoded,
+    deidentify_file,
 )
 
 from conftest import TEST_SECRET, corpus_paths
@@ -37,18 +37,12 @@ def pool():
     workers.shutdown()
 
 
-def _file_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM"
-    return data
-
-
-def test_workers_and_the_calling_thread_agree(pool: DeidentifierPool) -> None:
+def test_workers_and_the_calling_thread_agree(pool: DeidentifierPool, tmp_path: Path) -> None:
     files = [p for p in corpus_paths() if p.name != "rtstruct.dcm"]  # rtstruct has no meta
     results: dict[str, Deidentified | Refusal] = {}
 
     def run(path: Path) -> None:
-        results[path.name] = pool.run(_file_bytes(path))
+        results[path.name] = pool.run(path, tmp_path / f"worker-{path.name}")
 
     threads = [threading.Thread(target=run, args=(p,)) for p in files]  # concurrent: workers
     for thread in threads:
@@ -57,30 +51,36 @@ def test_workers_and_the_calling_thread_agree(pool: DeidentifierPool) -> None:
         thread.join()
     assert pool.offloaded > 0
     for path in files:
-        inline = deidentify_encoded(pool.engine, _file_bytes(path))
+        inline = deidentify_file(pool.engine, path, tmp_path / f"inline-{path.name}")
         assert isinstance(inline, Deidentified)
         assert results[path.name] == inline
+        written = (tmp_path / f"worker-{path.name}").read_bytes()
+        assert written == (tmp_path / f"inline-{path.name}").read_bytes()
+        assert len(written) == inline.size
 
 
-def test_a_refusal_crosses_the_process_boundary(pool: DeidentifierPool) -> None:
+def test_a_refusal_crosses_the_process_boundary(pool: DeidentifierPool, tmp_path: Path) -> None:
     assert pool._pool is not None
-    refusal = pool._pool.submit(_run_in_worker, b"\0" * 128 + b"DICM" + b"\xff" * 9).result()
+    source = tmp_path / "broken.dcm"
+    source.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 9)
+    refusal = pool._pool.submit(_run_in_worker, str(source), str(tmp_path / "out")).result()
     assert isinstance(refusal, Refusal)
     assert refusal.status == StoreStatus.CANNOT_UNDERSTAND
     assert refusal.stage == "decode"
 
 
 def test_a_dead_worker_fails_one_instance_closed_and_the_pool_recovers(
-    pool: DeidentifierPool,
+    pool: DeidentifierPool, tmp_path: Path
 ) -> None:
-    data = _file_bytes(corpus_paths()[0])
+    source = corpus_paths()[0]
+    target = tmp_path / "out.dcm"
     assert pool._pool is not None
     for process in list(pool._pool._processes.values()):
         os.kill(process.pid, signal.SIGKILL)
     outcomes = []
 
     def run() -> None:
-        outcomes.append(pool.run(data))
+        outcomes.append(pool.run(source, tmp_path / f"out-{threading.get_ident()}.dcm"))
 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for thread in threads:
@@ -90,6 +90,6 @@ def test_a_dead_worker_fails_one_instance_closed_and_the_pool_recovers(
     assert all(isinstance(o, Deidentified | Refusal) for o in outcomes)
     refused = [o for o in outcomes if isinstance(o, Refusal)]
     assert all(o.status == StoreStatus.PROCESSING_FAILURE for o in refused)
-    again = [pool.run(data) for _ in range(2)]
+    again = [pool.run(source, target) for _ in range(2)]
     assert all(isinstance(o, Deidentified) for o in again)
-    assert dcmread(__import__("io").BytesIO(again[0].encoded)).PatientIdentityRemoved == "YES"
+    assert dcmread(target).PatientIdentityRemoved == "YES"

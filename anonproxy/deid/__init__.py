@@ -62,7 +62,8 @@ file that is not DICOM, ValueError for a bad option, preset or rule.
 """
 
 from anonproxy.deid.actions import ActionCode
-from anonproxy.deid.engine import Deidentifier, DeidResult, read_instance, write_instance
+from anonproxy.deid.engine import Deidentifier, DeidResult
+from anonproxy.deid.files import read_header, read_instance, write_instance
 from anonproxy.deid.profile import PRESETS, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import PatientPseudonyms
 from anonproxy.deid.rules import Rule, RuleAction
@@ -80,6 +81,7 @@ __all__ = [
     "ProfileOption",
     "Rule",
     "RuleAction",
+    "read_header",
     "read_instance",
     "write_instance",
 ]

@@ -61,29 +61,23 @@ from __future__ import annotations
 
 import os
 import re
-import struct
-import tempfile
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
 from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
+from anonproxy.deid.files import read_header, write_instance
 from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
@@ -99,7 +93,7 @@ from anonproxy.deid.uids import (
     IMPLEMENTATION_VERSION_NAME,
     UidRemapper,
 )
-from anonproxy.errors import DecodeError, DeidentificationError
+from anonproxy.errors import DeidentificationError
 
 if TYPE_CHECKING:
     from anonproxy.config import ProfileConfig
@@ -372,9 +366,9 @@ class Deidentifier:
         then built from its encoding. Raises DecodeError if the source is not DICOM,
         DeidentificationError as :meth:`deidentify`.
         """
-        ds = read_instance(src_path)
+        ds, pixels = read_header(src_path)  # the pixel data stays on disk
         result = self.deidentify(ds)
-        write_instance(ds, dst_path)
+        write_instance(ds, dst_path, pixels)
         return result
 
     # -- walking ----------------------------------------------------------------------------
@@ -740,64 +734,6 @@ def _set_valid(elem: DataElement, vr: str, values: list[object], rule: Rule) -> 
                 f"for {_where(elem.tag)}"
             ) from None
     elem.value = values[0] if len(values) == 1 else values
-
-
-def write_instance(ds: Dataset, path: str | os.PathLike[str]) -> None:
-    """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
-    *path* never holds a partial file."""
-    dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-        os.replace(tmp_name, dst)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def read_instance(path: str | os.PathLike[str]) -> Dataset:
-    """Read a DICOM instance file, with or without file meta; DecodeError if it is not one."""
-    try:
-        try:
-            ds = dcmread(path)
-        except InvalidDicomError:
-            ds = dcmread(path, force=True)
-            if _SOP_CLASS_UID in ds:
-                _add_file_meta(ds)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise  # not a decoding problem
-    except (
-        InvalidDicomError,
-        EOFError,
-        ValueError,
-        KeyError,
-        TypeError,
-        struct.error,
-        NotImplementedError,  # pydicom: an unknown VR
-        OSError,  # pydicom: "no tag to read" in a damaged file
-        zlib.error,  # a damaged deflated data set
-        RecursionError,  # sequences nested beyond Python's recursion limit
-        BytesLengthException,  # a value length that is no multiple of its VR's size
-    ):
-        raise DecodeError("source is not a readable DICOM file") from None
-    if _SOP_CLASS_UID not in ds:  # e.g. a DICOMDIR: not a composite instance
-        raise DecodeError("source is not a DICOM instance (no SOP Class UID)")
-    return ds
-
-
-def _add_file_meta(ds: Dataset) -> None:
-    """File meta for a dataset read without it, from its encoding (before de-identification)."""
-    meta = FileMetaDataset()
-    implicit, little = ds.original_encoding
-    if implicit:
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    else:
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
-    ds.file_meta = meta
 
 
 @lru_cache(maxsize=4096)

@@ -90,6 +90,8 @@ def test_storescu_to_storescp_deidentified_and_complete(
         timeout=30,
     )
     assert any(e["event"] == "association.released" for e in _audit(tmp_path / "var"))
+    # Received data sets (with PHI) went through the owner-only incoming folder, and are gone.
+    assert list((tmp_path / "var" / "spool" / "incoming").iterdir()) == []
 
 
 def test_same_study_same_pseudonym_across_associations_and_restarts(

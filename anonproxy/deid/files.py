@@ -1,0 +1,283 @@
+"""Instance files read and written without holding the pixel data in memory.
+
+Pixel data is most of an image's bytes and is not an attribute that Table E.1-1 acts on (burned-in
+text is a matter of policy, see ``burned_in_annotation``). :func:`read_header` therefore decodes
+everything in the file except the value of the first pixel data element — (7FE0,0010) Pixel Data,
+(7FE0,0008) Float Pixel Data or (7FE0,0009) Double Float Pixel Data — whose place in the file it
+records as a :class:`PixelSpan`; the elements after it (Data Set Trailing Padding, Digital
+Signatures, private groups above 7FE0) are decoded as usual, so the engine sees and acts on every
+attribute. :func:`write_spliced` writes the de-identified header, copies the span's bytes
+(element header and value, native or encapsulated) unchanged from the source file, then writes
+what is left of the trailing elements. The transfer syntax does not change, so the copied bytes
+stay valid; a Deflated data set cannot be split and is read whole.
+
+A span that does not fit in the file (a truncated value, a broken item of encapsulated pixel
+data) is a :class:`~anonproxy.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread, dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from anonproxy.errors import DecodeError
+
+_SOP_CLASS_UID = 0x00080016
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+_ITEM = 0xFFFEE000
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_COPY_CHUNK = 1 << 20
+
+_DECODE_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    struct.error,
+    NotImplementedError,  # pydicom: an unknown VR
+    OSError,  # pydicom: "no tag to read" in a damaged file
+    zlib.error,  # a damaged deflated data set
+    RecursionError,  # sequences nested beyond Python's recursion limit
+    BytesLengthException,  # a value length that is no multiple of its VR's size
+)
+
+
+class _NotSpliceable(Exception):
+    """The pixel data element is encoded otherwise than the data set says."""
+
+
+@dataclass(frozen=True)
+class PixelSpan:
+    """Where the encoded pixel data element lies in the source file: ``[offset, end)``."""
+
+    source: Path
+    tag: int
+    offset: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        """Bytes of the element: header and value."""
+        return self.end - self.offset
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[Dataset, PixelSpan | None]:
+    """Decode the instance file at *path* except the value of its first pixel data element.
+
+    Returns the data set (file meta included; it never contains that element) and the
+    element's span, or ``None`` when the file has no pixel data, or when it is deflated, has no
+    preamble and file meta, or is not encoded as its transfer syntax says: such a file is read
+    whole (see :func:`anonproxy.deid.read_instance`). Raises DecodeError when the file is not
+    readable DICOM.
+    """
+    source = Path(path)
+    try:
+        with source.open("rb") as handle:
+            try:
+                ds = dcmread(handle, stop_before_pixels=True)
+            except InvalidDicomError:
+                return read_instance(source), None
+            syntax = ds.file_meta.get("TransferSyntaxUID")
+            if (
+                syntax is None
+                or syntax.is_deflated
+                or ds.original_encoding != (syntax.is_implicit_VR, syntax.is_little_endian)
+            ):
+                # Deflated, or encoded otherwise than its transfer syntax says (pydicom reads
+                # what it finds; the output is written as the transfer syntax says).
+                return read_instance(source), None
+            try:
+                span = _pixel_span(handle, source, syntax.is_implicit_VR, syntax.is_little_endian)
+            except _NotSpliceable:
+                return read_instance(source), None
+            if span is not None:
+                _read_trailing(handle, ds, span, syntax.is_implicit_VR, syntax.is_little_endian)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # not a decoding problem
+    except _DECODE_ERRORS:
+        raise DecodeError("source is not a readable DICOM file") from None
+    return ds, span
+
+
+def _pixel_span(handle: BinaryIO, source: Path, implicit: bool, little: bool) -> PixelSpan | None:
+    """The span of the element at the handle's position (where ``stop_before_pixels`` left
+    it), or None at the end of the file."""
+    offset = handle.tell()
+    size = os.fstat(handle.fileno()).st_size
+    if offset >= size:
+        return None
+    endian = "<" if little else ">"
+    head = handle.read(8)
+    if len(head) < 8:
+        raise DecodeError("truncated pixel data element")
+    group, element = struct.unpack(endian + "HH", head[:4])
+    tag = group << 16 | element
+    if tag not in PIXEL_DATA_TAGS:
+        raise DecodeError("unexpected element where pixel data was expected")
+    if implicit:
+        (length,) = struct.unpack(endian + "L", head[4:8])
+        value_at = offset + 8
+    elif not (head[4:6].isalpha() and head[4:6].isupper()):
+        raise _NotSpliceable  # an implicit VR element in an explicit VR data set
+    elif head[4:6] in _LONG_VRS:
+        extra = handle.read(4)
+        if len(extra) < 4:
+            raise DecodeError("truncated pixel data element")
+        (length,) = struct.unpack(endian + "L", extra)
+        value_at = offset + 12
+    else:
+        (length,) = struct.unpack(endian + "H", head[6:8])
+        value_at = offset + 8
+    if length != _UNDEFINED_LENGTH:
+        end = value_at + length
+    else:
+        end = _end_of_items(handle, value_at, size, endian)
+    if end > size:
+        raise DecodeError("truncated pixel data element")
+    return PixelSpan(source, tag, offset, end)
+
+
+def _end_of_items(handle: BinaryIO, at: int, size: int, endian: str) -> int:
+    """Skip the items of encapsulated pixel data; the offset after its delimiter."""
+    while at + 8 <= size:
+        handle.seek(at)
+        group, element, length = struct.unpack(endian + "HHL", handle.read(8))
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            return at + 8
+        if tag != _ITEM or length == _UNDEFINED_LENGTH:
+            raise DecodeError("malformed item in encapsulated pixel data")
+        at += 8 + length
+    raise DecodeError("truncated encapsulated pixel data")
+
+
+def _read_trailing(
+    handle: BinaryIO, ds: Dataset, span: PixelSpan, implicit: bool, little: bool
+) -> None:
+    """Decode the elements after the pixel data element into *ds* (undecoded values)."""
+    size = os.fstat(handle.fileno()).st_size
+    if span.end >= size:
+        return
+    handle.seek(span.end)
+    trailing = read_dataset(handle, implicit, little, bytelength=size - span.end)
+    for tag in trailing.keys():  # noqa: SIM118 - get_item keeps the raw element
+        if tag <= span.tag:
+            raise DecodeError("elements out of order after the pixel data")
+        ds[tag] = trailing.get_item(tag)  # raw, as read
+
+
+def write_spliced(ds: Dataset, span: PixelSpan | None, target: BinaryIO) -> None:
+    """Write *ds* as a DICOM file (preamble, file meta, data set) to *target*, with the pixel
+    data element of *span* copied unchanged from its source file in its place."""
+    if span is None:
+        dcmwrite(target, ds, enforce_file_format=True)
+        return
+    trailing = Dataset()
+    for tag in [t for t in ds.keys() if t > span.tag]:  # noqa: SIM118
+        trailing[tag] = ds.get_item(tag)
+        del ds[tag]
+    syntax = ds.file_meta.TransferSyntaxUID
+    dcmwrite(target, ds, enforce_file_format=True)
+    _copy_range(span, target)
+    if len(trailing):
+        out = DicomFileLike(target)
+        out.is_implicit_VR = syntax.is_implicit_VR
+        out.is_little_endian = syntax.is_little_endian
+        trailing.set_original_encoding(
+            syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set
+        )
+        write_dataset(out, trailing, ds.get("SpecificCharacterSet", "iso8859"))
+        for tag in trailing.keys():  # noqa: SIM118 - give the caller back its data set
+            ds[tag] = trailing.get_item(tag)
+
+
+def _copy_range(span: PixelSpan, target: BinaryIO) -> None:
+    """Copy the span's bytes into *target* at its position, in the kernel where it can."""
+    target.flush()
+    with span.source.open("rb") as source:
+        remaining = span.length
+        position = span.offset
+        try:
+            src_fd, dst_fd = source.fileno(), target.fileno()
+            while remaining:
+                copied = os.copy_file_range(src_fd, dst_fd, remaining, position)
+                if copied == 0:
+                    raise DecodeError("pixel data ended early in the source file")
+                position += copied
+                remaining -= copied
+        except OSError:  # no copy_file_range here (or no file descriptor): copy in user space
+            source.seek(position)
+            target.seek(0, os.SEEK_END)
+            while remaining:
+                chunk = source.read(min(remaining, _COPY_CHUNK))
+                if not chunk:
+                    raise DecodeError("pixel data ended early in the source file") from None
+                target.write(chunk)
+                remaining -= len(chunk)
+    target.seek(0, os.SEEK_END)
+
+
+def write_instance(
+    ds: Dataset, path: str | os.PathLike[str], pixels: PixelSpan | None = None
+) -> None:
+    """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
+    *path* never holds a partial file. With *pixels* (from :func:`read_header`), that pixel
+    data element is copied from its source file."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write_spliced(ds, pixels, fh)
+        os.replace(tmp_name, dst)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_instance(path: str | os.PathLike[str]) -> Dataset:
+    """Read a DICOM instance file, with or without file meta; DecodeError if it is not one."""
+    try:
+        try:
+            ds = dcmread(path)
+        except InvalidDicomError:
+            ds = dcmread(path, force=True)
+            if _SOP_CLASS_UID in ds:
+                _add_file_meta(ds)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # not a decoding problem
+    except _DECODE_ERRORS:
+        raise DecodeError("source is not a readable DICOM file") from None
+    if _SOP_CLASS_UID not in ds:  # e.g. a DICOMDIR: not a composite instance
+        raise DecodeError("source is not a DICOM instance (no SOP Class UID)")
+    return ds
+
+
+def _add_file_meta(ds: Dataset) -> None:
+    """File meta for a dataset read without it, from its encoding (before de-identification)."""
+    meta = FileMetaDataset()
+    implicit, little = ds.original_encoding
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    ds.file_meta = meta

@@ -1,0 +1,182 @@
+"""Header-only decoding with the pixel data copied from file to file (anonproxy.deid.files)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread, dcmwrite
+from pydicom.data import get_testdata_file, get_testdata_files
+
+from anonproxy.deid import Deidentifier, Profile
+from anonproxy.deid.files import read_header, write_spliced
+from anonproxy.errors import DecodeError
+
+from builders import make_series
+from conftest import TEST_SECRET, corpus_paths
+
+ENGINE = Deidentifier(Profile.from_options([]), secret=TEST_SECRET.value)
+
+
+def _whole(path: Path, engine: Deidentifier = ENGINE) -> bytes | str:
+    """The output of decoding, de-identifying and encoding the whole file (the reference)."""
+    try:
+        ds = dcmread(path)
+        engine.deidentify(ds)
+        out = io.BytesIO()
+        dcmwrite(out, ds, enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001 - compared by type with the spliced path
+        return type(exc).__name__
+    return out.getvalue()
+
+
+def _spliced(path: Path, target: Path, engine: Deidentifier = ENGINE) -> bytes | str:
+    try:
+        ds, span = read_header(path)
+        engine.deidentify(ds)
+        with target.open("wb") as handle:
+            write_spliced(ds, span, handle)
+    except Exception as exc:  # noqa: BLE001 - compared by type with the whole path
+        return type(exc).__name__
+    return target.read_bytes()
+
+
+def _readable_test_files() -> list[Path]:
+    paths = list(corpus_paths())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in get_testdata_files("*.dcm"):
+            try:
+                dcmread(name)
+            except Exception:  # noqa: BLE001, S112 - files pydicom itself cannot read
+                continue
+            paths.append(Path(name))
+    return paths
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_splicing_gives_the_bytes_of_a_whole_re_encoding(tmp_path: Path) -> None:
+    """Every readable pydicom test file: the same output byte for byte, or the same refusal."""
+    compared = 0
+    for path in _readable_test_files():
+        whole, spliced = _whole(path), _spliced(path, tmp_path / "out.dcm")
+        if path.name == "MR_truncated.dcm":  # a whole read accepts the truncated pixel data
+            assert spliced == "DecodeError"
+            continue
+        if isinstance(whole, str):  # refused; read_header may read a file without meta
+            continue
+        assert whole == spliced, path.name
+        compared += isinstance(whole, bytes)
+    assert compared > 60
+
+
+def test_encapsulated_pixel_data_is_copied_unchanged(tmp_path: Path) -> None:
+    source = Path(str(get_testdata_file("JPEG2000.dcm")))
+    ds, span = read_header(source)
+    assert span is not None
+    assert "PixelData" not in ds
+    ENGINE.deidentify(ds)
+    target = tmp_path / "out.dcm"
+    with target.open("wb") as handle:
+        write_spliced(ds, span, handle)
+    original = source.read_bytes()[span.offset : span.end]
+    assert original[:4] == b"\xe0\x7f\x10\x00"
+    assert target.read_bytes().endswith(original)
+    assert dcmread(target).PixelData == dcmread(source).PixelData
+
+
+def _with_trailing_elements(tmp_path: Path) -> Path:
+    """MR_small with Data Set Trailing Padding and a private group after the pixel data."""
+    ds = dcmread(str(get_testdata_file("MR_small.dcm")))
+    ds.private_block(0x7FE1, "ACME 1.0", create=True).add_new(0x01, "LO", "kept by rule")
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)
+    path = tmp_path / "trailing.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_trailing_elements_are_de_identified_and_kept_ones_follow_the_pixels(
+    tmp_path: Path,
+) -> None:
+    source = _with_trailing_elements(tmp_path)
+    keep = Deidentifier(
+        Profile.from_options(
+            [], rules=[{"private_creator": "ACME 1.0", "element": 0x01, "action": "keep"}]
+        ),
+        secret=TEST_SECRET.value,
+    )
+    ds, span = read_header(source)
+    assert span is not None
+    assert 0xFFFCFFFC in ds  # decoded, so that the engine acts on it
+    spliced = _spliced(source, tmp_path / "out.dcm", keep)
+    assert spliced == _whole(source, keep)
+    out = dcmread(tmp_path / "out.dcm")
+    assert 0xFFFCFFFC not in out  # X in Table E.1-1
+    assert out[0x7FE1, 0x1001].value == "kept by rule"
+    assert out.PixelData == dcmread(source).PixelData
+
+
+def test_a_truncated_pixel_value_is_refused(tmp_path: Path) -> None:
+    (source,) = make_series(tmp_path / "in", 1, rows=64)
+    _, span = read_header(source)
+    assert span is not None
+    source.write_bytes(source.read_bytes()[: span.offset + 100])
+    with pytest.raises(DecodeError, match="truncated"):
+        read_header(source)
+
+
+def test_a_broken_item_of_encapsulated_pixel_data_is_refused(tmp_path: Path) -> None:
+    data = bytearray(Path(str(get_testdata_file("JPEG2000.dcm"))).read_bytes())
+    delimiter = data.rindex(b"\xfe\xff\xdd\xe0")
+    data[delimiter : delimiter + 4] = b"\xfe\xff\x00\xe1"  # neither an item nor the delimiter
+    source = tmp_path / "broken.dcm"
+    source.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match="encapsulated"):
+        read_header(source)
+
+
+def test_a_file_without_pixel_data_has_no_span(tmp_path: Path) -> None:
+    ds = dcmread(str(get_testdata_file("rtplan.dcm")))
+    path = tmp_path / "plan.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    header, span = read_header(path)
+    assert span is None
+    assert header.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_pixel_data_never_enters_memory(tmp_path: Path) -> None:
+    """A 64 MiB multi-frame instance is de-identified with under 4 MiB of Python allocations."""
+    (source,) = make_series(tmp_path / "in", 1, rows=512, frames=128)
+    assert source.stat().st_size > 64 * 2**20
+    target = tmp_path / "out.dcm"
+    tracemalloc.start()
+    try:
+        ds, span = read_header(source)
+        ENGINE.deidentify(ds)
+        with target.open("wb") as handle:
+            write_spliced(ds, span, handle)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+    assert target.stat().st_size > 64 * 2**20
+    header = dcmread(target, stop_before_pixels=True)
+    assert header.PatientIdentityRemoved == "YES"
+    assert span is not None
+    with target.open("rb") as out, source.open("rb") as original:
+        out.seek(-4096, 2)  # the trailing padding of the source is removed (X)
+        original.seek(span.end - 4096)
+        assert out.read() == original.read(4096)
+
+
+def test_big_endian_pixel_data_is_spliced(tmp_path: Path) -> None:
+    source = Path(str(get_testdata_file("MR_small_bigendian.dcm")))
+    _, span = read_header(source)
+    assert span is not None
+    raw = source.read_bytes()[span.offset : span.offset + 4]
+    assert struct.unpack(">HH", raw) == (0x7FE0, 0x0010)
+    assert _spliced(source, tmp_path / "out.dcm") == _whole(source)

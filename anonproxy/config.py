@@ -110,7 +110,7 @@ class ListenConfig(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
-    max_instance_bytes: int = Field(default=1 << 30, ge=1)
+    max_instance_bytes: int = Field(default=4 << 30, ge=1)
     max_sequence_depth: int = Field(default=16, ge=1, le=1000)
 
     @field_validator("ae_title")

@@ -18,6 +18,9 @@ as soon as there is something to do:
 * the association thread waits on its DIMSE message queue's condition (and passes the
   wake-up on, since a requestor's thread may be blocked in ``get`` on the same queue).
 
+It also bounds what a sending thread queues ahead of the DUL thread (:func:`_wait_for_room`),
+so that a large data set sent from a file streams from disk instead of filling memory.
+
 With nothing to do, each still wakes once per delay (1 ms), as before, to check its timers and
 flags. It depends on pynetdicom's internals (the version is pinned) and is a candidate for an
 upstream option.
@@ -39,6 +42,11 @@ import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+
+MAX_QUEUED_PDUS = 16
+"""P-DATA PDUs a sending thread may queue ahead of the DUL thread (each at most the peer's
+maximum PDU length)."""
 
 _waiter = threading.local()  # .wait: how the current reactor thread waits, if it is one
 
@@ -146,8 +154,21 @@ def _send_pdu(original: Callable[[DULServiceProvider, Any], None]) -> Callable[.
         wakeup: _Wakeup | None = getattr(self, "_anonproxy_wakeup", None)
         if wakeup is not None:
             wakeup.set()
+        if isinstance(primitive, P_DATA) and threading.current_thread() is not self:
+            _wait_for_room(self)
 
     return send_pdu
+
+
+def _wait_for_room(dul: DULServiceProvider) -> None:
+    """Back-pressure: pynetdicom's DIMSE layer queues every P-DATA fragment of a message at
+    once, so a data set sent from a file would sit whole in the queue, in memory, while the DUL
+    thread sends it. The thread queuing waits until the DUL thread has taken all but
+    :data:`MAX_QUEUED_PDUS` (or is gone)."""
+    queued = dul.to_provider_queue
+    with queued.not_full:  # get() notifies it
+        while queued._qsize() > MAX_QUEUED_PDUS and dul.is_alive() and not dul._kill_thread:
+            queued.not_full.wait(0.05)
 
 
 def _run_association_reactor(original: Callable[[Association], None]) -> Callable[..., None]:

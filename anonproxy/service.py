@@ -128,7 +128,6 @@ class Proxy:
         """Recover the spool, start forwarding, then start listening."""
         self._lock_storage()
         recovered = self.spool.recover()
-        self.deidentifiers.start()
         for worker in self.workers:
             worker.start()
         self._housekeeping.start()

@@ -10,10 +10,9 @@ Layout under the storage path::
 
 An instance is written once to ``spool/tmp`` (write, fsync), then hard-linked into the queue
 directory of every destination it is routed to, the directories are fsynced, and only then is
-the temporary name removed. When :meth:`Spool.commit` (or :meth:`Spool.put`) returns, the
-instance survives a crash or a SIGKILL; the C-STORE handler answers Success only after that.
-File names are de-identified SOP Instance UIDs only, validated against the UID grammar (no
-path can be smuggled in).
+the temporary name removed. When :meth:`Spool.commit` returns, the instance survives a crash or
+a SIGKILL; the C-STORE handler answers Success only after that. File names are de-identified
+SOP Instance UIDs only, validated against the UID grammar (no path can be smuggled in).
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from anonproxy.errors import SpoolFullError
 
@@ -383,23 +381,6 @@ class Spool:
         for queue in targets:
             queue.push(name)
         return size
-
-    def put(self, name: str, write: Callable[[BinaryIO], None], destinations: Iterable[str]) -> int:
-        """Durably store one instance for *destinations*; returns its size in bytes.
-
-        *write* writes the encoded instance to the file object it is given. Raises
-        :class:`SpoolFullError` when the spool cannot take the instance; nothing is then left
-        behind.
-        """
-        check_uid_name(name)
-        with self.staging() as tmp:
-            try:
-                with tmp.open("wb") as handle:
-                    write(handle)
-            except OSError as exc:
-                msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
-                raise SpoolFullError(msg) from None
-            return self.commit(tmp, name, destinations)
 
     def release(
         self,

@@ -25,12 +25,16 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from anonproxy import limits
-from anonproxy.audit import silence_value_reports
+from anonproxy.audit import get_logger, silence_value_reports
 from anonproxy.deid import Deidentifier, DeidResult
-from anonproxy.deid.files import read_header, write_spliced
+from anonproxy.deid.files import PixelSpan, read_header, write_spliced
 from anonproxy.errors import DecodeError, DeidentificationError
 from anonproxy.status import StoreStatus
+
+log = get_logger(__name__)
 
 DEFAULT_MAX_SEQUENCE_DEPTH = 16
 _PARENT_CHECK_S = 1.0
@@ -85,17 +89,25 @@ def deidentify_file(
             "deidentify",
             f"cannot decode data set ({type(exc).__name__})",
         )
+    size = _write(dataset, pixels, target)
+    return size if isinstance(size, Refusal) else Deidentified(result, modality, size)
+
+
+def _write(dataset: Dataset, pixels: PixelSpan | None, target: Path) -> int | Refusal:
+    """Encode the de-identified *dataset* into *target*; its size, or why not."""
     try:
         with target.open("wb") as handle:
             write_spliced(dataset, pixels, handle)
-            size = handle.tell()
+            return handle.tell()
+    except OSError as exc:  # a full disk or an I/O error: the sender may retry later
+        reason = f"spool write failed: {exc.strerror or type(exc).__name__}"
+        return Refusal(StoreStatus.OUT_OF_RESOURCES, "spool", reason)
     except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
         return Refusal(
             StoreStatus.PROCESSING_FAILURE,
             "encode",
             f"cannot encode the de-identified data set ({type(exc).__name__})",
         )
-    return Deidentified(result, modality, size)
 
 
 _worker_engine: Deidentifier | None = None
@@ -148,6 +160,8 @@ class DeidentifierPool:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._busy = 0  # instances being de-identified now
+        self._starting = False
+        self._closed = False
         self.offloaded = 0  # instances sent to a worker process (for tests and metrics)
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -160,21 +174,45 @@ class DeidentifierPool:
         )
 
     def start(self) -> None:
-        """Start the worker processes and wait until each has built its engine."""
-        if self.workers <= 0:
-            return
-        with self._lock:
-            self._pool = self._new_pool()
-            futures = [self._pool.submit(_ready) for _ in range(self.workers * 2)]
-        for future in futures:
+        """Start the worker processes now and wait until each has built its engine (else
+        :meth:`run` starts them when instances first overlap)."""
+        if self.workers > 0:
+            pool = self._warm_pool()
+            with self._lock:
+                self._pool = pool
+
+    def _warm_pool(self) -> ProcessPoolExecutor:
+        pool = self._new_pool()
+        for future in [pool.submit(_ready) for _ in range(self.workers * 2)]:
             future.result()
+        return pool
+
+    def _start_in_background(self) -> None:
+        try:
+            pool: ProcessPoolExecutor | None = self._warm_pool()
+        except Exception:  # no workers: instances stay in the calling thread
+            log.warning("deidentify.workers_not_started", exc_info=True)
+            pool = None
+        with self._lock:
+            self._starting = False
+            if not self._closed:
+                self._pool, pool = pool, None
+        if pool is not None:  # shut down meanwhile
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def run(self, source: Path, target: Path) -> Deidentified | Refusal:
         """De-identify the file *source* into *target*: in the calling thread when no other
-        instance is being processed, in a worker process when several are."""
+        instance is being processed, in a worker process when several are. The worker
+        processes (an interpreter each, some 80 MiB) start when instances first overlap; until
+        they are ready, every instance is processed in its calling thread."""
         with self._lock:
             pool = self._pool
             self._busy += 1
+            if pool is None and self._busy > 1 and self.workers > 0 and not self._starting:
+                self._starting = True
+                threading.Thread(
+                    target=self._start_in_background, name="deidentify-pool", daemon=True
+                ).start()
             inline = pool is None or self._busy == 1
             self.offloaded += not inline
         try:
@@ -195,6 +233,7 @@ class DeidentifierPool:
     def shutdown(self) -> None:
         """Stop the worker processes."""
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -140,6 +140,10 @@ def direct(work: Path, folders: list[Path], expected: int) -> dict[str, float]:
     return {"seconds": elapsed}
 
 
+def audit(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "var" / "audit.jsonl").read_text().splitlines()]
+
+
 def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float]:
     scp = StoreSCP(work / "research").start()
     port = free_port()
@@ -174,18 +178,17 @@ def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float
         while count_files(scp.directory) < expected:
             if time.perf_counter() - started > 1800:
                 raise TimeoutError("instances did not arrive")
-            time.sleep(0.01)
+            failed = [e for e in audit(root) if e["event"] == "instance.failed"]
+            if failed:
+                raise RuntimeError(f"the proxy refused an instance: {failed[0]['reason']}")
+            time.sleep(0.05)
         arrived = time.perf_counter() - started
         rss, tree_rss = peak_rss_mib(proxy.pid)
     finally:
         proxy.terminate()
         proxy.wait(60)
         scp.stop()
-    latencies = [
-        float(e["latency_ms"])
-        for e in map(json.loads, (root / "var" / "audit.jsonl").read_text().splitlines())
-        if e["event"] == "instance.forwarded"
-    ]
+    latencies = [float(e["latency_ms"]) for e in audit(root) if e["event"] == "instance.forwarded"]
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(scp.directory, ignore_errors=True)
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99

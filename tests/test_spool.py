@@ -16,16 +16,16 @@ from anonproxy.spool import Spool, check_uid_name, queue_status
 UID = "2.25.123456789"
 
 
-def _write(payload: bytes):
-    def write(handle) -> None:
-        handle.write(payload)
-
-    return write
+def put(spool: Spool, name: str, payload: bytes, destinations: list[str]) -> int:
+    """Store *payload* as the pipeline does: written in a staging file, then committed."""
+    with spool.staging() as staged:
+        staged.write_bytes(payload)
+        return spool.commit(staged, name, destinations)
 
 
 def test_put_fans_out_to_every_destination_and_leaves_no_temporary(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["a", "b"])
-    size = spool.put(UID, _write(b"DICM" * 10), ["a", "b"])
+    size = put(spool, UID, b"DICM" * 10, ["a", "b"])
     assert size == 40
     for name in ("a", "b"):
         assert (tmp_path / "spool" / name / f"{UID}.dcm").read_bytes() == b"DICM" * 10
@@ -34,7 +34,7 @@ def test_put_fans_out_to_every_destination_and_leaves_no_temporary(tmp_path: Pat
 
 
 def test_recovery_indexes_what_a_previous_run_left(tmp_path: Path) -> None:
-    Spool(tmp_path, ["a"]).put(UID, _write(b"x"), ["a"])
+    put(Spool(tmp_path, ["a"]), UID, b"x", ["a"])
     (tmp_path / "spool" / "tmp" / "partial.dcm").write_bytes(b"half")
     again = Spool(tmp_path, ["a"])
     assert again.recover() == {"a": 1}
@@ -60,15 +60,16 @@ def test_received_data_sets_are_owner_only_and_purged_when_abandoned(tmp_path: P
     assert "incoming" not in queue_status(tmp_path)
 
 
-def test_a_failing_writer_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_failing_write_leaves_nothing_behind(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["a"])
 
-    def broken(handle) -> None:
-        handle.write(b"partial")
-        raise OSError(28, "No space left on device")
+    def write_until_the_disk_is_full() -> None:
+        with spool.staging() as staged:
+            staged.write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
 
-    with pytest.raises(SpoolFullError, match="No space left"):
-        spool.put(UID, broken, ["a"])
+    with pytest.raises(OSError, match="No space left"):
+        write_until_the_disk_is_full()
     assert list((tmp_path / "spool" / "a").iterdir()) == []
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
     assert len(spool.queues["a"]) == 0
@@ -76,16 +77,16 @@ def test_a_failing_writer_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_quota_and_free_space_high_water_mark(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["a"], max_bytes=10)
-    spool.put("2.25.1", _write(b"x" * 10), ["a"])
+    put(spool, "2.25.1", b"x" * 10, ["a"])
     with pytest.raises(SpoolFullError, match="quota"):
-        spool.put("2.25.2", _write(b"y"), ["a"])
+        put(spool, "2.25.2", b"y", ["a"])
     item = spool.queues["a"].take(timeout=0.1)
     assert item is not None
     spool.release(spool.queues["a"], item)
-    spool.put("2.25.2", _write(b"y"), ["a"])  # space came back
+    put(spool, "2.25.2", b"y", ["a"])  # space came back
     huge = Spool(tmp_path / "h", ["a"], min_free_bytes=1 << 62)
     with pytest.raises(SpoolFullError, match="high-water"):
-        huge.put(UID, _write(b"x"), ["a"])
+        put(huge, UID, b"x", ["a"])
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "1.2.3/../../x", "01.2", "", "1." * 40])
@@ -93,12 +94,12 @@ def test_file_names_are_validated_uids(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="UID"):
         check_uid_name(name)
     with pytest.raises(ValueError, match="UID"):
-        Spool(tmp_path, ["a"]).put(name, _write(b"x"), ["a"])
+        put(Spool(tmp_path, ["a"]), name, b"x", ["a"])
 
 
 def test_an_item_goes_to_one_worker_at_a_time_and_retries_later(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["a"])
-    spool.put(UID, _write(b"x"), ["a"])
+    put(spool, UID, b"x", ["a"])
     queue = spool.queues["a"]
     item = queue.take(timeout=0.1)
     assert item is not None
@@ -118,7 +119,7 @@ def test_take_wakes_up_on_push_and_on_close(tmp_path: Path) -> None:
     waiter = threading.Thread(target=lambda: got.append(queue.take(timeout=10)))
     waiter.start()
     time.sleep(0.05)
-    spool.put(UID, _write(b"x"), ["a"])
+    put(spool, UID, b"x", ["a"])
     waiter.join(2)
     assert got
     assert got[0] is not None
@@ -133,7 +134,7 @@ def test_take_wakes_up_on_push_and_on_close(tmp_path: Path) -> None:
 
 def test_quarantine_keeps_the_instance_and_its_reason(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["a"])
-    spool.put(UID, _write(b"x"), ["a"])
+    put(spool, UID, b"x", ["a"])
     item = spool.queues["a"].take(timeout=0.1)
     assert item is not None
     target = spool.quarantine("a", item, "C-STORE status 0xC000 (Failure)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,36 @@ def test_a_dead_worker_fails_one_instance_closed_and_the_pool_recovers(
     again = [pool.run(source, target) for _ in range(2)]
     assert all(isinstance(o, Deidentified) for o in again)
     assert dcmread(target).PatientIdentityRemoved == "YES"
+
+
+def test_a_write_that_fails_is_out_of_resources(pool: DeidentifierPool, tmp_path: Path) -> None:
+    """A full disk or an I/O error while writing: 0xA700, which the sender retries later."""
+    source = corpus_paths()[0]
+    refusal = deidentify_file(pool.engine, source, tmp_path / "missing-folder" / "out.dcm")
+    assert isinstance(refusal, Refusal)
+    assert refusal.status == StoreStatus.OUT_OF_RESOURCES
+    assert refusal.stage == "spool"
+
+
+def test_worker_processes_start_only_when_instances_overlap(tmp_path: Path) -> None:
+    engine = Deidentifier.from_config(PROFILE, TEST_SECRET.value)
+    lazy = DeidentifierPool(engine, PROFILE.model_dump(mode="json"), TEST_SECRET.value, workers=1)
+    source = corpus_paths()[0]
+    try:
+        assert isinstance(lazy.run(source, tmp_path / "alone.dcm"), Deidentified)
+        assert lazy._pool is None  # a lone association never needs them
+        deadline = time.monotonic() + 60
+        while lazy.offloaded == 0 and time.monotonic() < deadline:
+            threads = [
+                threading.Thread(target=lazy.run, args=(source, tmp_path / f"{i}.dcm"))
+                for i in range(3)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert lazy.offloaded > 0
+        assert lazy._pool is not None
+    finally:
+        lazy.shutdown()
+    assert lazy._pool is None

@@ -1,0 +1,64 @@
+"""Event-driven waits in pynetdicom's reactors (anonproxy.reactor)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pynetdicom.association
+import pynetdicom.dul
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from anonproxy import reactor
+
+from peers import PEER_ENV, free_port, tool
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_install_is_idempotent_and_only_changes_sleep() -> None:
+    reactor.install()
+    patched = pynetdicom.dul.time
+    reactor.install()
+    assert pynetdicom.dul.time is patched
+    assert pynetdicom.association.time is patched
+    assert patched.monotonic is __import__("time").monotonic
+
+
+def test_an_acceptor_serves_every_request_and_releases_its_wake_up_pipe() -> None:
+    reactor.install()
+    served: list[int] = []
+    duls: list[object] = []
+
+    def on_echo(event: evt.Event) -> int:
+        served.append(1)
+        duls.append(event.assoc.dul)
+        return 0x0000
+
+    ae = AE("REACTOR")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    before = _open_descriptors()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, on_echo)]
+    )
+    try:
+        for _ in range(3):  # three associations of 50 C-ECHOs each, from DCMTK
+            done = subprocess.run(
+                [tool("echoscu"), "-aec", "REACTOR", "--repeat", "50", "127.0.0.1", str(port)],
+                env=PEER_ENV,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+    assert len(served) == 150
+    dul = duls[-1]
+    assert getattr(dul, "_anonproxy_reads", 0) >= 50  # every PDU read went through the hook
+    assert getattr(dul, "_anonproxy_wakeup", "gone") is None  # closed when the reactor ended
+    assert _open_descriptors() <= before  # no pipe left open per association

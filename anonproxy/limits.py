@@ -86,6 +86,35 @@ def pdv_items_fill(body: bytes | bytearray) -> bool:
     return True
 
 
+class DataSetBound:
+    """Drops the data set bytes of received P-DATA beyond *max_bytes* (None: no bound), so that
+    an oversized C-STORE never reaches the disk in full; :attr:`oversized` tells the C-STORE
+    handler, which then answers 0xA701 (the message itself still completes normally)."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.oversized = False  # the last complete data set was cut
+        self._received = 0  # bytes of the data set being received
+        self._dropping = False
+
+    def take(self, primitive: Any) -> None:  # noqa: ANN401 - a pynetdicom P_DATA primitive
+        """Count the data set fragments of *primitive*; past the bound, keep only their
+        message control header (PS3.8 E.2)."""
+        if self.max_bytes is None:
+            return
+        items = primitive.presentation_data_value_list
+        for index, (context_id, value) in enumerate(items):
+            control = value[0]
+            if control & 0x01:  # a command fragment
+                continue
+            self._received += len(value) - 1
+            self._dropping = self._dropping or self._received > self.max_bytes
+            if self._dropping:
+                items[index] = [context_id, value[:1]]
+            if control & 0x02:  # the last fragment: the next data set starts afresh
+                self.oversized, self._dropping, self._received = self._dropping, False, 0
+
+
 class PduGuard:
     """Checks every PDU header a pynetdicom acceptor reads, before the body is read.
 
@@ -95,10 +124,17 @@ class PduGuard:
     upper layer from reading while the association request is being decided (state Sta3).
     """
 
-    def __init__(self, assoc: Any, max_pdu_size: int, on_violation: Violation) -> None:  # noqa: ANN401
+    def __init__(
+        self,
+        assoc: Any,  # noqa: ANN401 - pynetdicom Association
+        max_pdu_size: int,
+        on_violation: Violation,
+        max_data_set_bytes: int | None = None,
+    ) -> None:
         self.assoc = assoc
         self.max_pdu_size = max_pdu_size
         self.on_violation = on_violation
+        self.data_sets = DataSetBound(max_data_set_bytes)
         self.tripped = False
         self._body_type: int | None = None  # the type of the PDU whose body comes next
         self._recv: Callable[[int], bytearray] = assoc.dul.socket.recv
@@ -110,14 +146,19 @@ class PduGuard:
         max_pdu_size: int,
         on_violation: Violation,
         read_timeout: float | None = None,
+        max_data_set_bytes: int | None = None,
     ) -> PduGuard:
         """Guard the socket of *assoc* (call on EVT_CONN_OPEN, before its first read).
 
         With *read_timeout*, a read that waits longer (a peer that stops in the middle of a
         PDU) fails, and the upper layer sees the connection closed: pynetdicom reads a PDU in a
         blocking loop, where its own idle time-out is never checked.
+
+        With *max_data_set_bytes*, data sets are bounded as they arrive (see
+        :class:`DataSetBound`, the guard's ``data_sets``).
         """
-        guard = cls(assoc, max_pdu_size, on_violation)
+        guard = cls(assoc, max_pdu_size, on_violation, max_data_set_bytes)
+        assoc.anonproxy_guard = guard
         raw = getattr(assoc.dul.socket, "socket", None)
         if raw is not None and read_timeout is not None:
             raw.settimeout(read_timeout)
@@ -146,6 +187,7 @@ class PduGuard:
 
         def receive_or_abort(primitive: Any) -> None:  # noqa: ANN401 - a P_DATA primitive
             try:
+                guard.data_sets.take(primitive)
                 receive(primitive)
             except Exception:  # noqa: BLE001 - any decoding failure is a protocol violation
                 dimse.message = None

@@ -116,7 +116,8 @@ class InstancePipeline:
         self.audit.event("instance.received", **fields)
         try:
             with self.spool.staging() as staged:
-                return self._process(source, staged, started, calling_ae_title, fields)
+                route = (calling_ae_title, sop_class_uid)
+                return self._process(source, staged, route, started, fields)
         except SpoolFullError as exc:
             return self.refuse(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
 
@@ -124,10 +125,12 @@ class InstancePipeline:
         self,
         source: Path,
         staged: Path,
+        route: tuple[str, str],
         started: float,
-        calling_ae_title: str,
         fields: dict[str, object],
     ) -> StoreOutcome:
+        """:meth:`process` once the spool has room: *staged* is where the de-identified file is
+        written, *route* the calling AE title and SOP Class UID."""
         done = self.runner.run(source, staged)
         if isinstance(done, Refusal):
             return self.refuse(done.status, done.stage, done.reason, fields, source)
@@ -141,7 +144,7 @@ class InstancePipeline:
                 fields,
                 source,
             )
-        sop_class_uid = str(fields["sop_class_uid"])
+        calling_ae_title, sop_class_uid = route
         destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
         if not destinations:
             return self.refuse(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)

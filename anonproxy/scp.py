@@ -293,7 +293,11 @@ class StorageSCP:
             )
 
         limits.PduGuard.install(
-            assoc, self.config.max_pdu_size, violation, read_timeout=self.config.network_timeout
+            assoc,
+            self.config.max_pdu_size,
+            violation,
+            read_timeout=self.config.network_timeout,
+            max_data_set_bytes=self.config.max_instance_bytes,
         )
 
     def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset:
@@ -316,6 +320,13 @@ class StorageSCP:
         * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream.
         """
         received = Path(event.dataset_path)
+        guard: limits.PduGuard | None = getattr(event.assoc, "anonproxy_guard", None)
+        if guard is not None and guard.data_sets.oversized:  # the excess was never kept
+            guard.data_sets.oversized = False
+            received.unlink(missing_ok=True)
+            return self._refuse_store(
+                event, StoreStatus.INSTANCE_TOO_LARGE, "data set exceeds max_instance_bytes"
+            )
         try:
             limits.check_received_file(
                 received,

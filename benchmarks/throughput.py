@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pydicom import dcmread
 
 import builders
-from peers import PEER_ENV, StoreSCP, free_port, tool, wait_port
+from peers import PEER_ENV, StoreSCP, descendants, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
 
@@ -80,20 +80,11 @@ def count_files(directory: Path) -> int:
     return sum(1 for _ in directory.rglob("*.dcm"))
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in map(int, children):
-            found += [child, *_descendants(child)]
-    return found
-
-
 def peak_rss_mib(pid: int) -> tuple[float, float]:
     """Peak RSS of the process, and the sum of the peaks of it and its child processes
     (de-identification workers, forwarding senders): an upper bound of the whole."""
     peaks = []
-    for member in [pid, *_descendants(pid)]:
+    for member in [pid, *descendants(pid)]:
         try:
             status = Path(f"/proc/{member}/status").read_text()
         except OSError:

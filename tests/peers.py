@@ -45,6 +45,24 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float) -> Non
         process.wait()
 
 
+def descendants(pid: int) -> list[int]:
+    """The child processes of *pid*, and theirs (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether *pid* is a process that has not ended (a zombie has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in {"Z", "X"}
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
     with socket.socket() as sock:

@@ -20,7 +20,7 @@ from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ConfigError, ForwardError
 from anonproxy.forward import FolderSender, ProcessSender, make_sender
 
-from peers import RefusingSCP, StoreSCP, free_port, wait_for
+from peers import RefusingSCP, StoreSCP, free_port, running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +41,6 @@ def _destination(port: int, ae_title: str = "RESEARCH", **fields: object) -> Dic
             **fields,
         }
     )
-
-
-def _running(pid: int) -> bool:
-    """Whether *pid* is a process that has not ended (a zombie has ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in {"Z", "X"}
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ def test_delivers_from_one_reused_child(sender: ProcessSender, storescp: StoreSC
     pid = sender.pid
     assert pid is not None
     assert pid != os.getpid()
-    assert _running(pid)
+    assert running(pid)
     assert sender.send(MR) == 0x0000
     assert sender.pid == pid  # the same child (and association) for the next instance
     assert wait_for(lambda: len(storescp.files()) == 2, timeout=10)
@@ -112,7 +103,7 @@ def test_refusals_keep_permanent_and_status(
             assert "not supported" in str(raised.value)
         pid = process_sender.pid
         assert pid is not None
-        assert _running(pid)  # a refusal is an answer, not a failure of the child
+        assert running(pid)  # a refusal is an answer, not a failure of the child
     finally:
         process_sender.close()
 
@@ -156,7 +147,7 @@ def test_killed_child_fails_one_send_then_a_new_child_sends(
     assert raised.value.permanent is False
     assert str(raised.value) == "sender process failed"
     assert sender.pid is None
-    assert not _running(first)
+    assert not running(first)
     assert sender.send(MR) == 0x0000
     assert sender.pid not in {None, first}
     assert wait_for(lambda: len(storescp.files()) == 2, timeout=10)
@@ -177,9 +168,9 @@ def test_hung_child_is_killed_within_the_reply_timeout(
         assert time.monotonic() - started < 5
         assert raised.value.permanent is False
         assert "did not answer" in str(raised.value)
-        assert not _running(hung)
+        assert not running(hung)
     finally:
-        if _running(hung):
+        if running(hung):
             os.kill(hung, signal.SIGKILL)
     sender.reply_timeout = 60.0
     assert sender.send(MR) == 0x0000
@@ -212,7 +203,7 @@ def test_close_ends_the_child_and_is_idempotent(sender: ProcessSender) -> None:
     assert pid is not None
     sender.close()
     assert sender.pid is None
-    assert not _running(pid)
+    assert not running(pid)
     assert pid not in {p.pid for p in multiprocessing.active_children()}
     sender.close()
 
@@ -252,10 +243,10 @@ def test_child_ends_when_its_parent_is_killed(storescp: StoreSCP, tmp_path: Path
             tmp_path / "parent.log"
         ).read_text()
         child = int(pid_file.read_text())
-        assert _running(child)
+        assert running(child)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        assert wait_for(lambda: not _running(child), timeout=10)
+        assert wait_for(lambda: not running(child), timeout=10)
     finally:
         parent.kill()
         parent.wait()

@@ -15,7 +15,18 @@ from pydicom import dcmread
 
 from builders import make_series
 from conftest import TEST_SECRET, audit_records, serve
-from peers import PEER_ENV, RefusingSCP, StoreSCP, free_port, storescu, tool, wait_for, wait_port
+from peers import (
+    PEER_ENV,
+    RefusingSCP,
+    StoreSCP,
+    descendants,
+    free_port,
+    running,
+    storescu,
+    tool,
+    wait_for,
+    wait_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -75,22 +86,6 @@ def _acknowledged(storescu_log: str) -> list[Path]:
     return acknowledged
 
 
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (task / "children").read_text().split()):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in status  # a zombie has exited
-
-
 def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
     make_series(tmp_path / "series", 300)
     research = StoreSCP(tmp_path / "research").start()
@@ -121,11 +116,11 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert wait_for(
             lambda: len(_events(tmp_path / "var", "instance.spooled")) >= 100, timeout=60
         )
-        children = _descendants(proxy.pid)  # de-identification workers, sender
+        children = descendants(proxy.pid)  # de-identification workers, sender
         assert children
         proxy.send_signal(signal.SIGKILL)
         proxy.wait(10)
-        assert wait_for(lambda: not any(map(_running, children)), timeout=15)  # none linger
+        assert wait_for(lambda: not any(map(running, children)), timeout=15)  # none linger
         log, _ = sender.communicate(timeout=60)
         acknowledged = _acknowledged(log)
         assert 100 <= len(acknowledged) < 300

@@ -10,7 +10,7 @@ network side of C-STORE runs in the child, so that the DICOM upper layer of the 
 compete with the SCP for the service process's interpreter. The child runs a
 :class:`DicomSender`, which keeps an association open to the research PACS and reuses it until it
 has been idle for ``idle_timeout`` seconds. Parent and child exchange spool paths and outcomes
-over a pipe, never data sets. The child is started on the first instance, started again after it
+over a pipe, never data sets. The child is started with its worker, started again after it
 has died, and ends when its pipe is closed (the service stopped or died).
 
 Outcomes, as PS3.4 means them: Success and Warning are delivered; Out of Resources (0xA7xx),
@@ -351,11 +351,11 @@ def _log_level_name() -> str:
 class ProcessSender:
     """C-STORE to a research PACS from a child process that runs a :class:`DicomSender`.
 
-    The child is started (with ``spawn``: the service runs threads) on the first :meth:`send` and
-    reused for every later one, so its association stays open as a :class:`DicomSender`'s does.
-    A child that dies, or does not answer within :attr:`reply_timeout` seconds (plus one second
-    per megabyte of the instance), is killed: that send fails as transient and the next one
-    starts a new child. Used by one thread.
+    The child is started (with ``spawn``: the service runs threads) by :meth:`prepare` or on the
+    first :meth:`send`, and reused for every later one, so its association stays open as a
+    :class:`DicomSender`'s does. A child that dies, or does not answer within
+    :attr:`reply_timeout` seconds (plus one second per megabyte of the instance), is killed:
+    that send fails as transient and the next one starts a new child. Used by one thread.
     """
 
     def __init__(
@@ -404,6 +404,12 @@ class ProcessSender:
         self._process, self._conn = process, conn
         log.info("forward.sender_started", destination=self.config.name, pid=process.pid)
         return conn
+
+    def prepare(self) -> None:
+        """Start the child now, so that the first instance does not wait for it (an
+        interpreter starting: about half a second)."""
+        if self._conn is None:
+            self._start()
 
     def _stop(self, *, graceful: bool) -> int | None:
         """End the child: ask it to close and wait for it (*graceful*), else kill it. Returns
@@ -516,6 +522,9 @@ class ForwardWorker(threading.Thread):
 
     def run(self) -> None:
         try:
+            prepare = getattr(self.sender, "prepare", None)
+            if prepare is not None:
+                prepare()  # before the first instance is waiting for it
             while not self._stop_event.is_set():
                 item = self.queue.take(timeout=0.5)
                 if item is None:

@@ -1,6 +1,7 @@
 """Throughput, latency and memory of anonproxy against a direct DCMTK baseline, in one run.
 
     .venv/bin/python benchmarks/throughput.py [--mr 1000] [--ct 500] [--large-mib 1024]
+        [--deidentify-workers N]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts DCMTK storescp as the destination and measures, in the same run:
@@ -35,6 +36,7 @@ import builders
 from peers import PEER_ENV, StoreSCP, descendants, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
+LISTEN: dict[str, int] = {}  # listen options of the proxy under test (--deidentify-workers)
 
 
 def make_series(directory: Path, template: str, count: int, rows: int, frames: int = 1) -> int:
@@ -144,7 +146,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float
     config.write_text(
         json.dumps(
             {
-                "listen": {"port": port},
+                "listen": {"port": port, **LISTEN},
                 "destinations": [
                     {"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
                      "port": scp.port}
@@ -230,7 +232,12 @@ def main() -> None:
     parser.add_argument(
         "--large-mib", type=int, default=1024, help="one multi-frame instance (0: skip)"
     )
+    parser.add_argument(
+        "--deidentify-workers", type=int, help="the proxy's listen.deidentify_workers"
+    )
     args = parser.parse_args()
+    if args.deidentify_workers is not None:
+        LISTEN["deidentify_workers"] = args.deidentify_workers
     with tempfile.TemporaryDirectory(prefix="anonproxy-bench-") as tmp:
         work = Path(tmp)
         if args.mr:

@@ -218,6 +218,21 @@ def test_a_sender_that_never_sends_starts_no_process(storescp: StoreSCP) -> None
     assert {p.pid for p in multiprocessing.active_children()} == before
 
 
+def test_a_prepared_sender_sends_from_the_child_it_started(storescp: StoreSCP) -> None:
+    process_sender = ProcessSender(_destination(storescp.port), "ANONPROXY")
+    try:
+        process_sender.prepare()
+        started = process_sender.pid
+        assert started is not None
+        assert running(started)
+        process_sender.prepare()  # already running: the same child
+        assert process_sender.send(CT) == 0x0000
+        assert process_sender.pid == started
+    finally:
+        process_sender.close()
+    assert not running(started)
+
+
 def test_child_ends_when_its_parent_is_killed(storescp: StoreSCP, tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     script = textwrap.dedent(

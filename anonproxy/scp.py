@@ -12,9 +12,10 @@ released or aborted, with its counts and duration.
 
 from __future__ import annotations
 
-import functools
+import io
+import itertools
+import os
 import ssl
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,12 +47,27 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.STORE_RECV_CHUNKED_DATASET = True
 
 
+class _ReceivedFile(io.FileIO):
+    """A received data set's file, as pynetdicom uses its NamedTemporaryFile: ``write``,
+    ``name`` and ``file.flush``; unbuffered (pynetdicom writes whole fragments)."""
+
+    @property
+    def file(self) -> _ReceivedFile:
+        return self
+
+
+_received = itertools.count()
+
+
 def receive_into(directory: Path) -> None:
     """Make pynetdicom write received C-STORE data sets into *directory* (the spool's
-    owner-only ``incoming`` folder) rather than the system's temporary folder: they hold PHI."""
-    pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined,assignment]
-        tempfile.NamedTemporaryFile, dir=directory, prefix="in-"
-    )
+    owner-only ``incoming`` folder) rather than the system's temporary folder: they hold PHI.
+    The handler removes each file once answered."""
+
+    def create(**_: object) -> _ReceivedFile:
+        return _ReceivedFile(directory / f"in-{os.getpid()}-{next(_received)}.dcm", "xb")
+
+    pynetdicom.dimse_messages.NamedTemporaryFile = create  # type: ignore[attr-defined,assignment]
 
 
 @dataclass

@@ -121,6 +121,7 @@ def _inputs(paths: Sequence[Path]) -> Iterator[Path]:
 
 
 _WORKER: object = None
+_WORKER_MAX_BYTES: int | None = None  # listen.max_instance_bytes: bounds deflate inflation
 
 
 def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
@@ -129,21 +130,25 @@ def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
     from anonproxy.service import build_deidentifier  # noqa: PLC0415
 
     silence_value_reports()
-    global _WORKER  # noqa: PLW0603 - one engine per worker process
-    _WORKER = build_deidentifier(load_settings(settings_path), Secret(secret_value, "parent"))
+    global _WORKER, _WORKER_MAX_BYTES  # noqa: PLW0603 - one engine per worker process
+    settings = load_settings(settings_path)
+    _WORKER = build_deidentifier(settings, Secret(secret_value, "parent"))
+    _WORKER_MAX_BYTES = settings.listen.max_instance_bytes
 
 
 def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
     """De-identify one file; returns an outcome name (never a value from the file)."""
     from anonproxy.deid import Deidentifier, read_header, write_instance  # noqa: PLC0415
-    from anonproxy.errors import DecodeError  # noqa: PLC0415
+    from anonproxy.errors import DecodeError, LimitExceeded  # noqa: PLC0415
     from anonproxy.spool import check_uid_name  # noqa: PLC0415
 
     source, out_file, out_dir = task
     engine = _WORKER
     assert isinstance(engine, Deidentifier)  # noqa: S101 - set by the pool initializer
-    try:
-        dataset, pixels = read_header(source)  # the pixel data stays on disk
+    try:  # the pixel data stays on disk
+        dataset, pixels = read_header(source, max_inflated_bytes=_WORKER_MAX_BYTES)
+    except LimitExceeded as exc:
+        return f"failed ({exc})"
     except (DecodeError, OSError):
         return "skipped (not DICOM)"
     try:

@@ -17,6 +17,10 @@ class DecodeError(AnonproxyError):
     """A received dataset cannot be parsed."""
 
 
+class LimitExceeded(DecodeError):
+    """A data set exceeds a configured limit (its message names the limit only)."""
+
+
 class DeidentificationError(AnonproxyError):
     """An instance cannot be fully de-identified; it must not be forwarded."""
 

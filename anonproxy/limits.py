@@ -32,10 +32,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
@@ -43,7 +42,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import VR as VR_
 
-from anonproxy.errors import DecodeError
+from anonproxy.deid.files import data_set_offset, inflated_size
+from anonproxy.errors import DecodeError, LimitExceeded
 
 MAX_CONTROL_PDU_BYTES = 1 << 20
 """Longest PDU other than P-DATA-TF accepted (A-ASSOCIATE-RQ with 128 presentation contexts
@@ -54,15 +54,10 @@ _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_INVALID_PARAMETER_VALUE = 0x06
-_INFLATE_CHUNK = 64 * 1024
 _VRS = frozenset(str(vr) for vr in VR_)
 
 Violation = Callable[[str, dict[str, object]], None]
 """Called with a reason and data-free details when the guard refuses a PDU."""
-
-
-class LimitExceeded(DecodeError):
-    """A received data set exceeds a configured limit (its message names the limit only)."""
 
 
 def abort_pdu(reason: int = _ABORT_INVALID_PARAMETER_VALUE) -> bytes:
@@ -253,41 +248,6 @@ class PduGuard:
             raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # the peer is gone already
-
-
-def inflated_size(deflated: BinaryIO, limit: int) -> int:
-    """The inflated size of a raw deflate stream (the Deflated Explicit VR Little Endian
-    transfer syntax) read from *deflated*, inflated piece by piece without keeping the output.
-
-    Raises :class:`LimitExceeded` as soon as it passes *limit* bytes, :class:`DecodeError` when
-    the stream is corrupt.
-    """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    try:
-        while not inflater.eof:
-            pending = inflater.unconsumed_tail or deflated.read(_INFLATE_CHUNK)
-            if not pending:
-                break
-            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
-            if total > limit:
-                raise LimitExceeded("inflated data set exceeds max_instance_bytes")
-        total += len(inflater.flush())
-    except zlib.error:
-        raise DecodeError("deflated data set cannot be inflated") from None
-    if total > limit:
-        raise LimitExceeded("inflated data set exceeds max_instance_bytes")
-    return total
-
-
-def data_set_offset(handle: BinaryIO) -> int:
-    """Where the data set starts in a DICOM file with preamble and file meta (read from the
-    File Meta Information Group Length); 0 when that cannot be told."""
-    handle.seek(0)
-    head = handle.read(144)
-    if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00" or head[136:138] != b"UL":
-        return 0
-    return 144 + int(struct.unpack_from("<L", head, 140)[0])
 
 
 def check_received_file(path: Path, *, deflated: bool, max_bytes: int) -> None:

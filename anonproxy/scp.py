@@ -34,7 +34,7 @@ from anonproxy import limits, reactor, tls
 from anonproxy.access import AccessPolicy, Rejection
 from anonproxy.audit import AuditLog
 from anonproxy.config import ListenConfig
-from anonproxy.errors import DecodeError
+from anonproxy.errors import DecodeError, LimitExceeded
 from anonproxy.forward import set_tcp_nodelay
 from anonproxy.pipeline import InstancePipeline, StoreOutcome
 from anonproxy.status import EchoStatus, StoreStatus
@@ -349,7 +349,7 @@ class StorageSCP:
                 deflated=bool(event.context.transfer_syntax.is_deflated),
                 max_bytes=self.config.max_instance_bytes,
             )
-        except limits.LimitExceeded as exc:
+        except LimitExceeded as exc:
             received.unlink(missing_ok=True)
             return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
         except DecodeError as exc:

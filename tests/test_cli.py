@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from conftest import corpus_identifying_values
 from peers import free_port, storescu, wait_for, wait_port
@@ -86,6 +88,24 @@ def test_deidentify_one_file_to_a_file(tmp_path: Path, corpus: list[Path]) -> No
     result = run(["deidentify", str(corpus[0]), str(out), "-q", "-j", "1"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert dcmread(out).PatientIdentityRemoved == "YES"
+
+
+def test_deidentify_bounds_the_inflation_of_a_deflated_file(tmp_path: Path) -> None:
+    """A deflate bomb is refused after inflating max_instance_bytes, piece by piece."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelData = bytes(8 * 1024 * 1024)  # 8 MiB of zeros: a few KiB once deflated
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    deflated = dcmread(bomb)
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated.save_as(bomb, enforce_file_format=True)
+    assert bomb.stat().st_size < 100_000
+    config = tmp_path / "small.yaml"
+    config.write_text("listen:\n  max_instance_bytes: 1000000\n", "utf-8")
+    out = tmp_path / "out"
+    result = run(["deidentify", str(bomb), str(out), "--config", str(config), "-j", "1"], tmp_path)
+    assert "inflated data set exceeds max_instance_bytes" in result.stdout + result.stderr
+    assert not out.exists() or not list(out.rglob("*.dcm"))
 
 
 def test_describe_profile_lists_every_row_of_table_e1_1(tmp_path: Path) -> None:

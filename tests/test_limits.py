@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 from pynetdicom.pdu_primitives import P_DATA
 
-from anonproxy.errors import DecodeError
-from anonproxy.limits import (
-    DataSetBound,
-    LimitExceeded,
-    check_received_file,
-    data_set_offset,
-    inflated_size,
-)
+from anonproxy.deid.files import data_set_offset, inflated_size
+from anonproxy.errors import DecodeError, LimitExceeded
+from anonproxy.limits import DataSetBound, check_received_file
 
 from conftest import corpus_paths
 

@@ -33,7 +33,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from anonproxy.errors import DecodeError
+from anonproxy.errors import DecodeError, LimitExceeded
 
 _SOP_CLASS_UID = 0x00080016
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -43,6 +43,7 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _COPY_CHUNK = 1 << 20
+_INFLATE_CHUNK = 64 * 1024
 
 _DECODE_ERRORS = (
     InvalidDicomError,
@@ -78,14 +79,52 @@ class PixelSpan:
         return self.end - self.offset
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[Dataset, PixelSpan | None]:
+def inflated_size(deflated: BinaryIO, limit: int) -> int:
+    """The inflated size of a raw deflate stream (the Deflated Explicit VR Little Endian
+    transfer syntax) read from *deflated*, inflated piece by piece without keeping the output.
+
+    Raises :class:`~anonproxy.errors.LimitExceeded` as soon as it passes *limit* bytes,
+    :class:`~anonproxy.errors.DecodeError` when the stream is corrupt.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while not inflater.eof:
+            pending = inflater.unconsumed_tail or deflated.read(_INFLATE_CHUNK)
+            if not pending:
+                break
+            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
+            if total > limit:
+                raise LimitExceeded("inflated data set exceeds max_instance_bytes")
+        total += len(inflater.flush())
+    except zlib.error:
+        raise DecodeError("deflated data set cannot be inflated") from None
+    if total > limit:
+        raise LimitExceeded("inflated data set exceeds max_instance_bytes")
+    return total
+
+
+def data_set_offset(handle: BinaryIO) -> int:
+    """Where the data set starts in a DICOM file with preamble and file meta (read from the
+    File Meta Information Group Length); 0 when that cannot be told."""
+    handle.seek(0)
+    head = handle.read(144)
+    if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00" or head[136:138] != b"UL":
+        return 0
+    return 144 + int(struct.unpack_from("<L", head, 140)[0])
+
+
+def read_header(
+    path: str | os.PathLike[str], *, max_inflated_bytes: int | None = None
+) -> tuple[Dataset, PixelSpan | None]:
     """Decode the instance file at *path* except the value of its first pixel data element.
 
     Returns the data set (file meta included; it never contains that element) and the
     element's span, or ``None`` when the file has no pixel data, or when it is deflated, has no
     preamble and file meta, or is not encoded as its transfer syntax says: such a file is read
     whole (see :func:`anonproxy.deid.read_instance`). Raises DecodeError when the file is not
-    readable DICOM.
+    readable DICOM; with *max_inflated_bytes*, LimitExceeded for a deflated data set that
+    inflates to more (checked piece by piece before pydicom inflates it in one piece).
     """
     source = Path(path)
     try:
@@ -95,6 +134,9 @@ def read_header(path: str | os.PathLike[str]) -> tuple[Dataset, PixelSpan | None
             except InvalidDicomError:
                 return read_instance(source), None
             syntax = ds.file_meta.get("TransferSyntaxUID")
+            if syntax is not None and syntax.is_deflated and max_inflated_bytes is not None:
+                handle.seek(data_set_offset(handle))
+                inflated_size(handle, max_inflated_bytes)
             if (
                 syntax is None
                 or syntax.is_deflated

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
@@ -333,9 +333,12 @@ class StorageSCP:
         The received file is removed afterwards, whatever the outcome.
 
         * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
-        * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream.
+        * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream, or no data set.
         """
-        received = Path(event.dataset_path)
+        dataset_path = cast("Path | None", event.dataset_path)
+        if dataset_path is None:  # a C-STORE request without a data set
+            return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, "no data set")
+        received = Path(dataset_path)
         guard: limits.PduGuard | None = getattr(event.assoc, "anonproxy_guard", None)
         if guard is not None and guard.data_sets.oversized:  # the excess was never kept
             guard.data_sets.oversized = False

@@ -214,6 +214,38 @@ def test_hostile_peer_cannot_crash_the_server_and_storescu_follows(
     assert wait_for(lambda: len(_received(tmp_path)) == 1, timeout=30)
 
 
+def _command(number: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, number, len(value)) + value
+
+
+def test_a_c_store_without_a_data_set_is_refused_and_the_server_serves_on(
+    make_proxy, tmp_path: Path
+) -> None:
+    proxy = make_proxy()
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    body = (
+        _command(0x0002, ct.encode() + b"\x00")
+        + _command(0x0100, struct.pack("<H", 0x0001))  # C-STORE-RQ
+        + _command(0x0110, struct.pack("<H", 7))
+        + _command(0x0700, struct.pack("<H", 0))
+        + _command(0x0800, struct.pack("<H", 0x0101))  # no data set follows
+        + _command(0x1000, b"1.2.826.0.1.3680043.10.999.7\x00")
+    )
+    command = _command(0x0000, struct.pack("<L", len(body))) + body
+    peer = RawPeer(proxy.port)
+    peer.send(associate_rq(contexts=((1, ct, ("1.2.840.10008.1.2",)),)))
+    assert peer.read_pdu()[0] == 0x02  # type: ignore[index]  # A-ASSOCIATE-AC
+    peer.send(p_data_tf([(1, 0x03, command)]))
+    answer = peer.read_pdu()
+    peer.close()
+    assert answer is not None
+    assert answer[0] == 0x04  # P-DATA-TF: the C-STORE-RSP
+    assert struct.pack("<HHLH", 0x0000, 0x0900, 2, 0xC000) in answer[1]  # Status 0xC000
+    failed = _events(tmp_path, "instance.failed")
+    assert [e["reason"] for e in failed] == ["no data set"]
+    assert echoscu(proxy.port) == 0
+
+
 def test_storescu_within_a_small_max_pdu_size_is_not_refused(
     make_proxy, tmp_path: Path, corpus: list[Path]
 ) -> None:

@@ -9,14 +9,15 @@ the DUL, the decoded message to the association thread, the response back to the
 sleeps would cut that wait but make every thread wake thousands of times a second, and each
 wake-up competes for the interpreter lock with the threads doing the real work.
 
-:func:`install` keeps pynetdicom's loops and delays but turns their sleeps into waits that end
-as soon as there is something to do:
+:func:`install` keeps pynetdicom's loops and delays but turns the sleeps of acceptors (the
+SCP's associations) into waits that end as soon as there is something to do (requestors keep
+pynetdicom's loops: measured on the forwarding side, it made no difference):
 
 * the DUL thread waits with ``select`` on its socket and on a pipe that
   :meth:`~pynetdicom.dul.DULServiceProvider.send_pdu` writes to when the association thread
   hands it a primitive to send;
 * the association thread waits on its DIMSE message queue's condition (and passes the
-  wake-up on, since a requestor's thread may be blocked in ``get`` on the same queue).
+  wake-up on, in case another thread is blocked in ``get`` on the same queue).
 
 It also bounds what a sending thread queues ahead of the DUL thread (:func:`_wait_for_room`),
 so that a large data set sent from a file streams from disk instead of filling memory.

@@ -32,7 +32,7 @@ def test_the_two_commands_are_the_ones_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text("utf-8")
     assert "exec ./dev test" in ci
     dev = (ROOT / "dev").read_text("utf-8")
-    for package in ("dcmtk", "orthanc", "dicom3tools", "openssl"):
+    for package in ("dcmtk", "orthanc", "dicom3tools", "openssl", "python3-venv"):
         assert package in ci
         assert package in dev
 

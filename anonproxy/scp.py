@@ -339,29 +339,33 @@ class StorageSCP:
         if dataset_path is None:  # a C-STORE request without a data set
             return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, "no data set")
         received = Path(dataset_path)
+        try:
+            refusal = self._refusal_by_limits(event, received)
+            return refusal if refusal is not None else self.handle_store(event, received)
+        finally:
+            received.unlink(missing_ok=True)
+
+    def _refusal_by_limits(self, event: evt.Event, received: Path) -> Dataset | None:
+        """The answer to a data set over ``max_instance_bytes``, or None. The PDU guard bounded
+        its bytes as they arrived; only a deflated one is read again, to bound its inflation."""
         guard: limits.PduGuard | None = getattr(event.assoc, "anonproxy_guard", None)
         if guard is not None and guard.data_sets.oversized:  # the excess was never kept
             guard.data_sets.oversized = False
-            received.unlink(missing_ok=True)
             return self._refuse_store(
                 event, StoreStatus.INSTANCE_TOO_LARGE, "data set exceeds max_instance_bytes"
             )
+        deflated = bool(event.context.transfer_syntax.is_deflated)
+        if guard is not None and not deflated:
+            return None
         try:
             limits.check_received_file(
-                received,
-                deflated=bool(event.context.transfer_syntax.is_deflated),
-                max_bytes=self.config.max_instance_bytes,
+                received, deflated=deflated, max_bytes=self.config.max_instance_bytes
             )
         except LimitExceeded as exc:
-            received.unlink(missing_ok=True)
             return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
         except DecodeError as exc:
-            received.unlink(missing_ok=True)
             return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
-        try:
-            return self.handle_store(event, received)
-        finally:
-            received.unlink(missing_ok=True)
+        return None
 
     # -- DIMSE services ---------------------------------------------------------------------
 

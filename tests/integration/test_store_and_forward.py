@@ -35,6 +35,12 @@ def _events(root: Path, name: str) -> list[dict[str, object]]:
     return [e for e in audit_records(root / "audit.jsonl") if e["event"] == name]
 
 
+def _quarantined(root: Path, count: int) -> list[dict[str, object]]:
+    """Wait until *count* instances were quarantined; their audit records."""
+    assert wait_for(lambda: len(_events(root, "instance.quarantined")) == count, timeout=30)
+    return _events(root, "instance.quarantined")
+
+
 def _deidentified_uid(path: Path) -> str:
     from anonproxy.deid import Deidentifier, Profile
 
@@ -187,7 +193,7 @@ def test_permanent_failure_goes_to_quarantine_and_others_keep_flowing(
         assert storescu(proxy.port, [tmp_path / "series"]).returncode == 0
         assert wait_for(lambda: len(research.files()) == 5, timeout=30)
         root = tmp_path / "var"
-        assert wait_for(lambda: len(_events(root, "instance.quarantined")) == 5, timeout=30)
+        _quarantined(root, 5)
         quarantined = list((root / "quarantine" / "refuser").glob("*.dcm"))
         assert len(quarantined) == 5
         note = json.loads(quarantined[0].with_suffix(".json").read_text("utf-8"))
@@ -206,9 +212,7 @@ def test_sop_class_not_supported_is_quarantined(make_proxy, tmp_path: Path) -> N
             [{"name": "ct", "ae_title": "REFUSER", "host": "127.0.0.1", "port": ct_only.port}]
         )
         assert storescu(proxy.port, [tmp_path / "series"]).returncode == 0
-        root = tmp_path / "var"
-        assert wait_for(lambda: len(_events(root, "instance.quarantined")) == 2, timeout=30)
-        reasons = {e["reason"] for e in _events(root, "instance.quarantined")}
+        reasons = {e["reason"] for e in _quarantined(tmp_path / "var", 2)}
         assert reasons == {"SOP class not supported by the destination"}
         assert ct_only.calls == 0
     finally:
@@ -304,7 +308,7 @@ def test_operator_commands_list_release_and_purge_quarantine(make_proxy, tmp_pat
         )
         assert storescu(proxy.port, [tmp_path / "series"]).returncode == 0
         root = tmp_path / "var"
-        assert wait_for(lambda: len(_events(root, "instance.quarantined")) == 3, timeout=30)
+        _quarantined(root, 3)
         config = tmp_path / "ops.yaml"
         config.write_text(json.dumps({"storage": {"path": str(root)}}), "utf-8")
 

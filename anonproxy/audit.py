@@ -128,9 +128,21 @@ def silence_value_reports() -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
 
 
+def silence_pynetdicom_identifiers() -> None:
+    """pynetdicom's DIMSE debug handlers and its request/response logs quote original UIDs:
+    keep them off."""
+    from pynetdicom import _config  # noqa: PLC0415 - only network processes need pynetdicom
+
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Operational logs to standard error; pynetdicom's logger at WARNING, UIDs scrubbed."""
+    """Operational logs to standard error; pynetdicom's logger at WARNING, UIDs scrubbed, no
+    value or identifier reported by pydicom or pynetdicom."""
     silence_value_reports()
+    silence_pynetdicom_identifiers()
     out = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(out)
     handler.addFilter(UidScrubber())

@@ -53,7 +53,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from anonproxy import reactor
-from anonproxy.audit import AuditLog, configure_logging, get_logger, silence_value_reports
+from anonproxy.audit import AuditLog, configure_logging, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ForwardError
 from anonproxy.spool import DestinationQueue, QueueItem, Spool, fsync_directory
@@ -318,12 +318,7 @@ def _serve_sender(
     is asked to close or the pipe ends (the parent has closed it, or died)."""
     # Ctrl-C reaches the whole process group: the parent, not the signal, ends this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # As in anonproxy.scp: pynetdicom's DIMSE debug handlers quote UIDs; keep them off.
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    silence_value_reports()
-    configure_logging(log_level)
+    configure_logging(log_level)  # pydicom's and pynetdicom's value reports off, as in the parent
     sender = DicomSender(config, calling_ae_title)
     try:
         while True:

@@ -32,17 +32,14 @@ from pynetdicom.status import code_to_category
 
 from anonproxy import limits, reactor, tls
 from anonproxy.access import AccessPolicy, Rejection
-from anonproxy.audit import AuditLog
+from anonproxy.audit import AuditLog, silence_pynetdicom_identifiers
 from anonproxy.config import ListenConfig
 from anonproxy.errors import DecodeError, LimitExceeded
 from anonproxy.forward import set_tcp_nodelay
 from anonproxy.pipeline import InstancePipeline, StoreOutcome
 from anonproxy.status import EchoStatus, StoreStatus
 
-# pynetdicom's DIMSE debug handlers quote original UIDs: keep them off.
-_config.LOG_HANDLER_LEVEL = "none"
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
+silence_pynetdicom_identifiers()  # whether or not logging is configured
 # C-STORE data sets are written to a file as they arrive (see receive_into), never held whole.
 _config.STORE_RECV_CHUNKED_DATASET = True
 

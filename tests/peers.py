@@ -48,8 +48,16 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float) -> Non
 def descendants(pid: int) -> list[int]:
     """The child processes of *pid*, and theirs (Linux /proc)."""
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (task / "children").read_text().split()):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:  # the process ended meanwhile
+        return found
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        for child in map(int, children):
             found += [child, *descendants(child)]
     return found
 

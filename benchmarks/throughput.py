@@ -8,11 +8,14 @@ starts DCMTK storescp as the destination and measures, in the same run:
 
 * direct: storescu -> storescp;
 * proxy: storescu -> anonproxy serve -> storescp, until the last instance arrived;
-* proxy with 4 parallel storescu senders.
+* proxy with 4 parallel storescu senders;
+* the floor of the stack (series only): storescu -> benchmarks/stack_floor.py, a pynetdicom SCP
+  that only receives (``receive-only``), or receives, decodes the header and re-encodes with
+  pydicom (``floor``): what one association through any proxy on this stack cannot beat.
 
 Prints instances/s, MB/s, time to the last arrival, forwarding latency p50/p99 (from the audit
-trail), the proxy's peak RSS (alone, and summed with its child processes), and the ratio
-against the direct run. DCMTK runs with TCP_NODELAY=1.
+trail), the proxy's peak RSS (alone, and summed with its child processes), the ratio against
+the direct run, and the share of the floor reached. DCMTK runs with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import builders
 from peers import PEER_ENV, StoreSCP, descendants, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
+FLOOR = "pynetdicom+pydicom floor"  # receive to disk, decode the header, re-encode: no more
 LISTEN: dict[str, int] = {}  # listen options of the proxy under test (--deidentify-workers)
 
 
@@ -133,6 +137,21 @@ def direct(work: Path, folders: list[Path], expected: int) -> dict[str, float]:
     return {"seconds": elapsed}
 
 
+def stack_floor(folders: list[Path], *options: str) -> dict[str, float]:
+    """One storescu into benchmarks/stack_floor.py: the ceiling of pynetdicom + pydicom."""
+    port = free_port()
+    scp = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("stack_floor.py")), str(port), *options],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, 30)
+        return {"seconds": run_senders(port, folders, "FLOOR")}
+    finally:
+        scp.kill()
+        scp.wait()
+
+
 def audit(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / "var" / "audit.jsonl").read_text().splitlines()]
 
@@ -195,18 +214,31 @@ def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float
     }
 
 
-def report(name: str, count: int, size: int, base: dict[str, float], runs: dict[str, dict]) -> None:
+def report(
+    name: str,
+    count: int,
+    size: int,
+    base: dict[str, float],
+    floors: dict[str, dict[str, float]],
+    runs: dict[str, dict],
+) -> None:
     rate = count / base["seconds"]
     print(f"\n== {name}: {count} instances, {size / 1e6:.1f} MB")
     print(
         f"  direct storescu->storescp      {rate:8.1f} inst/s {size / 1e6 / base['seconds']:8.1f} MB/s"
     )
+    for label, result in floors.items():
+        r = count / result["seconds"]
+        print(f"  {label:30s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
+              f"  ratio {r / rate:.2f}")  # fmt: skip
+    floor = count / floors[FLOOR]["seconds"] if FLOOR in floors else None
     for label, result in runs.items():
         r = count / result["seconds"]
         print(
             f"  {label:30s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
             f"  last arrival {result['seconds']:.2f} s  ratio {r / rate:.2f}"
-            f"  acknowledged {count / result['acknowledged_s']:.1f} inst/s"
+            + (f" ({r / floor:.2f} of the floor)" if floor else "")
+            + f"  acknowledged {count / result['acknowledged_s']:.1f} inst/s"
             f"  p50 {result['p50_ms']:.0f} ms  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
             f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
@@ -215,6 +247,10 @@ def report(name: str, count: int, size: int, base: dict[str, float], runs: dict[
 
 def bench(work: Path, name: str, series: Path, count: int, size: int) -> None:
     base = direct(work, [series], count)
+    floors = {}
+    if count > 1:  # one association of many instances: the stack's per-instance ceiling
+        floors["pynetdicom receive-only"] = stack_floor([series], "--receive-only")
+        floors[FLOOR] = stack_floor([series])
     runs = {"anonproxy, 1 sender": via_proxy(work, [series], count)}
     if count >= 4:
         parts = [work / f"{name}-part{i}" for i in range(4)]
@@ -222,7 +258,7 @@ def bench(work: Path, name: str, series: Path, count: int, size: int) -> None:
             parts[i % 4].mkdir(exist_ok=True)
             os.link(path, parts[i % 4] / path.name)
         runs["anonproxy, 4 senders"] = via_proxy(work, parts, count)
-    report(name, count, size, base, runs)
+    report(name, count, size, base, floors, runs)
 
 
 def main() -> None:

@@ -1,0 +1,64 @@
+"""The floor of the stack: a pynetdicom Storage SCP that does the least any de-identifying
+proxy built on pynetdicom and pydicom must do, and nothing else.
+
+    .venv/bin/python benchmarks/stack_floor.py PORT [--receive-only]
+
+Each C-STORE data set is received to disk as it arrives (as anonproxy does, for the memory
+target), its header decoded and re-encoded with pydicom (pixel data copied as bytes, as
+anonproxy does), then answered Success. No de-identification, no fsync, no forwarding, no audit.
+With ``--receive-only`` the handler only removes the received file. The SCP uses anonproxy's
+reactor fix and default maximum PDU size, so it is pynetdicom at its best here.
+
+``benchmarks/throughput.py`` starts it to print the ceiling next to the direct DCMTK rate: a
+proxy on this stack cannot answer one association faster than this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from anonproxy import reactor
+from anonproxy.config import ListenConfig
+from anonproxy.deid.files import read_header, write_spliced
+from anonproxy.status import StoreStatus
+
+AE_TITLE = "FLOOR"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("--receive-only", action="store_true")
+    args = parser.parse_args()
+    reactor.install()
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    output = Path(tempfile.mkdtemp(prefix="anonproxy-floor-")) / "out.dcm"
+
+    def handle_store(event: Event) -> int:
+        received = event.dataset_path
+        if not args.receive_only:
+            dataset, pixels = read_header(received)
+            with output.open("wb") as handle:
+                write_spliced(dataset, pixels, handle)
+        os.unlink(received)
+        return StoreStatus.SUCCESS
+
+    ae = AE(AE_TITLE)
+    ae.maximum_pdu_size = ListenConfig().max_pdu_size
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes))
+    ae.start_server(
+        ("127.0.0.1", args.port), evt_handlers=[(evt.EVT_C_STORE, handle_store)], block=True
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
@@ -69,6 +70,9 @@ _STATUS_CATEGORY_DELIVERED = {"Success", "Warning"}
 _REPLY_MARGIN_S = 30.0  # start-up of the sender process, transfer syntax conversion
 _MIN_THROUGHPUT_BYTES_S = 1_000_000  # the reply time-out grows by 1 s per MB of the instance
 _CLOSE_WAIT_S = 5.0  # for the sender process to release its association and exit
+# PDU length sent to a peer that takes any (Maximum Length 0): pynetdicom would send, and read,
+# a whole instance as one PDU.
+UNLIMITED_PEER_PDU = 1 << 20
 _LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -191,6 +195,9 @@ class DicomSender:
             if self._tls_args is not None and not assoc.is_rejected:
                 reason += " (TLS)"
             raise ForwardError(f"association {reason}")
+        for item in assoc.acceptor.user_information:
+            if isinstance(item, MaximumLengthNotification) and not item.maximum_length_received:
+                item.maximum_length_received = UNLIMITED_PEER_PDU
         self._assoc = assoc
 
     def send(self, path: Path) -> int:
@@ -348,9 +355,10 @@ class ProcessSender:
 
     The child is started (with ``spawn``: the service runs threads) by :meth:`prepare` or on the
     first :meth:`send`, and reused for every later one, so its association stays open as a
-    :class:`DicomSender`'s does. A child that dies, or does not answer within
+    :class:`DicomSender`'s does. A child that dies during a send, or does not answer within
     :attr:`reply_timeout` seconds (plus one second per megabyte of the instance), is killed:
-    that send fails as transient and the next one starts a new child. Used by one thread.
+    that send fails as transient and the next one starts a new child. A child found ended
+    before a send is replaced for that send. Used by one thread.
     """
 
     def __init__(
@@ -443,6 +451,10 @@ class ProcessSender:
 
     def send(self, path: Path) -> int:
         timeout = self.reply_timeout + path.stat().st_size / _MIN_THROUGHPUT_BYTES_S
+        if self._process is not None and not self._process.is_alive():
+            # ended while idle (killed, out of memory): nothing of this instance was sent
+            exitcode = self._stop(graceful=False)
+            log.warning("forward.sender_ended", destination=self.config.name, exitcode=exitcode)
         conn = self._conn or self._start()
         request: _Request = ("send", str(path))
         try:

@@ -278,12 +278,16 @@ class RefusingSCP:
     failures (0xA9xx, 0xCxxx) and SOP Classes it does not support.
     """
 
-    def __init__(self, status: int, *, sop_classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, status: int, *, sop_classes: Sequence[str] | None = None, max_pdu: int = 16382
+    ) -> None:
         self.status = status
         self.sop_classes = sop_classes
+        self.max_pdu = max_pdu  # the Maximum Length it advertises (0: any)
         self.port = free_port()
         self.ae_title = "REFUSER"
         self.calls = 0
+        self.pdv_lengths: list[int] = []  # of every P-DATA value received
         self.server: Any = None
 
     def start(self) -> RefusingSCP:
@@ -292,6 +296,7 @@ class RefusingSCP:
         from pynetdicom.presentation import AllStoragePresentationContexts
 
         ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = self.max_pdu
         classes = self.sop_classes or [c.abstract_syntax for c in AllStoragePresentationContexts]
         for sop_class in classes:
             ae.add_supported_context(sop_class, list(AllTransferSyntaxes))
@@ -302,9 +307,12 @@ class RefusingSCP:
             self.calls += 1
             return self.status
 
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
-        )
+        def handle_pdu(event: Any) -> None:
+            for item in getattr(event.pdu, "presentation_data_value_items", []):
+                self.pdv_lengths.append(len(item.presentation_data_value))
+
+        handlers = [(evt.EVT_C_STORE, handle_store), (evt.EVT_PDU_RECV, handle_pdu)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,15 @@ from pydicom.data import get_testdata_file
 
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ConfigError, ForwardError
-from anonproxy.forward import FolderSender, ProcessSender, make_sender
+from anonproxy.forward import (
+    UNLIMITED_PEER_PDU,
+    DicomSender,
+    FolderSender,
+    ProcessSender,
+    make_sender,
+)
 
+import builders
 from peers import RefusingSCP, StoreSCP, free_port, running, wait_for
 
 pytestmark = pytest.mark.integration
@@ -118,6 +126,22 @@ def test_warning_status_is_delivered(refusing: list[RefusingSCP]) -> None:
         process_sender.close()
 
 
+def test_a_peer_taking_pdus_of_any_length_gets_bounded_ones(
+    refusing: list[RefusingSCP], tmp_path: Path
+) -> None:
+    """Maximum Length 0 would make pynetdicom read and send an instance as one PDU."""
+    peer = RefusingSCP(0x0000, max_pdu=0).start()
+    refusing.append(peer)
+    (large,) = builders.make_series(tmp_path, 1, rows=1024, frames=2)  # 4 MiB of pixels
+    sender = DicomSender(_destination(peer.port, peer.ae_title), "ANONPROXY")
+    try:
+        assert sender.send(large) == 0x0000
+    finally:
+        sender.close()
+    assert sum(peer.pdv_lengths) > large.stat().st_size - 1024  # the whole data set arrived
+    assert max(peer.pdv_lengths) <= UNLIMITED_PEER_PDU
+
+
 def test_destination_down_is_transient(tmp_path: Path) -> None:
     process_sender = ProcessSender(_destination(free_port()), "ANONPROXY")
     try:
@@ -135,15 +159,33 @@ def test_missing_spool_file_is_file_not_found(sender: ProcessSender, tmp_path: P
     assert sender.send(CT) == 0x0000
 
 
-def test_killed_child_fails_one_send_then_a_new_child_sends(
+def test_child_killed_while_idle_is_replaced_for_the_next_send(
     sender: ProcessSender, storescp: StoreSCP
 ) -> None:
     assert sender.send(CT) == 0x0000
     first = sender.pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
-    with pytest.raises(ForwardError) as raised:
-        sender.send(MR)
+    assert wait_for(lambda: not running(first), timeout=5)
+    assert sender.send(MR) == 0x0000  # no failed attempt: nothing had been sent
+    assert sender.pid not in {None, first}
+    assert wait_for(lambda: len(storescp.files()) == 2, timeout=10)
+
+
+def test_child_ending_during_a_send_fails_it_as_transient(
+    sender: ProcessSender, storescp: StoreSCP
+) -> None:
+    assert sender.send(CT) == 0x0000
+    first = sender.pid
+    assert first is not None
+    killer = threading.Timer(0.5, os.kill, (first, signal.SIGKILL))
+    os.kill(first, signal.SIGSTOP)  # the request is sent; the child dies before it answers
+    killer.start()
+    try:
+        with pytest.raises(ForwardError) as raised:
+            sender.send(MR)
+    finally:
+        killer.join()
     assert raised.value.permanent is False
     assert str(raised.value) == "sender process failed"
     assert sender.pid is None

@@ -8,11 +8,12 @@ import subprocess
 import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from anonproxy import reactor
 
-from peers import PEER_ENV, free_port, tool
+from peers import PEER_ENV, StoreSCP, free_port, tool, wait_for
 
 
 def _open_descriptors() -> int:
@@ -62,3 +63,32 @@ def test_an_acceptor_serves_every_request_and_releases_its_wake_up_pipe() -> Non
     assert getattr(dul, "_anonproxy_reads", 0) >= 50  # every PDU read went through the hook
     assert getattr(dul, "_anonproxy_wakeup", "gone") is None  # closed when the reactor ended
     assert _open_descriptors() <= before  # no pipe left open per association
+
+
+def test_a_requestor_reactor_leaves_responses_to_the_sending_thread(storescp: StoreSCP) -> None:
+    """pynetdicom's send_c_store does not pause the requestor's association thread, which took
+    any message off the DIMSE queue: now and then the C-STORE response (then dropped)."""
+    reactor.install()
+    ae = AE("REACTOR")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", storescp.port, ae_title=storescp.ae_title)
+    assert assoc.is_established
+    messages = assoc.dimse.msg_queue
+    response, request = C_ECHO(), C_ECHO()
+    response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+    request.MessageID, request.AffectedSOPClassUID = 2, Verification
+    try:
+        assoc._reactor_checkpoint.clear()  # the real reactor thread stays out of the way
+        assert wait_for(lambda: assoc._is_paused, timeout=5)
+        reactor._waiter.leave_responses = True  # this thread looks as the reactor does
+        messages.put((1, response))
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+        assert messages.qsize() == 1  # left for the thread waiting on it
+        assert assoc.dimse.get_msg(block=True) == (1, response)
+        messages.put((1, request))
+        assert assoc.dimse.get_msg(block=False) == (1, request)  # requests are served as before
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+    finally:
+        reactor._waiter.leave_responses = False
+        assoc._reactor_checkpoint.set()
+        assoc.release()

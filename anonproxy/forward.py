@@ -87,6 +87,12 @@ def set_tcp_nodelay(event: evt.Event) -> None:
 class Sender(Protocol):
     """Delivers one spooled instance to a destination."""
 
+    def prepare(self) -> None:
+        """Get ready before the first instance waits for it."""
+
+    def idle_check(self) -> None:
+        """Called when no instance was waiting: release what has been idle too long."""
+
     def send(self, path: Path) -> int:
         """Deliver the file at *path*; return the destination's status (0 for a folder).
 
@@ -103,6 +109,12 @@ class FolderSender:
     def __init__(self, config: FolderDestinationConfig, *, fsync: bool = True) -> None:
         self.root = config.path
         self.fsync = fsync
+
+    def prepare(self) -> None:
+        """Nothing to prepare."""
+
+    def idle_check(self) -> None:
+        """Nothing is held open."""
 
     def send(self, path: Path) -> int:
         from anonproxy.spool import check_uid_name  # noqa: PLC0415
@@ -529,15 +541,11 @@ class ForwardWorker(threading.Thread):
 
     def run(self) -> None:
         try:
-            prepare = getattr(self.sender, "prepare", None)
-            if prepare is not None:
-                prepare()  # before the first instance is waiting for it
+            self.sender.prepare()
             while not self._stop_event.is_set():
                 item = self.queue.take(timeout=0.5)
                 if item is None:
-                    idle_check = getattr(self.sender, "idle_check", None)
-                    if idle_check is not None:
-                        idle_check()
+                    self.sender.idle_check()
                     continue
                 self._forward(item)
         finally:

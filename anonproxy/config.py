@@ -27,6 +27,8 @@ from pydantic import (
 
 from anonproxy.errors import ConfigError
 
+DEFAULT_MAX_SEQUENCE_DEPTH = 16  # listen.max_sequence_depth
+
 DEFAULT_CONFIG_RESOURCE = "default.yaml"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
@@ -111,7 +113,7 @@ class ListenConfig(_Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     max_instance_bytes: int = Field(default=4 << 30, ge=1)
-    max_sequence_depth: int = Field(default=16, ge=1, le=1000)
+    max_sequence_depth: int = Field(default=DEFAULT_MAX_SEQUENCE_DEPTH, ge=1, le=1000)
 
     @field_validator("ae_title")
     @classmethod

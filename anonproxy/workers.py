@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from anonproxy import limits
 from anonproxy.audit import get_logger, silence_value_reports
+from anonproxy.config import DEFAULT_MAX_SEQUENCE_DEPTH
 from anonproxy.deid import Deidentifier, DeidResult
 from anonproxy.deid.files import PixelSpan, read_header, write_spliced
 from anonproxy.errors import DecodeError, DeidentificationError
@@ -36,7 +37,6 @@ from anonproxy.status import StoreStatus
 
 log = get_logger(__name__)
 
-DEFAULT_MAX_SEQUENCE_DEPTH = 16
 _PARENT_CHECK_S = 1.0
 
 
@@ -213,12 +213,12 @@ class DeidentifierPool:
                 threading.Thread(
                     target=self._start_in_background, name="deidentify-pool", daemon=True
                 ).start()
-            inline = pool is None or self._busy == 1
-            self.offloaded += not inline
+            worker_pool = pool if self._busy > 1 else None  # a lone instance stays here
+            self.offloaded += worker_pool is not None
         try:
-            if inline or pool is None:
+            if worker_pool is None:
                 return deidentify_file(self.engine, source, target, self.max_sequence_depth)
-            return pool.submit(_run_in_worker, str(source), str(target)).result()
+            return worker_pool.submit(_run_in_worker, str(source), str(target)).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:  # replace it once, for every waiting thread

@@ -212,17 +212,16 @@ class PduGuard:
                 if pdu_type not in _KNOWN_PDU_TYPES:
                     self._refuse("unknown_pdu_type", _ABORT_UNRECOGNIZED_PDU, pdu_type=pdu_type)
                     return bytearray()
-                if pdu_type in _KNOWN_PDU_TYPES:
-                    if length > self.limit(pdu_type):
-                        self._refuse(
-                            "pdu_too_long",
-                            _ABORT_INVALID_PARAMETER_VALUE,
-                            pdu_type=pdu_type,
-                            declared_length=length,
-                            limit=self.limit(pdu_type),
-                        )
-                        return bytearray()
-                    self._body_type = pdu_type
+                if length > self.limit(pdu_type):
+                    self._refuse(
+                        "pdu_too_long",
+                        _ABORT_INVALID_PARAMETER_VALUE,
+                        pdu_type=pdu_type,
+                        declared_length=length,
+                        limit=self.limit(pdu_type),
+                    )
+                    return bytearray()
+                self._body_type = pdu_type
             return header
         pdu_type, self._body_type = self._body_type, None
         body = self._recv(nr_bytes)

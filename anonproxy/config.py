@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from anonproxy.errors import ConfigError
+from anonproxy.spool import NOT_QUEUES
 
 DEFAULT_MAX_SEQUENCE_DEPTH = 16  # listen.max_sequence_depth
 
@@ -393,7 +394,7 @@ class Settings(_Section):
         if duplicates:
             msg = f"destination names must be unique: {duplicates}"
             raise ValueError(msg)
-        reserved = sorted({"tmp", "incoming"} & set(names))  # folders of the spool
+        reserved = sorted(NOT_QUEUES & set(names))  # folders of the spool
         if reserved:
             msg = f"destination names {reserved} are reserved"
             raise ValueError(msg)

@@ -34,7 +34,8 @@ from anonproxy.errors import SpoolFullError
 
 _UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 SUFFIX = ".dcm"
-_NOT_QUEUES = frozenset({"tmp", "incoming"})  # folders of the spool that are no queue
+_TMP, _INCOMING = "tmp", "incoming"
+NOT_QUEUES = frozenset({_TMP, _INCOMING})  # folders of the spool that are no queue: reserved
 
 
 def check_uid_name(uid: str) -> str:
@@ -235,8 +236,8 @@ class Spool:
     ) -> None:
         self.root = root
         self.spool_dir = root / "spool"
-        self.tmp_dir = self.spool_dir / "tmp"
-        self.incoming_dir = self.spool_dir / "incoming"
+        self.tmp_dir = self.spool_dir / _TMP
+        self.incoming_dir = self.spool_dir / _INCOMING
         self.quarantine_dir = root / "quarantine"
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -439,7 +440,7 @@ def queue_status(root: Path) -> dict[str, dict[str, object]]:
         state = published.get("queues", {})
     result: dict[str, dict[str, object]] = {}
     names = sorted(
-        {p.name for p in spool_dir.iterdir() if p.is_dir() and p.name not in _NOT_QUEUES}
+        {p.name for p in spool_dir.iterdir() if p.is_dir() and p.name not in NOT_QUEUES}
         if spool_dir.is_dir()
         else set()
     )

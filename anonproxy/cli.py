@@ -84,10 +84,10 @@ ACTION_MEANINGS = {
 
 def cmd_describe_profile(args: argparse.Namespace) -> int:
     """Print the effective action for every attribute of Table E.1-1 (or a summary)."""
-    from anonproxy.deid import Profile  # noqa: PLC0415
+    from anonproxy.service import build_profile  # noqa: PLC0415
 
     settings = _settings(args)
-    profile = Profile.from_config(settings.profile)
+    profile = build_profile(settings.profile)
     rows = list(profile.describe())
     if not args.summary:
         for tag, name, action in rows:
@@ -126,13 +126,12 @@ _WORKER_MAX_BYTES: int | None = None  # listen.max_instance_bytes: bounds deflat
 
 def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
     from anonproxy.audit import silence_value_reports  # noqa: PLC0415
-    from anonproxy.secret import Secret  # noqa: PLC0415
     from anonproxy.service import build_deidentifier  # noqa: PLC0415
 
     silence_value_reports()
     global _WORKER, _WORKER_MAX_BYTES  # noqa: PLW0603 - one engine per worker process
     settings = load_settings(settings_path)
-    _WORKER = build_deidentifier(settings, Secret(secret_value, "parent"))
+    _WORKER = build_deidentifier(settings.profile, secret_value)
     _WORKER_MAX_BYTES = settings.listen.max_instance_bytes
 
 

@@ -215,7 +215,7 @@ class ProfileConfig(_Section):
         """Patient pseudonyms (see :mod:`anonproxy.deid.pseudonyms`)."""
 
         method: Literal["hash", "lookup"] = "hash"
-        format: str = "ANON-{hash:10}"
+        format: str = "ANON-{hash:16}"  # anonproxy.deid.pseudonyms.DEFAULT_FORMAT
         patient_name_format: str | None = None
         lookup_csv: Path | None = None
         unknown_patient: Literal["reject", "hash"] = "reject"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import signal
 import sys
@@ -21,8 +22,8 @@ from types import FrameType
 
 from anonproxy import __version__
 from anonproxy.audit import AuditLog, get_logger, silence_value_reports
-from anonproxy.config import Settings
-from anonproxy.deid import Deidentifier
+from anonproxy.config import ProfileConfig, Settings
+from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.errors import ConfigError
 from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.pipeline import InstancePipeline
@@ -45,15 +46,53 @@ def deidentify_workers(settings: Settings) -> int:
     return min(os.cpu_count() or 1, 4) if configured is None else configured
 
 
-def build_deidentifier(settings: Settings, secret: Secret) -> Deidentifier:
-    """The engine for the configured profile: options, presets, strict, user rules, patient
-    pseudonyms and date shift range (as :meth:`Deidentifier.from_config`). ``serve`` and
-    ``deidentify`` both build it here; ``describe-profile`` uses the same
-    :meth:`Profile.from_config`. A lookup table that cannot be used is a ConfigError."""
+def build_profile(config: ProfileConfig) -> Profile:
+    """The engine's :class:`~anonproxy.deid.Profile` of a ``profile:`` section: options,
+    presets, strict, user rules, patient pseudonyms and the burned-in annotation policy. The
+    patient lookup table is read here; one that cannot be used is a ConfigError. ``serve``,
+    ``deidentify`` and ``describe-profile`` all build their profile here."""
     try:
-        return Deidentifier.from_config(settings.profile, secret.value)
+        patient_ids = None
+        if config.patient_id is not None:
+            spec = config.patient_id
+            patient_ids = PatientPseudonyms.build(
+                method=spec.method,
+                format=spec.format,
+                patient_name_format=spec.patient_name_format,
+                lookup_csv=spec.lookup_csv,
+                unknown_patient=spec.unknown_patient,
+            )
+        return Profile.from_options(
+            config.options,
+            strict=config.strict,
+            presets=config.preset,
+            rules=[rule.model_dump(exclude_none=True) for rule in config.rules],
+            patient_ids=patient_ids,
+        )
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None
+
+
+def build_deidentifier(config: ProfileConfig, secret: bytes) -> Deidentifier:
+    """The engine of a ``profile:`` section keyed by *secret*: :func:`build_profile` with its
+    date shift range and clean patterns (ConfigError as :func:`build_profile`)."""
+    return Deidentifier(
+        build_profile(config),
+        secret,
+        date_shift_days=config.date_shift_days,
+        clean_patterns=config.clean_patterns,
+    )
+
+
+def deidentifier_factory(config: ProfileConfig, secret: bytes) -> Callable[[], Deidentifier]:
+    """A picklable function that builds :func:`build_deidentifier` of *config* and *secret*
+    again, for the worker processes (:class:`~anonproxy.workers.DeidentifierPool`)."""
+    return functools.partial(_deidentifier_of_section, config.model_dump(mode="json"), secret)
+
+
+def _deidentifier_of_section(section: dict[str, object], secret: bytes) -> Deidentifier:
+    """:func:`build_deidentifier` of a ``profile:`` section in its JSON form."""
+    return build_deidentifier(ProfileConfig.model_validate(section), secret)
 
 
 class Proxy:
@@ -84,9 +123,8 @@ class Proxy:
             fsync=storage.fsync,
         )
         self.deidentifiers = DeidentifierPool(
-            build_deidentifier(settings, self.secret),
-            settings.profile.model_dump(mode="json"),
-            self.secret.value,
+            build_deidentifier(settings.profile, self.secret.value),
+            deidentifier_factory(settings.profile, self.secret.value),
             workers=deidentify_workers(settings),
             max_sequence_depth=settings.listen.max_sequence_depth,
         )

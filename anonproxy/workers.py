@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -122,12 +123,12 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _start_worker(
-    profile: dict[str, object], secret: bytes, max_sequence_depth: int, parent: int
+    factory: Callable[[], Deidentifier], max_sequence_depth: int, parent: int
 ) -> None:
     global _worker_engine, _worker_max_depth  # noqa: PLW0603 - one engine per worker process
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     silence_value_reports()
-    _worker_engine = Deidentifier.from_config(profile, secret)
+    _worker_engine = factory()
     _worker_max_depth = max_sequence_depth
 
 
@@ -141,20 +142,23 @@ def _ready() -> bool:
 
 
 class DeidentifierPool:
-    """Runs :func:`deidentify_file` in worker processes (or inline). Thread-safe."""
+    """Runs :func:`deidentify_file` in worker processes (or inline). Thread-safe.
+
+    *engine* serves the calling threads; each worker process builds its own by calling
+    *factory* (picklable: it crosses the process boundary, e.g. a :func:`functools.partial`
+    of a module-level function), which must build the same engine.
+    """
 
     def __init__(
         self,
         engine: Deidentifier,
-        profile: dict[str, object],
-        secret: bytes,
+        factory: Callable[[], Deidentifier],
         *,
         workers: int,
         max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
     ) -> None:
         self.engine = engine
-        self._profile = profile
-        self._secret = secret
+        self._factory = factory
         self.workers = workers
         self.max_sequence_depth = max_sequence_depth
         self._lock = threading.Lock()
@@ -170,7 +174,7 @@ class DeidentifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(self._profile, self._secret, self.max_sequence_depth, os.getpid()),
+            initargs=(self._factory, self.max_sequence_depth, os.getpid()),
         )
 
     def start(self) -> None:

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from anonproxy.config import ProfileConfig
-from anonproxy.deid import Deidentifier
+from anonproxy.service import build_deidentifier, deidentifier_factory
 from anonproxy.status import StoreStatus
 from anonproxy.workers import (
     Deidentified,
@@ -29,10 +29,8 @@ PROFILE = ProfileConfig(options=["retain_longitudinal_temporal_information_modif
 
 @pytest.fixture(scope="module")
 def pool():
-    engine = Deidentifier.from_config(PROFILE, TEST_SECRET.value)
-    workers = DeidentifierPool(
-        engine, PROFILE.model_dump(mode="json"), TEST_SECRET.value, workers=2
-    )
+    engine = build_deidentifier(PROFILE, TEST_SECRET.value)
+    workers = DeidentifierPool(engine, deidentifier_factory(PROFILE, TEST_SECRET.value), workers=2)
     workers.start()
     yield workers
     workers.shutdown()
@@ -106,8 +104,8 @@ def test_a_write_that_fails_is_out_of_resources(pool: DeidentifierPool, tmp_path
 
 
 def test_worker_processes_start_only_when_instances_overlap(tmp_path: Path) -> None:
-    engine = Deidentifier.from_config(PROFILE, TEST_SECRET.value)
-    lazy = DeidentifierPool(engine, PROFILE.model_dump(mode="json"), TEST_SECRET.value, workers=1)
+    engine = build_deidentifier(PROFILE, TEST_SECRET.value)
+    lazy = DeidentifierPool(engine, deidentifier_factory(PROFILE, TEST_SECRET.value), workers=1)
     source = corpus_paths()[0]
     try:
         assert isinstance(lazy.run(source, tmp_path / "alone.dcm"), Deidentified)

@@ -39,13 +39,14 @@ De-identify a pydicom Dataset in place; the result carries the new UIDs and coun
 >>> result.sop_instance_uid.startswith("2.25."), result.action_counts["U"]
 (True, 3)
 
-The same from a ``profile:`` section (validated exactly as the YAML file), with patient
-pseudonyms; and a file in, a file out (written atomically):
+With patient pseudonyms (the settings of ``profile.patient_id``); and a file in, a file out
+(written atomically):
 
 >>> import tempfile
 >>> from pathlib import Path
->>> deid = Deidentifier.from_config(
-...     {"preset": "RetainUIDs", "patient_id": {"format": "P-{hash:8}"}},
+>>> pseudonyms = PatientPseudonyms.build(format="P-{hash:8}")
+>>> deid = Deidentifier(
+...     Profile.from_options([], presets=["RetainUIDs"], patient_ids=pseudonyms),
 ...     secret=b"a long random secret",
 ... )
 >>> folder = Path(tempfile.mkdtemp())

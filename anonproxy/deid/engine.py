@@ -62,10 +62,9 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag
@@ -94,9 +93,6 @@ from anonproxy.deid.uids import (
     UidRemapper,
 )
 from anonproxy.errors import DeidentificationError
-
-if TYPE_CHECKING:
-    from anonproxy.config import ProfileConfig
 
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
@@ -281,24 +277,6 @@ class Deidentifier:
         ):
             return "UNMODIFIED"
         return "REMOVED"
-
-    @classmethod
-    def from_config(
-        cls, config: ProfileConfig | Mapping[str, object], secret: bytes
-    ) -> Deidentifier:
-        """The engine of a ``profile:`` configuration section (validated, or a mapping in the
-        YAML form): :meth:`Profile.from_config` plus its ``date_shift_days``. This is what
-        ``anonproxy serve`` and ``anonproxy deidentify`` build."""
-        if isinstance(config, Mapping):
-            from anonproxy.config import ProfileConfig  # noqa: PLC0415 - avoid an import cycle
-
-            config = ProfileConfig.model_validate(dict(config))
-        return cls(
-            Profile.from_config(config),
-            secret,
-            date_shift_days=config.date_shift_days,
-            clean_patterns=config.clean_patterns,
-        )
 
     @property
     def profile(self) -> Profile:

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -31,9 +30,6 @@ from pydicom.sr.coding import Code
 from anonproxy.deid.pseudonyms import PatientPseudonyms
 from anonproxy.deid.rules import Rule, parse_rules
 from anonproxy.deid.tables import TableRow, table_e1_1
-
-if TYPE_CHECKING:
-    from anonproxy.config import ProfileConfig
 
 _PATIENT_NAME = 0x00100010
 _PATIENT_ID = 0x00100020
@@ -214,36 +210,6 @@ class Profile:
             options=parsed,
             strict=strict,
             rules=parse_rules(rules),
-            patient_ids=patient_ids,
-        )
-
-    @classmethod
-    def from_config(cls, config: ProfileConfig | Mapping[str, object]) -> Profile:
-        """The profile of a ``profile:`` configuration section (a validated
-        :class:`~anonproxy.config.ProfileConfig`, or a mapping validated into one).
-
-        Reads the patient lookup table, if configured (ConfigError if it cannot be used).
-        The same function serves ``serve``, ``deidentify`` and ``describe-profile``.
-        """
-        if isinstance(config, Mapping):
-            from anonproxy.config import ProfileConfig  # noqa: PLC0415 - avoid an import cycle
-
-            config = ProfileConfig.model_validate(dict(config))
-        patient_ids = None
-        if config.patient_id is not None:
-            spec = config.patient_id
-            patient_ids = PatientPseudonyms.build(
-                method=spec.method,
-                format=spec.format,
-                patient_name_format=spec.patient_name_format,
-                lookup_csv=spec.lookup_csv,
-                unknown_patient=spec.unknown_patient,
-            )
-        return cls.from_options(
-            config.options,
-            strict=config.strict,
-            presets=config.preset,
-            rules=[rule.model_dump(exclude_none=True) for rule in config.rules],
             patient_ids=patient_ids,
         )
 

@@ -9,7 +9,8 @@ IDs Sequence) keep their profile action, as they may name other patients.
   ``{hash:N}`` is the first ``N`` upper-case hex digits and ``{base32:N}`` the first ``N``
   base-32 characters (RFC 4648 alphabet) of ``HMAC-SHA256(key, original ID)``, where the key is
   derived from the installation secret: the same patient gets the same pseudonym on every
-  machine and after every restart. The rendered pseudonym is at most 64 characters (LO).
+  machine and after every restart. The rendered pseudonym is at most 64 characters (LO). The
+  default, :data:`DEFAULT_FORMAT` ``ANON-{hash:16}``, carries 64 bits of the hash.
 * ``method: lookup`` — a CSV file ``original,pseudonym`` (a first row reading
   ``original,pseudonym`` is taken as a header), read once when the engine is built. A patient
   not in the table is rejected (``unknown_patient: reject``, the instance gets a failure
@@ -207,7 +208,9 @@ class PatientPseudonyms:
         return f"pseudonym:{self.method.value}"
 
 
-DEFAULT_FORMAT = "ANON-{hash:10}"
+#: The default Patient ID format: 16 hex digits, 64 bits of the keyed hash (two patients are
+#: likely to share a pseudonym only past some 4 billion patients; with 40 bits, past a million).
+DEFAULT_FORMAT = "ANON-{hash:16}"
 
 
 class Pseudonymizer:

@@ -20,8 +20,9 @@ and has an ``action``:
 ``dummy``          the engine's dummy for the VR (as action D; UI values are mapped, SQ walked)
 ``replace``        the string ``value`` (``\\`` separates values; converted for numeric VRs)
 ``hash``           keyed HMAC-SHA256 of each value, rendered for the VR: upper-case hex, 16
-                   digits for AE, CS, SH and 32 for LO, PN, ST, LT, UT, UC; ``2.25.<int>``
-                   for UI (the same mapping as action U); a number for IS and DS
+                   digits (64 bits) for AE, CS, SH and 32 (128 bits) for LO, PN, ST, LT, UT,
+                   UC; ``2.25.<int>`` (128 bits) for UI (the same mapping as action U); a
+                   number for IS (30 bits) and DS (43 bits), VRs that cannot hold 64 bits
 ``shift_date``     DA and DT shifted by the per-patient offset of the modified-dates option; TM
                    kept (times of day are not shifted)
 ``regex_replace``  ``re.sub(pattern, replacement, value)`` on each value

@@ -7,8 +7,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from anonproxy.config import ProfileConfig
-from anonproxy.deid import Deidentifier
 from anonproxy.errors import ConfigError
+from anonproxy.service import build_deidentifier
 
 from .helpers import SECRET
 
@@ -18,7 +18,7 @@ def test_clean_descriptors_removes_the_patient_and_the_site_patterns() -> None:
         options=["clean_descriptors"],
         clean_patterns=[r"\bDr\.?\s+\w+", r"\b\d{3}-\d{4}\b"],
     )
-    engine = Deidentifier.from_config(config, SECRET)
+    engine = build_deidentifier(config, SECRET)
     ds = dcmread(str(get_testdata_file("CT_small.dcm")))
     ds.PatientName = "Kowalski^Anna"
     ds.StudyDescription = "CT head for Kowalski, call Dr. Moreau on 555-0199"
@@ -27,7 +27,7 @@ def test_clean_descriptors_removes_the_patient_and_the_site_patterns() -> None:
 
 
 def test_without_the_option_the_description_is_removed_anyway() -> None:
-    engine = Deidentifier.from_config(ProfileConfig(clean_patterns=[r"Dr\.\s+\w+"]), SECRET)
+    engine = build_deidentifier(ProfileConfig(clean_patterns=[r"Dr\.\s+\w+"]), SECRET)
     ds = dcmread(str(get_testdata_file("CT_small.dcm")))
     ds.StudyDescription = "call Dr. Moreau"
     engine.deidentify(ds)

@@ -1,19 +1,19 @@
-"""Presets, date shift range, Profile/Deidentifier.from_config, build_deidentifier, the API doc."""
+"""Presets, date shift range, build_profile/build_deidentifier (service), the API doc."""
 
 from __future__ import annotations
 
 import doctest
+import pickle
 from datetime import date
 
 import pytest
 
 import anonproxy.deid
-from anonproxy.config import parse_settings
-from anonproxy.deid import PRESETS, Deidentifier, Profile, ProfileOption
+from anonproxy.config import ProfileConfig, parse_settings
+from anonproxy.deid import PRESETS, Profile, ProfileOption
 from anonproxy.deid.dates import DateShifter
 from anonproxy.errors import ConfigError
-from anonproxy.secret import Secret
-from anonproxy.service import build_deidentifier
+from anonproxy.service import build_deidentifier, build_profile, deidentifier_factory
 
 from .helpers import PATIENT_ID, SECRET, minimal
 
@@ -37,7 +37,7 @@ MODIFIED = ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES
     ],
 )
 def test_each_preset_maps_to_its_options(preset: str, options: set[str]) -> None:
-    profile = Profile.from_config({"preset": preset})
+    profile = build_profile(ProfileConfig(preset=[preset]))
     assert {o.value for o in profile.options} == options
 
 
@@ -47,8 +47,8 @@ def test_every_preset_is_tested_and_every_option_has_a_preset() -> None:
 
 
 def test_presets_and_options_combine_by_union() -> None:
-    profile = Profile.from_config(
-        {"preset": ["CleanDesc", "RetainUIDs"], "options": ["retain_uids", "clean_graphics"]}
+    profile = build_profile(
+        ProfileConfig(preset=["CleanDesc", "RetainUIDs"], options=["retain_uids", "clean_graphics"])
     )
     assert {o.value for o in profile.options} == {
         "clean_descriptors", "retain_uids", "clean_graphics",
@@ -91,7 +91,7 @@ def test_build_deidentifier_applies_the_whole_profile_section() -> None:
             }
         }
     )
-    deid = build_deidentifier(settings, Secret(SECRET, "test"))
+    deid = build_deidentifier(settings.profile, SECRET)
     ds = minimal()
     ds.StudyDate = "20200315"
     ds.StudyDescription = "Knee"
@@ -102,10 +102,11 @@ def test_build_deidentifier_applies_the_whole_profile_section() -> None:
     assert shift == DateShifter(SECRET, (-20, -10)).offset_days(PATIENT_ID)
     assert ds.StudyDescription == "Knee"
     assert ds.PatientID.startswith("S-")
-    # the same engine as Deidentifier.from_config on the same section
+    # the same engine as the one the worker processes build (the factory crosses by pickle)
     again = minimal()
     again.StudyDate = "20200315"
-    Deidentifier.from_config(settings.profile, SECRET).deidentify(again)
+    factory = pickle.loads(pickle.dumps(deidentifier_factory(settings.profile, SECRET)))  # noqa: S301
+    factory().deidentify(again)
     assert again.StudyDate == ds.StudyDate
     assert again.PatientID == ds.PatientID
 
@@ -115,11 +116,11 @@ def test_build_deidentifier_reports_an_unreadable_lookup_table_as_config_error()
         {"profile": {"patient_id": {"method": "lookup", "lookup_csv": "/nonexistent/p.csv"}}}
     )
     with pytest.raises(ConfigError, match="patient lookup table"):
-        build_deidentifier(settings, Secret(SECRET, "test"))
+        build_deidentifier(settings.profile, SECRET)
 
 
 def test_default_config_profile_is_the_basic_profile() -> None:
-    profile = Profile.from_config(parse_settings({}).profile)
+    profile = build_profile(parse_settings({}).profile)
     assert profile == Profile()
     assert len(list(profile.describe())) == 657
 

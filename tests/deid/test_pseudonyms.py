@@ -11,23 +11,28 @@ from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from pydicom.valuerep import validate_value
 
-from anonproxy.config import parse_settings
+from anonproxy.config import ProfileConfig, parse_settings
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.errors import ConfigError, DeidentificationError
+from anonproxy.service import build_deidentifier, build_profile
 
 from .helpers import PATIENT_ID, PATIENT_NAME, SECRET, item, minimal, seq, walk_strings
 
 
 def _deid(patient_id: dict[str, object], secret: bytes = SECRET) -> Deidentifier:
-    return Deidentifier.from_config({"patient_id": patient_id}, secret=secret)
+    return build_deidentifier(ProfileConfig.model_validate({"patient_id": patient_id}), secret)
+
+
+def _profile(section: dict[str, object]) -> Profile:
+    return build_profile(ProfileConfig.model_validate(section))
 
 
 def test_hash_pseudonym_is_formatted_keyed_and_stable_across_restarts() -> None:
     first, second = minimal(), minimal()
-    _deid({"format": "ANON-{hash:10}"}).deidentify(first)
-    _deid({"format": "ANON-{hash:10}"}).deidentify(second)  # a new engine: a "restart"
-    assert re.fullmatch(r"ANON-[0-9A-F]{10}", first.PatientID)
+    _deid({"format": "ANON-{hash:16}"}).deidentify(first)
+    _deid({}).deidentify(second)  # a new engine: a "restart"; the default format
+    assert re.fullmatch(r"ANON-[0-9A-F]{16}", first.PatientID)  # 64 bits
     assert first.PatientID == second.PatientID
     assert str(first.PatientName) == first.PatientID
     other_secret = minimal()
@@ -61,7 +66,7 @@ def test_nested_patient_ids_keep_their_profile_action() -> None:
 
 def test_absent_section_keeps_the_table_actions() -> None:
     ds = minimal()
-    Deidentifier.from_config({}, secret=SECRET).deidentify(ds)
+    build_deidentifier(ProfileConfig(), SECRET).deidentify(ds)
     assert ds.PatientID == ""  # Z/D: Type 2 in the CT IOD
     assert ds.PatientName == ""
     empty_id = minimal()
@@ -126,7 +131,7 @@ def test_lookup_table_with_header_and_unknown_policies(tmp_path: Path) -> None:
 
 def test_lookup_table_without_header(tmp_path: Path) -> None:
     table = _csv(tmp_path, f"{PATIENT_ID},SUBJ-9\n")
-    profile = Profile.from_config(
+    profile = _profile(
         {"patient_id": {"method": "lookup", "lookup_csv": str(table)}, "preset": "CleanDesc"}
     )
     ds = minimal()
@@ -151,7 +156,7 @@ def test_bad_lookup_tables_are_refused_naming_the_line_not_the_value(
 ) -> None:
     table = _csv(tmp_path, "original,pseudonym\n" + text)
     with pytest.raises(ConfigError) as error:
-        Profile.from_config({"patient_id": {"method": "lookup", "lookup_csv": str(table)}})
+        _profile({"patient_id": {"method": "lookup", "lookup_csv": str(table)}})
     assert message in str(error.value)
     assert "line 2" in str(error.value) or "line 3" in str(error.value)
     assert "A-12345" not in str(error.value)
@@ -159,9 +164,7 @@ def test_bad_lookup_tables_are_refused_naming_the_line_not_the_value(
 
 def test_missing_lookup_table(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read patient lookup table"):
-        Profile.from_config(
-            {"patient_id": {"method": "lookup", "lookup_csv": str(tmp_path / "none.csv")}}
-        )
+        _profile({"patient_id": {"method": "lookup", "lookup_csv": str(tmp_path / "none.csv")}})
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ Writes into ``anonproxy/deid/_standard/``:
   ``private``), the Basic Profile code and the option codes keyed by the CID 7050 snake_case
   option names;
 * ``safe_private.json``: ``[group, private creator, element byte, VR]`` rows, hex upper case;
-* ``iod_types.json.gz``: per IOD, the strictest Type and its module usage of every keyword path
-  whose last keyword is an attribute with a Basic Profile code that needs the Type (Z and the
-  compound codes), plus the SOP Class UID → IOD map.
+* ``iod_types.json.gz``: the Type of every keyword path of every module, the modules of every
+  IOD and the SOP Class UID → IOD map (retired Storage SOP Classes mapped to the IOD of their
+  current successor). The engine uses it to resolve compound codes and to tell which
+  attributes the IOD defines at each nesting position.
 
 The installed package reads only these outputs, never ``../shared``.
 
@@ -57,11 +58,8 @@ OPTION_COLUMNS: dict[str, str] = {
 
 BASIC_CODES = {"X", "Z", "D", "U", "X/D", "X/Z", "X/Z/D", "Z/D", "X/Z/U*"}
 OPTION_CODES = {"K", "C"}
-#: Basic codes whose resolution depends on the attribute's Type in the IOD.
-TYPE_DEPENDENT_CODES = {"Z", "X/D", "X/Z", "X/Z/D", "Z/D", "X/Z/U*"}
 #: Strictest first; "None" (no Type given in the source) ranks as Type 3.
 TYPE_ORDER = ("1", "1C", "2", "2C", "3")
-USAGE_ORDER = ("M", "C", "U")
 
 TAG_RE = re.compile(r"\(([0-9A-Fa-fx]{4}),([0-9A-Fa-fx]{4})\)")
 SAFE_TAG_RE = re.compile(r"\(([0-9A-Fa-f]{4}),xx([0-9A-Fa-f]{2})\)")
@@ -123,27 +121,38 @@ def _rank(type_: str) -> int:
     return TYPE_ORDER.index(type_) if type_ in TYPE_ORDER else len(TYPE_ORDER) - 1
 
 
-def reduce_iods(iod_data: dict[str, Any], leaf_keywords: set[str]) -> dict[str, Any]:
-    """Per IOD, strictest Type (and the usage of the module giving it) of each needed path."""
+#: Retired Storage SOP Classes (PS3.6 2026b) whose IOD lives on in a current SOP Class: the
+#: engine judges their instances by the current class's IOD.
+RETIRED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.3": "1.2.840.10008.5.1.4.1.1.3.1",  # US Multi-frame (Retired)
+    "1.2.840.10008.5.1.4.1.1.5": "1.2.840.10008.5.1.4.1.1.20",  # NM Image (Retired)
+    "1.2.840.10008.5.1.4.1.1.6": "1.2.840.10008.5.1.4.1.1.6.1",  # US Image (Retired)
+}
+
+
+def reduce_iods(iod_data: dict[str, Any]) -> dict[str, Any]:
+    """Per module, the Type of every keyword path; per IOD, its modules; SOP Class → IOD."""
     modules: dict[str, dict[str, str]] = iod_data["modules"]
-    iods_out: dict[str, dict[str, str]] = {}
-    for iod, module_refs in sorted(iod_data["iods"].items()):
-        best: dict[str, tuple[int, int]] = {}
-        for ref in module_refs:
-            usage_rank = USAGE_ORDER.index(ref["usage"])
-            for path, type_ in modules.get(ref["module"], {}).items():
-                if path.rsplit("/", 1)[-1] not in leaf_keywords:
-                    continue
-                candidate = (_rank(type_), usage_rank)
-                if path not in best or candidate < best[path]:
-                    best[path] = candidate
-        iods_out[iod] = {
-            path: f"{TYPE_ORDER[t]}:{USAGE_ORDER[u]}" for path, (t, u) in sorted(best.items())
-        }
+    used = sorted({ref["module"] for refs in iod_data["iods"].values() for ref in refs})
+    sop_classes = dict(sorted(iod_data["sop_classes"].items()))
+    for retired, current in RETIRED_SOP_CLASSES.items():
+        if retired in sop_classes or current not in sop_classes:
+            raise SystemExit(f"retired SOP Class map out of date: {retired} -> {current}")
+        sop_classes[retired] = sop_classes[current]
     return {
         "edition": iod_data["edition"],
-        "sop_classes": dict(sorted(iod_data["sop_classes"].items())),
-        "iods": iods_out,
+        "sop_classes": dict(sorted(sop_classes.items())),
+        "iods": {
+            iod: sorted({ref["module"] for ref in refs})
+            for iod, refs in sorted(iod_data["iods"].items())
+        },
+        "modules": {
+            module: {
+                path: TYPE_ORDER[_rank(type_)]
+                for path, type_ in sorted(modules.get(module, {}).items())
+            }
+            for module in used
+        },
     }
 
 
@@ -187,15 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "safe_private.json").write_text(dumps_rows(safe_doc), encoding="utf-8")
 
-    leaf_keywords = {
-        row["keyword"]
-        for row in table
-        if row["match"] == "tag" and row["basic"] in TYPE_DEPENDENT_CODES and row["keyword"]
-    }
     with gzip.open(shared / "iod" / "iod_types.json.gz", "rt", encoding="utf-8") as fh:
         iod_data = json.load(fh)
     iod_doc = {"source": "DICOM PS3.3/PS3.4 via highdicom 0.28.2 package data"}
-    iod_doc.update(reduce_iods(iod_data, leaf_keywords))
+    iod_doc.update(reduce_iods(iod_data))
     payload = json.dumps(iod_doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     # mtime=0 keeps the output byte-identical across runs.
     (out / "iod_types.json.gz").write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {len(table)} E.1-1 rows, {len(safe_doc['rows'])} safe private rows, "
         f"{len(iod_doc['iods'])} IODs / {len(iod_doc['sop_classes'])} SOP classes "
-        f"({len(leaf_keywords)} type-dependent keywords) to {out}"
+        f"({len(iod_doc['modules'])} modules) to {out}"
     )
     return 0
 

@@ -119,6 +119,7 @@ DUMMY_BY_VR: dict[str, object] = {
 #: Dummies for attributes whose CS has a restricted set of values (defined terms).
 DUMMY_BY_KEYWORD: dict[str, object] = {
     "ReasonForTheAttributeModification": "COERCE",
+    "CodingSchemeDesignator": "99ANONPROXY",  # a dummy code: a private coding scheme (PS3.16)
 }
 
 #: Every string dummy; values equal to one of these are not identifying (self-check skips them).

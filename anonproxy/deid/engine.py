@@ -64,10 +64,16 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import lru_cache
 
 from pydicom import config as pydicom_config
-from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag
+from pydicom.datadict import (
+    dictionary_is_retired,
+    dictionary_VR,
+    keyword_for_tag,
+    tag_for_keyword,
+)
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -76,13 +82,16 @@ from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
 from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
-from anonproxy.deid.files import read_header, write_instance
+from anonproxy.deid.files import encode_without_pixels
+from anonproxy.deid.instance import DEFAULT_LIMITS, Limits, deidentify_file
 from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
-from anonproxy.deid.selfcheck import CODED_VOCABULARY_TAGS, TEXT_VRS, IdentifyingValues
+from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
 from anonproxy.deid.tables import (
+    any_iod_paths,
     iod_types,
+    retired_allowlist,
     safe_private_attributes,
     strict_allowlist,
     table_e1_1,
@@ -113,30 +122,33 @@ _META_REMOVED = frozenset(
     }
 )
 
-_FREE_TEXT_VRS = frozenset({VR.LO, VR.SH, VR.LT, VR.ST, VR.UT, VR.UC, VR.PN, VR.UN})
-#: VRs whose values must be decoded to be kept: the self-check reads them (text, UIDs), they
-#: hold items (SQ), or their real VR is unknown (UN).
-_DECODE_TO_KEEP_VRS = frozenset(TEXT_VRS | {VR.PN, VR.SQ, VR.UI, VR.UN} | _FREE_TEXT_VRS)
+#: VRs of text values (person names apart).
+_TEXT_VRS = frozenset({VR.AE, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UR, VR.UT})
+_BINARY_VRS = frozenset({VR.OB, VR.OD, VR.OF, VR.OL, VR.OV, VR.OW, VR.UN})
 _CLEANABLE_TEXT_VRS = frozenset({VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.UC, VR.UT})
 _KEPT_BY_CLEAN_VRS = frozenset(
     {VR.TM, VR.CS, VR.AS, VR.DS, VR.IS, VR.US, VR.SS, VR.UL, VR.SL, VR.UV, VR.SV, VR.FL,
      VR.FD, VR.AT}
 )  # fmt: skip
-#: The identifying-value attributes whose codes can become K under some option.
-_SELF_CHECK_TAGS = frozenset(
-    {
-        0x00100010,  # PatientName
-        0x00100020,  # PatientID
-        0x00101000,  # OtherPatientIDs
-        0x00101002,  # OtherPatientIDsSequence
-        0x00080050,  # AccessionNumber
-        0x00100030,  # PatientBirthDate
-        0x00080080,  # InstitutionName
-        _SOP_INSTANCE_UID,
-        _STUDY_INSTANCE_UID,
-        _SERIES_INSTANCE_UID,
-    }
-)
+#: The Code Sequence Macro (PS3.3 8.8): kept in the items of a code sequence that names a
+#: concept (Concept Name Code Sequence, units...) inside dummied or cleaned content.
+_CODE_MACRO_TAGS = frozenset(
+    tag_for_keyword(keyword) or 0
+    for keyword in (
+        "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
+        "LongCodeValue", "URNCodeValue", "ContextIdentifier", "ContextUID", "MappingResource",
+        "MappingResourceUID", "MappingResourceName", "ContextGroupVersion",
+        "ContextGroupExtensionFlag", "ContextGroupLocalVersion",
+        "ContextGroupExtensionCreatorUID", "EquivalentCodeSequence",
+    )
+)  # fmt: skip
+#: Attributes that may keep identifying values when a profile option or rule says K.
+_SELF_CHECK_UID_TAGS = {
+    _SOP_INSTANCE_UID: "SOPInstanceUID",
+    _STUDY_INSTANCE_UID: "StudyInstanceUID",
+    _SERIES_INSTANCE_UID: "SeriesInstanceUID",
+}
+_REQUIRED_TYPES = frozenset({"1", "1C", "2", "2C"})
 
 _STRING_VRS = frozenset(
     {VR.AE, VR.AS, VR.CS, VR.DA, VR.DS, VR.DT, VR.IS, VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.TM,
@@ -145,6 +157,7 @@ _STRING_VRS = frozenset(
 _INT_VRS = frozenset({VR.US, VR.SS, VR.UL, VR.SL, VR.UV, VR.SV})
 _FLOAT_VRS = frozenset({VR.FL, VR.FD})
 _DATE_VRS = frozenset({VR.DA, VR.DT})
+_TIME_VRS = frozenset({VR.DA, VR.DT, VR.TM})
 _PSEUDONYM_KEY = "pseudonym"
 
 _LONGITUDINAL = {
@@ -166,6 +179,14 @@ class DeidResult:
     burned_in_annotation: str | None
 
 
+class _Mode(Enum):
+    """How the attributes that Table E.1-1 does not name are treated at a position."""
+
+    TABLE = "table"  # the IOD decides: text, names and binary values it does not define go
+    DUMMY = "dummy"  # inside a sequence whose action is D: every value is dummied or mapped
+    CLEAN = "clean"  # inside a sequence whose action is C: text is cleaned, UIDs mapped
+
+
 @dataclass
 class _Run:
     """Per-call state of one :meth:`Deidentifier.deidentify`."""
@@ -176,6 +197,12 @@ class _Run:
     pseudonyms: tuple[str, str] | None = None
     counts: Counter[str] = field(default_factory=Counter)
     where: int = 0
+    mapped_uids: dict[str, str] = field(default_factory=dict)  # original → keyword
+
+    def defines(self, path: str) -> bool:
+        """True if the IOD of the instance (any IOD, for an unknown SOP Class) defines the
+        attribute at keyword path ``path``."""
+        return path in (self.iod if self.iod is not None else any_iod_paths())
 
 
 def _tag_text(tag: int) -> str:
@@ -194,6 +221,13 @@ def _unknown_or_retired(tag: int) -> bool:
         return bool(dictionary_is_retired(tag))
     except KeyError:
         return True
+
+
+def _vr_of(ds: Dataset, tag: int) -> str:
+    """The VR of an element as received (explicit VR), else from the dictionary; UN if
+    unknown. The first VR of an ambiguous one."""
+    raw_vr = ds.get_item(tag).VR
+    return _first_vr(str(raw_vr)) if raw_vr else (_first_vr(_dictionary_vr(tag)) or VR.UN)
 
 
 @lru_cache(maxsize=4096)
@@ -238,11 +272,16 @@ class Deidentifier:
         self._pseudonyms = (
             Pseudonymizer(profile.patient_ids, secret) if profile.patient_ids else None
         )
-        self._kept_ids = frozenset(t for t in _SELF_CHECK_TAGS if self._kept_by_profile(t))
-        self._person_name_tags = tuple(
-            tag
-            for tag in self._tag_codes
-            if tag not in _SELF_CHECK_TAGS and _dictionary_vr(tag) == VR.PN
+        self._retired_kept = retired_allowlist()
+        self._row_keywords = frozenset(
+            row.keyword for row in table_e1_1() if row.match == "tag" and row.keyword
+        )
+        options = profile.options
+        self._full_dates = (
+            ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES in options
+        )
+        self._modified_dates = (
+            ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES in options
         )
         self._method = ["anonproxy", BASIC_PROFILE_CODE.meaning] + [
             o.code.meaning for o in profile.ordered_options
@@ -286,10 +325,27 @@ class Deidentifier:
     # -- public API -------------------------------------------------------------------------
 
     def deidentify(self, ds: Dataset) -> DeidResult:
-        """De-identify ``ds`` (and ``ds.file_meta``, if any) in place.
+        """De-identify ``ds`` (and ``ds.file_meta``, if any) in place, then run the self-check
+        on its encoding (every element but the pixel data).
 
         Raises DeidentificationError when the instance cannot be fully de-identified; the
         dataset must then be discarded.
+        """
+        result, check = self.deidentify_with_check(ds)
+        try:
+            encoded = encode_without_pixels(ds)
+        except Exception as exc:  # noqa: BLE001 - an encoding failure is never released
+            raise DeidentificationError(f"cannot encode ({type(exc).__name__})") from None
+        finding = check.finding(encoded)
+        if finding is not None:
+            raise DeidentificationError(finding)
+        return result
+
+    def deidentify_with_check(self, ds: Dataset) -> tuple[DeidResult, SelfCheck]:
+        """De-identify ``ds`` in place, like :meth:`deidentify`, but leave the self-check to
+        the caller: it must pass every encoded byte it writes, but the pixel data, to
+        :meth:`SelfCheck.finding <anonproxy.deid.selfcheck.SelfCheck.finding>` and release
+        nothing when that returns a finding (:func:`anonproxy.deid.files.write_spliced` does).
         """
         run: _Run | None = None
         try:
@@ -300,7 +356,9 @@ class Deidentifier:
             burned_in = ds.get(_BURNED_IN_ANNOTATION)
             burned_in_value = str(burned_in.value) if burned_in is not None else None
             patient_id = ds.get(_PATIENT_ID)
-            ids = IdentifyingValues.collect(ds, self._kept_ids, self._person_name_tags)
+            ids = IdentifyingValues.collect(
+                ds, self._kept_by_profile, birth_date=not self._full_dates
+            )
             original_id = str(patient_id.value or "") if patient_id is not None else ""
             run = _Run(
                 iod=iod_types(sop_class),
@@ -310,7 +368,10 @@ class Deidentifier:
             original_id = original_id.strip("\x00 ")
             if self._pseudonyms is not None and original_id:
                 run.pseudonyms = self._pseudonyms.pseudonyms(original_id)
-            self._walk(ds, (), run)
+            for tag, keyword in _SELF_CHECK_UID_TAGS.items():
+                if not self._kept_by_profile(tag):
+                    run.mapped_uids[self._required_uid(ds, tag, keyword)] = keyword
+            self._walk(ds, (), run, _Mode.TABLE)
             new_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
             new_study = self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
             new_series = self._required_uid(ds, _SERIES_INSTANCE_UID, "SeriesInstanceUID")
@@ -323,7 +384,7 @@ class Deidentifier:
         except Exception:  # noqa: BLE001 - any failure must become a rejection, without values
             where = _where(run.where) if run is not None and run.where else "dataset"
             raise DeidentificationError(f"cannot process {where}") from None
-        return DeidResult(
+        result = DeidResult(
             action_counts={str(code): n for code, n in run.counts.items()},
             sop_class_uid=sop_class,
             sop_instance_uid=new_sop,
@@ -332,22 +393,29 @@ class Deidentifier:
             original_sop_instance_uid_hash=self._uids.original_hash(original_sop),
             burned_in_annotation=burned_in_value,
         )
+        return result, SelfCheck(run.ids, run.mapped_uids, ds)
 
     def deidentify_file(
-        self, src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str]
+        self,
+        src_path: str | os.PathLike[str],
+        dst_path: str | os.PathLike[str],
+        *,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> DeidResult:
-        """Read ``src_path``, de-identify it and write it as a DICOM file to ``dst_path``.
+        """Read ``src_path``, de-identify it and write it as a DICOM file to ``dst_path``: the
+        path of ``anonproxy serve`` and ``anonproxy deidentify``
+        (:func:`anonproxy.deid.instance.deidentify_file`).
 
         Parent directories of ``dst_path`` are created; the file is written to a temporary
         name and renamed, so ``dst_path`` never holds a partial file. A source without file
         meta (no preamble) is accepted if it is a dataset with a SOP Class UID; file meta is
-        then built from its encoding. Raises DecodeError if the source is not DICOM,
-        DeidentificationError as :meth:`deidentify`.
+        then built from its encoding. Before de-identification the structure is checked
+        against ``limits`` and the profile's burned-in annotation policy is applied. Raises
+        InputUnreadable (an OSError) if the source cannot be read, DecodeError if it is not
+        DICOM (LimitExceeded, StructureError), PolicyRefusal, DeidentificationError as
+        :meth:`deidentify`, EncodeError, OSError if the output cannot be written.
         """
-        ds, pixels = read_header(src_path)  # the pixel data stays on disk
-        result = self.deidentify(ds)
-        write_instance(ds, dst_path, pixels)
-        return result
+        return deidentify_file(self, src_path, dst_path, limits=limits).result
 
     # -- walking ----------------------------------------------------------------------------
 
@@ -359,7 +427,7 @@ class Deidentifier:
             raise DeidentificationError(f"missing or invalid {keyword} {_tag_text(tag)}")
         return value.strip("\x00 ")
 
-    def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run) -> None:
+    def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run, mode: _Mode) -> None:
         keys = list(ds.keys())
         rules = self._rules
         private_rules: dict[int, Rule] = {}
@@ -373,9 +441,9 @@ class Deidentifier:
             if group & 1:
                 rule = private_rules.get(tag)
                 if rule is not None:
-                    self._apply_rule(ds, tag, rule, parents, run)
+                    self._apply_rule(ds, tag, rule, parents, run, mode)
                 elif tag in kept_private:
-                    self._keep(ds, tag, parents, run)
+                    self._keep(ds, tag, parents, run, mode)
                     run.counts[ActionCode.K] += 1
                 else:
                     del ds[tag]
@@ -386,7 +454,7 @@ class Deidentifier:
                 run.counts[ActionCode.X] += 1
                 continue
             if rules and (rule := first_match(rules, tag, None)) is not None:
-                self._apply_rule(ds, tag, rule, parents, run)
+                self._apply_rule(ds, tag, rule, parents, run, mode)
                 continue
             if run.pseudonyms is not None and not parents and tag in (_PATIENT_ID, _PATIENT_NAME):
                 self._pseudonym(ds[tag], run)
@@ -395,10 +463,13 @@ class Deidentifier:
             if code is None and 0x5000 <= group <= 0x60FF:
                 code = self._profile.mask_code(tag)
             if code is None:
-                self._not_in_table(ds, tag, parents, run)
-                continue
+                code = self._code_outside_table(ds, tag, parents, run, mode)
+                if code is None:  # kept as received, undecoded when its VR was explicit
+                    if not ds.get_item(tag).VR or ds[tag].VR == VR.SQ:
+                        self._keep(ds, tag, parents, run, mode)  # decoded, items walked
+                    continue
             action = self._resolve(code, tag, parents, run)
-            self._apply(ds, tag, action, parents, run)
+            self._apply(ds, tag, action, parents, run, mode)
         if not parents:  # the Overlay Plane module is at the top level of a data set
             self._drop_incomplete_overlays(ds, run)
 
@@ -418,15 +489,27 @@ class Deidentifier:
                     run.counts[ActionCode.X] += 1
 
     def _resolve(self, code: str, tag: int, parents: tuple[str, ...], run: _Run) -> ActionCode:
-        if len(code) == 1 and code != "Z":
+        """The action of ``code`` for ``tag`` at this position. Compound codes and Z by the
+        attribute's Type in the IOD; X too, where the IOD requires the attribute (Type 1 or 2
+        at that position, e.g. Requested Procedure ID in the items of an SR's Referenced
+        Request Sequence): an empty or dummy value identifies no more than none at all."""
+        if len(code) == 1 and code not in "XZ":
             return ActionCode(code)
         if run.iod is None:
-            return resolve(code, UNKNOWN_IOD)
-        path = "/".join((*parents, _keyword(tag)))
-        return resolve(code, run.iod.get(path))
+            return ActionCode.X if code == "X" else resolve(code, UNKNOWN_IOD)
+        type_ = run.iod.get("/".join((*parents, _keyword(tag))))
+        if code == "X":
+            return resolve("X/Z/D", type_) if type_ in _REQUIRED_TYPES else ActionCode.X
+        return resolve(code, type_)
 
     def _apply(
-        self, ds: Dataset, tag: int, action: ActionCode, parents: tuple[str, ...], run: _Run
+        self,
+        ds: Dataset,
+        tag: int,
+        action: ActionCode,
+        parents: tuple[str, ...],
+        run: _Run,
+        mode: _Mode,
     ) -> None:
         if action is ActionCode.X:
             del ds[tag]
@@ -434,68 +517,119 @@ class Deidentifier:
             return
         elem = ds[tag]
         if action is ActionCode.K:
-            self._keep(ds, tag, parents, run)
+            self._keep(ds, tag, parents, run, mode)
         elif action is ActionCode.Z:
             elem.value = Sequence() if elem.VR == VR.SQ else empty_value_for_VR(elem.VR)
         elif action is ActionCode.D:
             self._dummy(elem, parents, run)
         elif action is ActionCode.U:
-            self._map_uids(elem, parents, run)
-        elif not self._clean(ds, elem, parents, run):
-            # cannot clean this value: fall back to the Basic Profile code of the row
+            self._map_uids(elem, parents, run, mode)
+        elif not self._clean(elem, parents, run, mode):
+            # cannot clean this value: fall back to the Basic Profile code of the row, or to a
+            # dummy for an attribute outside the table
             basic = self._basic_code(tag)
-            self._apply(ds, tag, self._resolve(basic, tag, parents, run), parents, run)
+            self._apply(ds, tag, self._resolve(basic, tag, parents, run), parents, run, mode)
             return
         run.counts[action] += 1
 
     def _basic_code(self, tag: int) -> str:
         basic = self._basic_codes.get(tag)
-        if basic is None:  # the masks (50xx,xxxx), (60xx,3000), (60xx,4000): all X
-            return ActionCode.X
+        if basic is None:  # the masks and the attributes outside the table: remove
+            return "X/Z/D" if _keyword(tag) else ActionCode.X
         return basic
 
-    def _keep(self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run) -> None:
+    def _keep(
+        self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> None:
         elem = ds[tag]
         if elem.VR == VR.SQ:
-            self._walk_items(elem, parents, run)
-        else:
-            self._check(elem, run)
+            self._walk_items(elem, parents, run, mode)
 
-    def _walk_items(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
+    def _walk_items(
+        self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> None:
         inner = (*parents, _keyword(elem.tag))
         for item in elem.value:
-            self._walk(item, inner, run)
+            self._walk(item, inner, run, mode)
         run.where = elem.tag
 
-    def _check(self, elem: DataElement, run: _Run) -> None:
-        if elem.tag in CODED_VOCABULARY_TAGS:
-            return
-        keyword = run.ids.find(elem.VR, elem.value)
-        if keyword is not None:
-            raise DeidentificationError(
-                f"self-check: identifying value of {keyword} survived in {_where(elem.tag)}"
-            )
+    def _code_outside_table(
+        self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> str | None:
+        """The action code of a public attribute that Table E.1-1 does not name, or None when
+        it stays as received without being decoded.
 
-    def _not_in_table(self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run) -> None:
-        if self._allow is None or tag in self._allow:
-            # Fast path: a kept attribute whose VR the self-check does not read (numbers,
-            # codes, dates, binary data such as Pixel Data) stays as received, undecoded.
-            # Only with the VR known from the data (explicit VR): an implicit VR element may
-            # have to be re-encoded in another encoding, which needs its decoded form.
-            raw_vr = ds.get_item(tag).VR
-            if raw_vr and _first_vr(raw_vr) not in _DECODE_TO_KEEP_VRS:
-                return
-        elem = ds[tag]
-        vr = elem.VR
+        Everywhere: an attribute the data dictionary does not know is removed, whatever its
+        VR, and so is a retired one (but for the shipped allow-list). Then by position:
+
+        * in the items of a code sequence that names a concept, the Code Sequence Macro
+          stays (a code sequence with a row of its own, such as Person Identification Code
+          Sequence, follows its row);
+        * inside a sequence whose action is D (:attr:`_Mode.DUMMY`): text, names and ages are
+          dummied, dates and times dummied (shifted or kept under a longitudinal option),
+          UIDs mapped, binary values removed; codes and numbers stay;
+        * inside a sequence whose action is C (:attr:`_Mode.CLEAN`): text and names cleaned,
+          dates shifted, UIDs mapped, binary values removed; the rest stays;
+        * elsewhere (:attr:`_Mode.TABLE`): a text, person name or binary value the IOD of the
+          SOP Class does not define at that nesting position is removed; a person name is
+          removed, emptied or dummied by its Type; a date or time likewise (shifted under the
+          modified-dates option, kept under the full-dates option); ``strict`` removes, at the
+          top level, what its allow-list does not name.
+        """
+        vr = _vr_of(ds, tag)
+        keyword = _keyword(tag)
+        if not keyword or (_unknown_or_retired(tag) and tag not in self._retired_kept):
+            return ActionCode.X
+        if vr == VR.SQ:
+            return None  # its items are walked, in the mode of its position
         if (
-            vr == VR.PN
-            or (self._allow is not None and tag not in self._allow)
-            or (vr in _FREE_TEXT_VRS and _unknown_or_retired(tag))
+            mode is not _Mode.TABLE
+            and tag in _CODE_MACRO_TAGS
+            and parents
+            and parents[-1].endswith("CodeSequence")
+            and parents[-1] not in self._row_keywords
         ):
-            del ds[tag]
-            run.counts[ActionCode.X] += 1
-            return
-        self._keep(ds, tag, parents, run)
+            return None
+        if mode is _Mode.DUMMY:
+            return self._dummy_code(vr)
+        if mode is _Mode.CLEAN:
+            return self._clean_code(vr)
+        if not parents and self._allow is not None and tag not in self._allow:
+            return ActionCode.X
+        if vr == VR.PN:
+            return "X/Z/D"
+        if vr in _TIME_VRS:
+            return self._date_code(vr, "X/Z/D")
+        if vr in _TEXT_VRS or vr in _BINARY_VRS:
+            return None if run.defines("/".join((*parents, keyword))) else ActionCode.X
+        return None
+
+    def _date_code(self, vr: str, otherwise: str) -> str:
+        """A date or time outside the table: kept under full dates, shifted (dates) or kept
+        (times) under modified dates, else ``otherwise``."""
+        if self._full_dates:
+            return ActionCode.K
+        if self._modified_dates:
+            return ActionCode.K if vr == VR.TM else ActionCode.C
+        return otherwise
+
+    def _dummy_code(self, vr: str) -> str:
+        if vr in _TIME_VRS:
+            return self._date_code(vr, ActionCode.D)
+        if vr in _TEXT_VRS or vr in (VR.PN, VR.AS):
+            return ActionCode.D
+        if vr == VR.UI:
+            return ActionCode.U
+        return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
+
+    def _clean_code(self, vr: str) -> str:
+        if vr in _TIME_VRS:
+            return ActionCode.K if vr == VR.TM or self._full_dates else ActionCode.C
+        if vr in _TEXT_VRS or vr == VR.PN:
+            return ActionCode.C
+        if vr == VR.UI:
+            return ActionCode.U
+        return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
 
     def _private_plan(
         self, ds: Dataset, keys: Iterable[int]
@@ -536,11 +670,16 @@ class Deidentifier:
         assert run.pseudonyms is not None  # noqa: S101 - checked by the caller
         patient_id, patient_name = run.pseudonyms
         elem.value = patient_id if elem.tag == _PATIENT_ID else patient_name
-        self._check(elem, run)
         run.counts[_PSEUDONYM_KEY] += 1
 
     def _apply_rule(
-        self, ds: Dataset, tag: int, rule: Rule, parents: tuple[str, ...], run: _Run
+        self,
+        ds: Dataset,
+        tag: int,
+        rule: Rule,
+        parents: tuple[str, ...],
+        run: _Run,
+        mode: _Mode,
     ) -> None:
         """Apply a user rule; a value the action cannot take is removed (never kept)."""
         action = rule.action
@@ -550,7 +689,7 @@ class Deidentifier:
         if action is RuleAction.REMOVE:
             done = False
         elif action is RuleAction.KEEP:
-            self._keep(ds, tag, parents, run)
+            self._keep(ds, tag, parents, run, mode)
         elif action is RuleAction.EMPTY:
             elem.value = Sequence() if vr == VR.SQ else empty_value_for_VR(elem.VR)
         elif action is RuleAction.DUMMY:
@@ -560,7 +699,7 @@ class Deidentifier:
         elif action is RuleAction.REPLACE:
             done = self._rule_replace(elem, vr, rule)
         elif action is RuleAction.HASH:
-            done = self._rule_hash(elem, vr)
+            done = self._rule_hash(elem, vr, run)
         elif action is RuleAction.SHIFT_DATE:
             done = vr == VR.TM or (vr in _DATE_VRS and self._shift_dates(elem, vr, run))
         else:
@@ -569,8 +708,6 @@ class Deidentifier:
             del ds[tag]
             run.counts[f"rule:{RuleAction.REMOVE.value}"] += 1
             return
-        if action not in (RuleAction.KEEP, RuleAction.EMPTY) and vr != VR.SQ:
-            self._check(elem, run)
         run.counts[f"rule:{action.value}"] += 1
 
     @staticmethod
@@ -590,11 +727,9 @@ class Deidentifier:
         _set_valid(elem, vr, values, rule)
         return True
 
-    def _rule_hash(self, elem: DataElement, vr: str) -> bool:
+    def _rule_hash(self, elem: DataElement, vr: str, run: _Run) -> bool:
         if vr == VR.UI:
-            uids = _uid_values(elem)
-            if uids:
-                elem.value = _as_value([self._uids(v) for v in uids])
+            self._map_uids(elem, (), run, _Mode.TABLE)
             return True
         if vr not in _STRING_VRS:
             return False
@@ -618,40 +753,55 @@ class Deidentifier:
     # -- actions ----------------------------------------------------------------------------
 
     def _dummy(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
+        """D: a dummy value; a sequence keeps its items, their content dummied."""
         vr = _first_vr(elem.VR)
         if vr == VR.SQ:
-            self._walk_items(elem, parents, run)
+            self._walk_items(elem, parents, run, _Mode.DUMMY)
         elif vr == VR.UI:
             values = [v for v in _uid_values(elem)] or [f"anonproxy-dummy:{elem.tag:08X}"]
-            elem.value = _as_value([self._uids(v) for v in values])
+            elem.value = _as_value([self._map_uid(v, elem.tag, run) for v in values])
         else:
             elem.value = dummy_value(elem.tag, vr, _keyword(elem.tag))
 
-    def _map_uids(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
+    def _map_uid(self, uid: str, tag: int, run: _Run) -> str:
+        mapped = self._uids(uid)
+        if mapped != uid:  # well-known UIDs stay
+            run.mapped_uids.setdefault(uid, _keyword(tag) or "UID")
+        return mapped
+
+    def _map_uids(
+        self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> None:
         if elem.VR == VR.SQ:
-            self._walk_items(elem, parents, run)
+            self._walk_items(elem, parents, run, mode)
             return
         if elem.VR != VR.UI:
             raise DeidentificationError(f"cannot map UID of {_where(elem.tag)}: VR is not UI")
         values = _uid_values(elem)
         if values:
-            elem.value = _as_value([self._uids(v) for v in values])
+            elem.value = _as_value([self._map_uid(v, elem.tag, run) for v in values])
 
-    def _clean(self, ds: Dataset, elem: DataElement, parents: tuple[str, ...], run: _Run) -> bool:
-        """Apply C; False when this value cannot be cleaned (caller falls back to Basic)."""
+    def _clean(
+        self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> bool:
+        """Apply C; False when this value cannot be cleaned (caller falls back to Basic). A
+        sequence keeps its items, their content cleaned (dummied inside dummied content)."""
         vr = _first_vr(elem.VR)
         cleaned = True
         if vr == VR.SQ:
-            self._walk_items(elem, parents, run)
+            inner = _Mode.DUMMY if mode is _Mode.DUMMY else _Mode.CLEAN
+            self._walk_items(elem, parents, run, inner)
         elif vr == VR.UI:
-            self._map_uids(elem, parents, run)
+            self._map_uids(elem, parents, run, mode)
         elif vr in (VR.DA, VR.DT):
             cleaned = self._shift_dates(elem, vr, run)
         elif vr in _CLEANABLE_TEXT_VRS:
-            values = [self._clean_text(run.ids.scrub(str(v))) for v in _str_values(elem)]
-            if values:
-                elem.value = _as_value(values)
-            self._check(elem, run)
+            values = _str_values(elem)
+            scrubbed = [self._clean_text(run.ids.scrub(v)) for v in values]
+            if any(values) and not any(scrubbed):  # nothing left: a dummy keeps the Type
+                elem.value = dummy_value(elem.tag, vr, _keyword(elem.tag))
+            elif scrubbed:
+                elem.value = _as_value(scrubbed)
         else:
             cleaned = vr in _KEPT_BY_CLEAN_VRS
         return cleaned
@@ -683,9 +833,6 @@ class Deidentifier:
         meta.MediaStorageSOPInstanceUID = new_sop
         meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        for elem in meta:
-            run.where = elem.tag
-            self._check(elem, run)
 
     def _update(self, ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"

@@ -21,6 +21,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,9 +29,9 @@ from typing import BinaryIO
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filebase import DicomFileLike
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from anonproxy.errors import DecodeError, LimitExceeded
@@ -225,29 +226,76 @@ def _read_trailing(
         ds[tag] = trailing.get_item(tag)  # raw, as read
 
 
-def write_spliced(ds: Dataset, span: PixelSpan | None, target: BinaryIO) -> None:
+Check = Callable[[bytes], None]
+"""Called with every encoded byte of an output but the pixel data (the engine's self-check);
+raises to stop the output."""
+
+
+def write_spliced(
+    ds: Dataset, span: PixelSpan | None, target: BinaryIO, check: Check | None = None
+) -> None:
     """Write *ds* as a DICOM file (preamble, file meta, data set) to *target*, with the pixel
-    data element of *span* copied unchanged from its source file in its place."""
+    data element of *span* copied unchanged from its source file in its place.
+
+    With *check*, the encoded header and trailing elements are passed to it before they are
+    written (the pixel data is not): when it raises, nothing of the data set has reached
+    *target*. Without a span, the elements are checked as encoded apart from the pixel data.
+    """
     if span is None:
+        if check is not None:
+            check(encode_without_pixels(ds))
         dcmwrite(target, ds, enforce_file_format=True)
         return
     trailing = Dataset()
     for tag in [t for t in ds.keys() if t > span.tag]:  # noqa: SIM118
         trailing[tag] = ds.get_item(tag)
         del ds[tag]
-    syntax = ds.file_meta.TransferSyntaxUID
-    dcmwrite(target, ds, enforce_file_format=True)
-    _copy_range(span, target)
-    if len(trailing):
-        out = DicomFileLike(target)
-        out.is_implicit_VR = syntax.is_implicit_VR
-        out.is_little_endian = syntax.is_little_endian
-        trailing.set_original_encoding(
-            syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set
-        )
-        write_dataset(out, trailing, ds.get("SpecificCharacterSet", "iso8859"))
+    try:
+        header = DicomBytesIO()
+        dcmwrite(header, ds, enforce_file_format=True)
+        tail = _encode_elements(trailing, ds) if len(trailing) else b""
+        if check is not None:
+            check(header.getvalue() + tail)
+    finally:
         for tag in trailing.keys():  # noqa: SIM118 - give the caller back its data set
             ds[tag] = trailing.get_item(tag)
+    target.write(header.getvalue())
+    _copy_range(span, target)
+    target.write(tail)
+
+
+def _encode_elements(elements: Dataset, ds: Dataset) -> bytes:
+    """*elements* encoded as the data set *ds* is (its transfer syntax and character set)."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    out = DicomBytesIO()
+    out.is_implicit_VR = syntax.is_implicit_VR
+    out.is_little_endian = syntax.is_little_endian
+    elements.set_original_encoding(
+        syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set
+    )
+    write_dataset(out, elements, ds.get("SpecificCharacterSet", "iso8859"))
+    return out.getvalue()
+
+
+def encode_without_pixels(ds: Dataset) -> bytes:
+    """The file meta and every element of *ds* but the pixel data, encoded as *ds* would be
+    written (Explicit VR Little Endian for a deflated or unknown transfer syntax): what the
+    self-check reads."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and not syntax.is_deflated and syntax.is_transfer_syntax:
+        implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    else:
+        implicit, little = False, True
+    elements = Dataset({t: ds.get_item(t) for t in ds.keys() if t not in PIXEL_DATA_TAGS})  # noqa: SIM118
+    out = DicomBytesIO()
+    out.is_implicit_VR = implicit
+    out.is_little_endian = little
+    elements.set_original_encoding(implicit, little, ds.original_character_set)
+    if meta is not None:
+        write_file_meta_info(out, meta, enforce_standard=False)
+    write_dataset(out, elements, ds.get("SpecificCharacterSet", "iso8859"))
+    return out.getvalue()
 
 
 def _copy_range(span: PixelSpan, target: BinaryIO) -> None:
@@ -277,17 +325,20 @@ def _copy_range(span: PixelSpan, target: BinaryIO) -> None:
 
 
 def write_instance(
-    ds: Dataset, path: str | os.PathLike[str], pixels: PixelSpan | None = None
+    ds: Dataset,
+    path: str | os.PathLike[str],
+    pixels: PixelSpan | None = None,
+    check: Check | None = None,
 ) -> None:
     """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
     *path* never holds a partial file. With *pixels* (from :func:`read_header`), that pixel
-    data element is copied from its source file."""
+    data element is copied from its source file; *check* as for :func:`write_spliced`."""
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            write_spliced(ds, pixels, fh)
+            write_spliced(ds, pixels, fh, check)
         os.replace(tmp_name, dst)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -1,44 +1,48 @@
-"""The identifying values of an instance: the pre-forward self-check and text cleaning.
+"""The identifying values of an instance: text cleaning and the self-check of the output bytes.
 
-Before an instance is modified, :meth:`IdentifyingValues.collect` reads the values that identify
-the patient, the visit and the instance:
+Before an instance is modified, :meth:`IdentifyingValues.collect` reads, from the whole data
+set (every sequence item, at every depth), the values that identify a person, the visit or the
+institution:
 
-* Patient's Name components (split at ``^`` and ``=``) of 3 characters or more;
-* Patient ID, Other Patient IDs (and Patient ID in Other Patient IDs Sequence items),
-  Accession Number, Patient's Birth Date, Institution Name;
-* the original SOP Instance, Study Instance and Series Instance UIDs.
+* the family, given and middle name components of every person name (VR PN);
+* identifiers: Patient ID and Other Patient IDs (wherever they occur), Accession Number, Study
+  ID, Admission ID, Service Episode ID, Medical Record Locator, the procedure step and order
+  numbers, and the Code Value of a Person Identification Code Sequence item;
+* the Patient's Birth Date (also in the forms a report writes it: ``1953-04-17``,
+  ``17.04.1953``, ``17/04/1953``, ``04/17/1953``), unless the profile keeps dates as received;
+* addresses (split at commas, ``^`` and line breaks), telephone numbers and telecom
+  information (phone numbers match whatever separators a text puts between their digits);
+* institution, department and other organisation names.
 
-A value is left out when the profile keeps its attribute (K, e.g. Institution Name under Retain
-Institution Identity, the UIDs under Retain UIDs), when it is shorter than 3 characters (too
-short to be searched without rejecting innocent instances), when it equals one of the engine's
-own dummy values, or when it occurs as a word in the product description of the equipment
-(Manufacturer, Manufacturer's Model Name, Software Versions): product vocabulary is not
-identifying, and those attributes are kept by the standard (e.g. a test file whose Institution
-Name "Here" also appears in its Manufacturer "... name here").
+A value is left out when the profile keeps its attribute (K, or a ``keep`` rule: e.g.
+Institution Name under Retain Institution Identity), when it is too short to be searched
+without rejecting innocent instances (fewer than 3 characters; fewer than 6 when it is made of
+digits only, since numbers of that length occur in any header; fewer than 3 letters or
+digits), when it equals one of the
+engine's own dummy values, or when it occurs as a word in the product description of the
+equipment (Manufacturer, Manufacturer's Model Name, Software Versions) or among the codes
+of the instance (Code Value, Coding Scheme Designator and Version, but for a person's
+identification code): product and coding vocabulary is not identifying (a test file's
+Patient's Name "Test^S R" and its Coding Scheme Designator "TEST").
 
-:meth:`IdentifyingValues.find` then looks, after the action of each attribute, for a surviving
-value: UIDs by exact match in every UI value, and every value as a whole word (case-insensitive,
-bounded by non-word characters) in text values (AE, LO, LT, PN, SH, ST, UC, UR, UT). Dates,
-codes and numbers (DA, DT, TM, CS, DS, IS, ...) are not searched: a retained Study Date equal to
-the birth date of a newborn is not a leak of the Patient's Birth Date attribute. Nor are the
-coded-vocabulary attributes of the Code Sequence Macro (Code Value, Coding Scheme Designator and
-Version, Context Identifier, Mapping Resource): their values come from coding schemes (a test
-file's Patient's Name "Test^S R" and its Coding Scheme Designator "TEST").
-
-:meth:`IdentifyingValues.scrub` is the text part of the C (clean) action: it deletes the same
-values, plus the name components of every person name at the top level of the instance
-(referring physician, operators, ...), from a text value.
-
-Nothing here logs or formats a value; findings are reported as the attribute keyword.
+:meth:`IdentifyingValues.scrub` is the text part of the C (clean) action: it deletes these
+values from a text value. :class:`SelfCheck` is the last gate before an instance is stored:
+it searches the *encoded* de-identified data set (every element but the pixel data, file meta
+included) for each value as a whole word, case-insensitively, in the instance's character set
+and as UTF-8, UTF-16 (both byte orders) and byte-swapped ASCII, and for every original UID the
+engine replaced. A hit names the attribute the value came from and, when it can be found, the
+attribute it survived in; never the value.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
@@ -46,35 +50,56 @@ from pydicom.valuerep import VR
 from anonproxy.deid.actions import STRING_DUMMIES
 
 MIN_LENGTH = 3
+MIN_DIGITS = 6
 
-TEXT_VRS: frozenset[str] = frozenset(
-    {VR.AE, VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.UC, VR.UR, VR.UT}
+_PN_GROUPS = re.compile(r"=")
+_ADDRESS_SPLIT = re.compile(r"[,;^\r\n]+")
+_UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+_PHONE_SEPARATORS = r"[\s\-./()]*"
+
+
+def _tags(*keywords: str) -> frozenset[int]:
+    tags = {tag_for_keyword(k) for k in keywords}
+    if None in tags:
+        raise ValueError(f"unknown keyword in {keywords}")
+    return frozenset(t for t in tags if t is not None)
+
+
+_IDENTIFIERS = _tags(
+    "PatientID",
+    "OtherPatientIDs",
+    "AccessionNumber",
+    "StudyID",
+    "AdmissionID",
+    "ServiceEpisodeID",
+    "MedicalRecordLocator",
+    "RequestedProcedureID",
+    "PerformedProcedureStepID",
+    "ScheduledProcedureStepID",
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
 )
-
-#: Code Sequence Macro attributes holding coding-scheme vocabulary, not free text.
-CODED_VOCABULARY_TAGS: frozenset[int] = frozenset(
-    {0x00080100, 0x00080102, 0x00080103, 0x0008010F, 0x00080105, 0x00080119, 0x00080120}
+_ORGANISATIONS = _tags(
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "ResponsibleOrganization",
+    "VerifyingOrganization",
 )
-
-_PN_SPLIT = re.compile(r"[\^=]")
-
-#: Attributes whose values are identifiers (keyword → tag), read at the top level.
-_ID_TAGS: dict[str, int] = {
-    "PatientID": 0x00100020,
-    "OtherPatientIDs": 0x00101000,
-    "AccessionNumber": 0x00080050,
-    "PatientBirthDate": 0x00100030,
-    "InstitutionName": 0x00080080,
-}
-_PATIENT_NAME = 0x00100010
-_OTHER_PATIENT_IDS_SEQUENCE = 0x00101002
+_ADDRESSES = _tags(
+    "PatientAddress",
+    "InstitutionAddress",
+    "PersonAddress",
+    "PatientTelecomInformation",
+    "PersonTelecomInformation",
+)
+_PHONES = _tags("PatientTelephoneNumbers", "PersonTelephoneNumbers", "TelephoneNumberTrial")
+_BIRTH_DATE = 0x00100030
+_PERSON_IDENTIFICATION_CODE_SEQUENCE = 0x00401101
+_CODE_VALUE = 0x00080100
 _PRODUCT_TAGS = (0x00080070, 0x00081090, 0x00181020)
-_UID_TAGS: dict[str, int] = {
-    "SOPInstanceUID": 0x00080018,
-    "StudyInstanceUID": 0x0020000D,
-    "SeriesInstanceUID": 0x0020000E,
-}
-
+#: Code Value, Coding Scheme Designator and Version: the words of coding schemes.
+_VOCABULARY_TAGS = frozenset({0x00080100, 0x00080102, 0x00080103})
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 def _strings(value: object) -> Iterator[str]:
     """The non-empty string values of an element value (str, PersonName or multi-value)."""
@@ -89,122 +114,281 @@ def _strings(value: object) -> Iterator[str]:
         yield text
 
 
+def _searchable(value: str) -> bool:
+    """Long enough to be searched without rejecting innocent instances."""
+    if value.isdigit():
+        return len(value) >= MIN_DIGITS
+    letters = sum(c.isalnum() for c in value)
+    return letters >= MIN_LENGTH and value.casefold() not in STRING_DUMMIES
+
+
 def _name_components(value: object) -> Iterator[str]:
+    """Family, given and middle names of every component group (prefix and suffix skipped)."""
     for name in _strings(value):
-        for part in _PN_SPLIT.split(name):
-            stripped = part.strip()
-            if len(stripped) >= MIN_LENGTH:
-                yield stripped
+        for group in _PN_GROUPS.split(name):
+            for part in group.split("^")[:3]:
+                yield part.strip()
 
 
-def _word_pattern(values: Iterable[str]) -> re.Pattern[str] | None:
-    return _compiled_word_pattern(tuple(sorted(set(values), key=lambda v: (-len(v), v))))
+def _birth_date_forms(value: str) -> Iterator[str]:
+    digits = value.strip().replace(".", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return
+    y, m, d = digits[:4], digits[4:6], digits[6:]
+    yield from (digits, f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}", f"{m}/{d}/{y}")
+    yield f"{y}/{m}/{d}"
+
+
+def _vr(ds: Dataset, tag: int) -> str:
+    raw_vr = ds.get_item(tag).VR
+    if raw_vr:
+        return str(raw_vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return VR.UN
+
+
+def _values(ds: Dataset, tag: int, in_person_code: bool) -> Iterator[tuple[str, str]]:
+    """``(value, keyword)`` of the identifying values of one non-sequence element."""
+    if tag in _IDENTIFIERS or (in_person_code and tag == _CODE_VALUE):
+        kind = "identifier"
+    elif tag in _ORGANISATIONS:
+        kind = "organisation"
+    elif tag in _ADDRESSES:
+        kind = "address"
+    elif tag in _PHONES:
+        kind = "phone"
+    elif tag == _BIRTH_DATE:
+        kind = "birth"
+    elif _vr(ds, tag) == VR.PN:
+        kind = "name"
+    else:
+        return
+    keyword = keyword_for_tag(tag) or "person identification code"
+    value = ds[tag].value
+    if kind == "name":
+        parts: Iterable[str] = _name_components(value)
+    elif kind == "address":
+        parts = (p.strip() for text in _strings(value) for p in _ADDRESS_SPLIT.split(text))
+    elif kind == "birth":
+        parts = (f for text in _strings(value) for f in _birth_date_forms(text))
+    else:
+        parts = (text.strip("\x00 ") for text in _strings(value))
+    for part in parts:
+        if kind in {"phone", "address"}:
+            digits = re.sub(r"\D", "", part)
+            if len(digits) >= MIN_DIGITS and not re.search(r"[^\d\s\-./()+]", part):
+                yield "#" + digits, keyword  # a phone number: matched by its digits
+                continue
+        if kind == "birth" or _searchable(part):
+            yield part, keyword
+
+
+def _collect(
+    ds: Dataset,
+    kept: Callable[[int], bool],
+    found: dict[str, str],
+    vocabulary: list[str],
+    in_person_code: bool,
+) -> None:
+    for tag in ds.keys():  # noqa: SIM118 - a Dataset iterates its elements, not its tags
+        if tag >> 16 & 1 or not tag & 0xFFFF:  # private data elements, group lengths
+            continue
+        if _vr(ds, tag) == VR.SQ:
+            elem = ds[tag]
+            if elem.VR == VR.SQ and not kept(tag):
+                person = tag == _PERSON_IDENTIFICATION_CODE_SEQUENCE
+                for item in elem.value or ():
+                    _collect(item, kept, found, vocabulary, person)
+            continue
+        if tag in _VOCABULARY_TAGS and not in_person_code:
+            vocabulary.extend(_strings(ds[tag].value))
+            continue
+        if kept(tag):
+            continue
+        for value, keyword in _values(ds, tag, in_person_code):
+            found.setdefault(value.casefold(), keyword)
+
+
+def _word_alternatives(values: Iterable[str]) -> str:
+    """The regular expression body of ``values``: phone numbers (``#`` and digits) by their
+    digits with any separators, the others literally; longest first."""
+    ordered = sorted(set(values), key=lambda v: (-len(v), v))
+    return "|".join(
+        _PHONE_SEPARATORS.join(v[1:]) if v.startswith("#") else re.escape(v) for v in ordered
+    )
 
 
 @lru_cache(maxsize=1024)
-def _compiled_word_pattern(ordered: tuple[str, ...]) -> re.Pattern[str] | None:
+def _text_pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
     """One pattern per set of values: the instances of a series share their patient's."""
-    if not ordered:
+    if not values:
         return None
-    body = "|".join(re.escape(v) for v in ordered)
-    return re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)
+    return re.compile(rf"(?<!\w)(?:{_word_alternatives(values)})(?!\w)", re.IGNORECASE)
 
 
-def _identifying(ds: Dataset, kept: frozenset[int]) -> Iterator[tuple[str, str]]:
-    """``(value, keyword)`` of every identifying value at the top level of ``ds``."""
-    if _PATIENT_NAME not in kept and (elem := ds.get(_PATIENT_NAME)) is not None:
-        for part in _name_components(elem.value):
-            yield part, "PatientName"
-    for keyword, tag in (*_ID_TAGS.items(), *_UID_TAGS.items()):
-        if tag not in kept and (elem := ds.get(tag)) is not None:
-            for text in _strings(elem.value):
-                if value := text.strip("\x00 "):
-                    yield value, keyword
-    seq = ds.get(_OTHER_PATIENT_IDS_SEQUENCE)
-    if _OTHER_PATIENT_IDS_SEQUENCE in kept or seq is None or seq.VR != VR.SQ:
-        return
-    for item in seq.value:
-        if (elem := item.get(_ID_TAGS["PatientID"])) is not None:
-            for text in _strings(elem.value):
-                if value := text.strip("\x00 "):
-                    yield value, "OtherPatientIDsSequence"
+def _swapped(data: bytes) -> bytes:
+    """``data`` with the bytes of each pair swapped (text stored as big-endian OW)."""
+    out = bytearray(data[: len(data) & ~1])
+    out[0::2], out[1::2] = data[1 : len(out) : 2], data[0 : len(out) : 2]
+    return bytes(out)
+
+
+def _encoded_forms(value: str, encodings: tuple[str, ...]) -> Iterator[bytes]:
+    for encoding in encodings:
+        try:
+            yield value.encode(encoding)
+        except (UnicodeError, LookupError):
+            continue
+    ascii_form = value.encode("ascii", "ignore")
+    for start in (0, 1):  # the text may start at an odd or even offset of the OW value
+        swapped = _swapped(ascii_form[start:])
+        if len(swapped) >= MIN_LENGTH:
+            yield swapped
+
+
+@lru_cache(maxsize=1024)
+def _bytes_pattern(values: tuple[str, ...], encodings: tuple[str, ...]) -> re.Pattern[bytes] | None:
+    forms: set[bytes] = set()
+    phones: set[str] = set()
+    for value in values:
+        if value.startswith("#"):
+            phones.add(value[1:])
+            continue
+        forms.update(_encoded_forms(value, encodings))
+    alternatives = [re.escape(f) for f in sorted(forms, key=lambda f: (-len(f), f))]
+    alternatives += [
+        _PHONE_SEPARATORS.encode().join(re.escape(d.encode()) for d in digits)
+        for digits in sorted(phones)
+    ]
+    if not alternatives:
+        return None
+    body = b"|".join(alternatives)
+    return re.compile(rb"(?<![A-Za-z0-9_])(?:" + body + rb")(?![A-Za-z0-9_])", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
 class IdentifyingValues:
     """Identifying values of one instance (never logged, never put in a message)."""
 
-    uids: Mapping[str, str]  # original UID → keyword
-    words: Mapping[str, str]  # casefolded value → keyword
-    pattern: re.Pattern[str] | None
-    scrub_pattern: re.Pattern[str] | None
+    words: Mapping[str, str]  # casefolded value (``#digits`` for a phone) → keyword
+    encodings: tuple[str, ...]  # Python codecs of the instance's Specific Character Set
 
     @classmethod
     def collect(
-        cls, ds: Dataset, kept: frozenset[int], person_name_tags: Iterable[int] = ()
+        cls, ds: Dataset, kept: Callable[[int], bool], *, birth_date: bool = True
     ) -> IdentifyingValues:
-        """Read the identifying values of ``ds`` (top level); skip attributes in ``kept``.
-
-        ``person_name_tags`` are the PN attributes whose name components are also scrubbed
-        from cleaned text (not searched by the self-check).
-        """
-        words: dict[str, str] = {}
-        uids: dict[str, str] = {}
-        for value, keyword in _identifying(ds, kept):
-            folded = value.casefold()
-            if keyword in _UID_TAGS:
-                uids[value] = keyword  # searched as substrings of text, not in the pattern
-                continue
-            if len(value) >= MIN_LENGTH and folded not in STRING_DUMMIES:
-                words.setdefault(folded, keyword)
-        product = "\n".join(
+        """Read the identifying values of ``ds`` at every depth; skip what ``kept(tag)`` says
+        the profile keeps as received, and the birth date unless ``birth_date``."""
+        found: dict[str, str] = {}
+        vocabulary = [
             text
             for tag in _PRODUCT_TAGS
             if (elem := ds.get(tag)) is not None
             for text in _strings(elem.value)
+        ]
+        skip_birth = not birth_date
+        _collect(
+            ds, lambda tag: kept(tag) or (skip_birth and tag == _BIRTH_DATE), found, vocabulary, False
         )
+        product = "\n".join(vocabulary)
         if product:
-            words = {
+            found = {
                 w: k
-                for w, k in words.items()
-                if k in _UID_TAGS or not re.search(rf"(?<!\w){re.escape(w)}(?!\w)", product, re.I)
+                for w, k in found.items()
+                if w.startswith("#") or not re.search(rf"(?<!\w){re.escape(w)}(?!\w)", product, re.I)
             }
-        scrub_words = set(words)
-        for tag in person_name_tags:
-            if (elem := ds.get(tag)) is not None and elem.VR == VR.PN:
-                scrub_words.update(p.casefold() for p in _name_components(elem.value))
-        return cls(
-            uids=uids,
-            words=words,
-            pattern=_word_pattern(words),
-            scrub_pattern=_word_pattern(scrub_words),
-        )
+        charset = ds.get(_SPECIFIC_CHARACTER_SET)
+        try:
+            encodings = convert_encodings(list(_strings(charset.value)) if charset else None)
+        except LookupError:  # an unknown term: the structure check refuses it before this
+            encodings = ["iso8859"]
+        return cls(words=found, encodings=(*encodings, "utf-8", "utf-16-le", "utf-16-be"))
 
-    def find(self, vr: str, value: object) -> str | None:
-        """Keyword of an identifying value that survives in ``value`` (of VR ``vr``), or None."""
-        if vr == VR.UI:
-            for text in _strings(value):
-                keyword = self.uids.get(text.strip("\x00 "))
-                if keyword is not None:
-                    return keyword
-            return None
-        if vr not in TEXT_VRS:
-            return None
-        for text in _strings(value):
-            if text.casefold() in STRING_DUMMIES:
-                continue
-            for uid, keyword in self.uids.items():
-                if uid in text:
-                    return keyword
-            if self.pattern is None:
-                continue
-            match = self.pattern.search(text)
-            if match is not None:
-                return self.words.get(match.group(0).casefold(), "identifying value")
-        return None
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """The values as whole words in text (phone numbers with any separators)."""
+        return _text_pattern(tuple(sorted(self.words)))
 
     def scrub(self, text: str) -> str:
-        """``text`` without any identifying value or top-level person name component."""
-        if self.scrub_pattern is None:
+        """``text`` without any identifying value."""
+        pattern = self.pattern
+        if pattern is None:
             return text
-        return " ".join(self.scrub_pattern.sub(" ", text).split())
+        return " ".join(pattern.sub(" ", text).split())
+
+    def find(self, text: str) -> str | None:
+        """Keyword of an identifying value in ``text``, or None."""
+        pattern = self.pattern
+        match = pattern.search(text) if pattern is not None else None
+        return None if match is None else self._keyword(match.group(0))
+
+    def _keyword(self, matched: str) -> str:
+        folded = matched.casefold()
+        digits = "#" + re.sub(r"\D", "", folded)
+        return self.words.get(folded) or self.words.get(digits) or "identifying value"
+
+
+class SelfCheck:
+    """Searches an encoded de-identified data set for the identifying values of its original
+    and for the original UIDs the engine replaced. Built by the engine for one instance."""
+
+    __slots__ = ("_ds", "_ids", "_uids")
+
+    def __init__(self, ids: IdentifyingValues, uids: Mapping[str, str], ds: Dataset) -> None:
+        self._ids = ids
+        self._uids = uids  # original UID → keyword
+        self._ds = ds
+
+    def finding(self, data: bytes) -> str | None:
+        """Why ``data`` (encoded elements) must not be released, or None. Names attributes
+        only."""
+        for token in _UID_TOKEN.findall(data):
+            keyword = self._uids.get(token.decode("ascii"))
+            if keyword is not None:
+                where = self._where(token.decode())
+                return f"self-check: identifying value of {keyword} survived{where}"
+        pattern = _bytes_pattern(tuple(sorted(self._ids.words)), self._ids.encodings)
+        match = pattern.search(data) if pattern is not None else None
+        if match is None:
+            return None
+        keyword = self._source_of(match.group(0))
+        return f"self-check: identifying value of {keyword} survived{self._where(None)}"
+
+    def _source_of(self, matched: bytes) -> str:
+        for value, keyword in self._ids.words.items():
+            if value.startswith("#"):
+                if re.sub(rb"\D", b"", matched) == value[1:].encode():
+                    return keyword
+            elif matched.lower() in {f.lower() for f in _encoded_forms(value, self._ids.encodings)}:
+                return keyword
+        return "identifying value"
+
+    def _where(self, uid: str | None) -> str:
+        """`` in <keyword> (gggg,eeee)`` of the first element holding the finding, if any."""
+        for tag, value in _leaves(self._ds):
+            if uid is not None:
+                hit = any(text.strip("\x00 ") == uid for text in _strings(value))
+            elif isinstance(value, bytes | bytearray):
+                pattern = _bytes_pattern(tuple(sorted(self._ids.words)), self._ids.encodings)
+                hit = pattern is not None and pattern.search(value) is not None
+            else:
+                hit = any(self._ids.find(text) is not None for text in _strings(value))
+            if hit:
+                keyword = keyword_for_tag(tag)
+                label = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+                return f" in {keyword} {label}" if keyword else f" in {label}"
+        return " in the encoded data set"
+
+
+def _leaves(ds: Dataset) -> Iterator[tuple[int, object]]:
+    """``(tag, value)`` of every non-sequence element, at every depth, file meta first."""
+    meta = getattr(ds, "file_meta", None)
+    for current in (meta, ds) if meta is not None else (ds,):
+        for elem in current:
+            if elem.VR == VR.SQ:
+                for item in elem.value or ():
+                    yield from _leaves(item)
+            else:
+                yield elem.tag, elem.value

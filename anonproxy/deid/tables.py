@@ -121,18 +121,33 @@ def iod_edition() -> str:
 
 @lru_cache(maxsize=256)
 def iod_types(sop_class_uid: str) -> dict[str, str] | None:
-    """Keyword path → strictest Type (``"1"``, ``"1C"``, ``"2"``, ``"2C"``, ``"3"``).
+    """Keyword path → strictest Type (``"1"``, ``"1C"``, ``"2"``, ``"2C"``, ``"3"``) of every
+    attribute the IOD of ``sop_class_uid`` defines, at every nesting position.
 
-    Only the paths whose last keyword has a Table E.1-1 Basic code that depends on the Type
-    (Z and the compound codes) are shipped. ``None`` when the SOP Class is not in the data.
-    The module usage stored next to each Type (``"2:M"``) is dropped here: an attribute that
-    is present implies that its module is present, so the strictest Type binds.
+    An attribute may occur in several modules of the IOD: the strictest Type binds (an
+    attribute that is present implies that its module is present, whatever the module's
+    usage). Retired Storage SOP Classes are given the IOD of their current successor. ``None``
+    when the SOP Class is not in the data.
     """
     doc = _iod_document()
     iod = doc["sop_classes"].get(sop_class_uid)
     if iod is None:
         return None
-    return {path: spec.split(":", 1)[0] for path, spec in doc["iods"][iod].items()}
+    types: dict[str, str] = {}
+    for module in doc["iods"][iod]:
+        for path, type_ in doc["modules"][module].items():
+            if path not in types or _TYPE_RANK[type_] < _TYPE_RANK[types[path]]:
+                types[path] = type_
+    return types
+
+
+_TYPE_RANK = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
+
+
+@lru_cache(maxsize=1)
+def any_iod_paths() -> frozenset[str]:
+    """The keyword paths that some IOD defines (for instances of a SOP Class not in the data)."""
+    return frozenset(path for module in _iod_document()["modules"].values() for path in module)
 
 
 @lru_cache(maxsize=1)
@@ -146,4 +161,16 @@ def strict_allowlist() -> frozenset[int]:
             if tag is None:
                 raise ValueError(f"strict_allowlist.json: unknown keyword {keyword}")
             tags.add(tag)
+    return frozenset(tags)
+
+
+@lru_cache(maxsize=1)
+def retired_allowlist() -> frozenset[int]:
+    """Tags of the retired public attributes kept when Table E.1-1 has no row for them."""
+    tags: set[int] = set()
+    for keyword in _read_json("retired_allowlist.json")["keywords"]:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"retired_allowlist.json: unknown keyword {keyword}")
+        tags.add(tag)
     return frozenset(tags)

@@ -115,11 +115,21 @@ class ListenConfig(_Section):
     network_timeout: float = Field(default=60.0, gt=0)
     max_instance_bytes: int = Field(default=4 << 30, ge=1)
     max_sequence_depth: int = Field(default=DEFAULT_MAX_SEQUENCE_DEPTH, ge=1, le=1000)
+    # `storage` (every Storage SOP Class, current and retired) and/or SOP Class UIDs
+    sop_classes: list[str] = Field(default_factory=lambda: ["storage"], min_length=1)
 
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _sop_classes(cls, value: list[str]) -> list[str]:
+        # pydicom's UID dictionary only when the key is given: keep the config import light
+        from anonproxy.sop_classes import check_entry  # noqa: PLC0415
+
+        return list(dict.fromkeys(check_entry(entry) for entry in value))
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod

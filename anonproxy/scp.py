@@ -1,6 +1,7 @@
 """Network receive: the Storage SCP and Verification SCP (pynetdicom).
 
-The SCP accepts C-ECHO and every storage SOP Class pynetdicom knows, with every transfer syntax
+The SCP accepts C-ECHO and the SOP Classes of ``listen.sop_classes`` (by default every Storage
+SOP Class, retired ones included: see :mod:`anonproxy.sop_classes`), with every transfer syntax
 pydicom knows (compressed ones included, so that compressed images pass through without
 transcoding). The called AE title must match; the calling AE title must be in the allow-list
 when the list is not empty.
@@ -26,11 +27,10 @@ import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from anonproxy import limits, reactor, tls
+from anonproxy import limits, reactor, sop_classes, tls
 from anonproxy.access import AccessPolicy, Rejection
 from anonproxy.audit import AuditLog, silence_pynetdicom_identifiers
 from anonproxy.config import ListenConfig
@@ -112,8 +112,10 @@ class StorageSCP:
         ae.dimse_timeout = self.config.dimse_timeout
         ae.network_timeout = self.config.network_timeout
         syntaxes = list(AllTransferSyntaxes)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), syntaxes)
+        accepted = sop_classes.resolve(self.config.sop_classes)
+        sop_classes.register_storage(accepted)
+        for sop_class in accepted:
+            ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification, syntaxes)
         return ae
 

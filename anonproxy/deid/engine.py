@@ -150,6 +150,29 @@ _SELF_CHECK_UID_TAGS = {
 }
 _REQUIRED_TYPES = frozenset({"1", "1C", "2", "2C"})
 
+_STREET_TYPES = (
+    "Street|St|Road|Rd|Avenue|Ave|Lane|Ln|Drive|Boulevard|Blvd|Way|Court|Ct|Place|Pl|"
+    "Square|Sq|Terrace|Close|Crescent|Parkway|Highway|Hwy|Strasse|Straße|Weg|Platz|Gasse|Allee"
+)
+#: What identifies a person in free text whatever the instance holds; removed from the text the
+#: C (clean) action keeps, before the site's ``clean_patterns``: telephone numbers (7 digits
+#: or more, with any separators), e-mail addresses, a title followed by capitalised names,
+#: house number and street, and a record-number label followed by its number.
+IDENTIFYING_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"(?<![\w.])\+?\d(?:[\s\-./()]*\d){6,}(?![\w])"),
+    re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
+    re.compile(
+        r"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Doctor|Nurse|Sister)\b\.?"
+        r"(?:\s+[A-Z][\w'-]*\.?){1,3}"
+    ),
+    re.compile(rf"\b\d+[A-Za-z]?,?\s+(?:[A-Z][\w'-]*\s+){{0,4}}(?:{_STREET_TYPES})\b\.?"),
+    re.compile(
+        r"\b(?:MRN|MR#|ID|PID|Acc(?:ession)?(?:\s+(?:No|Number))?)\b\.?\s*[:#]?\s*"
+        r"[A-Za-z0-9-]*\d[A-Za-z0-9-]*",
+        re.IGNORECASE,
+    ),
+)
+
 _STRING_VRS = frozenset(
     {VR.AE, VR.AS, VR.CS, VR.DA, VR.DS, VR.DT, VR.IS, VR.LO, VR.LT, VR.PN, VR.SH, VR.ST, VR.TM,
      VR.UC, VR.UI, VR.UR, VR.UT}
@@ -625,10 +648,10 @@ class Deidentifier:
     def _clean_code(self, vr: str) -> str:
         if vr in _TIME_VRS:
             return ActionCode.K if vr == VR.TM or self._full_dates else ActionCode.C
-        if vr in _TEXT_VRS or vr == VR.PN:
+        if vr in _TEXT_VRS:
             return ActionCode.C
-        if vr == VR.UI:
-            return ActionCode.U
+        if vr in (VR.PN, VR.UI):  # a name left after cleaning would still be a name
+            return ActionCode.D if vr == VR.PN else ActionCode.U
         return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
 
     def _private_plan(
@@ -797,7 +820,7 @@ class Deidentifier:
             cleaned = self._shift_dates(elem, vr, run)
         elif vr in _CLEANABLE_TEXT_VRS:
             values = _str_values(elem)
-            scrubbed = [self._clean_text(run.ids.scrub(v)) for v in values]
+            scrubbed = [_meaningful(self._clean_text(run.ids.scrub(v))) for v in values]
             if any(values) and not any(scrubbed):  # nothing left: a dummy keeps the Type
                 elem.value = dummy_value(elem.tag, vr, _keyword(elem.tag))
             elif scrubbed:
@@ -807,10 +830,11 @@ class Deidentifier:
         return cleaned
 
     def _clean_text(self, text: str) -> str:
-        """Remove what the site's ``clean_patterns`` match (names of staff, phone numbers...)."""
-        for pattern in self._clean_patterns:
+        """Remove what identifies whoever it names (:data:`IDENTIFYING_PATTERNS`) and what the
+        site's ``clean_patterns`` match."""
+        for pattern in (*IDENTIFYING_PATTERNS, *self._clean_patterns):
             text = pattern.sub(" ", text)
-        return " ".join(text.split()) if self._clean_patterns else text
+        return " ".join(text.split())
 
     def _shift_dates(self, elem: DataElement, vr: str, run: _Run) -> bool:
         shift = self._dates.shift_da if vr == VR.DA else self._dates.shift_dt
@@ -846,6 +870,11 @@ class Deidentifier:
             items.append(item)
         ds.DeidentificationMethodCodeSequence = Sequence(items)
         ds.LongitudinalTemporalInformationModified = self._longitudinal
+
+
+def _meaningful(text: str) -> str:
+    """``text``, or "" when no letter or digit is left in it (``"^"``, ``", ."``)."""
+    return text if any(c.isalnum() for c in text) else ""
 
 
 def _set_valid(elem: DataElement, vr: str, values: list[object], rule: Rule) -> None:

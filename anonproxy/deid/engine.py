@@ -462,22 +462,16 @@ class Deidentifier:
             run.where = tag
             group = tag >> 16
             if group & 1:
-                rule = private_rules.get(tag)
-                if rule is not None:
-                    self._apply_rule(ds, tag, rule, parents, run, mode)
-                elif tag in kept_private:
-                    self._keep(ds, tag, parents, run, mode)
-                    run.counts[ActionCode.K] += 1
-                else:
-                    del ds[tag]
-                    run.counts[ActionCode.X] += 1
+                self._private(
+                    ds, tag, private_rules.get(tag), parents, run, kept=tag in kept_private
+                )
                 continue
             if not tag & 0xFFFF:  # group length
                 del ds[tag]
                 run.counts[ActionCode.X] += 1
                 continue
             if rules and (rule := first_match(rules, tag, None)) is not None:
-                self._apply_rule(ds, tag, rule, parents, run, mode)
+                self._apply_rule(ds, tag, rule, parents, run, mode=mode)
                 continue
             if run.pseudonyms is not None and not parents and tag in (_PATIENT_ID, _PATIENT_NAME):
                 self._pseudonym(ds[tag], run)
@@ -492,9 +486,29 @@ class Deidentifier:
                         self._keep(ds, tag, parents, run, mode)  # decoded, items walked
                     continue
             action = self._resolve(code, tag, parents, run)
-            self._apply(ds, tag, action, parents, run, mode)
+            self._apply(ds, tag, action, parents, run, mode=mode)
         if not parents:  # the Overlay Plane module is at the top level of a data set
             self._drop_incomplete_overlays(ds, run)
+
+    def _private(
+        self,
+        ds: Dataset,
+        tag: int,
+        rule: Rule | None,
+        parents: tuple[str, ...],
+        run: _Run,
+        *,
+        kept: bool,
+    ) -> None:
+        """A private data element: its user rule, else kept when safe, else removed."""
+        if rule is not None:
+            self._apply_rule(ds, tag, rule, parents, run, mode=_Mode.TABLE)
+        elif kept:
+            self._keep(ds, tag, parents, run, _Mode.TABLE)
+            run.counts[ActionCode.K] += 1
+        else:
+            del ds[tag]
+            run.counts[ActionCode.X] += 1
 
     @staticmethod
     def _drop_incomplete_overlays(ds: Dataset, run: _Run) -> None:
@@ -532,6 +546,7 @@ class Deidentifier:
         action: ActionCode,
         parents: tuple[str, ...],
         run: _Run,
+        *,
         mode: _Mode,
     ) -> None:
         if action is ActionCode.X:
@@ -551,7 +566,7 @@ class Deidentifier:
             # cannot clean this value: fall back to the Basic Profile code of the row, or to a
             # dummy for an attribute outside the table
             basic = self._basic_code(tag)
-            self._apply(ds, tag, self._resolve(basic, tag, parents, run), parents, run, mode)
+            self._apply(ds, tag, self._resolve(basic, tag, parents, run), parents, run, mode=mode)
             return
         run.counts[action] += 1
 
@@ -576,7 +591,7 @@ class Deidentifier:
             self._walk(item, inner, run, mode)
         run.where = elem.tag
 
-    def _code_outside_table(
+    def _code_outside_table(  # noqa: PLR0911 - one return per rule of the docstring
         self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run, mode: _Mode
     ) -> str | None:
         """The action code of a public attribute that Table E.1-1 does not name, or None when
@@ -702,6 +717,7 @@ class Deidentifier:
         rule: Rule,
         parents: tuple[str, ...],
         run: _Run,
+        *,
         mode: _Mode,
     ) -> None:
         """Apply a user rule; a value the action cannot take is removed (never kept)."""
@@ -804,9 +820,7 @@ class Deidentifier:
         if values:
             elem.value = _as_value([self._map_uid(v, elem.tag, run) for v in values])
 
-    def _clean(
-        self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode
-    ) -> bool:
+    def _clean(self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode) -> bool:
         """Apply C; False when this value cannot be cleaned (caller falls back to Basic). A
         sequence keeps its items, their content cleaned (dummied inside dummied content)."""
         vr = _first_vr(elem.VR)

@@ -94,12 +94,20 @@ _ADDRESSES = _tags(
 )
 _PHONES = _tags("PatientTelephoneNumbers", "PersonTelephoneNumbers", "TelephoneNumberTrial")
 _BIRTH_DATE = 0x00100030
+_KINDS: dict[int, str] = {
+    **dict.fromkeys(_IDENTIFIERS, "identifier"),
+    **dict.fromkeys(_ORGANISATIONS, "organisation"),
+    **dict.fromkeys(_ADDRESSES, "address"),
+    **dict.fromkeys(_PHONES, "phone"),
+    _BIRTH_DATE: "birth",
+}
 _PERSON_IDENTIFICATION_CODE_SEQUENCE = 0x00401101
 _CODE_VALUE = 0x00080100
 _PRODUCT_TAGS = (0x00080070, 0x00081090, 0x00181020)
 #: Code Value, Coding Scheme Designator and Version: the words of coding schemes.
 _VOCABULARY_TAGS = frozenset({0x00080100, 0x00080102, 0x00080103})
 _SPECIFIC_CHARACTER_SET = 0x00080005
+
 
 def _strings(value: object) -> Iterator[str]:
     """The non-empty string values of an element value (str, PersonName or multi-value)."""
@@ -139,50 +147,35 @@ def _birth_date_forms(value: str) -> Iterator[str]:
     yield f"{y}/{m}/{d}"
 
 
-def _vr(ds: Dataset, tag: int) -> str:
-    raw_vr = ds.get_item(tag).VR
-    if raw_vr:
-        return str(raw_vr)
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
     try:
         return str(dictionary_VR(tag))
     except KeyError:
         return VR.UN
 
 
-def _values(ds: Dataset, tag: int, in_person_code: bool) -> Iterator[tuple[str, str]]:
-    """``(value, keyword)`` of the identifying values of one non-sequence element."""
-    if tag in _IDENTIFIERS or (in_person_code and tag == _CODE_VALUE):
-        kind = "identifier"
-    elif tag in _ORGANISATIONS:
-        kind = "organisation"
-    elif tag in _ADDRESSES:
-        kind = "address"
-    elif tag in _PHONES:
-        kind = "phone"
-    elif tag == _BIRTH_DATE:
-        kind = "birth"
-    elif _vr(ds, tag) == VR.PN:
-        kind = "name"
-    else:
-        return
-    keyword = keyword_for_tag(tag) or "person identification code"
-    value = ds[tag].value
+def _vr(ds: Dataset, tag: int) -> str:
+    return str(ds.get_item(tag).VR or _dictionary_vr(tag))
+
+
+def _parts(kind: str, value: object) -> Iterator[str]:
+    """The searchable pieces of one identifying value of ``kind``."""
     if kind == "name":
-        parts: Iterable[str] = _name_components(value)
-    elif kind == "address":
-        parts = (p.strip() for text in _strings(value) for p in _ADDRESS_SPLIT.split(text))
-    elif kind == "birth":
-        parts = (f for text in _strings(value) for f in _birth_date_forms(text))
-    else:
-        parts = (text.strip("\x00 ") for text in _strings(value))
-    for part in parts:
-        if kind in {"phone", "address"}:
-            digits = re.sub(r"\D", "", part)
-            if len(digits) >= MIN_DIGITS and not re.search(r"[^\d\s\-./()+]", part):
-                yield "#" + digits, keyword  # a phone number: matched by its digits
-                continue
-        if kind == "birth" or _searchable(part):
-            yield part, keyword
+        yield from _name_components(value)
+        return
+    for text in _strings(value):
+        if kind == "birth":
+            yield from _birth_date_forms(text)
+        elif kind in {"address", "phone"}:
+            for part in _ADDRESS_SPLIT.split(text):
+                digits = re.sub(r"\D", "", part)
+                if len(digits) >= MIN_DIGITS and not re.search(r"[^\d\s\-./()+]", part):
+                    yield "#" + digits  # a telephone number: matched by its digits
+                else:
+                    yield part.strip()
+        else:
+            yield text.strip("\x00 ")
 
 
 def _collect(
@@ -195,20 +188,32 @@ def _collect(
     for tag in ds.keys():  # noqa: SIM118 - a Dataset iterates its elements, not its tags
         if tag >> 16 & 1 or not tag & 0xFFFF:  # private data elements, group lengths
             continue
-        if _vr(ds, tag) == VR.SQ:
+        vr = _vr(ds, tag)
+        if vr == VR.SQ:
             elem = ds[tag]
             if elem.VR == VR.SQ and not kept(tag):
                 person = tag == _PERSON_IDENTIFICATION_CODE_SEQUENCE
                 for item in elem.value or ():
                     _collect(item, kept, found, vocabulary, person)
             continue
-        if tag in _VOCABULARY_TAGS and not in_person_code:
+        if in_person_code and tag == _CODE_VALUE:
+            kind: str | None = "identifier"
+        elif tag in _VOCABULARY_TAGS:
             vocabulary.extend(_strings(ds[tag].value))
             continue
-        if kept(tag):
+        else:
+            kind = _KINDS.get(tag, "name" if vr == VR.PN else None)
+        if kind is None or kept(tag):
             continue
-        for value, keyword in _values(ds, tag, in_person_code):
-            found.setdefault(value.casefold(), keyword)
+        keyword = keyword_for_tag(tag) or "person identification code"
+        for part in _parts(kind, ds[tag].value):
+            if kind == "birth" or part.startswith("#") or _searchable(part):
+                found.setdefault(part.casefold(), keyword)
+
+
+def _in_words(value: str, text: str) -> bool:
+    """True if ``value`` is a whole word (or words) of ``text``, whatever the case."""
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def _word_alternatives(values: Iterable[str]) -> str:
@@ -290,14 +295,16 @@ class IdentifyingValues:
         ]
         skip_birth = not birth_date
         _collect(
-            ds, lambda tag: kept(tag) or (skip_birth and tag == _BIRTH_DATE), found, vocabulary, False
+            ds,
+            lambda tag: kept(tag) or (skip_birth and tag == _BIRTH_DATE),
+            found,
+            vocabulary,
+            False,
         )
         product = "\n".join(vocabulary)
         if product:
             found = {
-                w: k
-                for w, k in found.items()
-                if w.startswith("#") or not re.search(rf"(?<!\w){re.escape(w)}(?!\w)", product, re.I)
+                w: k for w, k in found.items() if w.startswith("#") or not _in_words(w, product)
             }
         charset = ds.get(_SPECIFIC_CHARACTER_SET)
         try:

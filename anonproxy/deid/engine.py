@@ -8,7 +8,8 @@ Order of work for one instance:
 
 1. check that SOP Class, SOP Instance, Study Instance and Series Instance UIDs are present
    (every composite IOD requires them; the spool files instances by them);
-2. collect the identifying values for the self-check (:mod:`anonproxy.deid.selfcheck`);
+2. collect the identifying values of the whole data set, at every depth, for cleaning and for
+   the self-check (:mod:`anonproxy.deid.selfcheck`);
 3. walk the dataset recursively (every sequence item, at every depth): for each attribute take
    the first rule that applies:
 
@@ -21,34 +22,38 @@ Order of work for one instance:
      of its block is kept (by Retain Safe Private or a user rule);
    * group length ``(gggg,0000)``: removed (retired, and stale after de-identification);
    * a row of Table E.1-1 (exact tag, or the masks (50xx,xxxx), (60xx,3000), (60xx,4000)):
-     the profile's effective code, compound codes resolved by the Type in the IOD
-     (:func:`anonproxy.deid.actions.resolve`);
-   * otherwise, by default, kept: the standard allows public attributes outside the table to be
-     kept, **except** any attribute of VR PN, and any attribute that is not in the data
-     dictionary or is retired and has a free-text VR (LO, SH, LT, ST, UT, UC, PN) or VR UN,
-     which are removed. With ``Profile(strict=True)`` every public attribute outside the table
-     that is not in ``_standard/strict_allowlist.json`` is removed.
-
-   right after its action, each remaining value is searched for identifying values
-   (self-check); a hit raises :class:`~anonproxy.errors.DeidentificationError`;
+     the profile's effective code, compound codes (and X on an attribute the IOD requires at
+     that position) resolved by the Type in the IOD (:func:`anonproxy.deid.actions.resolve`);
+   * otherwise by :meth:`Deidentifier._code_outside_table`, in the mode of the position
+     (:class:`_Mode`): inside a sequence whose action is D every value is dummied or mapped,
+     inside one whose action is C text is cleaned; elsewhere the IOD of the SOP Class decides
+     (text, names and binary values it does not define at that nesting position are removed);
+     unknown and retired attributes are removed everywhere;
 4. file meta: Media Storage SOP Instance UID := the new SOP Instance UID; Source, Sending and
    Receiving AE Titles and the private information removed; Implementation Class UID and
-   Version Name set to anonproxy's; the remaining values searched as well;
+   Version Name set to anonproxy's;
 5. Patient Identity Removed, De-identification Method (+ Code Sequence, CID 7050) and
-   Longitudinal Temporal Information Modified are set.
+   Longitudinal Temporal Information Modified are set;
+6. the **self-check** (:class:`~anonproxy.deid.selfcheck.SelfCheck`) searches the encoded
+   output for the identifying values and the original UIDs: :meth:`Deidentifier.deidentify`
+   encodes the data set for it, :meth:`Deidentifier.deidentify_with_check` leaves it to the
+   writer (:func:`anonproxy.deid.files.write_spliced`), which checks the bytes it writes. A
+   finding raises :class:`~anonproxy.errors.DeidentificationError`.
 
 The actions:
 
 * **X** remove; **K** keep (sequences are still walked);
 * **Z** zero-length value (an empty sequence for SQ); D instead in a Type 1 context;
 * **D** a dummy valid for the VR and VM (:data:`anonproxy.deid.actions.DUMMY_BY_VR`); UI gets
-  the mapped UID; sequences are kept and walked ("structure kept, content de-identified");
+  the mapped UID; sequences keep their items, whose content is dummied (:attr:`_Mode.DUMMY`);
 * **U** every value mapped by :class:`~anonproxy.deid.uids.UidRemapper` (well-known UIDs kept);
   sequences are walked so that the UIDs inside them are mapped by their own rows;
 * **C** clean, by VR: DA and DT shifted by the per-patient offset
   (:class:`~anonproxy.deid.dates.DateShifter`); TM, CS and numbers kept; text (LO, LT, PN, SH,
-  ST, UC, UT) has the identifying values and top-level person names deleted
-  (:meth:`~anonproxy.deid.selfcheck.IdentifyingValues.scrub`); UI mapped; sequences walked.
+  ST, UC, UT) has the identifying values of the instance deleted
+  (:meth:`~anonproxy.deid.selfcheck.IdentifyingValues.scrub`), then what
+  :data:`IDENTIFYING_PATTERNS` and the site's ``clean_patterns`` match; UI mapped; sequences
+  keep their items, whose content is cleaned (:attr:`_Mode.CLEAN`).
   **Fallback:** what cannot be cleaned yet — AE titles, binary values (curve data, overlay
   data, OB/OW/UN) and dates that do not parse — gets the action of the Basic Profile code of
   its row instead (always a de-identifying action).

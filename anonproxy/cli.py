@@ -12,12 +12,18 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anonproxy import __version__
 from anonproxy.config import Settings, dump_settings, load_settings
 from anonproxy.errors import AnonproxyError, ConfigError
 from anonproxy.secret import Secret, load_secret
+
+if TYPE_CHECKING:
+    from anonproxy.deid import Deidentifier, DeidResult
+    from anonproxy.deid.instance import Limits
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -113,59 +119,87 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
 
 
 def _inputs(paths: Sequence[Path]) -> Iterator[Path]:
+    """The files under *paths*, folders walked recursively; a dangling symbolic link in a
+    folder is an input too (it is reported unreadable, not left out silently)."""
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
+            yield from sorted(
+                p for p in path.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())
+            )
         else:
             yield path
 
 
-_WORKER: object = None
-_WORKER_MAX_BYTES: int | None = None  # listen.max_instance_bytes: bounds deflate inflation
+#: The engine of a worker process and its limits (listen.max_sequence_depth, and
+#: listen.max_instance_bytes for the inflated size of a Deflated data set).
+_WORKER: tuple[Deidentifier, Limits] | None = None
+UNREADABLE = "failed (unreadable)"
 
 
 def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
     from anonproxy.audit import silence_value_reports  # noqa: PLC0415
+    from anonproxy.deid.instance import Limits  # noqa: PLC0415
     from anonproxy.service import build_deidentifier  # noqa: PLC0415
 
     silence_value_reports()
-    global _WORKER, _WORKER_MAX_BYTES  # noqa: PLW0603 - one engine per worker process
+    global _WORKER  # noqa: PLW0603 - one engine per worker process
     settings = load_settings(settings_path)
-    _WORKER = build_deidentifier(settings.profile, secret_value)
-    _WORKER_MAX_BYTES = settings.listen.max_instance_bytes
+    limits = Limits(
+        max_sequence_depth=settings.listen.max_sequence_depth,
+        max_inflated_bytes=settings.listen.max_instance_bytes,
+    )
+    _WORKER = (build_deidentifier(settings.profile, secret_value), limits)
 
 
-def _deidentify_one(task: tuple[Path, Path | None, Path | None]) -> str:
-    """De-identify one file; returns an outcome name (never a value from the file)."""
-    from anonproxy.deid import Deidentifier, read_header, write_instance  # noqa: PLC0415
-    from anonproxy.errors import DecodeError, LimitExceeded  # noqa: PLC0415
+def _output_path(out_dir: Path, result: DeidResult) -> Path:
+    """``OUT/<study>/<series>/<instance>.dcm`` from the de-identified UIDs."""
     from anonproxy.spool import check_uid_name  # noqa: PLC0415
 
-    source, out_file, out_dir = task
-    engine = _WORKER
-    assert isinstance(engine, Deidentifier)  # noqa: S101 - set by the pool initializer
-    try:  # the pixel data stays on disk
-        dataset, pixels = read_header(source, max_inflated_bytes=_WORKER_MAX_BYTES)
-    except LimitExceeded as exc:
-        return f"failed ({exc})"
-    except (DecodeError, OSError):
-        return "skipped (not DICOM)"
+    return (
+        out_dir
+        / check_uid_name(result.study_instance_uid)
+        / check_uid_name(result.series_instance_uid)
+        / (check_uid_name(result.sop_instance_uid) + ".dcm")
+    )
+
+
+def _deidentify_one(task: tuple[Path, Path, bool]) -> str:
+    """De-identify one file by the engine's file path (as the proxy: structure limits and the
+    burned-in annotation policy first) to the output file, or into the output folder when
+    *to_folder*; returns an outcome name (never a value from the file)."""
+    from anonproxy.deid.instance import Target, deidentify_file  # noqa: PLC0415
+
+    source, output, to_folder = task
+    assert _WORKER is not None  # noqa: S101 - set by the pool initializer
+    engine, limits = _WORKER
+    if not source.is_file():  # missing, a dangling link, a FIFO or a device: nothing to read
+        return UNREADABLE
+    target: Target = partial(_output_path, output) if to_folder else output
     try:
-        result = engine.deidentify(dataset)
-        if out_file is None:
-            assert out_dir is not None  # noqa: S101 - one of the two is always given
-            out_file = (
-                out_dir
-                / check_uid_name(result.study_instance_uid)
-                / check_uid_name(result.series_instance_uid)
-                / (check_uid_name(result.sop_instance_uid) + ".dcm")
-            )
-        write_instance(dataset, out_file, pixels)
-    except AnonproxyError as exc:
-        return f"failed ({exc})"
-    except Exception as exc:  # noqa: BLE001 - fail closed, report the type only
-        return f"failed ({type(exc).__name__})"
+        deidentify_file(engine, source, target, limits=limits)
+    except Exception as exc:  # noqa: BLE001 - fail closed, report without values
+        return _outcome(exc)
     return "de-identified"
+
+
+def _outcome(exc: Exception) -> str:
+    """The outcome name of a file that was not de-identified (never a value from the file)."""
+    from anonproxy.errors import (  # noqa: PLC0415
+        DecodeError,
+        InputUnreadable,
+        LimitExceeded,
+        StructureError,
+    )
+
+    if isinstance(exc, InputUnreadable):
+        return UNREADABLE
+    if isinstance(exc, DecodeError) and not isinstance(exc, LimitExceeded | StructureError):
+        return "skipped (not DICOM)"
+    if isinstance(exc, AnonproxyError):  # the message names attributes and limits only
+        return f"failed ({exc})"
+    if isinstance(exc, OSError):
+        return f"failed (cannot write: {exc.strerror or type(exc).__name__})"
+    return f"failed ({type(exc).__name__})"
 
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
@@ -176,10 +210,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     secret = _secret(settings)
     sources = list(_inputs(args.inputs))
     single_file = len(args.inputs) == 1 and args.inputs[0].is_file() and not args.output.is_dir()
-    tasks = [
-        (source, args.output if single_file else None, None if single_file else args.output)
-        for source in sources
-    ]
+    tasks = [(source, args.output, not single_file) for source in sources]
     jobs = args.jobs or os.cpu_count() or 1
     outcomes: Counter[str] = Counter()
     with ProcessPoolExecutor(

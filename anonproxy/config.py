@@ -28,7 +28,9 @@ from pydantic import (
 from anonproxy.errors import ConfigError
 from anonproxy.spool import NOT_QUEUES
 
-DEFAULT_MAX_SEQUENCE_DEPTH = 16  # listen.max_sequence_depth
+#: listen.max_sequence_depth: the engine's anonproxy.deid.structure.DEFAULT_MAX_SEQUENCE_DEPTH,
+#: repeated to keep this module free of pydicom (tests/test_config.py keeps them equal).
+DEFAULT_MAX_SEQUENCE_DEPTH = 16
 
 DEFAULT_CONFIG_RESOURCE = "default.yaml"
 

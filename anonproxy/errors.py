@@ -21,8 +21,27 @@ class LimitExceeded(DecodeError):
     """A data set exceeds a configured limit (its message names the limit only)."""
 
 
+class StructureError(DecodeError):
+    """A data set breaks a rule of its encoding checked before de-identification: an unknown
+    VR, a truncated value, an odd value length, an unknown Specific Character Set."""
+
+
+class InputUnreadable(AnonproxyError, OSError):
+    """An instance file cannot be read at all (missing, not permitted, not a file): the
+    operating system's error, without the path."""
+
+
 class DeidentificationError(AnonproxyError):
     """An instance cannot be fully de-identified; it must not be forwarded."""
+
+
+class PolicyRefusal(DeidentificationError):
+    """The profile's policy refuses the instance (e.g. Burned In Annotation YES under
+    ``burned_in_annotation: reject``); the message names the policy, never a value."""
+
+
+class EncodeError(AnonproxyError):
+    """The de-identified data set cannot be encoded; it must not be released."""
 
 
 class SpoolFullError(AnonproxyError):

@@ -19,10 +19,11 @@ Four bounds protect the SCP from a hostile or broken peer (issue 5, item 3):
   ``zlib.decompress`` call, without a bound. :func:`inflated_size` inflates it first, piece by
   piece with zlib's ``max_length``, keeping nothing, and stops as soon as the limit is passed:
   a decompression bomb costs at most the limit in CPU and a few kilobytes of memory.
-* **Structure** (``listen.max_sequence_depth``): :func:`check_structure` walks the sequences
-  of a decoded data set without recursion and without converting any other element, and
-  refuses, before de-identification, one nested deeper than the limit, an unknown VR, a truncated
-  value, an odd value length or an unknown Specific Character Set.
+* **Structure** (``listen.max_sequence_depth``): :func:`check_structure` (the engine's,
+  :mod:`anonproxy.deid.structure`, re-exported here) walks the sequences of a decoded data set
+  without recursion and without converting any other element, and refuses, before
+  de-identification, one nested deeper than the limit, an unknown VR, a truncated value, an odd
+  value length or an unknown Specific Character Set.
 
 Messages and audit fields carry lengths and limits only, never a value of the data set.
 """
@@ -36,14 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.valuerep import VR as VR_
-
 from anonproxy.deid.files import data_set_offset, inflated_size
-from anonproxy.errors import DecodeError, LimitExceeded
+from anonproxy.deid.structure import check_structure as check_structure  # noqa: PLC0414 - re-export
+from anonproxy.errors import LimitExceeded
 
 MAX_CONTROL_PDU_BYTES = 1 << 20
 """Longest PDU other than P-DATA-TF accepted (A-ASSOCIATE-RQ with 128 presentation contexts
@@ -54,7 +50,6 @@ _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_INVALID_PARAMETER_VALUE = 0x06
-_VRS = frozenset(str(vr) for vr in VR_)
 
 Violation = Callable[[str, dict[str, object]], None]
 """Called with a reason and data-free details when the guard refuses a PDU."""
@@ -263,66 +258,3 @@ def check_received_file(path: Path, *, deflated: bool, max_bytes: int) -> None:
         if deflated:
             handle.seek(start)
             inflated_size(handle, max_bytes)
-
-
-def _is_sequence(raw: RawDataElement | DataElement) -> bool:
-    if isinstance(raw, DataElement):
-        return raw.VR == "SQ"
-    if raw.length == 0xFFFFFFFF and raw.VR in {None, "UN"}:
-        return True  # undefined length, VR unknown: pydicom reads it as a sequence
-    if raw.VR is not None:
-        return raw.VR == "SQ"
-    if raw.tag.is_private:
-        return False
-    try:
-        return dictionary_VR(raw.tag) == "SQ"
-    except KeyError:
-        return raw.length == 0xFFFFFFFF
-
-
-def _known_character_sets(dataset: Dataset) -> bool:
-    raw: Any = dataset.get_item(0x00080005)
-    if raw is None:
-        return True
-    value = raw.value
-    if isinstance(value, bytes | bytearray):
-        terms = [term.strip() for term in bytes(value).decode("ascii", "replace").split("\\")]
-    elif isinstance(value, str):
-        terms = [value.strip()]
-    else:
-        terms = [str(term).strip() for term in value or []]
-    return all(term == "" or term in python_encoding for term in terms)
-
-
-def check_structure(dataset: Dataset, max_depth: int) -> None:
-    """Refuse, before de-identification, a data set whose sequences nest deeper than
-    *max_depth* (a top-level sequence has depth 1), or with an unknown VR, a value shorter than
-    its length (a truncated data set), an odd value length (PS3.5 7.1.1), or a Specific
-    Character Set term pydicom does not know. Only sequence elements are converted; the walk
-    uses no recursion.
-
-    Raises :class:`LimitExceeded` (depth) or :class:`DecodeError`; a sequence that cannot be
-    parsed raises what pydicom raises.
-    """
-    stack: list[tuple[Dataset, int]] = [(dataset, 0)]
-    while stack:
-        current, depth = stack.pop()
-        if not _known_character_sets(current):
-            raise DecodeError("unknown Specific Character Set (0008,0005)")
-        for tag in list(current.keys()):
-            raw: Any = current.get_item(tag)
-            if isinstance(raw, RawDataElement) and raw.VR is not None and raw.VR not in _VRS:
-                raise DecodeError(f"element {raw.tag} has an unknown VR")
-            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
-                if raw.length % 2:
-                    raise DecodeError(f"element {raw.tag} has an odd value length")
-                if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
-                    raise DecodeError(f"element {raw.tag} is truncated")
-            if not _is_sequence(raw):
-                continue
-            element = current[tag]
-            if element.VR != "SQ":
-                continue
-            if depth + 1 > max_depth:
-                raise LimitExceeded(f"sequences nest deeper than max_sequence_depth {max_depth}")
-            stack.extend((item, depth + 1) for item in element.value)

@@ -49,7 +49,6 @@ class InstancePipeline:
         audit: AuditLog,
         *,
         routes: Sequence[RouteConfig] = (),
-        reject_burned_in_annotation: bool = True,
         keep_rejected_inputs: bool = False,
     ) -> None:
         self.runner = runner
@@ -57,7 +56,6 @@ class InstancePipeline:
         self.destinations = list(destinations)
         self.routes = list(routes)
         self.audit = audit
-        self.reject_burned_in_annotation = reject_burned_in_annotation
         self.keep_rejected_inputs = keep_rejected_inputs
 
     def refuse(
@@ -136,14 +134,6 @@ class InstancePipeline:
             return self.refuse(done.status, done.stage, done.reason, fields, source)
         result = done.result
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
-        if self.reject_burned_in_annotation and result.burned_in_annotation == "YES":
-            return self.refuse(
-                StoreStatus.DEIDENTIFICATION_FAILED,
-                "policy",
-                "burned-in annotation refused by policy",
-                fields,
-                source,
-            )
         calling_ae_title, sop_class_uid = route
         destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
         if not destinations:

@@ -24,6 +24,7 @@ from anonproxy import __version__
 from anonproxy.audit import AuditLog, get_logger, silence_value_reports
 from anonproxy.config import ProfileConfig, Settings
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
+from anonproxy.deid.instance import Limits
 from anonproxy.errors import ConfigError
 from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.pipeline import InstancePipeline
@@ -68,6 +69,7 @@ def build_profile(config: ProfileConfig) -> Profile:
             presets=config.preset,
             rules=[rule.model_dump(exclude_none=True) for rule in config.rules],
             patient_ids=patient_ids,
+            burned_in_annotation=config.burned_in_annotation,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None
@@ -126,7 +128,7 @@ class Proxy:
             build_deidentifier(settings.profile, self.secret.value),
             deidentifier_factory(settings.profile, self.secret.value),
             workers=deidentify_workers(settings),
-            max_sequence_depth=settings.listen.max_sequence_depth,
+            limits=Limits(max_sequence_depth=settings.listen.max_sequence_depth),
         )
         self.pipeline = InstancePipeline(
             self.deidentifiers,
@@ -135,7 +137,6 @@ class Proxy:
             self.audit,
             routes=settings.routes,
             keep_rejected_inputs=storage.keep_rejected_inputs,
-            reject_burned_in_annotation=settings.profile.burned_in_annotation == "reject",
         )
         self.scp = StorageSCP(settings.listen, self.pipeline, self.audit)
         self.workers: list[ForwardWorker] = []

@@ -1,10 +1,12 @@
 """De-identification off the network threads: decode, de-identify and encode one instance.
 
-:func:`deidentify_file` reads a received DICOM file (preamble, file meta, data set), writes the
-de-identified file and returns either a :class:`Deidentified` (the result, the Modality for
-routing, and the size written) or a :class:`Refusal` (a status, the stage and a reason without
-values). Only the header is decoded and encoded: the pixel data is copied from file to file
-unchanged (see :mod:`anonproxy.deid.files`), so a large instance never sits in memory.
+:func:`deidentify_file` runs the engine's file path (:mod:`anonproxy.deid.instance`: structure
+limits, the profile's burned-in annotation policy, de-identification) on a received DICOM file
+(preamble, file meta, data set), writes the de-identified file and returns either a
+:class:`Deidentified` (the result, the Modality for routing, and the size written) or a
+:class:`Refusal` (a status, the stage and a reason without values). Only the header is decoded
+and encoded: the pixel data is copied from file to file unchanged (see
+:mod:`anonproxy.deid.files`), so a large instance never sits in memory.
 
 :class:`DeidentifierPool` runs it in worker processes, so that de-identification of several
 associations uses every core and the network threads of the service keep the interpreter for
@@ -26,14 +28,19 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-
-from anonproxy import limits
 from anonproxy.audit import get_logger, silence_value_reports
-from anonproxy.config import DEFAULT_MAX_SEQUENCE_DEPTH
-from anonproxy.deid import Deidentifier, DeidResult
-from anonproxy.deid.files import PixelSpan, read_header, write_spliced
-from anonproxy.errors import DecodeError, DeidentificationError
+from anonproxy.deid import Deidentifier, DeidResult, instance
+from anonproxy.deid.instance import DEFAULT_LIMITS, Limits
+from anonproxy.errors import (
+    AnonproxyError,
+    DecodeError,
+    DeidentificationError,
+    EncodeError,
+    InputUnreadable,
+    LimitExceeded,
+    PolicyRefusal,
+    StructureError,
+)
 from anonproxy.status import StoreStatus
 
 log = get_logger(__name__)
@@ -59,60 +66,54 @@ class Refusal:
     reason: str
 
 
+#: The errors of the engine's file path as refusals: status and stage, the first that matches
+#: (InputUnreadable is an OSError, LimitExceeded and StructureError are DecodeErrors,
+#: PolicyRefusal is a DeidentificationError).
+_REFUSALS: tuple[tuple[type[Exception], StoreStatus, str], ...] = (
+    (InputUnreadable, StoreStatus.CANNOT_UNDERSTAND, "decode"),
+    (LimitExceeded, StoreStatus.CANNOT_UNDERSTAND, "limits"),
+    (StructureError, StoreStatus.CANNOT_UNDERSTAND, "limits"),
+    (DecodeError, StoreStatus.CANNOT_UNDERSTAND, "decode"),
+    (PolicyRefusal, StoreStatus.DEIDENTIFICATION_FAILED, "policy"),
+    (DeidentificationError, StoreStatus.DEIDENTIFICATION_FAILED, "deidentify"),
+    (EncodeError, StoreStatus.PROCESSING_FAILURE, "encode"),
+    (OSError, StoreStatus.OUT_OF_RESOURCES, "spool"),  # a full disk: the sender retries later
+)
+
+
 def deidentify_file(
-    engine: Deidentifier,
-    source: Path,
-    target: Path,
-    max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
+    engine: Deidentifier, source: Path, target: Path, limits: Limits = DEFAULT_LIMITS
 ) -> Deidentified | Refusal:
-    """Decode the DICOM file *source* (all but its pixel data), check its structure
-    (:func:`anonproxy.limits.check_structure`), de-identify it and write the result to
-    *target* (created or truncated; not synced)."""
-    stage = "decode"
+    """De-identify the received DICOM file *source* into *target* (created or truncated; not
+    synced) by the engine's one file path (:func:`anonproxy.deid.instance.deidentify_file`:
+    structure *limits* and the profile's policy checked before de-identification); an error
+    becomes a refusal: a status, the stage and the error's message."""
     try:
-        dataset, pixels = read_header(source)
-        stage = "limits"
-        limits.check_structure(dataset, max_sequence_depth)
-        modality = str(dataset.get("Modality", "") or "")
-    except DecodeError as exc:  # LimitExceeded included: the message names no value
-        return Refusal(StoreStatus.CANNOT_UNDERSTAND, stage, str(exc))
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a DICOM status
-        return Refusal(
-            StoreStatus.CANNOT_UNDERSTAND, "decode", f"cannot parse data set ({type(exc).__name__})"
-        )
-    try:
-        result = engine.deidentify(dataset)
-    except DeidentificationError as exc:
-        return Refusal(StoreStatus.DEIDENTIFICATION_FAILED, "deidentify", str(exc))
-    except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
-        return Refusal(
-            StoreStatus.CANNOT_UNDERSTAND,
-            "deidentify",
-            f"cannot decode data set ({type(exc).__name__})",
-        )
-    size = _write(dataset, pixels, target)
-    return size if isinstance(size, Refusal) else Deidentified(result, modality, size)
+        done = instance.deidentify_file(engine, source, target, limits=limits, in_place=True)
+    except Exception as exc:  # noqa: BLE001 - every failure is a refusal, never an acknowledgement
+        return _refusal(exc)
+    return Deidentified(done.result, done.modality, done.size)
 
 
-def _write(dataset: Dataset, pixels: PixelSpan | None, target: Path) -> int | Refusal:
-    """Encode the de-identified *dataset* into *target*; its size, or why not."""
-    try:
-        with target.open("wb") as handle:
-            write_spliced(dataset, pixels, handle)
-            return handle.tell()
-    except OSError as exc:  # a full disk or an I/O error: the sender may retry later
+def _refusal(exc: Exception) -> Refusal:
+    """The refusal for an error of :func:`anonproxy.deid.instance.deidentify_file`."""
+    found = next(((s, g) for kind, s, g in _REFUSALS if isinstance(exc, kind)), None)
+    if found is None:  # not an error of the engine: a bug, failed closed
+        return Refusal(
+            StoreStatus.PROCESSING_FAILURE, "deidentify", f"failed ({type(exc).__name__})"
+        )
+    status, stage = found
+    if isinstance(exc, InputUnreadable):
+        reason = f"cannot read the received data set: {exc.strerror or type(exc).__name__}"
+    elif isinstance(exc, OSError) and not isinstance(exc, AnonproxyError):
         reason = f"spool write failed: {exc.strerror or type(exc).__name__}"
-        return Refusal(StoreStatus.OUT_OF_RESOURCES, "spool", reason)
-    except Exception as exc:  # noqa: BLE001 - an encoding failure is never acknowledged
-        return Refusal(
-            StoreStatus.PROCESSING_FAILURE,
-            "encode",
-            f"cannot encode the de-identified data set ({type(exc).__name__})",
-        )
+    else:
+        reason = str(exc)
+    return Refusal(status, stage, reason)
 
 
 _worker_engine: Deidentifier | None = None
-_worker_max_depth = DEFAULT_MAX_SEQUENCE_DEPTH
+_worker_limits = DEFAULT_LIMITS
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -122,19 +123,17 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _start_worker(
-    factory: Callable[[], Deidentifier], max_sequence_depth: int, parent: int
-) -> None:
-    global _worker_engine, _worker_max_depth  # noqa: PLW0603 - one engine per worker process
+def _start_worker(factory: Callable[[], Deidentifier], limits: Limits, parent: int) -> None:
+    global _worker_engine, _worker_limits  # noqa: PLW0603 - one engine per worker process
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     silence_value_reports()
     _worker_engine = factory()
-    _worker_max_depth = max_sequence_depth
+    _worker_limits = limits
 
 
 def _run_in_worker(source: str, target: str) -> Deidentified | Refusal:
     assert _worker_engine is not None  # noqa: S101 - set by the pool initializer
-    return deidentify_file(_worker_engine, Path(source), Path(target), _worker_max_depth)
+    return deidentify_file(_worker_engine, Path(source), Path(target), _worker_limits)
 
 
 def _ready() -> bool:
@@ -146,7 +145,8 @@ class DeidentifierPool:
 
     *engine* serves the calling threads; each worker process builds its own by calling
     *factory* (picklable: it crosses the process boundary, e.g. a :func:`functools.partial`
-    of a module-level function), which must build the same engine.
+    of a module-level function), which must build the same engine. *limits* bound every
+    instance (the SCP has checked the size of a received data set already).
     """
 
     def __init__(
@@ -155,12 +155,12 @@ class DeidentifierPool:
         factory: Callable[[], Deidentifier],
         *,
         workers: int,
-        max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.engine = engine
         self._factory = factory
         self.workers = workers
-        self.max_sequence_depth = max_sequence_depth
+        self.limits = limits
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._busy = 0  # instances being de-identified now
@@ -174,7 +174,7 @@ class DeidentifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(self._factory, self.max_sequence_depth, os.getpid()),
+            initargs=(self._factory, self.limits, os.getpid()),
         )
 
     def start(self) -> None:
@@ -221,7 +221,7 @@ class DeidentifierPool:
             self.offloaded += worker_pool is not None
         try:
             if worker_pool is None:
-                return deidentify_file(self.engine, source, target, self.max_sequence_depth)
+                return deidentify_file(self.engine, source, target, self.limits)
             return worker_pool.submit(_run_in_worker, str(source), str(target)).result()
         except BrokenProcessPool:
             with self._lock:

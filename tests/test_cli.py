@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -106,6 +106,78 @@ def test_deidentify_bounds_the_inflation_of_a_deflated_file(tmp_path: Path) -> N
     result = run(["deidentify", str(bomb), str(out), "--config", str(config), "-j", "1"], tmp_path)
     assert "inflated data set exceeds max_instance_bytes" in result.stdout + result.stderr
     assert not out.exists() or not list(out.rglob("*.dcm"))
+
+
+def _burned_in(tmp_path: Path) -> Path:
+    """CT_small declaring Burned In Annotation YES."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    path = tmp_path / "burned.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_deidentify_refuses_burned_in_annotation_unless_the_profile_passes_it(
+    tmp_path: Path,
+) -> None:
+    source = _burned_in(tmp_path)
+    refused = run(["deidentify", str(source), str(tmp_path / "out"), "-q", "-j", "1"], tmp_path)
+    assert refused.returncode == 1
+    assert "1 failed (burned-in annotation refused by policy)" in refused.stdout
+    assert not (tmp_path / "out").exists()
+    config = tmp_path / "pass.yaml"
+    config.write_text("profile:\n  burned_in_annotation: pass\n", "utf-8")
+    out = tmp_path / "passed.dcm"  # one input file: the output file
+    passed = run(
+        ["deidentify", str(source), str(out), "-q", "-j", "1", "--config", str(config)], tmp_path
+    )
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert dcmread(out).BurnedInAnnotation == "YES"
+
+
+def test_deidentify_enforces_max_sequence_depth(tmp_path: Path) -> None:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    current = ds
+    for _ in range(3):  # nested three deep
+        item = Dataset()
+        current.RequestAttributesSequence = [item]
+        current = item
+    current.RequestedProcedureDescription = "innermost"
+    source = tmp_path / "deep.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    config = tmp_path / "shallow.yaml"
+    config.write_text("listen:\n  max_sequence_depth: 2\n", "utf-8")
+    out = tmp_path / "out"
+    result = run(
+        ["deidentify", str(source), str(out), "-q", "-j", "1", "-c", str(config)], tmp_path
+    )
+    assert result.returncode == 1
+    assert "failed (sequences nest deeper than max_sequence_depth 2)" in result.stdout
+    assert "innermost" not in result.stdout + result.stderr
+    assert not out.exists() or not list(out.rglob("*.dcm"))
+    default = run(["deidentify", str(source), str(out), "-q", "-j", "1"], tmp_path)  # 16 deep
+    assert default.returncode == 0, default.stdout + default.stderr
+
+
+def test_deidentify_reports_an_unreadable_input_and_fails(tmp_path: Path) -> None:
+    """A dangling symbolic link (unreadable as root too) is failed (unreadable), not skipped
+    as not DICOM, and the exit status says so; the other inputs are still de-identified."""
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    (source / "gone.dcm").symlink_to(tmp_path / "missing.dcm")
+    (source / "notes.txt").write_text("not DICOM", "utf-8")
+    out = tmp_path / "out"
+    result = run(["deidentify", str(source), str(out), "-q", "-j", "1"], tmp_path)
+    assert result.returncode == 1
+    assert "3 file(s)" in result.stdout
+    assert "1 failed (unreadable)" in result.stdout
+    assert "1 skipped (not DICOM)" in result.stdout
+    assert "1 de-identified" in result.stdout
+    assert len(list(out.rglob("*.dcm"))) == 1
+    alone = run(["deidentify", str(tmp_path / "nowhere.dcm"), str(out), "-q"], tmp_path)
+    assert alone.returncode == 1
+    assert "1 failed (unreadable)" in alone.stdout
 
 
 def test_describe_profile_lists_every_row_of_table_e1_1(tmp_path: Path) -> None:

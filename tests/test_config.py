@@ -93,3 +93,12 @@ def test_dump_shows_effective_destinations_and_round_trips() -> None:
     import yaml
 
     assert parse_settings(yaml.safe_load(text)).listen.port == 11112
+
+
+def test_the_default_max_sequence_depth_is_the_engines() -> None:
+    from anonproxy.config import DEFAULT_MAX_SEQUENCE_DEPTH, ListenConfig
+    from anonproxy.deid import Limits
+    from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH as ENGINE_DEFAULT
+
+    assert DEFAULT_MAX_SEQUENCE_DEPTH == ENGINE_DEFAULT == Limits().max_sequence_depth
+    assert ListenConfig().max_sequence_depth == ENGINE_DEFAULT

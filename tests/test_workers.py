@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from anonproxy.config import ProfileConfig
+from anonproxy.deid import Limits
 from anonproxy.service import build_deidentifier, deidentifier_factory
 from anonproxy.status import StoreStatus
 from anonproxy.workers import (
@@ -101,6 +102,32 @@ def test_a_write_that_fails_is_out_of_resources(pool: DeidentifierPool, tmp_path
     assert isinstance(refusal, Refusal)
     assert refusal.status == StoreStatus.OUT_OF_RESOURCES
     assert refusal.stage == "spool"
+
+
+def test_policy_and_structure_refusals_keep_their_stage_and_status(tmp_path: Path) -> None:
+    engine = build_deidentifier(PROFILE, TEST_SECRET.value)
+    ds = dcmread(corpus_paths()[0])
+    ds.BurnedInAnnotation = "YES"
+    burned = tmp_path / "burned.dcm"
+    ds.save_as(burned, enforce_file_format=True)
+    refusal = deidentify_file(engine, burned, tmp_path / "out.dcm")
+    assert refusal == Refusal(
+        StoreStatus.DEIDENTIFICATION_FAILED, "policy", "burned-in annotation refused by policy"
+    )
+    passing = build_deidentifier(ProfileConfig(burned_in_annotation="pass"), TEST_SECRET.value)
+    assert isinstance(deidentify_file(passing, burned, tmp_path / "out.dcm"), Deidentified)
+    del ds.BurnedInAnnotation
+    ds.RequestAttributesSequence = [Dataset()]
+    ds.RequestAttributesSequence[0].RequestAttributesSequence = [Dataset()]
+    deep = tmp_path / "deep.dcm"
+    ds.save_as(deep, enforce_file_format=True)
+    refusal = deidentify_file(engine, deep, tmp_path / "out.dcm", Limits(max_sequence_depth=1))
+    assert refusal == Refusal(
+        StoreStatus.CANNOT_UNDERSTAND, "limits", "sequences nest deeper than max_sequence_depth 1"
+    )
+    gone = deidentify_file(engine, tmp_path / "vanished.dcm", tmp_path / "out.dcm")
+    assert isinstance(gone, Refusal)
+    assert (gone.status, gone.stage) == (StoreStatus.CANNOT_UNDERSTAND, "decode")
 
 
 def test_worker_processes_start_only_when_instances_overlap(tmp_path: Path) -> None:

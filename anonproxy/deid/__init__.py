@@ -57,14 +57,38 @@ With patient pseudonyms (the settings of ``profile.patient_id``); and a file in,
 >>> out.PatientID.startswith("P-"), len(out.PatientID), out.PatientID == str(out.PatientName)
 (True, 10, True)
 
+A file goes the way ``anonproxy serve`` and ``anonproxy deidentify`` take it
+(:mod:`anonproxy.deid.instance`): its structure is checked first (:class:`Limits`: sequence
+nesting, inflated size), then the profile's ``burned_in_annotation`` policy applies: an
+instance that declares Burned In Annotation YES is refused (``"reject"``, the default) or
+de-identified as any other (``"pass"``):
+
+>>> from anonproxy.errors import PolicyRefusal
+>>> ds.BurnedInAnnotation = "YES"
+>>> ds.save_as(folder / "burned.dcm", implicit_vr=True, little_endian=True)
+>>> try:
+...     deid.deidentify_file(folder / "burned.dcm", folder / "out" / "burned.dcm")
+... except PolicyRefusal as refusal:
+...     print(refusal)
+burned-in annotation refused by policy
+>>> passing = Deidentifier(Profile(burned_in_annotation="pass"), secret=b"a long random secret")
+>>> result = passing.deidentify_file(folder / "burned.dcm", folder / "out" / "burned.dcm")
+>>> result.burned_in_annotation
+'YES'
+
 Errors: :class:`~anonproxy.errors.DeidentificationError` (the instance must not be released;
-the message names the attribute, never a value), :class:`~anonproxy.errors.DecodeError` for a
-file that is not DICOM, ValueError for a bad option, preset or rule.
+the message names the attribute, never a value; :class:`~anonproxy.errors.PolicyRefusal` is
+one), :class:`~anonproxy.errors.DecodeError` for a file that is not DICOM
+(:class:`~anonproxy.errors.LimitExceeded` and :class:`~anonproxy.errors.StructureError` past
+the limits), :class:`~anonproxy.errors.InputUnreadable` (an OSError) for a file that cannot be
+read, :class:`~anonproxy.errors.EncodeError` and OSError when the output cannot be written,
+ValueError for a bad option, preset or rule.
 """
 
 from anonproxy.deid.actions import ActionCode
 from anonproxy.deid.engine import Deidentifier, DeidResult
 from anonproxy.deid.files import read_header, read_instance, write_instance
+from anonproxy.deid.instance import Limits
 from anonproxy.deid.profile import PRESETS, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import PatientPseudonyms
 from anonproxy.deid.rules import Rule, RuleAction
@@ -77,6 +101,7 @@ __all__ = [
     "ActionCode",
     "DeidResult",
     "Deidentifier",
+    "Limits",
     "PatientPseudonyms",
     "Profile",
     "ProfileOption",

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Literal, get_args
 
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -34,6 +35,11 @@ from anonproxy.deid.tables import TableRow, table_e1_1
 _PATIENT_NAME = 0x00100010
 _PATIENT_ID = 0x00100020
 _PSEUDONYM_TAGS = (_PATIENT_ID, _PATIENT_NAME)
+
+#: What happens to an instance whose Burned In Annotation (0028,0301) is YES: ``reject`` (it is
+#: refused before de-identification: Table E.1-1 does not act on the text in its pixels) or
+#: ``pass`` (de-identified as any other).
+BurnedInAnnotationPolicy = Literal["reject", "pass"]
 
 
 class ProfileOption(StrEnum):
@@ -159,12 +165,16 @@ class Profile:
     that is not in the shipped allow-list (``_standard/strict_allowlist.json``). ``rules`` are
     the user's rules in precedence order (:class:`~anonproxy.deid.rules.Rule`); ``patient_ids``
     the patient pseudonym settings (None: the table's actions for Patient ID and Name).
+    ``burned_in_annotation`` is the policy for instances that declare Burned In Annotation YES
+    (:data:`BurnedInAnnotationPolicy`), applied to instance files
+    (:func:`anonproxy.deid.instance.deidentify_file`).
     """
 
     options: frozenset[ProfileOption] = frozenset()
     strict: bool = False
     rules: tuple[Rule, ...] = ()
     patient_ids: PatientPseudonyms | None = None
+    burned_in_annotation: BurnedInAnnotationPolicy = "reject"
     _tag_codes: Mapping[int, str] = field(init=False, repr=False, compare=False)
     _mask_codes: tuple[tuple[int, int, str], ...] = field(init=False, repr=False, compare=False)
     _private_code: str = field(init=False, repr=False, compare=False)
@@ -174,6 +184,8 @@ class Profile:
         object.__setattr__(self, "options", options)
         object.__setattr__(self, "rules", parse_rules(self.rules))
         check_option_set(options)
+        if self.burned_in_annotation not in get_args(BurnedInAnnotationPolicy):
+            raise ValueError("burned_in_annotation is reject or pass")
         tag_codes: dict[int, str] = {}
         masks: list[tuple[int, int, str]] = []
         private_code = "X"
@@ -198,6 +210,7 @@ class Profile:
         presets: Iterable[str] = (),
         rules: Iterable[Mapping[str, object] | Rule] = (),
         patient_ids: PatientPseudonyms | None = None,
+        burned_in_annotation: BurnedInAnnotationPolicy = "reject",
     ) -> Profile:
         """Build a profile from CID 7050 snake_case option names; ``[]`` is the Basic Profile.
 
@@ -211,6 +224,7 @@ class Profile:
             strict=strict,
             rules=parse_rules(rules),
             patient_ids=patient_ids,
+            burned_in_annotation=burned_in_annotation,
         )
 
     @property

@@ -1,0 +1,147 @@
+"""One instance file in, one de-identified file out: the single path of ``anonproxy serve``
+(:mod:`anonproxy.workers`), ``anonproxy deidentify`` and :meth:`Deidentifier.deidentify_file`.
+
+:func:`deidentify_file` goes through these steps; each failure is a typed error whose message
+names attributes, limits and policies, never a value of the data set:
+
+1. read the header (:func:`~anonproxy.deid.files.read_header`: the pixel data stays on disk):
+   :class:`~anonproxy.errors.InputUnreadable` when the file cannot be read at all,
+   :class:`~anonproxy.errors.DecodeError` when it is not DICOM,
+   :class:`~anonproxy.errors.LimitExceeded` when a deflated data set inflates past
+   :attr:`Limits.max_inflated_bytes`;
+2. check the structure (:func:`~anonproxy.deid.structure.check_structure`): LimitExceeded past
+   :attr:`Limits.max_sequence_depth`, :class:`~anonproxy.errors.StructureError`;
+3. apply the profile's policy (:func:`check_policy`): :class:`~anonproxy.errors.PolicyRefusal`
+   for Burned In Annotation (0028,0301) YES under ``burned_in_annotation: reject``;
+4. de-identify (:meth:`Deidentifier.deidentify`): :class:`~anonproxy.errors.DeidentificationError`;
+5. write the de-identified header with the pixel data copied from the source
+   (:func:`~anonproxy.deid.files.write_spliced`): :class:`~anonproxy.errors.EncodeError` when
+   the data set cannot be encoded, OSError when the file cannot be written.
+
+Any other failure while reading or de-identifying is a DecodeError naming its type only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
+
+from pydicom.dataset import Dataset
+
+from anonproxy.deid.files import PixelSpan, read_header, write_instance, write_spliced
+from anonproxy.deid.profile import Profile
+from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure
+from anonproxy.errors import (
+    AnonproxyError,
+    DecodeError,
+    EncodeError,
+    InputUnreadable,
+    PolicyRefusal,
+)
+
+if TYPE_CHECKING:
+    from anonproxy.deid.engine import Deidentifier, DeidResult
+
+_BURNED_IN_ANNOTATION = 0x00280301
+
+#: Where the de-identified file goes: a path, or a function of the result that names it (e.g.
+#: ``OUT/<study>/<series>/<instance>.dcm`` from the new UIDs).
+Target: TypeAlias = str | os.PathLike[str] | Callable[["DeidResult"], str | os.PathLike[str]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on an instance file, checked before de-identification: sequence nesting depth
+    (``listen.max_sequence_depth``) and, when set, the inflated size of a Deflated data set
+    (``listen.max_instance_bytes``)."""
+
+    max_sequence_depth: int = DEFAULT_MAX_SEQUENCE_DEPTH
+    max_inflated_bytes: int | None = None
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class DeidentifiedFile:
+    """An instance file de-identified and written: the engine's result, the Modality (0008,0060)
+    for routing, where the file was written and its size."""
+
+    result: DeidResult
+    modality: str
+    path: Path
+    size: int
+
+
+def check_policy(profile: Profile, dataset: Dataset) -> None:
+    """Raise PolicyRefusal when *profile* refuses the instance: Burned In Annotation YES under
+    ``burned_in_annotation: reject``."""
+    if profile.burned_in_annotation != "reject":
+        return
+    element = dataset.get(_BURNED_IN_ANNOTATION)
+    if element is not None and str(element.value).strip("\x00 ").upper() == "YES":
+        raise PolicyRefusal("burned-in annotation refused by policy")
+
+
+def deidentify_file(
+    engine: Deidentifier,
+    source: str | os.PathLike[str],
+    target: Target,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    in_place: bool = False,
+) -> DeidentifiedFile:
+    """Read the instance file *source*, check it, de-identify it with *engine* and write it.
+
+    *target* is the output path, or a function of the result that gives it. With *in_place*,
+    the file there is created or truncated and written directly (the spool's staged file; not
+    synced); otherwise parent folders are created and the file is written under a temporary
+    name, then renamed, so that the path never holds a partial file. Errors: see the module;
+    those of a *target* function are its own.
+    """
+    dataset, pixels, modality = _read(source, limits)
+    try:
+        check_policy(engine.profile, dataset)
+        result = engine.deidentify(dataset)
+    except AnonproxyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
+        raise DecodeError(f"cannot decode data set ({type(exc).__name__})") from None
+    path = Path(target(result) if callable(target) else target)
+    size = _write(dataset, pixels, path, in_place=in_place)
+    return DeidentifiedFile(result, modality, path, size)
+
+
+def _read(source: str | os.PathLike[str], limits: Limits) -> tuple[Dataset, PixelSpan | None, str]:
+    """Steps 1 and 2: the header, the span of the pixel data and the Modality."""
+    try:
+        dataset, pixels = read_header(source, max_inflated_bytes=limits.max_inflated_bytes)
+        check_structure(dataset, limits.max_sequence_depth)
+        modality = str(dataset.get("Modality", "") or "")
+    except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError
+        raise InputUnreadable(exc.errno, exc.strerror) from None
+    except AnonproxyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a decoding failure
+        raise DecodeError(f"cannot parse data set ({type(exc).__name__})") from None
+    return dataset, pixels, modality
+
+
+def _write(dataset: Dataset, pixels: PixelSpan | None, path: Path, *, in_place: bool) -> int:
+    """Step 5: encode *dataset* into *path*; the size written."""
+    try:
+        if not in_place:
+            write_instance(dataset, path, pixels)
+            return path.stat().st_size
+        with path.open("wb") as handle:
+            write_spliced(dataset, pixels, handle)
+            return handle.tell()
+    except OSError:
+        raise  # a full disk or an I/O error
+    except Exception as exc:  # noqa: BLE001 - an encoding failure is never released
+        raise EncodeError(
+            f"cannot encode the de-identified data set ({type(exc).__name__})"
+        ) from None

@@ -1,0 +1,91 @@
+"""The structure of a decoded data set, checked before de-identification.
+
+:func:`check_structure` walks the sequences of a data set read by
+:func:`~anonproxy.deid.files.read_header` without recursion and without converting any other
+element, and refuses one whose sequences nest deeper than a limit (``listen.max_sequence_depth``;
+:data:`DEFAULT_MAX_SEQUENCE_DEPTH` by default), with an unknown VR, a truncated value, an odd
+value length (PS3.5 7.1.1) or a Specific Character Set (0008,0005) term pydicom does not know.
+Messages name the element's tag and the limit, never a value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import VR as VR_
+
+from anonproxy.errors import LimitExceeded, StructureError
+
+#: Sequences nested deeper are refused (a top-level sequence has depth 1); the default of
+#: ``listen.max_sequence_depth`` (anonproxy.config keeps the same number).
+DEFAULT_MAX_SEQUENCE_DEPTH = 16
+
+_VRS = frozenset(str(vr) for vr in VR_)
+
+
+def _is_sequence(raw: RawDataElement | DataElement) -> bool:
+    if isinstance(raw, DataElement):
+        return raw.VR == "SQ"
+    if raw.length == 0xFFFFFFFF and raw.VR in {None, "UN"}:
+        return True  # undefined length, VR unknown: pydicom reads it as a sequence
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    if raw.tag.is_private:
+        return False
+    try:
+        return dictionary_VR(raw.tag) == "SQ"
+    except KeyError:
+        return raw.length == 0xFFFFFFFF
+
+
+def _known_character_sets(dataset: Dataset) -> bool:
+    raw: Any = dataset.get_item(0x00080005)
+    if raw is None:
+        return True
+    value = raw.value
+    if isinstance(value, bytes | bytearray):
+        terms = [term.strip() for term in bytes(value).decode("ascii", "replace").split("\\")]
+    elif isinstance(value, str):
+        terms = [value.strip()]
+    else:
+        terms = [str(term).strip() for term in value or []]
+    return all(term == "" or term in python_encoding for term in terms)
+
+
+def check_structure(dataset: Dataset, max_depth: int) -> None:
+    """Refuse, before de-identification, a data set whose sequences nest deeper than
+    *max_depth* (a top-level sequence has depth 1), or with an unknown VR, a value shorter than
+    its length (a truncated data set), an odd value length (PS3.5 7.1.1), or a Specific
+    Character Set term pydicom does not know. Only sequence elements are converted; the walk
+    uses no recursion.
+
+    Raises :class:`~anonproxy.errors.LimitExceeded` (depth) or
+    :class:`~anonproxy.errors.StructureError`; a sequence that cannot be parsed raises what
+    pydicom raises.
+    """
+    stack: list[tuple[Dataset, int]] = [(dataset, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if not _known_character_sets(current):
+            raise StructureError("unknown Specific Character Set (0008,0005)")
+        for tag in list(current.keys()):
+            raw: Any = current.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.VR is not None and raw.VR not in _VRS:
+                raise StructureError(f"element {raw.tag} has an unknown VR")
+            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
+                if raw.length % 2:
+                    raise StructureError(f"element {raw.tag} has an odd value length")
+                if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
+                    raise StructureError(f"element {raw.tag} is truncated")
+            if not _is_sequence(raw):
+                continue
+            element = current[tag]
+            if element.VR != "SQ":
+                continue
+            if depth + 1 > max_depth:
+                raise LimitExceeded(f"sequences nest deeper than max_sequence_depth {max_depth}")
+            stack.extend((item, depth + 1) for item in element.value)

@@ -345,6 +345,13 @@ class Deidentifier:
             return "UNMODIFIED"
         return "REMOVED"
 
+    def defines(self, sop_class_uid: str, tag: int) -> bool:
+        """True if the IOD of ``sop_class_uid`` (some IOD, for a SOP Class the data does not
+        know) defines the attribute ``tag`` at the top level of a data set: a pixel data
+        element it does not define is not written (see :mod:`anonproxy.deid.instance`)."""
+        iod = iod_types(sop_class_uid)
+        return _keyword(tag) in (iod if iod is not None else any_iod_paths())
+
     @property
     def profile(self) -> Profile:
         """The profile this engine applies."""
@@ -541,7 +548,8 @@ class Deidentifier:
             return ActionCode.X if code == "X" else resolve(code, UNKNOWN_IOD)
         type_ = run.iod.get("/".join((*parents, _keyword(tag))))
         if code == "X":
-            return resolve("X/Z/D", type_) if type_ in _REQUIRED_TYPES else ActionCode.X
+            required = type_ in _REQUIRED_TYPES and tag in self._basic_codes  # not a mask row
+            return resolve("X/Z/D", type_) if required else ActionCode.X
         return resolve(code, type_)
 
     def _apply(

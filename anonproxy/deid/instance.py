@@ -13,10 +13,13 @@ names attributes, limits and policies, never a value of the data set:
    :attr:`Limits.max_sequence_depth`, :class:`~anonproxy.errors.StructureError`;
 3. apply the profile's policy (:func:`check_policy`): :class:`~anonproxy.errors.PolicyRefusal`
    for Burned In Annotation (0028,0301) YES under ``burned_in_annotation: reject``;
-4. de-identify (:meth:`Deidentifier.deidentify`): :class:`~anonproxy.errors.DeidentificationError`;
+4. de-identify (:meth:`Deidentifier.deidentify_with_check`):
+   :class:`~anonproxy.errors.DeidentificationError`;
 5. write the de-identified header with the pixel data copied from the source
-   (:func:`~anonproxy.deid.files.write_spliced`): :class:`~anonproxy.errors.EncodeError` when
-   the data set cannot be encoded, OSError when the file cannot be written.
+   (:func:`~anonproxy.deid.files.write_spliced`), the self-check reading the encoded bytes
+   before they are written: DeidentificationError when an identifying value survived (nothing
+   is written), :class:`~anonproxy.errors.EncodeError` when the data set cannot be encoded,
+   OSError when the file cannot be written.
 
 Any other failure while reading or de-identifying is a DecodeError naming its type only.
 """
@@ -31,12 +34,13 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from pydicom.dataset import Dataset
 
-from anonproxy.deid.files import PixelSpan, read_header, write_instance, write_spliced
+from anonproxy.deid.files import Check, PixelSpan, read_header, write_instance, write_spliced
 from anonproxy.deid.profile import Profile
 from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure
 from anonproxy.errors import (
     AnonproxyError,
     DecodeError,
+    DeidentificationError,
     EncodeError,
     InputUnreadable,
     PolicyRefusal,
@@ -44,6 +48,7 @@ from anonproxy.errors import (
 
 if TYPE_CHECKING:
     from anonproxy.deid.engine import Deidentifier, DeidResult
+    from anonproxy.deid.selfcheck import SelfCheck
 
 _BURNED_IN_ANNOTATION = 0x00280301
 
@@ -105,14 +110,27 @@ def deidentify_file(
     dataset, pixels, modality = _read(source, limits)
     try:
         check_policy(engine.profile, dataset)
-        result = engine.deidentify(dataset)
+        result, self_check = engine.deidentify_with_check(dataset)
     except AnonproxyError:
         raise
     except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
         raise DecodeError(f"cannot decode data set ({type(exc).__name__})") from None
+    if pixels is not None and not engine.defines(result.sop_class_uid, pixels.tag):
+        pixels = None  # e.g. Double Float Pixel Data in a CT: binary the IOD does not define
     path = Path(target(result) if callable(target) else target)
-    size = _write(dataset, pixels, path, in_place=in_place)
+    size = _write(dataset, pixels, path, _refusing(self_check), in_place=in_place)
     return DeidentifiedFile(result, modality, path, size)
+
+
+def _refusing(self_check: SelfCheck) -> Check:
+    """The writer's check: DeidentificationError on a finding of the self-check."""
+
+    def check(encoded: bytes) -> None:
+        finding = self_check.finding(encoded)
+        if finding is not None:
+            raise DeidentificationError(finding)
+
+    return check
 
 
 def _read(source: str | os.PathLike[str], limits: Limits) -> tuple[Dataset, PixelSpan | None, str]:
@@ -130,17 +148,19 @@ def _read(source: str | os.PathLike[str], limits: Limits) -> tuple[Dataset, Pixe
     return dataset, pixels, modality
 
 
-def _write(dataset: Dataset, pixels: PixelSpan | None, path: Path, *, in_place: bool) -> int:
-    """Step 5: encode *dataset* into *path*; the size written."""
+def _write(
+    dataset: Dataset, pixels: PixelSpan | None, path: Path, check: Check, *, in_place: bool
+) -> int:
+    """Step 5: encode *dataset* into *path*, the encoded bytes checked first; the size."""
     try:
         if not in_place:
-            write_instance(dataset, path, pixels)
+            write_instance(dataset, path, pixels, check)
             return path.stat().st_size
         with path.open("wb") as handle:
-            write_spliced(dataset, pixels, handle)
+            write_spliced(dataset, pixels, handle, check)
             return handle.tell()
-    except OSError:
-        raise  # a full disk or an I/O error
+    except (OSError, AnonproxyError):
+        raise  # a full disk or an I/O error; the self-check's refusal
     except Exception as exc:  # noqa: BLE001 - an encoding failure is never released
         raise EncodeError(
             f"cannot encode the de-identified data set ({type(exc).__name__})"

@@ -20,10 +20,11 @@ without rejecting innocent instances (fewer than 3 characters; fewer than 6 when
 digits only, since numbers of that length occur in any header; fewer than 3 letters or
 digits), when it equals one of the
 engine's own dummy values, or when it occurs as a word in the product description of the
-equipment (Manufacturer, Manufacturer's Model Name, Software Versions) or among the codes
-of the instance (Code Value, Coding Scheme Designator and Version, but for a person's
-identification code): product and coding vocabulary is not identifying (a test file's
-Patient's Name "Test^S R" and its Coding Scheme Designator "TEST").
+equipment (Manufacturer, Manufacturer's Model Name, Software Versions; person names apart) or
+among the codes of the instance (Code Value, Coding Scheme Designator and Version, but for a
+person's identification code): product and coding vocabulary is not identifying (a test
+file's Institution Name "Here" and its Manufacturer "... name here"; another's Patient's Name
+"Test^S R" and its Coding Scheme Designator "TEST").
 
 :meth:`IdentifyingValues.scrub` is the text part of the C (clean) action: it deletes these
 values from a text value. :class:`SelfCheck` is the last gate before an instance is stored:
@@ -181,10 +182,12 @@ def _parts(kind: str, value: object) -> Iterator[str]:
 def _collect(
     ds: Dataset,
     kept: Callable[[int], bool],
-    found: dict[str, str],
-    vocabulary: list[str],
+    found: dict[str, tuple[str, str]],
+    codes: list[str],
     in_person_code: bool,
 ) -> None:
+    """Add to *found* ``value → (keyword, kind)`` for the identifying values of *ds* (and its
+    items), and to *codes* the coding-scheme words of its codes."""
     for tag in ds.keys():  # noqa: SIM118 - a Dataset iterates its elements, not its tags
         if tag >> 16 & 1 or not tag & 0xFFFF:  # private data elements, group lengths
             continue
@@ -194,12 +197,12 @@ def _collect(
             if elem.VR == VR.SQ and not kept(tag):
                 person = tag == _PERSON_IDENTIFICATION_CODE_SEQUENCE
                 for item in elem.value or ():
-                    _collect(item, kept, found, vocabulary, person)
+                    _collect(item, kept, found, codes, person)
             continue
         if in_person_code and tag == _CODE_VALUE:
             kind: str | None = "identifier"
         elif tag in _VOCABULARY_TAGS:
-            vocabulary.extend(_strings(ds[tag].value))
+            codes.extend(_strings(ds[tag].value))
             continue
         else:
             kind = _KINDS.get(tag, "name" if vr == VR.PN else None)
@@ -208,7 +211,7 @@ def _collect(
         keyword = keyword_for_tag(tag) or "person identification code"
         for part in _parts(kind, ds[tag].value):
             if kind == "birth" or part.startswith("#") or _searchable(part):
-                found.setdefault(part.casefold(), keyword)
+                found.setdefault(part.casefold(), (keyword, kind))
 
 
 def _in_words(value: str, text: str) -> bool:
@@ -286,32 +289,31 @@ class IdentifyingValues:
     ) -> IdentifyingValues:
         """Read the identifying values of ``ds`` at every depth; skip what ``kept(tag)`` says
         the profile keeps as received, and the birth date unless ``birth_date``."""
-        found: dict[str, str] = {}
-        vocabulary = [
+        found: dict[str, tuple[str, str]] = {}
+        codes: list[str] = []
+        skip_birth = not birth_date
+        _collect(
+            ds, lambda tag: kept(tag) or (skip_birth and tag == _BIRTH_DATE), found, codes, False
+        )
+        product = "\n".join(
             text
             for tag in _PRODUCT_TAGS
             if (elem := ds.get(tag)) is not None
             for text in _strings(elem.value)
-        ]
-        skip_birth = not birth_date
-        _collect(
-            ds,
-            lambda tag: kept(tag) or (skip_birth and tag == _BIRTH_DATE),
-            found,
-            vocabulary,
-            False,
         )
-        product = "\n".join(vocabulary)
-        if product:
-            found = {
-                w: k for w, k in found.items() if w.startswith("#") or not _in_words(w, product)
-            }
+        vocabulary = "\n".join(codes)
+        words = {
+            value: keyword
+            for value, (keyword, kind) in found.items()
+            if value.startswith("#")
+            or not (_in_words(value, vocabulary) or (kind != "name" and _in_words(value, product)))
+        }
         charset = ds.get(_SPECIFIC_CHARACTER_SET)
         try:
             encodings = convert_encodings(list(_strings(charset.value)) if charset else None)
         except LookupError:  # an unknown term: the structure check refuses it before this
             encodings = ["iso8859"]
-        return cls(words=found, encodings=(*encodings, "utf-8", "utf-16-le", "utf-16-be"))
+        return cls(words=words, encodings=(*encodings, "utf-8", "utf-16-le", "utf-16-be"))
 
     @property
     def pattern(self) -> re.Pattern[str] | None:

@@ -252,7 +252,10 @@ def effective_code(tag: int, profile: str, iod: Mapping[str, str], keywords: str
     if row is None:
         return None
     code = row.basic if profile == BASIC else row.option_code(profile) or row.basic
-    return resolve(code, iod.get(keywords))
+    type_ = iod.get(keywords)
+    if code == "X" and row.match == "tag" and type_ in ("1", "1C", "2", "2C"):
+        code = "X/Z/D"  # the IOD requires it there: emptied or dummied, never kept
+    return resolve(code, type_)
 
 
 _BY_CODE = {
@@ -345,9 +348,8 @@ def _expect(
         return Expect.KEPT if profile == "retain_safe_private" else Expect.ABSENT
     path = "/".join(keywords)
     own = effective_code(chain[-1], profile, iod, path)
-    if own == "D" and nearest == "C" and cleanable:
-        return Expect.CLEANED  # rule 2: text of cleaned content (graphic annotations) is cleaned
-    if own is not None:
+    if own is not None:  # its own row, even inside cleaned content (Table E.1-1 keeps the
+        # text objects of a Graphic Annotation Sequence D under Clean Graphics)
         return _by_code(own, vr, cleanable)
     return _outside_table(
         profile,

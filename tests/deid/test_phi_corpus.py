@@ -448,18 +448,6 @@ def _safe_private(ds: Dataset, sentinels: list[Sentinel]) -> tuple[str, str]:
     return value, f"({group:04X},{0x1000 | byte:04X})"
 
 
-def _pixels(encode: Callable[[str], bytes]) -> Plant:
-    def plant(ds: Dataset, sentinels: list[Sentinel]) -> tuple[str, str]:
-        value = _family(sentinels)
-        data = bytearray(ds.PixelData)
-        text = encode(value)
-        data[16 : 16 + len(text)] = text
-        ds.PixelData = bytes(data)
-        return value, "PixelData"
-
-    return plant
-
-
 def _concept_name(ds: Dataset, sentinels: list[Sentinel]) -> tuple[str, str]:
     """A Code Meaning of a concept name in the content tree, at depth 3."""
     value = _family(sentinels)
@@ -498,8 +486,6 @@ REFUSALS: dict[str, tuple[str, str, Plant]] = {
     ),
     "sc-ImageType-cs": (BASIC, "sc", _image_type),
     "comprehensive_sr-concept-name-depth-3": (BASIC, "comprehensive_sr", _concept_name),
-    "ct-PixelData-utf16": (BASIC, "ct", _pixels(lambda v: v.encode("utf-16-le"))),
-    "sc-PixelData-byte-swapped": (BASIC, "sc", _pixels(lambda v: swap_pairs(v.encode()))),
     "ct-StationName-retain-device": (
         "retain_device_identity",
         "ct",

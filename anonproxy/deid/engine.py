@@ -494,7 +494,8 @@ class Deidentifier:
             if code is None:
                 code = self._code_outside_table(ds, tag, parents, run, mode)
                 if code is None:  # kept as received, undecoded when its VR was explicit
-                    if not ds.get_item(tag).VR or ds[tag].VR == VR.SQ:
+                    raw_vr = ds.get_item(tag).VR
+                    if not raw_vr or raw_vr == VR.SQ:
                         self._keep(ds, tag, parents, run, mode)  # decoded, items walked
                     continue
             action = self._resolve(code, tag, parents, run)

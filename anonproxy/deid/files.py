@@ -242,9 +242,16 @@ def write_spliced(
     *target*. Without a span, the elements are checked as encoded apart from the pixel data.
     """
     if span is None:
-        if check is not None:
+        if check is None:
+            dcmwrite(target, ds, enforce_file_format=True)
+        elif PIXEL_DATA_TAGS.isdisjoint(ds.keys()):  # e.g. an SR: every byte is checked
+            encoded = DicomBytesIO()
+            dcmwrite(encoded, ds, enforce_file_format=True)
+            check(encoded.getvalue())
+            target.write(encoded.getvalue())
+        else:  # pixel data read whole (deflated, or no preamble): checked without it
             check(encode_without_pixels(ds))
-        dcmwrite(target, ds, enforce_file_format=True)
+            dcmwrite(target, ds, enforce_file_format=True)
         return
     trailing = Dataset()
     for tag in [t for t in ds.keys() if t > span.tag]:  # noqa: SIM118

@@ -244,12 +244,15 @@ def _swapped(data: bytes) -> bytes:
 
 
 def _encoded_forms(value: str, encodings: tuple[str, ...]) -> Iterator[bytes]:
-    for encoding in encodings:
+    """``value`` as bytes in ``encodings``, as UTF-16 and byte-swapped, lower-cased as
+    :meth:`bytes.lower` does (ASCII letters). The UTF-16 form is the little-endian one without
+    its last zero byte: big-endian text holds it one byte later."""
+    for encoding in (*encodings, "utf-16-le"):
         try:
-            yield value.encode(encoding)
+            yield value.encode(encoding).lower().rstrip(b"\x00")
         except (UnicodeError, LookupError):
             continue
-    ascii_form = value.encode("ascii", "ignore")
+    ascii_form = value.encode("ascii", "ignore").lower()
     for start in (0, 1):  # the text may start at an odd or even offset of the OW value
         swapped = _swapped(ascii_form[start:])
         if len(swapped) >= MIN_LENGTH:
@@ -258,13 +261,16 @@ def _encoded_forms(value: str, encodings: tuple[str, ...]) -> Iterator[bytes]:
 
 @lru_cache(maxsize=1024)
 def _bytes_pattern(values: tuple[str, ...], encodings: tuple[str, ...]) -> re.Pattern[bytes] | None:
+    """The encoded forms of ``values`` in lower-cased bytes. No flag and no look-behind, so
+    that the regular expression engine skips the bytes no value starts with; word boundaries
+    are checked on each match (:func:`_whole_word`)."""
     forms: set[bytes] = set()
     phones: set[str] = set()
     for value in values:
         if value.startswith("#"):
             phones.add(value[1:])
             continue
-        forms.update(_encoded_forms(value, encodings))
+        forms.update(f for f in _encoded_forms(value, encodings) if f)
     alternatives = [re.escape(f) for f in sorted(forms, key=lambda f: (-len(f), f))]
     alternatives += [
         _PHONE_SEPARATORS.encode().join(re.escape(d.encode()) for d in digits)
@@ -272,8 +278,23 @@ def _bytes_pattern(values: tuple[str, ...], encodings: tuple[str, ...]) -> re.Pa
     ]
     if not alternatives:
         return None
-    body = b"|".join(alternatives)
-    return re.compile(rb"(?<![A-Za-z0-9_])(?:" + body + rb")(?![A-Za-z0-9_])", re.IGNORECASE)
+    return re.compile(b"|".join(alternatives))
+
+
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _search(pattern: re.Pattern[bytes], data: bytes) -> bytes | None:
+    """The first match of ``pattern`` in ``data`` (lower-cased first) that stands as a whole
+    word: no letter, digit or underscore right before or after it."""
+    lowered = data.lower()
+    for match in pattern.finditer(lowered):
+        start, end = match.span()
+        if (start == 0 or lowered[start - 1] not in _WORD_BYTES) and (
+            end == len(lowered) or lowered[end] not in _WORD_BYTES
+        ):
+            return match.group(0)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +334,7 @@ class IdentifyingValues:
             encodings = convert_encodings(list(_strings(charset.value)) if charset else None)
         except LookupError:  # an unknown term: the structure check refuses it before this
             encodings = ["iso8859"]
-        return cls(words=words, encodings=(*encodings, "utf-8", "utf-16-le", "utf-16-be"))
+        return cls(words=words, encodings=(*encodings, "utf-8"))
 
     @property
     def pattern(self) -> re.Pattern[str] | None:
@@ -358,19 +379,22 @@ class SelfCheck:
             if keyword is not None:
                 where = self._where(token.decode())
                 return f"self-check: identifying value of {keyword} survived{where}"
-        pattern = _bytes_pattern(tuple(sorted(self._ids.words)), self._ids.encodings)
-        match = pattern.search(data) if pattern is not None else None
-        if match is None:
+        pattern = self._pattern()
+        matched = _search(pattern, data) if pattern is not None else None
+        if matched is None:
             return None
-        keyword = self._source_of(match.group(0))
+        keyword = self._source_of(matched)
         return f"self-check: identifying value of {keyword} survived{self._where(None)}"
+
+    def _pattern(self) -> re.Pattern[bytes] | None:
+        return _bytes_pattern(tuple(sorted(self._ids.words)), self._ids.encodings)
 
     def _source_of(self, matched: bytes) -> str:
         for value, keyword in self._ids.words.items():
             if value.startswith("#"):
                 if re.sub(rb"\D", b"", matched) == value[1:].encode():
                     return keyword
-            elif matched.lower() in {f.lower() for f in _encoded_forms(value, self._ids.encodings)}:
+            elif matched in set(_encoded_forms(value, self._ids.encodings)):
                 return keyword
         return "identifying value"
 
@@ -380,8 +404,8 @@ class SelfCheck:
             if uid is not None:
                 hit = any(text.strip("\x00 ") == uid for text in _strings(value))
             elif isinstance(value, bytes | bytearray):
-                pattern = _bytes_pattern(tuple(sorted(self._ids.words)), self._ids.encodings)
-                hit = pattern is not None and pattern.search(value) is not None
+                pattern = self._pattern()
+                hit = pattern is not None and _search(pattern, bytes(value)) is not None
             else:
                 hit = any(self._ids.find(text) is not None for text in _strings(value))
             if hit:

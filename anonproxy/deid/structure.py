@@ -59,7 +59,8 @@ def _known_character_sets(dataset: Dataset) -> bool:
 def check_structure(dataset: Dataset, max_depth: int) -> None:
     """Refuse, before de-identification, a data set whose sequences nest deeper than
     *max_depth* (a top-level sequence has depth 1), or with an unknown VR, a value shorter than
-    its length (a truncated data set), an odd value length (PS3.5 7.1.1), or a Specific
+    its length (a truncated data set), an odd value length (PS3.5 7.1.1; tolerated in private
+    data elements, which vendors get wrong and de-identification removes), or a Specific
     Character Set term pydicom does not know. Only sequence elements are converted; the walk
     uses no recursion.
 
@@ -77,7 +78,7 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
             if isinstance(raw, RawDataElement) and raw.VR is not None and raw.VR not in _VRS:
                 raise StructureError(f"element {raw.tag} has an unknown VR")
             if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
-                if raw.length % 2:
+                if raw.length % 2 and not tag >> 16 & 1:  # vendors' private quirks: removed
                     raise StructureError(f"element {raw.tag} has an odd value length")
                 if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
                     raise StructureError(f"element {raw.tag} is truncated")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
 
 from anonproxy.deid import Deidentifier, DeidResult, Limits, Profile
 from anonproxy.deid.instance import deidentify_file
@@ -19,7 +20,7 @@ from anonproxy.errors import (
     PolicyRefusal,
 )
 
-from .helpers import SECRET
+from .helpers import SECRET, minimal
 
 
 def _ct(tmp_path: Path, name: str = "ct.dcm", **attributes: object) -> Path:
@@ -103,3 +104,24 @@ def test_the_target_is_a_path_or_named_from_the_result_and_written_in_place(
     assert staged.read_bytes() == named.path.read_bytes()
     with pytest.raises(FileNotFoundError):  # the staged file's folder is gone
         deidentify_file(engine, source, tmp_path / "gone" / "x.dcm", in_place=True)
+
+
+def test_an_odd_length_private_element_is_tolerated_and_removed(tmp_path: Path) -> None:
+    """Vendors' private quirks (deid-data's ctbrain files: (0011,0011) OB of length 5) do not
+    refuse the instance: the private element is removed anyway. A public one is refused."""
+    encoded = DicomBytesIO()
+    ds = minimal()
+    ds.save_as(encoded, implicit_vr=False, little_endian=True)
+    whole = encoded.getvalue()
+    at = whole.index(b"\x20\x00\x0d\x00")  # (0020,000D): the first element after group 0011
+    for group, name in ((0x0011, "private"), (0x0018, "public")):
+        odd = group.to_bytes(2, "little") + b"\x11\x00OB\x00\x00" + (5).to_bytes(4, "little")
+        source = tmp_path / f"{name}.dcm"
+        source.write_bytes(whole[:at] + odd + b"\x01\x02\x03\x00\xff" + whole[at:])
+        engine = Deidentifier(Profile(), secret=SECRET)
+        if name == "public":
+            with pytest.raises(DecodeError, match="odd value length"):
+                engine.deidentify_file(source, tmp_path / "out.dcm")
+            continue
+        engine.deidentify_file(source, tmp_path / "out.dcm")
+        assert 0x00110011 not in dcmread(tmp_path / "out.dcm")

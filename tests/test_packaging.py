@@ -14,7 +14,9 @@ import shlex
 import shutil
 import subprocess
 import sysconfig
+import tomllib
 import typing
+from importlib.metadata import PackageNotFoundError, metadata, requires
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +471,32 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
             top = Path(source).parts[0]
             assert top not in ignored, f"{source} is copied but .dockerignore excludes {top}"
             assert (ROOT / source).exists(), f"{source} is copied but does not exist"
+
+
+def test_no_gpl_package_in_the_default_install() -> None:
+    """The package is Apache-2.0: no dependency of the default install (and none of theirs)
+    is under the GPL (pylibjpeg-libjpeg, GPL-3.0, is left to the sites that want it)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name_of = re.compile(r"^[A-Za-z0-9_.\-]+")
+    pending = [m.group(0) for d in project["dependencies"] if (m := name_of.match(d))]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop().lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            meta = metadata(name)
+        except PackageNotFoundError:
+            continue  # an optional dependency of a dependency, not installed
+        licence = " ".join(
+            [meta.get("License-Expression") or "", (meta.get("License") or "")[:200]]
+            + [c for c in meta.get_all("Classifier") or [] if c.startswith("License")]
+        )
+        assert not re.search(r"\bA?GPL|General Public License", licence) or "LGPL" in licence, (
+            f"{name}: {licence}"
+        )
+        for requirement in requires(name) or []:
+            if "extra ==" not in requirement and (m := name_of.match(requirement)):
+                pending.append(m.group(0))
+    assert "pylibjpeg-libjpeg" not in seen

@@ -27,6 +27,12 @@ thread of a requestor now leaves responses (messages with a Status) to the sendi
 It also bounds what a sending thread queues ahead of the DUL thread (:func:`_wait_for_room`),
 so that a large data set sent from a file streams from disk instead of filling memory.
 
+And it latches the network time-out (:func:`_idle_timer_expired`): the association thread
+aborts when the DUL's idle timer has expired, but the peer closing the connection in answer to
+the A-ABORT is a transport event, which restarts that timer, sometimes before the
+EVT_ABORTED handlers ask whether the time-out was the cause (the SCP's
+``association.idle_timeout`` audit record was then missing).
+
 With nothing to do, each still wakes once per delay (1 ms), as before, to check its timers and
 flags. It depends on pynetdicom's internals (the version is pinned) and is a candidate for an
 upstream option.
@@ -219,6 +225,18 @@ def _get_msg(original: Callable[..., Any]) -> Callable[..., Any]:
     return get_msg
 
 
+def _idle_timer_expired(original: Callable[..., bool]) -> Callable[..., bool]:
+    def idle_timer_expired(self: DULServiceProvider) -> bool:
+        if getattr(self, "_anonproxy_idle_expired", False):
+            return True
+        expired = original(self)
+        if expired:
+            self._anonproxy_idle_expired = True  # type: ignore[attr-defined]
+        return expired
+
+    return idle_timer_expired
+
+
 def install() -> None:
     """Make pynetdicom's reactor loops wait for work instead of sleeping (idempotent)."""
     if isinstance(getattr(pynetdicom.dul, "time", None), _ReactorTime):
@@ -231,3 +249,6 @@ def install() -> None:
     DULServiceProvider.send_pdu = _send_pdu(DULServiceProvider.send_pdu)  # type: ignore[method-assign]
     Association._run_reactor = _run_association_reactor(Association._run_reactor)  # type: ignore[method-assign]
     DIMSEServiceProvider.get_msg = _get_msg(DIMSEServiceProvider.get_msg)  # type: ignore[method-assign]
+    DULServiceProvider.idle_timer_expired = _idle_timer_expired(  # type: ignore[method-assign]
+        DULServiceProvider.idle_timer_expired
+    )

@@ -92,3 +92,25 @@ def test_a_requestor_reactor_leaves_responses_to_the_sending_thread(storescp: St
         reactor._waiter.leave_responses = False
         assoc._reactor_checkpoint.set()
         assoc.release()
+
+
+def test_an_expired_network_time_out_stays_expired_once_seen() -> None:
+    """The peer's answer to the A-ABORT restarts pynetdicom's idle timer: the cause of the
+    abort must still read as the time-out (the SCP audits association.idle_timeout by it)."""
+    reactor.install()
+    dul = pynetdicom.dul.DULServiceProvider(_FakeAssoc())  # type: ignore[arg-type]
+    dul._idle_timer.timeout = 0.01
+    dul._idle_timer.start()
+    assert wait_for(dul.idle_timer_expired, timeout=2, interval=0.01)
+    dul._idle_timer.restart()  # a transport event after the abort
+    assert not dul._idle_timer.expired
+    assert dul.idle_timer_expired()
+
+
+class _FakeAssoc:
+    """What DULServiceProvider's constructor reads of its association."""
+
+    def __init__(self) -> None:
+        self.ae = AE()
+        self.network_timeout = self.ae.network_timeout
+        self.is_requestor = False

@@ -249,6 +249,8 @@ class ProfileConfig(_Section):
     preset: list[str] = Field(default_factory=list)
     strict: bool = False
     burned_in_annotation: Literal["pass", "reject"] = "reject"
+    encapsulated_documents: Literal["reject", "clean"] = "reject"
+    video: Literal["reject", "pass"] = "reject"
     rules: list[ProfileConfig.Rule] = Field(default_factory=list)
     patient_id: ProfileConfig.PatientId | None = None
     date_shift_days: tuple[int, int] = (-365, -1)

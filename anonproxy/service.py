@@ -70,6 +70,8 @@ def build_profile(config: ProfileConfig) -> Profile:
             rules=[rule.model_dump(exclude_none=True) for rule in config.rules],
             patient_ids=patient_ids,
             burned_in_annotation=config.burned_in_annotation,
+            encapsulated_documents=config.encapsulated_documents,
+            video=config.video,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None

@@ -67,10 +67,11 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
+from types import MappingProxyType
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import (
@@ -163,19 +164,23 @@ _STREET_TYPES = (
 #: C (clean) action keeps, before the site's ``clean_patterns``: telephone numbers (7 digits
 #: or more, with any separators), e-mail addresses, a title followed by capitalised names,
 #: house number and street, and a record-number label followed by its number.
-IDENTIFYING_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"(?<![\w.])\+?\d(?:[\s\-./()]*\d){6,}(?![\w])"),
-    re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
-    re.compile(
-        r"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Doctor|Nurse|Sister)\b\.?"
-        r"(?:\s+[A-Z][\w'-]*\.?){1,3}"
-    ),
-    re.compile(rf"\b\d+[A-Za-z]?,?\s+(?:[A-Z][\w'-]*\s+){{0,4}}(?:{_STREET_TYPES})\b\.?"),
-    re.compile(
-        r"\b(?:MRN|MR#|ID|PID|Acc(?:ession)?(?:\s+(?:No|Number))?)\b\.?\s*[:#]?\s*"
-        r"[A-Za-z0-9-]*\d[A-Za-z0-9-]*",
-        re.IGNORECASE,
-    ),
+IDENTIFYING_PATTERNS: Mapping[str, re.Pattern[str]] = MappingProxyType(
+    {
+        "telephone number": re.compile(r"(?<![\w.])\+?\d(?:[\s\-./()]*\d){6,}(?![\w])"),
+        "e-mail address": re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
+        "titled name": re.compile(
+            r"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Doctor|Nurse|Sister)\b\.?"
+            r"(?:\s+[A-Z][\w'-]*\.?){1,3}"
+        ),
+        "street address": re.compile(
+            rf"\b\d+[A-Za-z]?,?\s+(?:[A-Z][\w'-]*\s+){{0,4}}(?:{_STREET_TYPES})\b\.?"
+        ),
+        "record number": re.compile(
+            r"\b(?:MRN|MR#|ID|PID|Acc(?:ession)?(?:\s+(?:No|Number))?)\b\.?\s*[:#]?\s*"
+            r"[A-Za-z0-9-]*\d[A-Za-z0-9-]*",
+            re.IGNORECASE,
+        ),
+    }
 )
 
 _STRING_VRS = frozenset(
@@ -351,6 +356,17 @@ class Deidentifier:
         element it does not define is not written (see :mod:`anonproxy.deid.instance`)."""
         iod = iod_types(sop_class_uid)
         return _keyword(tag) in (iod if iod is not None else any_iod_paths())
+
+    def find_identifying(self, ds: Dataset, text: str) -> str | None:
+        """What in ``text`` identifies someone, or None: the keyword of an identifying value of
+        the instance ``ds`` (read before de-identification) or the kind of an
+        :data:`IDENTIFYING_PATTERNS` match. Used on payloads that cannot be cleaned (encapsulated
+        documents, :mod:`anonproxy.deid.documents`)."""
+        ids = IdentifyingValues.collect(ds, self._kept_by_profile, birth_date=not self._full_dates)
+        found = ids.find(text)
+        if found is not None:
+            return found
+        return next((kind for kind, p in IDENTIFYING_PATTERNS.items() if p.search(text)), None)
 
     @property
     def profile(self) -> Profile:
@@ -860,7 +876,7 @@ class Deidentifier:
     def _clean_text(self, text: str) -> str:
         """Remove what identifies whoever it names (:data:`IDENTIFYING_PATTERNS`) and what the
         site's ``clean_patterns`` match."""
-        for pattern in (*IDENTIFYING_PATTERNS, *self._clean_patterns):
+        for pattern in (*IDENTIFYING_PATTERNS.values(), *self._clean_patterns):
             text = pattern.sub(" ", text)
         return " ".join(text.split())
 

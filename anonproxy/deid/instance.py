@@ -12,7 +12,10 @@ names attributes, limits and policies, never a value of the data set:
 2. check the structure (:func:`~anonproxy.deid.structure.check_structure`): LimitExceeded past
    :attr:`Limits.max_sequence_depth`, :class:`~anonproxy.errors.StructureError`;
 3. apply the profile's policy (:func:`check_policy`): :class:`~anonproxy.errors.PolicyRefusal`
-   for Burned In Annotation (0028,0301) YES under ``burned_in_annotation: reject``;
+   for Burned In Annotation (0028,0301) YES under ``burned_in_annotation: reject``, a video
+   transfer syntax under ``video: reject``, an encapsulated document under
+   ``encapsulated_documents: reject``; DeidentificationError for a document that names someone
+   under ``clean``;
 4. de-identify (:meth:`Deidentifier.deidentify_with_check`):
    :class:`~anonproxy.errors.DeidentificationError`;
 5. write the de-identified header with the pixel data copied from the source
@@ -32,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from anonproxy.deid.documents import document_text, document_type, is_video
 from anonproxy.deid.files import Check, PixelSpan, read_header, write_instance, write_spliced
-from anonproxy.deid.profile import Profile
 from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure
 from anonproxy.errors import (
     AnonproxyError,
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from anonproxy.deid.selfcheck import SelfCheck
 
 _BURNED_IN_ANNOTATION = 0x00280301
+_ENCAPSULATED_DOCUMENT = 0x00420011
 
 #: Where the de-identified file goes: a path, or a function of the result that names it (e.g.
 #: ``OUT/<study>/<series>/<instance>.dcm`` from the new UIDs).
@@ -81,14 +86,31 @@ class DeidentifiedFile:
     size: int
 
 
-def check_policy(profile: Profile, dataset: Dataset) -> None:
-    """Raise PolicyRefusal when *profile* refuses the instance: Burned In Annotation YES under
-    ``burned_in_annotation: reject``."""
-    if profile.burned_in_annotation != "reject":
-        return
+def check_policy(engine: Deidentifier, dataset: Dataset) -> DataElement | None:
+    """Raise PolicyRefusal when the profile of *engine* refuses the instance: Burned In
+    Annotation YES under ``burned_in_annotation: reject``, a video transfer syntax under
+    ``video: reject``, an encapsulated document under ``encapsulated_documents: reject``; under
+    ``clean``, DeidentificationError when the document names someone or cannot all be read
+    (:mod:`anonproxy.deid.documents`). Returns the Encapsulated Document element that ``clean``
+    found naming nobody: it is kept as received (Table E.1-1 would replace it by a dummy)."""
+    profile = engine.profile
     element = dataset.get(_BURNED_IN_ANNOTATION)
-    if element is not None and str(element.value).strip("\x00 ").upper() == "YES":
+    burned_in = element is not None and str(element.value).strip("\x00 ").upper() == "YES"
+    if burned_in and profile.burned_in_annotation == "reject":
         raise PolicyRefusal("burned-in annotation refused by policy")
+    meta = getattr(dataset, "file_meta", None)
+    if profile.video == "reject" and is_video(meta.get("TransferSyntaxUID") if meta else None):
+        raise PolicyRefusal("video transfer syntax refused by policy (pixel data not checked)")
+    kind = document_type(dataset)
+    if kind is None:
+        return None
+    if profile.encapsulated_documents == "reject":
+        raise PolicyRefusal(f"encapsulated {kind} document refused by policy")
+    found = engine.find_identifying(dataset, document_text(dataset, kind))
+    if found is not None:
+        raise DeidentificationError(f"encapsulated {kind} document names someone ({found})")
+    received = dataset[_ENCAPSULATED_DOCUMENT]
+    return DataElement(received.tag, received.VR, bytes(received.value))  # the engine dummies it
 
 
 def deidentify_file(
@@ -109,8 +131,10 @@ def deidentify_file(
     """
     dataset, pixels, modality = _read(source, limits)
     try:
-        check_policy(engine.profile, dataset)
+        document = check_policy(engine, dataset)
         result, self_check = engine.deidentify_with_check(dataset)
+        if document is not None:
+            dataset[_ENCAPSULATED_DOCUMENT] = document
     except AnonproxyError:
         raise
     except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here

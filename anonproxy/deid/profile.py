@@ -28,6 +28,7 @@ from typing import Literal, get_args
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from anonproxy.deid.documents import EncapsulatedDocumentPolicy, VideoPolicy
 from anonproxy.deid.pseudonyms import PatientPseudonyms
 from anonproxy.deid.rules import Rule, parse_rules
 from anonproxy.deid.tables import TableRow, table_e1_1
@@ -166,8 +167,9 @@ class Profile:
     the user's rules in precedence order (:class:`~anonproxy.deid.rules.Rule`); ``patient_ids``
     the patient pseudonym settings (None: the table's actions for Patient ID and Name).
     ``burned_in_annotation`` is the policy for instances that declare Burned In Annotation YES
-    (:data:`BurnedInAnnotationPolicy`), applied to instance files
-    (:func:`anonproxy.deid.instance.deidentify_file`).
+    (:data:`BurnedInAnnotationPolicy`), ``encapsulated_documents`` and ``video`` those for
+    encapsulated documents and video transfer syntaxes (:mod:`anonproxy.deid.documents`); they
+    are applied to instance files (:func:`anonproxy.deid.instance.deidentify_file`).
     """
 
     options: frozenset[ProfileOption] = frozenset()
@@ -175,6 +177,8 @@ class Profile:
     rules: tuple[Rule, ...] = ()
     patient_ids: PatientPseudonyms | None = None
     burned_in_annotation: BurnedInAnnotationPolicy = "reject"
+    encapsulated_documents: EncapsulatedDocumentPolicy = "reject"
+    video: VideoPolicy = "reject"
     _tag_codes: Mapping[int, str] = field(init=False, repr=False, compare=False)
     _mask_codes: tuple[tuple[int, int, str], ...] = field(init=False, repr=False, compare=False)
     _private_code: str = field(init=False, repr=False, compare=False)
@@ -184,8 +188,13 @@ class Profile:
         object.__setattr__(self, "options", options)
         object.__setattr__(self, "rules", parse_rules(self.rules))
         check_option_set(options)
-        if self.burned_in_annotation not in get_args(BurnedInAnnotationPolicy):
-            raise ValueError("burned_in_annotation is reject or pass")
+        for name, policy in (
+            ("burned_in_annotation", BurnedInAnnotationPolicy),
+            ("encapsulated_documents", EncapsulatedDocumentPolicy),
+            ("video", VideoPolicy),
+        ):
+            if getattr(self, name) not in get_args(policy):
+                raise ValueError(f"{name} is {' or '.join(get_args(policy))}")
         tag_codes: dict[int, str] = {}
         masks: list[tuple[int, int, str]] = []
         private_code = "X"
@@ -211,6 +220,8 @@ class Profile:
         rules: Iterable[Mapping[str, object] | Rule] = (),
         patient_ids: PatientPseudonyms | None = None,
         burned_in_annotation: BurnedInAnnotationPolicy = "reject",
+        encapsulated_documents: EncapsulatedDocumentPolicy = "reject",
+        video: VideoPolicy = "reject",
     ) -> Profile:
         """Build a profile from CID 7050 snake_case option names; ``[]`` is the Basic Profile.
 
@@ -225,6 +236,8 @@ class Profile:
             rules=parse_rules(rules),
             patient_ids=patient_ids,
             burned_in_annotation=burned_in_annotation,
+            encapsulated_documents=encapsulated_documents,
+            video=video,
         )
 
     @property

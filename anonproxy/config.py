@@ -255,6 +255,15 @@ class ProfileConfig(_Section):
     patient_id: ProfileConfig.PatientId | None = None
     date_shift_days: tuple[int, int] = (-365, -1)
     clean_patterns: list[str] = Field(default_factory=list)
+    pixel_rules: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("pixel_rules")
+    @classmethod
+    def _valid_pixel_rules(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from anonproxy.deid.pixels import parse_pixel_rules  # noqa: PLC0415 - keep import light
+
+        parse_pixel_rules(value)  # ValueError naming the rule
+        return value
 
     @field_validator("clean_patterns")
     @classmethod

@@ -143,6 +143,7 @@ class InstancePipeline:
             deid_sop_instance_uid=result.sop_instance_uid,
             deid_study_instance_uid=result.study_instance_uid,
             actions=result.action_counts,
+            pixels=done.pixels,
             deidentify_ms=round((time.monotonic() - started) * 1000, 2),
             **fields,
         )

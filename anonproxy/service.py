@@ -72,6 +72,7 @@ def build_profile(config: ProfileConfig) -> Profile:
             burned_in_annotation=config.burned_in_annotation,
             encapsulated_documents=config.encapsulated_documents,
             video=config.video,
+            pixel_rules=config.pixel_rules,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None

@@ -55,6 +55,7 @@ class Deidentified:
     result: DeidResult
     modality: str
     size: int
+    pixels: str | None = None  # see anonproxy.deid.instance.DeidentifiedFile
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def deidentify_file(
         done = instance.deidentify_file(engine, source, target, limits=limits, in_place=True)
     except Exception as exc:  # noqa: BLE001 - every failure is a refusal, never an acknowledgement
         return _refusal(exc)
-    return Deidentified(done.result, done.modality, done.size)
+    return Deidentified(done.result, done.modality, done.size, done.pixels)
 
 
 def _refusal(exc: Exception) -> Refusal:

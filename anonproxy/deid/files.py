@@ -73,6 +73,7 @@ class PixelSpan:
     tag: int
     offset: int
     end: int
+    header: int = 8  # bytes of the element's tag, VR and length before its value
 
     @property
     def length(self) -> int:
@@ -194,7 +195,7 @@ def _pixel_span(handle: BinaryIO, source: Path, implicit: bool, little: bool) ->
         end = _end_of_items(handle, value_at, size, endian)
     if end > size:
         raise DecodeError("truncated pixel data element")
-    return PixelSpan(source, tag, offset, end)
+    return PixelSpan(source, tag, offset, end, value_at - offset)
 
 
 def _end_of_items(handle: BinaryIO, at: int, size: int, endian: str) -> int:
@@ -233,13 +234,15 @@ raises to stop the output."""
 
 def write_spliced(
     ds: Dataset, span: PixelSpan | None, target: BinaryIO, check: Check | None = None
-) -> None:
+) -> int | None:
     """Write *ds* as a DICOM file (preamble, file meta, data set) to *target*, with the pixel
     data element of *span* copied unchanged from its source file in its place.
 
     With *check*, the encoded header and trailing elements are passed to it before they are
     written (the pixel data is not): when it raises, nothing of the data set has reached
     *target*. Without a span, the elements are checked as encoded apart from the pixel data.
+    Returns where the value of the copied pixel data element starts in *target* (None without
+    a span).
     """
     if span is None:
         if check is None:
@@ -252,7 +255,7 @@ def write_spliced(
         else:  # pixel data read whole (deflated, or no preamble): checked without it
             check(encode_without_pixels(ds))
             dcmwrite(target, ds, enforce_file_format=True)
-        return
+        return None
     trailing = Dataset()
     for tag in [t for t in ds.keys() if t > span.tag]:  # noqa: SIM118
         trailing[tag] = ds.get_item(tag)
@@ -269,6 +272,7 @@ def write_spliced(
     target.write(header.getvalue())
     _copy_range(span, target)
     target.write(tail)
+    return len(header.getvalue()) + span.header
 
 
 def _encode_elements(elements: Dataset, ds: Dataset) -> bytes:
@@ -336,16 +340,22 @@ def write_instance(
     path: str | os.PathLike[str],
     pixels: PixelSpan | None = None,
     check: Check | None = None,
+    after: Callable[[int, int | None], None] | None = None,
 ) -> None:
     """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
     *path* never holds a partial file. With *pixels* (from :func:`read_header`), that pixel
-    data element is copied from its source file; *check* as for :func:`write_spliced`."""
+    data element is copied from its source file; *check* as for :func:`write_spliced`; *after*
+    is called, before the rename, with the file descriptor and where the copied pixel data
+    value starts (see :func:`write_spliced`)."""
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            write_spliced(ds, pixels, fh, check)
+            value_at = write_spliced(ds, pixels, fh, check)
+            if after is not None:
+                fh.flush()
+                after(fh.fileno(), value_at)
         os.replace(tmp_name, dst)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

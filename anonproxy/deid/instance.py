@@ -40,6 +40,15 @@ from pydicom.dataset import Dataset
 
 from anonproxy.deid.documents import document_text, document_type, is_video
 from anonproxy.deid.files import Check, PixelSpan, read_header, write_instance, write_spliced
+from anonproxy.deid.pixels import (
+    CLEAN_PIXEL_DATA,
+    PixelRule,
+    blank_native,
+    boxes,
+    check_blankable,
+    first_rule,
+    triage,
+)
 from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure
 from anonproxy.errors import (
     AnonproxyError,
@@ -78,12 +87,15 @@ DEFAULT_LIMITS = Limits()
 @dataclass(frozen=True)
 class DeidentifiedFile:
     """An instance file de-identified and written: the engine's result, the Modality (0008,0060)
-    for routing, where the file was written and its size."""
+    for routing, where the file was written, its size, and what happened to its pixels
+    (``"blanked by rule <name>"``, ``"unchecked: <triage reason>"``, or None when the header
+    says there is nothing to look at)."""
 
     result: DeidResult
     modality: str
     path: Path
     size: int
+    pixels: str | None = None
 
 
 def check_policy(engine: Deidentifier, dataset: Dataset) -> DataElement | None:
@@ -132,9 +144,16 @@ def deidentify_file(
     dataset, pixels, modality = _read(source, limits)
     try:
         document = check_policy(engine, dataset)
+        reason = triage(dataset)
+        rule = pixel_rule(engine, dataset, pixels)
+        blank: Blank | None = None
+        if rule is not None:
+            blank = _blanking(dataset, boxes(rule, dataset))
         result, self_check = engine.deidentify_with_check(dataset)
         if document is not None:
             dataset[_ENCAPSULATED_DOCUMENT] = document
+        if rule is not None:
+            _record_clean_pixel_data(dataset, rule)
     except AnonproxyError:
         raise
     except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
@@ -142,8 +161,70 @@ def deidentify_file(
     if pixels is not None and not engine.defines(result.sop_class_uid, pixels.tag):
         pixels = None  # e.g. Double Float Pixel Data in a CT: binary the IOD does not define
     path = Path(target(result) if callable(target) else target)
-    size = _write(dataset, pixels, path, _refusing(self_check), in_place=in_place)
-    return DeidentifiedFile(result, modality, path, size)
+    size = _write(dataset, pixels, path, _refusing(self_check), blank, in_place=in_place)
+    if rule is not None:
+        outcome: str | None = f"blanked by rule {rule.name}"
+    else:
+        outcome = f"unchecked: {reason}" if reason is not None else None
+    return DeidentifiedFile(result, modality, path, size, outcome)
+
+
+Blank = Callable[[int, int | None], None]
+"""Blanks the pixel data in the written file: its descriptor, where the pixel value starts."""
+
+
+def pixel_rule(
+    engine: Deidentifier, dataset: Dataset, pixels: PixelSpan | None
+) -> PixelRule | None:
+    """The first pixel rule of the profile that the received header meets, if its pixel data
+    can be blanked where it is copied (native, as received); DeidentificationError when it
+    cannot (compressed, or read whole), never an unblanked output."""
+    rule = first_rule(engine.profile.pixel_rules, dataset)
+    if rule is None:
+        return None
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if pixels is None or syntax is None or syntax.is_compressed:
+        raise DeidentificationError(
+            f"pixel rule {rule.name!r} matched pixel data it cannot blank in place "
+            "(compressed, deflated or without file meta)"
+        )
+    return rule
+
+
+def _blanking(dataset: Dataset, regions: list[tuple[int, int, int, int]]) -> Blank:
+    """Blank *regions* of the native pixel data of *dataset* (its image attributes read now,
+    before de-identification) where the writer copied it."""
+    little = bool(dataset.file_meta.TransferSyntaxUID.is_little_endian)
+    image = Dataset()
+    for keyword in (
+        "Rows", "Columns", "SamplesPerPixel", "PlanarConfiguration", "NumberOfFrames",
+        "BitsAllocated", "BitsStored", "PhotometricInterpretation",
+    ):  # fmt: skip
+        if keyword in dataset:
+            setattr(image, keyword, dataset.get(keyword))
+    check_blankable(image)  # before anything is written
+
+    def blank(fd: int, value_at: int | None) -> None:
+        if value_at is None:
+            raise DeidentificationError("pixel data to blank was not written where expected")
+        blank_native(fd, value_at, image, regions, little_endian=little)
+
+    return blank
+
+
+def _record_clean_pixel_data(dataset: Dataset, rule: PixelRule) -> None:
+    """Burned In Annotation NO; the Clean Pixel Data Option in the method (CID 7050)."""
+    dataset.BurnedInAnnotation = "NO"
+    dataset.DeidentificationMethod = [
+        *dataset.DeidentificationMethod,
+        f"pixel rule {rule.name}"[:64],
+    ]
+    item = Dataset()
+    item.CodeValue = CLEAN_PIXEL_DATA.value
+    item.CodingSchemeDesignator = CLEAN_PIXEL_DATA.scheme_designator
+    item.CodeMeaning = CLEAN_PIXEL_DATA.meaning
+    dataset.DeidentificationMethodCodeSequence.append(item)
 
 
 def _refusing(self_check: SelfCheck) -> Check:
@@ -173,16 +254,26 @@ def _read(source: str | os.PathLike[str], limits: Limits) -> tuple[Dataset, Pixe
 
 
 def _write(
-    dataset: Dataset, pixels: PixelSpan | None, path: Path, check: Check, *, in_place: bool
+    dataset: Dataset,
+    pixels: PixelSpan | None,
+    path: Path,
+    check: Check,
+    blank: Blank | None,
+    *,
+    in_place: bool,
 ) -> int:
-    """Step 5: encode *dataset* into *path*, the encoded bytes checked first; the size."""
+    """Step 5: encode *dataset* into *path*, the encoded bytes checked first, the pixel regions
+    of a rule blanked after; the size."""
     try:
         if not in_place:
-            write_instance(dataset, path, pixels, check)
+            write_instance(dataset, path, pixels, check, blank)
             return path.stat().st_size
         with path.open("wb") as handle:
-            write_spliced(dataset, pixels, handle, check)
-            return handle.tell()
+            value_at = write_spliced(dataset, pixels, handle, check)
+            if blank is not None:
+                handle.flush()
+                blank(handle.fileno(), value_at)
+            return handle.seek(0, os.SEEK_END)
     except (OSError, AnonproxyError):
         raise  # a full disk or an I/O error; the self-check's refusal
     except Exception as exc:  # noqa: BLE001 - an encoding failure is never released

@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from anonproxy.deid.documents import EncapsulatedDocumentPolicy, VideoPolicy
+from anonproxy.deid.pixels import PixelRule, parse_pixel_rules
 from anonproxy.deid.pseudonyms import PatientPseudonyms
 from anonproxy.deid.rules import Rule, parse_rules
 from anonproxy.deid.tables import TableRow, table_e1_1
@@ -168,7 +169,8 @@ class Profile:
     the patient pseudonym settings (None: the table's actions for Patient ID and Name).
     ``burned_in_annotation`` is the policy for instances that declare Burned In Annotation YES
     (:data:`BurnedInAnnotationPolicy`), ``encapsulated_documents`` and ``video`` those for
-    encapsulated documents and video transfer syntaxes (:mod:`anonproxy.deid.documents`); they
+    encapsulated documents and video transfer syntaxes (:mod:`anonproxy.deid.documents`);
+    ``pixel_rules`` the regions of burned-in text to blank (:mod:`anonproxy.deid.pixels`); they
     are applied to instance files (:func:`anonproxy.deid.instance.deidentify_file`).
     """
 
@@ -179,6 +181,7 @@ class Profile:
     burned_in_annotation: BurnedInAnnotationPolicy = "reject"
     encapsulated_documents: EncapsulatedDocumentPolicy = "reject"
     video: VideoPolicy = "reject"
+    pixel_rules: tuple[PixelRule, ...] = ()
     _tag_codes: Mapping[int, str] = field(init=False, repr=False, compare=False)
     _mask_codes: tuple[tuple[int, int, str], ...] = field(init=False, repr=False, compare=False)
     _private_code: str = field(init=False, repr=False, compare=False)
@@ -187,6 +190,7 @@ class Profile:
         options = frozenset(ProfileOption(o) for o in self.options)
         object.__setattr__(self, "options", options)
         object.__setattr__(self, "rules", parse_rules(self.rules))
+        object.__setattr__(self, "pixel_rules", parse_pixel_rules(self.pixel_rules))
         check_option_set(options)
         for name, policy in (
             ("burned_in_annotation", BurnedInAnnotationPolicy),
@@ -222,6 +226,7 @@ class Profile:
         burned_in_annotation: BurnedInAnnotationPolicy = "reject",
         encapsulated_documents: EncapsulatedDocumentPolicy = "reject",
         video: VideoPolicy = "reject",
+        pixel_rules: Iterable[Mapping[str, object] | PixelRule] = (),
     ) -> Profile:
         """Build a profile from CID 7050 snake_case option names; ``[]`` is the Basic Profile.
 
@@ -238,6 +243,7 @@ class Profile:
             burned_in_annotation=burned_in_annotation,
             encapsulated_documents=encapsulated_documents,
             video=video,
+            pixel_rules=parse_pixel_rules(list(pixel_rules)),
         )
 
     @property

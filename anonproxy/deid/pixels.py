@@ -299,6 +299,10 @@ def blank_native(
                     for sample in range(samples):
                         start = base + (sample * rows * columns + y * columns + x0) * size
                         os.pwrite(handle_fd, fill[sample] * (x1 - x0), start)
+                elif x0 == 0 and x1 == columns:  # whole rows are contiguous: one write
+                    start = base + y0 * columns * samples * size
+                    os.pwrite(handle_fd, b"".join(fill) * columns * (y1 - y0), start)
+                    break
                 else:
                     start = base + (y * columns + x0) * samples * size
                     os.pwrite(handle_fd, b"".join(fill) * (x1 - x0), start)

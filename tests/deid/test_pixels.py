@@ -142,12 +142,14 @@ def test_regions_are_blanked_in_every_frame_and_nothing_else_changes(
     name: str, in_place: bool, tmp_path: Path
 ) -> None:
     source = dcmread(get_testdata_file(name))
-    out = dcmread(_blanked(name, tmp_path, ["2,3,5,4", "-4,-2,0,0"], in_place=in_place))
+    regions = ["2,3,5,4", "-4,-2,0,0", "0,10,0,2"]  # a box, a corner, full rows
+    out = dcmread(_blanked(name, tmp_path, regions, in_place=in_place))
     before, after = _frames(source.pixel_array, source), _frames(out.pixel_array, out)
     rows, columns = int(source.Rows), int(source.Columns)
     mask = np.zeros((rows, columns), dtype=bool)
     mask[3:7, 2:7] = True
     mask[rows - 2 :, columns - 4 :] = True
+    mask[10:12, :] = True
     assert (after[:, ~mask] == before[:, ~mask]).all()  # untouched pixels: bit-exact
     assert (after[:, mask] == 0).all()
     assert out.BurnedInAnnotation == "NO"

@@ -53,7 +53,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from anonproxy import reactor
+from anonproxy import codecs, reactor
 from anonproxy.audit import AuditLog, configure_logging, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.errors import ForwardError
@@ -258,6 +258,7 @@ class DicomSender:
         """Re-encode for a destination that does not accept the spooled transfer syntax."""
         dataset = dcmread(path)
         if UID(syntax).is_compressed:
+            codecs.install()  # 12-bit JPEG Extended without the GPL codec
             try:
                 dataset.decompress()
             except Exception as exc:  # noqa: BLE001 - any codec failure is a permanent refusal

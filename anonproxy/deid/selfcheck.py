@@ -51,6 +51,9 @@ from pydicom.valuerep import VR
 from anonproxy.deid.actions import STRING_DUMMIES
 
 MIN_LENGTH = 3
+#: Marks a telephone number among the identifying values (its digits follow): a character no
+#: value of a data set holds (control characters are not allowed in DICOM strings).
+PHONE = "\x01"
 MIN_DIGITS = 6
 
 _PN_GROUPS = re.compile(r"=")
@@ -172,7 +175,7 @@ def _parts(kind: str, value: object) -> Iterator[str]:
             for part in _ADDRESS_SPLIT.split(text):
                 digits = re.sub(r"\D", "", part)
                 if len(digits) >= MIN_DIGITS and not re.search(r"[^\d\s\-./()+]", part):
-                    yield "#" + digits  # a telephone number: matched by its digits
+                    yield PHONE + digits  # a telephone number: matched by its digits
                 else:
                     yield part.strip()
         else:
@@ -210,7 +213,8 @@ def _collect(
             continue
         keyword = keyword_for_tag(tag) or "person identification code"
         for part in _parts(kind, ds[tag].value):
-            if kind == "birth" or part.startswith("#") or _searchable(part):
+            phone = kind in {"address", "phone"} and part.startswith(PHONE)
+            if kind == "birth" or phone or (PHONE not in part and _searchable(part)):
                 found.setdefault(part.casefold(), (keyword, kind))
 
 
@@ -220,11 +224,11 @@ def _in_words(value: str, text: str) -> bool:
 
 
 def _word_alternatives(values: Iterable[str]) -> str:
-    """The regular expression body of ``values``: phone numbers (``#`` and digits) by their
+    """The regular expression body of ``values``: phone numbers (:data:`PHONE` and digits) by their
     digits with any separators, the others literally; longest first."""
     ordered = sorted(set(values), key=lambda v: (-len(v), v))
     return "|".join(
-        _PHONE_SEPARATORS.join(v[1:]) if v.startswith("#") else re.escape(v) for v in ordered
+        _PHONE_SEPARATORS.join(v[1:]) if v.startswith(PHONE) else re.escape(v) for v in ordered
     )
 
 
@@ -267,7 +271,7 @@ def _bytes_pattern(values: tuple[str, ...], encodings: tuple[str, ...]) -> re.Pa
     forms: set[bytes] = set()
     phones: set[str] = set()
     for value in values:
-        if value.startswith("#"):
+        if value.startswith(PHONE):
             phones.add(value[1:])
             continue
         forms.update(f for f in _encoded_forms(value, encodings) if f)
@@ -301,7 +305,7 @@ def _search(pattern: re.Pattern[bytes], data: bytes) -> bytes | None:
 class IdentifyingValues:
     """Identifying values of one instance (never logged, never put in a message)."""
 
-    words: Mapping[str, str]  # casefolded value (``#digits`` for a phone) → keyword
+    words: Mapping[str, str]  # casefolded value (PHONE + digits for a phone) → keyword
     encodings: tuple[str, ...]  # Python codecs of the instance's Specific Character Set
 
     @classmethod
@@ -326,7 +330,7 @@ class IdentifyingValues:
         words = {
             value: keyword
             for value, (keyword, kind) in found.items()
-            if value.startswith("#")
+            if value.startswith(PHONE)
             or not (_in_words(value, vocabulary) or (kind != "name" and _in_words(value, product)))
         }
         charset = ds.get(_SPECIFIC_CHARACTER_SET)
@@ -356,7 +360,7 @@ class IdentifyingValues:
 
     def _keyword(self, matched: str) -> str:
         folded = matched.casefold()
-        digits = "#" + re.sub(r"\D", "", folded)
+        digits = PHONE + re.sub(r"\D", "", folded)
         return self.words.get(folded) or self.words.get(digits) or "identifying value"
 
 
@@ -391,7 +395,7 @@ class SelfCheck:
 
     def _source_of(self, matched: bytes) -> str:
         for value, keyword in self._ids.words.items():
-            if value.startswith("#"):
+            if value.startswith(PHONE):
                 if re.sub(rb"\D", b"", matched) == value[1:].encode():
                     return keyword
             elif matched in set(_encoded_forms(value, self._ids.encodings)):

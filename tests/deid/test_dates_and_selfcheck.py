@@ -169,3 +169,14 @@ def test_a_value_that_cannot_be_processed_becomes_a_deidentification_error() -> 
     ds.add_new(0x00081155, "US", 5)  # ReferencedSOPInstanceUID with the wrong VR: U impossible
     with pytest.raises(DeidentificationError, match=r"\(0008,1155\)"):
         Deidentifier(Profile(), secret=SECRET).deidentify(ds)
+
+
+@pytest.mark.parametrize("patient_id", ["#", "#1234567", "\x01", "+1 (555) 010-0199"])
+def test_identifiers_that_look_like_markers_are_searched_as_themselves(patient_id: str) -> None:
+    """A telephone number is marked inside the self-check; a Patient ID that starts like the
+    mark (hypothesis found '#') must not become an empty pattern that matches everything."""
+    ds = minimal()
+    ds.PatientID = patient_id
+    ds.StudyDescription = "routine"
+    Deidentifier(Profile.from_options(["clean_descriptors"]), secret=SECRET).deidentify(ds)
+    assert ds.StudyDescription == "routine"

@@ -273,6 +273,35 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pixel_rules_import(args: argparse.Namespace) -> int:
+    """Print the rules of a CTP pixel anonymizer script or a deid recipe as profile.pixel_rules;
+    report each rule not converted. 0: all converted, 1: some (or all) not."""
+    from anonproxy.pixel_rules_import import guess_format, import_rules, to_yaml  # noqa: PLC0415
+
+    try:
+        text = args.file.read_text("utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"{args.file}: {exc.strerror or exc}") from None
+    fmt = args.format or guess_format(text)
+    if fmt is None:
+        raise ConfigError(
+            f"{args.file}: neither a CTP DicomPixelAnonymizer script nor a deid recipe;"
+            " give --format ctp or --format deid"
+        )
+    result = import_rules(text, fmt)
+    sys.stdout.write(to_yaml(result, str(args.file)))
+    for line, note in result.notes:
+        print(f"anonproxy: {args.file}:{line}: note: {note}", file=sys.stderr)
+    for skipped in result.skipped:
+        print(
+            f"anonproxy: {args.file}:{skipped.line}: skipped {skipped.name!r}: {skipped.reason}",
+            file=sys.stderr,
+        )
+    if not result.rules and not result.skipped:
+        print(f"anonproxy: {args.file}: no rule found", file=sys.stderr)
+    return 0 if result.rules and not result.skipped else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``anonproxy`` command."""
     parser = argparse.ArgumentParser(prog="anonproxy", description=__doc__.splitlines()[0])
@@ -314,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than-days", type=float, default=0.0, help="purge: only older entries"
     )
     quarantine.set_defaults(func=cmd_quarantine)
+    pixel_help = "profile.pixel_rules from other tools' rule files"
+    pixel = commands.add_parser("pixel-rules", help=pixel_help, description=pixel_help)
+    pixel_commands = pixel.add_subparsers(dest="pixel_command", required=True)
+    import_help = (
+        "print the rules of a CTP DicomPixelAnonymizer script or a pydicom/deid recipe as a"
+        " YAML pixel_rules list; rules that cannot be converted are reported on standard error"
+        " (exit status 1)"
+    )
+    pixel_import = pixel_commands.add_parser("import", help=import_help, description=import_help)
+    pixel_import.add_argument("file", type=Path, help="the script or recipe")
+    pixel_import.add_argument(
+        "--format", choices=["ctp", "deid"], default=None, help="default: guessed from the content"
+    )
+    pixel_import.set_defaults(func=cmd_pixel_rules_import)
     return parser
 
 

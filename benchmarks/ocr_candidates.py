@@ -445,28 +445,28 @@ class Tesseract:
         self.env = dict(os.environ)
         if threads is not None:
             self.env["OMP_THREAD_LIMIT"] = str(threads)
-        self.tmp = Path(tempfile.mkdtemp(prefix="ocr-tesseract-"))
         self.child_peak_mb = 0.0
 
     def warm_up(self, img: Frame) -> None:
         self.read(img)
 
     def read(self, img: Frame) -> list[Word]:
-        png, out = self.tmp / "frame.png", self.tmp / "frame"
-        Image.fromarray(img).save(png, compress_level=1)
-        args = [self.exe, str(png), str(out), "-l", "eng", "--psm", str(self.psm), "tsv"]
-        with subprocess.Popen(
-            args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        ) as proc:
-            while proc.poll() is None:
-                self.child_peak_mb = max(self.child_peak_mb, _vm_hwm_mb(proc.pid))
-                time.sleep(0.005)
-            if proc.returncode:
-                stderr = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"tesseract exited {proc.returncode}: {stderr.strip()}")
+        with tempfile.TemporaryDirectory(prefix="ocr-tesseract-") as tmp:
+            png, out = Path(tmp) / "frame.png", Path(tmp) / "frame"
+            Image.fromarray(img).save(png, compress_level=1)
+            args = [self.exe, str(png), str(out), "-l", "eng", "--psm", str(self.psm), "tsv"]
+            with subprocess.Popen(
+                args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            ) as proc:
+                while proc.poll() is None:
+                    self.child_peak_mb = max(self.child_peak_mb, _vm_hwm_mb(proc.pid))
+                    time.sleep(0.005)
+                if proc.returncode:
+                    stderr = proc.stderr.read().decode() if proc.stderr else ""
+                    raise RuntimeError(f"tesseract exited {proc.returncode}: {stderr.strip()}")
+            tsv = out.with_suffix(".tsv").read_text(encoding="utf-8", errors="replace")
         words: list[Word] = []
         lines: dict[tuple[str, ...], int] = {}
-        tsv = out.with_suffix(".tsv").read_text(encoding="utf-8", errors="replace")
         for row in tsv.splitlines()[1:]:
             cols = row.split("\t")
             if len(cols) < 12 or cols[0] != "5" or not cols[11].strip():

@@ -39,10 +39,18 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from anonproxy.deid.documents import document_text, document_type, is_video
-from anonproxy.deid.files import Check, PixelSpan, read_header, write_instance, write_spliced
+from anonproxy.deid.files import (
+    Check,
+    PixelSpan,
+    read_header,
+    read_instance,
+    write_instance,
+    write_spliced,
+)
 from anonproxy.deid.pixels import (
     CLEAN_PIXEL_DATA,
     PixelRule,
+    blank_decoded,
     blank_native,
     boxes,
     check_blankable,
@@ -145,14 +153,20 @@ def deidentify_file(
     try:
         document = check_policy(engine, dataset)
         reason = triage(dataset)
-        rule = pixel_rule(engine, dataset, pixels)
+        rule = first_rule(engine.profile.pixel_rules, dataset)
         blank: Blank | None = None
-        if rule is not None:
+        decoded: list[tuple[int, int, int, int]] | None = None
+        if rule is not None and _blankable_in_place(dataset, pixels):
             blank = _blanking(dataset, boxes(rule, dataset))
+        elif rule is not None:  # compressed, or read whole: decoded, blanked, stored native
+            decoded = boxes(rule, dataset)
+            dataset, pixels = read_instance(source), None
         result, self_check = engine.deidentify_with_check(dataset)
         if document is not None:
             dataset[_ENCAPSULATED_DOCUMENT] = document
         if rule is not None:
+            if decoded is not None:
+                blank_decoded(dataset, decoded)
             _record_clean_pixel_data(dataset, rule)
     except AnonproxyError:
         raise
@@ -173,23 +187,18 @@ Blank = Callable[[int, int | None], None]
 """Blanks the pixel data in the written file: its descriptor, where the pixel value starts."""
 
 
-def pixel_rule(
-    engine: Deidentifier, dataset: Dataset, pixels: PixelSpan | None
-) -> PixelRule | None:
-    """The first pixel rule of the profile that the received header meets, if its pixel data
-    can be blanked where it is copied (native, as received); DeidentificationError when it
-    cannot (compressed, or read whole), never an unblanked output."""
-    rule = first_rule(engine.profile.pixel_rules, dataset)
-    if rule is None:
-        return None
+def _blankable_in_place(dataset: Dataset, pixels: PixelSpan | None) -> bool:
+    """True if the pixel data is copied as received (native, not deflated, with file meta) in
+    an encoding :func:`~anonproxy.deid.pixels.blank_native` writes into."""
     meta = getattr(dataset, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if pixels is None or syntax is None or syntax.is_compressed:
-        raise DeidentificationError(
-            f"pixel rule {rule.name!r} matched pixel data it cannot blank in place "
-            "(compressed, deflated or without file meta)"
-        )
-    return rule
+        return False
+    try:
+        check_blankable(dataset)
+    except DeidentificationError:
+        return False
+    return True
 
 
 def _blanking(dataset: Dataset, regions: list[tuple[int, int, int, int]]) -> Blank:
@@ -203,7 +212,6 @@ def _blanking(dataset: Dataset, regions: list[tuple[int, int, int, int]]) -> Bla
     ):  # fmt: skip
         if keyword in dataset:
             setattr(image, keyword, dataset.get(keyword))
-    check_blankable(image)  # before anything is written
 
     def blank(fd: int, value_at: int | None) -> None:
         if value_at is None:

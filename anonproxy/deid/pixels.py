@@ -20,12 +20,13 @@ StationName, Rows, Columns, Modality, SOPClassUID...) to a value (equals) or to 
 region is ``"x,y,w,h"`` (``w`` or ``h`` of 0 or ``-0``: to the edge), ``all`` (the whole image),
 or ``outside_ultrasound_regions`` (everything outside the Sequence of Ultrasound Regions).
 
-**Blanking** (:func:`blank_native`) writes the blanked rows straight into the output file, in
-the copied pixel data element: every other byte stays as received (bit-exact), every frame is
-blanked, nothing is decoded. Native (uncompressed) pixel data of 8, 16 or 32 bits allocated in
-MONOCHROME1/2, RGB, PALETTE COLOR or YBR_FULL is supported; other encodings (compressed
-transfer syntaxes, 1-bit, subsampled YBR) are refused (fail closed) until they can be decoded
-and re-encoded losslessly.
+**Blanking**, in every frame. Native (uncompressed) pixel data of 8, 16 or 32 bits allocated in
+MONOCHROME1/2, RGB, PALETTE COLOR or YBR_FULL, copied as received, is blanked by
+:func:`blank_native` straight in the output file: nothing is decoded and every other byte stays
+as received (bit-exact). Anything else (compressed transfer syntaxes, deflated data sets, 1-bit,
+subsampled YBR) is decoded, blanked and stored native by :func:`blank_decoded`: lossless from
+the decoded pixels, never a second lossy generation (YBR colour becomes RGB); pixel data that
+cannot be decoded refuses the instance.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any, Literal
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 
 from anonproxy.errors import DeidentificationError
 
@@ -306,6 +308,37 @@ def blank_native(
                 else:
                     start = base + (y * columns + x0) * samples * size
                     os.pwrite(handle_fd, b"".join(fill) * (x1 - x0), start)
+
+
+def blank_decoded(ds: Dataset, regions: Sequence[tuple[int, int, int, int]]) -> None:
+    """Decode the pixel data of ``ds`` (held in memory), blank ``regions`` in every frame and
+    store the result native (Explicit VR Little Endian): lossless, so no second lossy generation;
+    YBR colour decoded to RGB. DeidentificationError when it cannot be decoded (no value in the
+    message)."""
+    import numpy as np  # noqa: PLC0415 - only instances with burned-in text need it
+
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    try:
+        array = np.array(ds.pixel_array)  # a writable copy, every frame
+    except Exception as exc:  # noqa: BLE001 - a codec failure refuses the instance
+        raise DeidentificationError(
+            f"pixel rule: cannot decode the pixel data to blank it ({type(exc).__name__})"
+        ) from None
+    frames = array if int(ds.get("NumberOfFrames", 1) or 1) > 1 else array[np.newaxis]
+    samples = int(ds.get("SamplesPerPixel", 1))
+    stored = int(ds.get("BitsStored", array.dtype.itemsize * 8))
+    fill = (1 << stored) - 1 if photometric == "MONOCHROME1" else 0
+    for x0, y0, x1, y1 in regions:
+        frames[:, y0:y1, x0:x1] = fill
+    if samples == 3:
+        photometric = "RGB"  # pydicom decodes YBR to RGB
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if array.dtype.itemsize > 2:  # set_pixel_data takes 8 and 16 bits only
+        ds.PixelData = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        ds["PixelData"].VR = "OW"
+        return
+    ds.set_pixel_data(array, photometric, min(stored, 8 * array.dtype.itemsize),
+                      generate_instance_uid=False)  # fmt: skip
 
 
 def check_blankable(ds: Dataset) -> None:

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
 
 from anonproxy.config import parse_settings
 from anonproxy.deid import Deidentifier, Profile
 from anonproxy.deid.instance import deidentify_file
 from anonproxy.deid.pixels import CLEAN_PIXEL_DATA, PixelRule, boxes, parse_pixel_rules, triage
-from anonproxy.errors import ConfigError, DeidentificationError
+from anonproxy.errors import ConfigError
 
 from .helpers import SECRET, item, minimal, seq
 
@@ -161,17 +162,31 @@ def test_regions_are_blanked_in_every_frame_and_nothing_else_changes(
 @pytest.mark.parametrize(
     "name",
     [
-        "JPEG2000.dcm",  # compressed
-        "SC_rgb_rle.dcm",
+        "SC_rgb_rle.dcm",  # RLE Lossless
+        "JPEG2000.dcm",  # JPEG 2000, lossy
+        "SC_rgb_jpeg_gdcm.dcm",  # JPEG Baseline, YBR_FULL_422
         "image_dfl.dcm",  # deflated: read whole, not copied
         "SC_ybr_full_422_uncompressed.dcm",  # subsampled chroma
         "liver_1frame.dcm",  # 1 bit allocated
     ],
 )
-def test_pixel_data_that_cannot_be_blanked_in_place_is_refused(name: str, tmp_path: Path) -> None:
-    with pytest.raises(DeidentificationError, match="pixel rule"):
-        _blanked(name, tmp_path, ["all"])
-    assert not (tmp_path / "out.dcm").exists()
+def test_pixel_data_not_blankable_in_place_is_decoded_blanked_and_stored_native(
+    name: str, tmp_path: Path
+) -> None:
+    """No second lossy generation: the decoded pixels are stored uncompressed; outside the
+    regions they are the decoded pixels of the source, exactly."""
+    source = dcmread(get_testdata_file(name))
+    out = dcmread(_blanked(name, tmp_path, ["2,3,5,4", "0,10,0,2"]))
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    before, after = _frames(source.pixel_array, source), _frames(out.pixel_array, out)
+    mask = np.zeros((int(source.Rows), int(source.Columns)), dtype=bool)
+    mask[3:7, 2:7] = True
+    mask[10:12, :] = True
+    assert (after[:, ~mask] == before[:, ~mask]).all()
+    assert (after[:, mask] == 0).all()
+    assert out.BurnedInAnnotation == "NO"
+    if int(source.SamplesPerPixel) == 3:
+        assert out.PhotometricInterpretation == "RGB"
 
 
 def test_without_a_matching_rule_the_pixel_data_is_copied_as_received(tmp_path: Path) -> None:

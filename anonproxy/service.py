@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from anonproxy import __version__
+from anonproxy import __version__, codecs
 from anonproxy.audit import AuditLog, get_logger, silence_value_reports
 from anonproxy.config import ProfileConfig, Settings
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
@@ -80,7 +80,9 @@ def build_profile(config: ProfileConfig) -> Profile:
 
 def build_deidentifier(config: ProfileConfig, secret: bytes) -> Deidentifier:
     """The engine of a ``profile:`` section keyed by *secret*: :func:`build_profile` with its
-    date shift range and clean patterns (ConfigError as :func:`build_profile`)."""
+    date shift range and clean patterns (ConfigError as :func:`build_profile`). The decoders
+    the pixel rules may need (:mod:`anonproxy.codecs`) are installed in the process."""
+    codecs.install()
     return Deidentifier(
         build_profile(config),
         secret,

@@ -213,3 +213,18 @@ def test_the_outcome_names_the_rule_or_the_triage_reason(tmp_path: Path) -> None
     assert dcmread(done).BurnedInAnnotation == "NO"
     ruled = Deidentifier(Profile.from_options([], pixel_rules=[{"regions": ["all"]}]), SECRET)
     assert deidentify_file(ruled, ct, tmp_path / "c.dcm").pixels == "blanked by rule pixel_rules.0"
+
+
+def test_the_service_engine_decodes_12_bit_jpeg_to_blank_it(tmp_path: Path) -> None:
+    """build_deidentifier installs anonproxy.codecs: 12-bit JPEG Extended decodes without the
+    GPL codec, and a rule on it is blanked (the engine alone has no such decoder)."""
+    from anonproxy.config import ProfileConfig
+    from anonproxy.service import build_deidentifier
+
+    engine = build_deidentifier(ProfileConfig(pixel_rules=[{"regions": ["0,0,0,20"]}]), SECRET)
+    source = get_testdata_file("JPEG-lossy.dcm")
+    deidentify_file(engine, source, tmp_path / "out.dcm")
+    out, before = dcmread(tmp_path / "out.dcm"), dcmread(source).pixel_array
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert not out.pixel_array[:20].any()
+    assert (out.pixel_array[20:] == before[20:]).all()

@@ -275,38 +275,31 @@ def write_spliced(
     return len(header.getvalue()) + span.header
 
 
-def _encode_elements(elements: Dataset, ds: Dataset) -> bytes:
-    """*elements* encoded as the data set *ds* is (its transfer syntax and character set)."""
-    syntax = ds.file_meta.TransferSyntaxUID
-    out = DicomBytesIO()
-    out.is_implicit_VR = syntax.is_implicit_VR
-    out.is_little_endian = syntax.is_little_endian
-    elements.set_original_encoding(
-        syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set
-    )
-    write_dataset(out, elements, ds.get("SpecificCharacterSet", "iso8859"))
-    return out.getvalue()
-
-
-def encode_without_pixels(ds: Dataset) -> bytes:
-    """The file meta and every element of *ds* but the pixel data, encoded as *ds* would be
-    written (Explicit VR Little Endian for a deflated or unknown transfer syntax): what the
-    self-check reads."""
+def _encode_elements(elements: Dataset, ds: Dataset, *, with_meta: bool = False) -> bytes:
+    """*elements* (and, *with_meta*, the file meta of *ds*) encoded as the data set *ds* is
+    written: its transfer syntax (Explicit VR Little Endian for a deflated or unknown one) and
+    character set."""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is not None and not syntax.is_deflated and syntax.is_transfer_syntax:
         implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     else:
         implicit, little = False, True
-    elements = Dataset({t: ds.get_item(t) for t in ds.keys() if t not in PIXEL_DATA_TAGS})  # noqa: SIM118
     out = DicomBytesIO()
     out.is_implicit_VR = implicit
     out.is_little_endian = little
     elements.set_original_encoding(implicit, little, ds.original_character_set)
-    if meta is not None:
+    if with_meta and meta is not None:
         write_file_meta_info(out, meta, enforce_standard=False)
     write_dataset(out, elements, ds.get("SpecificCharacterSet", "iso8859"))
     return out.getvalue()
+
+
+def encode_without_pixels(ds: Dataset) -> bytes:
+    """The file meta and every element of *ds* but the pixel data, encoded as *ds* would be
+    written: what the self-check reads."""
+    elements = Dataset({t: ds.get_item(t) for t in ds.keys() if t not in PIXEL_DATA_TAGS})  # noqa: SIM118
+    return _encode_elements(elements, ds, with_meta=True)
 
 
 def _copy_range(span: PixelSpan, target: BinaryIO) -> None:

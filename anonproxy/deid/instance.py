@@ -54,6 +54,7 @@ from anonproxy.deid.pixels import (
     blank_native,
     boxes,
     check_blankable,
+    declares_burned_in_annotation,
     first_rule,
     triage,
 )
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
     from anonproxy.deid.engine import Deidentifier, DeidResult
     from anonproxy.deid.selfcheck import SelfCheck
 
-_BURNED_IN_ANNOTATION = 0x00280301
 _ENCAPSULATED_DOCUMENT = 0x00420011
 
 #: Where the de-identified file goes: a path, or a function of the result that names it (e.g.
@@ -114,9 +114,7 @@ def check_policy(engine: Deidentifier, dataset: Dataset) -> DataElement | None:
     (:mod:`anonproxy.deid.documents`). Returns the Encapsulated Document element that ``clean``
     found naming nobody: it is kept as received (Table E.1-1 would replace it by a dummy)."""
     profile = engine.profile
-    element = dataset.get(_BURNED_IN_ANNOTATION)
-    burned_in = element is not None and str(element.value).strip("\x00 ").upper() == "YES"
-    if burned_in and profile.burned_in_annotation == "reject":
+    if profile.burned_in_annotation == "reject" and declares_burned_in_annotation(dataset):
         raise PolicyRefusal("burned-in annotation refused by policy")
     meta = getattr(dataset, "file_meta", None)
     if profile.video == "reject" and is_video(meta.get("TransferSyntaxUID") if meta else None):

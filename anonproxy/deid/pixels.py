@@ -60,12 +60,17 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip("\0 ")
 
 
+def declares_burned_in_annotation(ds: Dataset) -> bool:
+    """True if Burned In Annotation (0028,0301) is YES."""
+    return _text(ds, "BurnedInAnnotation").upper() == "YES"
+
+
 def triage(ds: Dataset) -> str | None:
     """Why the pixels of the image ``ds`` need looking at, or None (the header says they do
     not, or it is no image)."""
     if ds.get("Rows") is None:
         return None
-    if _text(ds, "BurnedInAnnotation").upper() == "YES":
+    if declares_burned_in_annotation(ds):
         return "burned-in annotation"
     sop_class = _text(ds, "SOPClassUID")
     for prefix, reason in _TRIAGED_SOP_CLASSES.items():

@@ -46,6 +46,7 @@ MAX_CONTROL_PDU_BYTES = 1 << 20
 and every transfer syntax is far shorter); A-RELEASE and A-ABORT PDUs are 4 bytes long."""
 
 _P_DATA_TF = 0x04
+_A_RELEASE_RQ = 0x05
 _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_UNRECOGNIZED_PDU = 0x01
@@ -126,6 +127,7 @@ class PduGuard:
         self.on_violation = on_violation
         self.data_sets = DataSetBound(max_data_set_bytes)
         self.tripped = False
+        self.release_requested = False  # an A-RELEASE-RQ was read (the peer ends normally)
         self._body_type: int | None = None  # the type of the PDU whose body comes next
         self._recv: Callable[[int], bytearray] = assoc.dul.socket.recv
 
@@ -217,6 +219,7 @@ class PduGuard:
                     )
                     return bytearray()
                 self._body_type = pdu_type
+                self.release_requested |= pdu_type == _A_RELEASE_RQ
             return header
         pdu_type, self._body_type = self._body_type, None
         body = self._recv(nr_bytes)

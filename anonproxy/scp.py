@@ -277,7 +277,11 @@ class StorageSCP:
             return
         name = "association.released" if event.event is evt.EVT_RELEASED else "association.aborted"
         if event.event is evt.EVT_CONN_CLOSE:
-            name = "association.closed"
+            # The reactor thread triggers EVT_RELEASED after queueing the A-RELEASE-RP; the peer
+            # can close first, and pynetdicom then triggers EVT_CONN_CLOSE before it.
+            guard = getattr(event.assoc, "anonproxy_guard", None)
+            released = guard is not None and guard.release_requested
+            name = "association.released" if released else "association.closed"
         self.audit.event(
             name,
             assoc_id=id(event.assoc),

@@ -246,6 +246,26 @@ def test_a_c_store_without_a_data_set_is_refused_and_the_server_serves_on(
     assert echoscu(proxy.port) == 0
 
 
+def test_a_release_is_audited_as_released_when_the_peer_closes_at_once(
+    make_proxy, tmp_path: Path
+) -> None:
+    # The peer closes as soon as the A-RELEASE-RP is on its way; pynetdicom may then report
+    # the closed connection before the release.
+    proxy = make_proxy()
+    for _ in range(10):
+        peer = RawPeer(proxy.port)
+        peer.send(associate_rq())
+        assert peer.read_pdu()[0] == A_ASSOCIATE_AC  # type: ignore[index]
+        peer.send(struct.pack(">BBLL", 0x05, 0, 4, 0))  # A-RELEASE-RQ
+        assert peer.read_pdu()[0] == 0x06  # type: ignore[index]  # A-RELEASE-RP
+        peer.close()
+    ending = {"association.released", "association.aborted", "association.closed"}
+    assert wait_for(lambda: sum(e["event"] in ending for e in _audit(tmp_path)) >= 10, timeout=10)
+    assert [e["event"] for e in _audit(tmp_path) if e["event"] in ending] == [
+        "association.released"
+    ] * 10
+
+
 def test_storescu_within_a_small_max_pdu_size_is_not_refused(
     make_proxy, tmp_path: Path, corpus: list[Path]
 ) -> None:

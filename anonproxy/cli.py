@@ -237,7 +237,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print("retry requested; the running service picks it up within seconds")
         return 0
     status = spool.queue_status(root)
+    # "(received)": data sets acknowledged on receipt and waiting for de-identification, and
+    # the inputs refused before de-identification (quarantine/rejected); no destination's
+    # name has parentheses.
+    received = spool.deferred_status(root)
     print("destination\tpending\toldest_age_s\tretrying\tquarantined")
+    print(
+        f"(received)\t{received['waiting']}\t{received['oldest_age_s']}\t0\t{received['refused']}"
+    )
     for name, row in status.items():
         print(
             f"{name}\t{row['pending']}\t{row['oldest_age_s']}\t{row['retrying']}"
@@ -258,6 +265,14 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 f"{entry['destination']}\t{entry['uid']}\t{entry['attempts']}"
                 f"\t{entry['age_s']}\t{entry['reason']}"
             )
+        refused = spool.refused_inputs(root)
+        if refused:  # originals (PHI), in quarantine/rejected under random names
+            print("\nrefused input\tstage\tstatus\tage_s\treason")
+            for entry in refused:
+                print(
+                    f"{entry['name']}\t{entry['stage']}\t{entry['status']}"
+                    f"\t{entry['age_s']}\t{entry['reason']}"
+                )
         return 0
     if args.action == "release":
         if not args.destination or not args.uids:
@@ -335,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     queue = add("queue", "spool queues: status, or retry waiting instances now")
     queue.add_argument("action", choices=["status", "retry"])
     queue.set_defaults(func=cmd_queue)
-    quarantine = add("quarantine", "instances a destination refused for good")
+    quarantine = add(
+        "quarantine",
+        "instances a destination refused for good, and inputs refused before de-identification",
+    )
     quarantine.add_argument("action", choices=["list", "release", "purge"])
     quarantine.add_argument("destination", nargs="?", help="release: the destination")
     quarantine.add_argument("uids", nargs="*", help="release: de-identified SOP Instance UIDs")

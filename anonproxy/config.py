@@ -119,6 +119,10 @@ class ListenConfig(_Section):
     max_sequence_depth: int = Field(default=DEFAULT_MAX_SEQUENCE_DEPTH, ge=1, le=1000)
     # `storage` (every Storage SOP Class, current and retired) and/or SOP Class UIDs
     sop_classes: list[str] = Field(default_factory=lambda: ["storage"], min_length=1)
+    # When C-STORE Success is answered: once the instance is de-identified and spooled for its
+    # destinations, or once the received data set is durably in the incoming spool (it is then
+    # de-identified behind; see anonproxy.deferred)
+    acknowledge: Literal["after_deidentification", "after_receipt"] = "after_deidentification"
 
     @field_validator("ae_title")
     @classmethod
@@ -357,6 +361,9 @@ class StorageConfig(_Section):
     fsync: bool = True
     keep_rejected_inputs: bool = False
     rejected_inputs_max_age_days: float = Field(default=7.0, gt=0)
+    # received data sets acknowledged and waiting for de-identification (listen.acknowledge
+    # after_receipt): at or over this many bytes, C-STORE gets Out of Resources (0xA700)
+    incoming_max_bytes: int = Field(default=8 << 30, ge=0)
 
 
 class SyslogConfig(_Section):
@@ -426,6 +433,12 @@ class Settings(_Section):
             unknown = sorted(set(route.destinations) - known)
             if unknown:
                 msg = f"routes.{index}.destinations: unknown destination(s) {unknown}"
+                raise ValueError(msg)
+            if route.transparent and self.listen.acknowledge == "after_receipt":
+                msg = (
+                    f"routes.{index}.transparent: a transparent route relays the destination's"
+                    " answer, which needs listen.acknowledge: after_deidentification"
+                )
                 raise ValueError(msg)
         return self
 

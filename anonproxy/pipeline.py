@@ -5,6 +5,11 @@ knows nothing about the network. :meth:`InstancePipeline.process` returns a
 :class:`StoreOutcome` (a status and an ErrorComment) and never raises: every failure fails
 closed, so an instance that was not fully de-identified and durably stored is never
 acknowledged and never forwarded.
+
+:meth:`InstancePipeline.should_defer` decides, per instance, whether it is processed before
+the answer (:meth:`~InstancePipeline.process`) or acknowledged once durably received and
+processed behind by :mod:`anonproxy.deferred`, which runs the same steps
+(:meth:`~InstancePipeline.store` after the engine) and quarantines what is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from anonproxy.config import RouteConfig
 from anonproxy.errors import SpoolFullError
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
-from anonproxy.workers import DeidentifierPool, Refusal
+from anonproxy.workers import Deidentified, DeidentifierPool, Refusal
 
 _ERROR_COMMENT_MAX = 64  # PS3.7: Error Comment is LO
 
@@ -50,6 +55,7 @@ class InstancePipeline:
         *,
         routes: Sequence[RouteConfig] = (),
         keep_rejected_inputs: bool = False,
+        acknowledge: str = "after_deidentification",
     ) -> None:
         self.runner = runner
         self.spool = spool
@@ -57,6 +63,22 @@ class InstancePipeline:
         self.routes = list(routes)
         self.audit = audit
         self.keep_rejected_inputs = keep_rejected_inputs
+        self.acknowledge_on_receipt = acknowledge == "after_receipt"
+
+    def should_defer(self, received: Path, sop_class_uid: str) -> bool:
+        """Whether the received data set *received* (a DICOM file, as received; *sop_class_uid*
+        from the C-STORE request) is acknowledged once durably kept in the incoming spool and
+        de-identified behind (:mod:`anonproxy.deferred`), rather than before the answer
+        (:meth:`process`). The sender then no longer learns of a refusal: the input is
+        quarantined and audited instead.
+
+        Today every instance is deferred under ``listen.acknowledge: after_receipt`` and none
+        otherwise. This is the extension point for decisions per instance: a stage that needs
+        seconds for some instances (OCR of burned-in text) adds its test with ``or``, e.g.
+        ``return self.acknowledge_on_receipt or needs_ocr(received)``. It runs on the
+        association's thread before the answer: keep it to a look at the header."""
+        del received, sop_class_uid  # not needed yet: see the docstring
+        return self.acknowledge_on_receipt
 
     def refuse(
         self,
@@ -70,7 +92,9 @@ class InstancePipeline:
         PHI) only when configured; the audit record names the kept file by its random name."""
         if self.keep_rejected_inputs and source is not None:
             try:
-                kept: str | None = self.spool.keep_rejected(source).name
+                kept: str | None = self.spool.keep_rejected(
+                    source, refusal_note(Refusal(status, stage, reason), fields)
+                ).name
             except Exception:  # noqa: BLE001 - keeping is best effort; the refusal stands
                 kept = None
             fields = {**fields, "kept_as": kept}
@@ -114,30 +138,43 @@ class InstancePipeline:
         self.audit.event("instance.received", **fields)
         try:
             with self.spool.staging() as staged:
-                route = (calling_ae_title, sop_class_uid)
-                return self._process(source, staged, route, started, fields)
+                done = self.runner.run(source, staged)
+                outcome = (
+                    done
+                    if isinstance(done, Refusal)
+                    else self.store(
+                        done, staged, (calling_ae_title, sop_class_uid), started, fields
+                    )
+                )
         except SpoolFullError as exc:
             return self.refuse(StoreStatus.OUT_OF_RESOURCES, "spool", str(exc), fields)
+        if isinstance(outcome, Refusal):
+            return self.refuse(outcome.status, outcome.stage, outcome.reason, fields, source)
+        return outcome
 
-    def _process(
+    def store(
         self,
-        source: Path,
+        done: Deidentified,
         staged: Path,
         route: tuple[str, str],
         started: float,
         fields: dict[str, object],
-    ) -> StoreOutcome:
-        """:meth:`process` once the spool has room: *staged* is where the de-identified file is
-        written, *route* the calling AE title and SOP Class UID."""
-        done = self.runner.run(source, staged)
-        if isinstance(done, Refusal):
-            return self.refuse(done.status, done.stage, done.reason, fields, source)
+        *,
+        consume: Path | None = None,
+    ) -> StoreOutcome | Refusal:
+        """Route and spool an instance the engine de-identified into *staged*; *route* is the
+        calling AE title and SOP Class UID, *fields* go into its audit records. With
+        *consume* (a deferred data set, :mod:`anonproxy.deferred`), the commit removes it and
+        transparent routes are not waited for. Returns the answer, or the refusal when no
+        route takes it; raises :class:`SpoolFullError` when the spool cannot take it."""
         result = done.result
         fields["original_sop_instance_uid_hash"] = result.original_sop_instance_uid_hash
         calling_ae_title, sop_class_uid = route
         destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
         if not destinations:
-            return self.refuse(StoreStatus.NO_ROUTE, "route", "no route for this instance", fields)
+            return Refusal(StoreStatus.NO_ROUTE, "route", "no route for this instance")
+        if consume is not None:
+            transparent = {}  # acknowledged already: nobody waits for the answer
         self.audit.event(
             "instance.deidentified",
             deid_sop_instance_uid=result.sop_instance_uid,
@@ -150,7 +187,7 @@ class InstancePipeline:
         name = result.sop_instance_uid
         watching = {d: self.spool.queues[d].watch(name) for d in transparent}
         try:
-            size = self.spool.commit(staged, name, destinations)
+            size = self.spool.commit(staged, name, destinations, consume=consume)
         except SpoolFullError:
             self._unwatch(name, watching)
             raise
@@ -160,10 +197,23 @@ class InstancePipeline:
             destinations=destinations,
             bytes=size,
             total_ms=round((time.monotonic() - started) * 1000, 2),
+            **({} if consume is None else {"deferred_as": consume.stem}),
         )
         if watching:
             return self._relay(name, watching, transparent)
         return StoreOutcome(StoreStatus.SUCCESS, deid_sop_instance_uid=name)
+
+    def quarantine(
+        self, deferred: Path, refusal: Refusal, fields: dict[str, object]
+    ) -> StoreOutcome:
+        """A deferred data set refused: keep it in the quarantine of refused inputs (under its
+        own random name: keeping it again after a crash replaces it), remove it from the
+        deferred ones and audit ``instance.failed``. Raises OSError when it cannot be kept
+        (it then stays where it is, to be processed again)."""
+        kept = self.spool.keep_rejected(deferred, refusal_note(refusal, fields), deferred.stem)
+        self.spool.consume(deferred)
+        fields = {**fields, "kept_as": kept.name}
+        return self.refuse(refusal.status, refusal.stage, refusal.reason, fields)
 
     def _unwatch(self, name: str, watching: dict[str, Delivery]) -> None:
         for destination, delivery in watching.items():
@@ -196,3 +246,14 @@ class InstancePipeline:
         finally:
             self._unwatch(name, watching)
         return answer
+
+
+def refusal_note(refusal: Refusal, fields: dict[str, object]) -> dict[str, object]:
+    """What is written beside a kept refused input: the refusal and the SOP Class (never a
+    value of the data set)."""
+    return {
+        "stage": refusal.stage,
+        "status": f"0x{refusal.status:04X}",
+        "reason": refusal.reason,
+        "sop_class_uid": fields.get("sop_class_uid"),
+    }

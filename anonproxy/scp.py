@@ -34,6 +34,7 @@ from anonproxy import limits, reactor, sop_classes, tls
 from anonproxy.access import AccessPolicy, Rejection
 from anonproxy.audit import AuditLog, silence_pynetdicom_identifiers
 from anonproxy.config import ListenConfig
+from anonproxy.deferred import DeferredProcessor
 from anonproxy.errors import DecodeError, LimitExceeded
 from anonproxy.forward import set_tcp_nodelay
 from anonproxy.pipeline import InstancePipeline, StoreOutcome
@@ -84,12 +85,19 @@ class AssociationRecord:
 class StorageSCP:
     """The receiving side of anonproxy."""
 
-    def __init__(self, config: ListenConfig, pipeline: InstancePipeline, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        config: ListenConfig,
+        pipeline: InstancePipeline,
+        audit: AuditLog,
+        deferred: DeferredProcessor | None = None,
+    ) -> None:
         reactor.install()
         receive_into(pipeline.spool.incoming_dir)
         self.config = config
         self.pipeline = pipeline
         self.audit = audit
+        self.deferred = deferred if deferred is not None else DeferredProcessor(pipeline)
         self._records: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
         self.ae = self._build_ae()
@@ -378,14 +386,19 @@ class StorageSCP:
         return EchoStatus.SUCCESS
 
     def handle_store(self, event: evt.Event, received: Path) -> Dataset:
-        """EVT_C_STORE: de-identify and spool one instance.
+        """EVT_C_STORE: de-identify and spool one instance, or keep it durably to be
+        de-identified behind when the pipeline defers it
+        (:meth:`~anonproxy.pipeline.InstancePipeline.should_defer`,
+        :mod:`anonproxy.deferred`).
 
         *received* is the file pynetdicom wrote as the data set arrived (preamble, file meta,
         data set untouched); it is decoded in the pipeline, not in this thread. Returns a
         status dataset:
 
-        * ``StoreStatus.SUCCESS`` (0x0000): de-identified and durably spooled;
-        * ``StoreStatus.OUT_OF_RESOURCES`` (0xA700): the spool cannot take it; retry later;
+        * ``StoreStatus.SUCCESS`` (0x0000): de-identified and durably spooled, or, deferred,
+          durably kept in the incoming spool;
+        * ``StoreStatus.OUT_OF_RESOURCES`` (0xA700): the spool (deferred: the incoming spool,
+          ``storage.incoming_max_bytes``) cannot take it; retry later;
         * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): the data set cannot be parsed;
         * ``StoreStatus.DEIDENTIFICATION_FAILED`` (0xC001): it cannot be fully de-identified or
           is refused by policy; it is not forwarded;
@@ -394,12 +407,22 @@ class StorageSCP:
         References: PS3.4 Annex B.2.3; PS3.7 Annex C.
         """
         record = self._record(event)
-        outcome = self.pipeline.process(
-            received,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            calling_ae_title=record.calling_ae_title if record else "",
-            assoc_id=id(event.assoc),
-        )
+        sop_class_uid = str(event.request.AffectedSOPClassUID)
+        calling_ae_title = record.calling_ae_title if record else ""
+        if self.pipeline.should_defer(received, sop_class_uid):
+            outcome = self.deferred.accept(
+                received,
+                sop_class_uid=sop_class_uid,
+                calling_ae_title=calling_ae_title,
+                assoc_id=id(event.assoc),
+            )
+        else:
+            outcome = self.pipeline.process(
+                received,
+                sop_class_uid=sop_class_uid,
+                calling_ae_title=calling_ae_title,
+                assoc_id=id(event.assoc),
+            )
         return self._answer(record, outcome)
 
     def _record(self, event: evt.Event) -> AssociationRecord | None:

@@ -23,6 +23,7 @@ from types import FrameType
 from anonproxy import __version__, codecs
 from anonproxy.audit import AuditLog, get_logger, silence_value_reports
 from anonproxy.config import ProfileConfig, Settings
+from anonproxy.deferred import DeferredProcessor
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.instance import Limits
 from anonproxy.errors import ConfigError
@@ -73,6 +74,8 @@ def build_profile(config: ProfileConfig) -> Profile:
             encapsulated_documents=config.encapsulated_documents,
             video=config.video,
             pixel_rules=config.pixel_rules,
+            clean_pixel_data=config.clean_pixel_data,
+            pixel_keep_regions=config.pixel_keep_regions,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None
@@ -128,6 +131,7 @@ class Proxy:
             max_bytes=storage.max_bytes,
             min_free_bytes=storage.min_free_bytes,
             fsync=storage.fsync,
+            incoming_max_bytes=storage.incoming_max_bytes,
         )
         self.deidentifiers = DeidentifierPool(
             build_deidentifier(settings.profile, self.secret.value),
@@ -142,8 +146,11 @@ class Proxy:
             self.audit,
             routes=settings.routes,
             keep_rejected_inputs=storage.keep_rejected_inputs,
+            acknowledge=settings.listen.acknowledge,
         )
-        self.scp = StorageSCP(settings.listen, self.pipeline, self.audit)
+        # Deferred instances keep every worker process busy, one association alone included.
+        self.deferred = DeferredProcessor(self.pipeline, window=self.deidentifiers.workers)
+        self.scp = StorageSCP(settings.listen, self.pipeline, self.audit, self.deferred)
         self.workers: list[ForwardWorker] = []
         for destination in destinations:
             for index in range(getattr(destination, "max_associations", 1)):
@@ -169,9 +176,11 @@ class Proxy:
         return self.scp.port
 
     def start(self) -> None:
-        """Recover the spool, start forwarding, then start listening."""
+        """Recover the spool, start forwarding, then start listening. Data sets a previous
+        run acknowledged and did not de-identify are queued before the first new one."""
         self._lock_storage()
         recovered = self.spool.recover()
+        deferred = self.deferred.recover()
         for worker in self.workers:
             worker.start()
         self._housekeeping.start()
@@ -183,6 +192,8 @@ class Proxy:
             port=self.port,
             destinations=[d.name for d in self.settings.effective_destinations],
             recovered=recovered,
+            recovered_deferred=deferred,
+            acknowledge=self.settings.listen.acknowledge,
         )
 
     def _lock_storage(self) -> None:
@@ -225,6 +236,7 @@ class Proxy:
         deadline = time.monotonic() + timeout
         while self.scp.active_associations() and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.deferred.stop(max(0.1, deadline - time.monotonic()))
         for worker in self.workers:
             worker.stop()
         self.spool.close()
@@ -239,6 +251,7 @@ class Proxy:
         self.audit.event(
             "service.stopped",
             pending={name: len(q) for name, q in self.spool.queues.items()},
+            deferred=len(self.spool.deferred()),
         )
         if self.audit_syslog is not None:
             self.audit_syslog.close(timeout=2.0)

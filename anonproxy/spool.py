@@ -4,15 +4,26 @@ Layout under the storage path::
 
     spool/incoming/                 data sets being received (PHI: owner-only, removed at
                                     start-up and when abandoned by an aborted association)
+    spool/deferred/<name>.dcm       data sets received and acknowledged, waiting for
+                                    de-identification (PHI: owner-only; see Spool.defer)
     spool/tmp/                      de-identified instances being written (removed at start-up)
     spool/<destination>/<uid>.dcm   de-identified instances waiting for that destination
     quarantine/<destination>/       instances a destination refused for good, with <uid>.json
+    quarantine/rejected/            inputs refused before de-identification (PHI: owner-only,
+                                    random names), with <name>.json: stage, status, reason
 
 An instance is written once to ``spool/tmp`` (write, fsync), then hard-linked into the queue
 directory of every destination it is routed to, the directories are fsynced, and only then is
 the temporary name removed. When :meth:`Spool.commit` returns, the instance survives a crash or
 a SIGKILL; the C-STORE handler answers Success only after that. File names are de-identified
 SOP Instance UIDs only, validated against the UID grammar (no path can be smuggled in).
+
+A deferred data set (acknowledged on receipt) is committed with ``consume``: its de-identified
+copy is linked into the queues under hidden names, the original is removed, and only then are
+the names made visible. A crash before the original's removal leaves hidden links that
+:meth:`Spool.recover` discards (the original is processed again); a crash after it leaves
+hidden links that recovery makes visible. Either way a forward worker never sees an instance
+whose original is still there, so processing it again never delivers it twice.
 """
 
 from __future__ import annotations
@@ -34,8 +45,10 @@ from anonproxy.errors import SpoolFullError
 
 _UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 SUFFIX = ".dcm"
-_TMP, _INCOMING = "tmp", "incoming"
-NOT_QUEUES = frozenset({_TMP, _INCOMING})  # folders of the spool that are no queue: reserved
+_NAME = re.compile(r"^[0-9a-z-]{1,200}$")  # deferred and kept inputs: never a UID
+_TMP, _INCOMING, _DEFERRED = "tmp", "incoming", "deferred"
+NOT_QUEUES = frozenset({_TMP, _INCOMING, _DEFERRED})  # spool folders that are no queue: reserved
+_HIDDEN = ".pending"  # a de-identified instance linked, not yet visible: .<original>.<uid>.pending
 
 
 def check_uid_name(uid: str) -> str:
@@ -67,11 +80,29 @@ def _link_replacing(source: Path, target: Path) -> None:
 
 def fsync_directory(path: Path) -> None:
     """Make a rename or link in *path* durable."""
+    fsync_file(path)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the content of the file *path* durable (or, for a folder, its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _private_directory(path: Path) -> None:
+    """Create *path* (and its parents) if needed, readable by the owner only: it holds PHI."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        msg = "not a valid spool file name"
+        raise ValueError(msg)
+    return name
 
 
 @dataclass
@@ -233,11 +264,14 @@ class Spool:
         max_bytes: int | None = None,
         min_free_bytes: int = 0,
         fsync: bool = True,
+        incoming_max_bytes: int | None = None,
     ) -> None:
         self.root = root
         self.spool_dir = root / "spool"
         self.tmp_dir = self.spool_dir / _TMP
         self.incoming_dir = self.spool_dir / _INCOMING
+        self.deferred_dir = self.spool_dir / _DEFERRED
+        self.incoming_max_bytes = incoming_max_bytes
         self.quarantine_dir = root / "quarantine"
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -248,21 +282,14 @@ class Spool:
         self.retry_request = root / "control" / "retry-now"
         self.rejected_dir = self.quarantine_dir / "rejected"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.incoming_dir.mkdir(exist_ok=True, mode=0o700)
-        self.incoming_dir.chmod(0o700)
+        _private_directory(self.incoming_dir)
+        _private_directory(self.deferred_dir)
         for name in destinations:
             directory = self.spool_dir / name
             directory.mkdir(parents=True, exist_ok=True)
             self.queues[name] = DestinationQueue(directory)
-        self._bytes = self._measure()
-
-    def _measure(self) -> int:
-        total = 0
-        for queue in self.queues.values():
-            for entry in os.scandir(queue.directory):
-                with contextlib.suppress(OSError):
-                    total += entry.stat().st_size
-        return total
+        self._bytes = sum(_measure(queue.directory) for queue in self.queues.values())
+        self.deferred_bytes = _measure(self.deferred_dir)
 
     def recover(self) -> dict[str, int]:
         """Index what a previous run left in the spool; returns counts per destination.
@@ -273,7 +300,26 @@ class Spool:
         for stale in self.tmp_dir.iterdir():
             stale.unlink()
         self.purge_incoming(0.0)
+        for queue in self.queues.values():
+            self._settle_hidden(queue.directory)
         return {name: queue.load() for name, queue in self.queues.items()}
+
+    def _settle_hidden(self, directory: Path) -> None:
+        """Finish or undo the commits of deferred instances a crash interrupted (see the
+        module's docstring): a hidden link whose original is gone is made visible, one whose
+        original is still there is removed (the original will be processed again)."""
+        changed = False
+        for entry in os.scandir(directory):
+            if not (entry.name.startswith(".") and entry.name.endswith(_HIDDEN)):
+                continue
+            original, _, name = entry.name[1 : -len(_HIDDEN)].partition(".")
+            if (self.deferred_dir / (original + SUFFIX)).exists():
+                Path(entry.path).unlink()
+            else:
+                os.replace(entry.path, directory / (check_uid_name(name) + SUFFIX))
+            changed = True
+        if changed and self.fsync:
+            fsync_directory(directory)
 
     def rescan(self) -> None:
         """Pick up files put in the queue directories by an operator (quarantine release)."""
@@ -297,13 +343,14 @@ class Spool:
         tmp.replace(self.state_file)
 
     def purge_rejected(self, older_than_s: float) -> int:
-        """Delete kept rejected inputs older than *older_than_s* seconds."""
+        """Delete kept rejected inputs (and their notes) older than *older_than_s* seconds."""
         now = time.time()
         count = 0
         if self.rejected_dir.is_dir():
             for path in self.rejected_dir.glob("*" + SUFFIX):
                 if _age_s(path, now) >= older_than_s:
                     path.unlink(missing_ok=True)
+                    path.with_suffix(".json").unlink(missing_ok=True)
                     count += 1
         return count
 
@@ -318,25 +365,77 @@ class Spool:
                 count += 1
         return count
 
-    def keep_rejected(self, source: Path) -> Path:
+    def keep_rejected(self, source: Path, note: dict[str, object], name: str | None = None) -> Path:
         """Keep an input refused before de-identification (it holds PHI): owner-only access,
-        a random file name."""
-        self.rejected_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.rejected_dir.chmod(0o700)
-        path = self.rejected_dir / f"{uuid.uuid4().hex}{SUFFIX}"
+        a random file name (or *name*: keeping it again replaces it), and beside it
+        ``<name>.json`` with *note* (why it was refused: never a value of the data set)."""
+        _private_directory(self.rejected_dir)
+        path = self.rejected_dir / f"{_check_name(name or uuid.uuid4().hex)}{SUFFIX}"
+        note_path = path.with_suffix(".json")
+        fd = os.open(note_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({**note, "time": time.time()}, handle)
         try:
-            os.link(source, path)
+            _link_replacing(source, path)
             path.chmod(0o600)
         except OSError:  # another file system: copy
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as handle, source.open("rb") as original:
                 shutil.copyfileobj(original, handle)
+        if self.fsync:
+            fsync_file(path)
+            fsync_file(note_path)
+            fsync_directory(self.rejected_dir)
         return path
+
+    # -- data sets acknowledged on receipt, waiting for de-identification ------------------
+
+    def defer(self, received: Path, name: str) -> Path:
+        """Keep the received data set *received* (in ``spool/incoming``) durably as *name* in
+        ``spool/deferred`` (fsync of the file, rename, fsync of the folder); returns its new
+        path. Raises :class:`SpoolFullError` when the deferred data sets reach
+        ``incoming_max_bytes``, the disk is nearly full, or on an I/O error."""
+        target = self.deferred_dir / f"{_check_name(name)}{SUFFIX}"
+        if self.incoming_max_bytes is not None and self.deferred_bytes >= self.incoming_max_bytes:
+            msg = "incoming spool quota reached"
+            raise SpoolFullError(msg)
+        self._check_free_space()
+        try:
+            size = received.stat().st_size
+            if self.fsync:
+                fsync_file(received)
+            os.rename(received, target)
+            if self.fsync:
+                fsync_directory(self.deferred_dir)
+        except OSError as exc:
+            target.unlink(missing_ok=True)  # not acknowledged: the sender sends it again
+            msg = f"incoming spool write failed: {exc.strerror or type(exc).__name__}"
+            raise SpoolFullError(msg) from None
+        with self._bytes_lock:
+            self.deferred_bytes += size
+        return target
+
+    def deferred(self) -> list[Path]:
+        """The deferred data sets, in the order of their names."""
+        return sorted(self.deferred_dir.glob("*" + SUFFIX))
+
+    def consume(self, deferred: Path) -> None:
+        """Remove a deferred data set durably: it was de-identified and committed, or kept
+        as refused (the removal is what makes either final)."""
+        size = deferred.stat().st_size
+        deferred.unlink()
+        if self.fsync:
+            fsync_directory(self.deferred_dir)
+        with self._bytes_lock:
+            self.deferred_bytes = max(0, self.deferred_bytes - size)
 
     def _check_space(self) -> None:
         if self.max_bytes is not None and self._bytes >= self.max_bytes:
             msg = "spool quota reached"
             raise SpoolFullError(msg)
+        self._check_free_space()
+
+    def _check_free_space(self) -> None:
         if self.min_free_bytes:
             free = shutil.disk_usage(self.spool_dir).free
             if free < self.min_free_bytes:
@@ -348,35 +447,55 @@ class Spool:
         """A new path in ``spool/tmp`` to write one instance to, removed on leaving (after
         :meth:`commit` has linked it). Raises :class:`SpoolFullError` when the spool cannot
         take one more instance."""
-        self._check_space()
-        tmp = self.tmp_dir / f"{_unique()}{SUFFIX}"
+        tmp = self.stage()
         try:
             yield tmp
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            self.unstage(tmp)
 
-    def commit(self, tmp: Path, name: str, destinations: Iterable[str]) -> int:
+    def stage(self) -> Path:
+        """:meth:`staging` for a caller that removes the path itself (:meth:`unstage`)."""
+        self._check_space()
+        return self.tmp_dir / f"{_unique()}{SUFFIX}"
+
+    @staticmethod
+    def unstage(tmp: Path) -> None:
+        """Remove a path of :meth:`stage` (linked by :meth:`commit`, or abandoned)."""
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+    def commit(
+        self, tmp: Path, name: str, destinations: Iterable[str], *, consume: Path | None = None
+    ) -> int:
         """Durably store the instance written at *tmp* (from :meth:`staging`) as *name* for
         *destinations*; returns its size in bytes. Raises :class:`SpoolFullError` on an I/O
-        error."""
+        error (nothing committed). With *consume*, the deferred data set that *tmp*
+        de-identifies is removed in the same commit (see the module's docstring)."""
         check_uid_name(name)
         targets = [self.queues[d] for d in destinations]
+        hidden = None if consume is None else f".{consume.stem}.{name}{_HIDDEN}"
         try:
             size = tmp.stat().st_size
             if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(tmp)
             for queue in targets:
-                _link_replacing(tmp, queue.path(name))
+                _link_replacing(
+                    tmp, queue.path(name) if hidden is None else queue.directory / hidden
+                )
                 if self.fsync:
                     fsync_directory(queue.directory)
+            if consume is not None:
+                self.consume(consume)  # the commit point
         except OSError as exc:
+            if hidden is not None:
+                for queue in targets:
+                    (queue.directory / hidden).unlink(missing_ok=True)
             msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
             raise SpoolFullError(msg) from None
+        if hidden is not None:
+            for queue in targets:  # not synced: recovery makes them visible after a crash
+                with contextlib.suppress(OSError):
+                    os.replace(queue.directory / hidden, queue.path(name))
         with self._bytes_lock:
             self._bytes += size * len(targets)
         for queue in targets:
@@ -423,6 +542,15 @@ class Spool:
 # -- operator view (works on the storage folder, with or without a running service) ---------
 
 
+def _measure(directory: Path) -> int:
+    """Bytes of the files in *directory*."""
+    total = 0
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            total += entry.stat().st_size
+    return total
+
+
 def _age_s(path: Path, now: float) -> float:
     with contextlib.suppress(OSError):
         return now - path.stat().st_mtime
@@ -454,6 +582,41 @@ def queue_status(root: Path) -> dict[str, dict[str, object]]:
             "retrying": state.get(name, {}).get("retrying", 0),
         }
     return result
+
+
+def deferred_status(root: Path) -> dict[str, float | int]:
+    """Data sets acknowledged on receipt and waiting for de-identification (count, bytes, age
+    of the oldest), and inputs refused before de-identification kept in quarantine."""
+    now = time.time()
+    waiting = list((root / "spool" / _DEFERRED).glob("*" + SUFFIX))
+    sizes = [path.stat().st_size for path in waiting if path.exists()]
+    return {
+        "waiting": len(waiting),
+        "bytes": sum(sizes),
+        "oldest_age_s": round(max((_age_s(p, now) for p in waiting), default=0.0), 1),
+        "refused": len(list((root / "quarantine" / "rejected").glob("*" + SUFFIX))),
+    }
+
+
+def refused_inputs(root: Path) -> list[dict[str, object]]:
+    """Every input refused before de-identification and kept in quarantine: its random name,
+    the stage, status and reason of the refusal, its age."""
+    now = time.time()
+    entries: list[dict[str, object]] = []
+    for path in sorted((root / "quarantine" / "rejected").glob("*" + SUFFIX)):
+        note: dict[str, object] = {}
+        with contextlib.suppress(OSError, ValueError):
+            note = json.loads(path.with_suffix(".json").read_text("utf-8"))
+        entries.append(
+            {
+                "name": path.name,
+                "stage": note.get("stage", "unknown"),
+                "status": note.get("status", "unknown"),
+                "reason": note.get("reason", "unknown"),
+                "age_s": round(_age_s(path, now), 1),
+            }
+        )
+    return entries
 
 
 def quarantined(root: Path) -> list[dict[str, object]]:

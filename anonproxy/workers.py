@@ -205,20 +205,23 @@ class DeidentifierPool:
         if pool is not None:  # shut down meanwhile
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, source: Path, target: Path) -> Deidentified | Refusal:
+    def run(self, source: Path, target: Path, *, offload: bool = False) -> Deidentified | Refusal:
         """De-identify the file *source* into *target*: in the calling thread when no other
-        instance is being processed, in a worker process when several are. The worker
-        processes (an interpreter each, some 80 MiB) start when instances first overlap; until
-        they are ready, every instance is processed in its calling thread."""
+        instance is being processed, in a worker process when several are, or always with
+        *offload* (a caller that is not the association's thread: the service process keeps
+        its interpreter for receiving). The worker processes (an interpreter each, some
+        80 MiB) start when instances first overlap or are offloaded; until they are ready,
+        every instance is processed in its calling thread."""
         with self._lock:
             pool = self._pool
             self._busy += 1
-            if pool is None and self._busy > 1 and self.workers > 0 and not self._starting:
+            wanted = self._busy > 1 or offload  # a lone instance stays here
+            if pool is None and wanted and self.workers > 0 and not self._starting:
                 self._starting = True
                 threading.Thread(
                     target=self._start_in_background, name="deidentify-pool", daemon=True
                 ).start()
-            worker_pool = pool if self._busy > 1 else None  # a lone instance stays here
+            worker_pool = pool if wanted else None
             self.offloaded += worker_pool is not None
         try:
             if worker_pool is None:

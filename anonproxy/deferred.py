@@ -1,0 +1,265 @@
+"""Instances acknowledged on receipt and de-identified behind (``listen.acknowledge:
+after_receipt``, or any instance :meth:`~anonproxy.pipeline.InstancePipeline.should_defer`
+picks).
+
+:meth:`DeferredProcessor.accept` runs on the association's thread: it moves the received data
+set durably into ``spool/deferred`` (:meth:`~anonproxy.spool.Spool.defer`: fsync of the file
+and the folder) and answers Success, or Out of Resources (0xA700) when the deferred data sets
+reach ``storage.incoming_max_bytes``. Background threads then run the pipeline's steps on it
+(the engine in the worker processes, then :meth:`~anonproxy.pipeline.InstancePipeline.store`),
+in arrival order per association: one *lane* per association, with up to *window* instances
+of a lane in the engine at once and their commits in arrival order. A refused instance (the
+engine, the policy, no route) is moved to the quarantine of refused inputs and audited
+``instance.failed``; a full spool, or a full disk, is retried after a back-off, the lane
+waiting (its order kept).
+
+The name of a deferred data set carries what processing it needs after a restart, and no
+value of the data set: ``<run>-<sequence>-<lane>-<calling AE title in hex>``, where *run* is
+the start time of the service (hexadecimal nanoseconds) and *sequence* counts the data sets
+it received, so that names sort in arrival order. :meth:`DeferredProcessor.recover` queues
+what a previous run left, by lane, in that order; the spool's commit makes processing one
+again after a crash deliver it once (see :mod:`anonproxy.spool`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from anonproxy.audit import get_logger
+from anonproxy.errors import SpoolFullError
+from anonproxy.forward import retry_delay
+from anonproxy.pipeline import InstancePipeline, StoreOutcome
+from anonproxy.status import StoreStatus
+from anonproxy.workers import Deidentified, Refusal
+
+log = get_logger(__name__)
+
+_NAME = re.compile(
+    r"^(?P<lane>[0-9a-f]{16}-)[0-9a-f]{10}-(?P<assoc>[0-9a-f]{1,16})-(?P<ae>[0-9a-f]*)$"
+)
+_RETRY_MAX_DELAY_S = 30.0
+
+
+@dataclass(frozen=True)
+class DeferredInstance:
+    """A received data set in ``spool/deferred``, waiting for de-identification."""
+
+    path: Path
+    lane: str  # the run and the association it arrived on
+    calling_ae_title: str
+    sop_class_uid: str | None = None  # from the C-STORE request; None: from the file meta
+
+    @classmethod
+    def from_path(cls, path: Path) -> DeferredInstance:
+        """The deferred data set at *path*, its lane and calling AE title from its name (a
+        file put there by hand is processed alone, from no calling AE title)."""
+        match = _NAME.match(path.stem)
+        if match is None:
+            return cls(path, "other", "")
+        ae_title = bytes.fromhex(match["ae"]).decode("ascii", "replace") if match["ae"] else ""
+        return cls(path, match["lane"] + match["assoc"], ae_title)
+
+    def fields(self) -> dict[str, object]:
+        """Audit fields naming it: the SOP Class and its random name (never a UID)."""
+        return {"sop_class_uid": self.sop_class_uid or _sop_class_uid(self.path),
+                "deferred_as": self.path.stem}  # fmt: skip
+
+
+def _sop_class_uid(path: Path) -> str:
+    """The Media Storage SOP Class UID that pynetdicom wrote (the C-STORE request's
+    Affected SOP Class UID), or an empty string."""
+    from pydicom.filereader import read_file_meta_info  # noqa: PLC0415 - recovery only
+
+    try:
+        return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
+    except Exception:  # noqa: BLE001 - not readable: the engine refuses it
+        return ""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One deferred data set through the engine: where its de-identified copy is."""
+
+    staged: Path
+    done: Deidentified | Refusal
+    started: float
+
+
+class DeferredProcessor:
+    """Acknowledges on receipt and de-identifies behind. Thread-safe."""
+
+    def __init__(self, pipeline: InstancePipeline, *, window: int = 1) -> None:
+        self.pipeline = pipeline
+        self.spool = pipeline.spool
+        self.audit = pipeline.audit
+        self.window = max(1, window)
+        self._run = f"{time.time_ns():016x}"
+        self._sequence = itertools.count()
+        self._lanes: dict[str, deque[DeferredInstance]] = {}
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._engine = ThreadPoolExecutor(self.window, thread_name_prefix="deferred-engine")
+
+    def accept(
+        self, received: Path, *, sop_class_uid: str, calling_ae_title: str, assoc_id: int
+    ) -> StoreOutcome:
+        """Keep the received data set durably and answer for it: Success, or Out of Resources
+        when the incoming spool cannot take it (the sender retries)."""
+        ae_hex = calling_ae_title.encode("ascii", "replace").hex()
+        lane = f"{self._run}-{assoc_id:x}"
+        name = f"{self._run}-{next(self._sequence):010x}-{assoc_id:x}-{ae_hex}"
+        fields: dict[str, object] = {
+            "sop_class_uid": sop_class_uid,
+            "assoc_id": assoc_id,
+            "deferred_as": name,
+        }
+        try:
+            path = self.spool.defer(received, name)
+        except SpoolFullError as exc:
+            return self.pipeline.refuse(StoreStatus.OUT_OF_RESOURCES, "incoming", str(exc), fields)
+        self.audit.event("instance.received", acknowledged="on receipt", **fields)
+        self._queue(DeferredInstance(path, lane, calling_ae_title, sop_class_uid))
+        return StoreOutcome(StoreStatus.SUCCESS)
+
+    def recover(self) -> int:
+        """Queue the deferred data sets a previous run left (in arrival order per lane);
+        returns how many."""
+        found = [DeferredInstance.from_path(path) for path in self.spool.deferred()]
+        for instance in found:
+            self._queue(instance)
+        return len(found)
+
+    def backlog(self) -> int:
+        """Deferred data sets queued and not yet taken into the engine."""
+        with self._lock:
+            return sum(len(lane) for lane in self._lanes.values())
+
+    def stop(self, timeout: float) -> None:
+        """Finish the instances in the engine, leave the rest for the next start."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        self._engine.shutdown(wait=False, cancel_futures=True)
+
+    # -- lanes --------------------------------------------------------------------------------
+
+    def _queue(self, instance: DeferredInstance) -> None:
+        with self._lock:
+            lane = self._lanes.get(instance.lane)
+            if lane is not None:
+                lane.append(instance)
+                return
+            self._lanes[instance.lane] = deque([instance])
+            thread = threading.Thread(
+                target=self._drain, args=(instance.lane,), name="deferred-lane", daemon=True
+            )
+            self._threads.add(thread)
+        thread.start()
+
+    def _drain(self, key: str) -> None:
+        """Process the lane *key* until it is empty: up to *window* instances in the engine,
+        committed in arrival order."""
+        window: deque[tuple[DeferredInstance, Future[_Prepared]]] = deque()
+        failures = 0
+        while True:
+            with self._lock:
+                lane = self._lanes[key]
+                while len(window) < self.window and lane and not self._stopping.is_set():
+                    instance = lane.popleft()
+                    window.append((instance, self._engine.submit(self._prepare, instance)))
+                if not window:  # empty, or stopping: the rest waits on disk for the next start
+                    del self._lanes[key]
+                    self._threads.discard(threading.current_thread())
+                    return
+            instance, future = window.popleft()
+            retry = self._finish(instance, future)
+            if retry is None:
+                failures = 0
+                continue
+            # Order is kept: this one and those behind it go back to the head of the lane.
+            later = [instance, *(self._abandon(i, f) for i, f in window)]
+            window.clear()
+            with self._lock:
+                self._lanes[key].extendleft(reversed(later))
+            failures += 1
+            delay = retry_delay(failures, _RETRY_MAX_DELAY_S)
+            self.audit.event(
+                "instance.deidentify_retry",
+                reason=retry,
+                retry_in_s=round(delay, 3),
+                deferred_as=instance.path.stem,
+            )
+            self._stopping.wait(delay)
+
+    def _abandon(self, instance: DeferredInstance, future: Future[_Prepared]) -> DeferredInstance:
+        """Drop the engine's output for an instance that will be processed again."""
+        if future.exception() is None:
+            self.spool.unstage(future.result().staged)
+        return instance
+
+    def _prepare(self, instance: DeferredInstance) -> _Prepared:
+        """In an engine thread: de-identify into a new staging path (in a worker process)."""
+        started = time.monotonic()
+        staged = self.spool.stage()  # SpoolFullError: the spool is full, retried
+        try:
+            done = self.pipeline.runner.run(instance.path, staged, offload=True)
+        except BaseException:
+            self.spool.unstage(staged)
+            raise
+        return _Prepared(staged, done, started)
+
+    def _finish(self, instance: DeferredInstance, future: Future[_Prepared]) -> str | None:
+        """Commit or quarantine one instance; the reason to retry it later, or None."""
+        fields = instance.fields()
+        try:
+            prepared = future.result()
+        except SpoolFullError as exc:
+            return str(exc)
+        except Exception as exc:  # a bug fails closed: quarantined
+            log.exception("deferred.unexpected_error")
+            return self._refused(instance, _failed(exc), fields)
+        try:
+            done = prepared.done
+            if isinstance(done, Deidentified):
+                route = (instance.calling_ae_title, str(fields["sop_class_uid"]))
+                stored = self.pipeline.store(
+                    done, prepared.staged, route, prepared.started, fields, consume=instance.path
+                )
+                if isinstance(stored, StoreOutcome):
+                    return None
+                done = stored
+            return self._refused(instance, done, fields)
+        except SpoolFullError as exc:
+            return str(exc)
+        except Exception as exc:  # a bug: logged, retried after a back-off
+            log.exception("deferred.unexpected_error")
+            return f"unexpected {type(exc).__name__}"
+        finally:
+            self.spool.unstage(prepared.staged)
+
+    def _refused(
+        self, instance: DeferredInstance, refusal: Refusal, fields: dict[str, object]
+    ) -> str | None:
+        """Quarantine a refused instance; the reason to retry it later instead, or None."""
+        if refusal.status == StoreStatus.OUT_OF_RESOURCES:  # a full disk: retried
+            return refusal.reason
+        try:
+            self.pipeline.quarantine(instance.path, refusal, fields)
+        except OSError as exc:  # cannot be kept in quarantine: it stays, retried
+            return f"cannot quarantine: {exc.strerror or type(exc).__name__}"
+        return None
+
+
+def _failed(exc: Exception) -> Refusal:
+    return Refusal(StoreStatus.PROCESSING_FAILURE, "deidentify", f"failed ({type(exc).__name__})")

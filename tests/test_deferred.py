@@ -1,0 +1,279 @@
+"""Acknowledged on receipt, de-identified behind: arrival order per association, recovery after
+a crash at every step of the commit, exactly once, quarantine of refused inputs, the bound."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from anonproxy.audit import AuditLog
+from anonproxy.config import ProfileConfig
+from anonproxy.deferred import DeferredInstance, DeferredProcessor
+from anonproxy.pipeline import InstancePipeline
+from anonproxy.service import build_deidentifier, deidentifier_factory
+from anonproxy.spool import Spool, deferred_status, refused_inputs
+from anonproxy.status import StoreStatus
+from anonproxy.workers import DeidentifierPool
+
+from builders import make_series
+from conftest import TEST_SECRET, audit_records
+from peers import wait_for
+
+
+class Crash(BaseException):
+    """A SIGKILL at this point: nothing after it runs, no clean-up."""
+
+
+class Node:
+    """A spool, a pipeline and a deferred processor on one storage folder (one "run")."""
+
+    def __init__(self, root: Path, **spool_options: int) -> None:
+        self.root = root
+        self.spool = Spool(root, ["a"], **spool_options)
+        profile = ProfileConfig()
+        runner = DeidentifierPool(
+            build_deidentifier(profile, TEST_SECRET.value),
+            deidentifier_factory(profile, TEST_SECRET.value),
+            workers=0,
+        )
+        self.audit = AuditLog(root / "audit.jsonl")
+        self.pipeline = InstancePipeline(
+            runner, self.spool, ["a"], self.audit, acknowledge="after_receipt"
+        )
+        self.processor = DeferredProcessor(self.pipeline)
+
+    def receive(self, source: Path, assoc_id: int, calling: str = "MODALITY") -> int:
+        """What the SCP does with a received data set under after_receipt; the status."""
+        received = self.spool.incoming_dir / f"in-{source.name}-{assoc_id}"
+        shutil.copyfile(source, received)
+        outcome = self.processor.accept(
+            received, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", calling_ae_title=calling,
+            assoc_id=assoc_id,
+        )  # fmt: skip
+        return outcome.status
+
+    def settled(self, count: int) -> bool:
+        """True once the deferred folder is empty and *count* instances were spooled."""
+        return not self.spool.deferred() and len(self.events("instance.spooled")) == count
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        return [e for e in audit_records(self.root / "audit.jsonl") if e["event"] == name]
+
+    def queued(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "spool" / "a").glob("*.dcm"))
+
+    def close(self) -> None:
+        self.processor.stop(5)
+        self.audit.close()
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> list[Path]:
+    return make_series(tmp_path / "series", 6)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[Node]]:
+    made: list[Node] = []
+    yield made
+    for node in made:
+        node.close()
+
+
+def _node(nodes: list[Node], root: Path, **options: int) -> Node:
+    node = Node(root, **options)
+    nodes.append(node)
+    return node
+
+
+def _stopped(nodes: list[Node], root: Path) -> Node:
+    """A node whose processor takes nothing: what it accepts stays on disk, as after a crash
+    that came before any de-identification."""
+    node = _node(nodes, root)
+    node.processor.stop(0)
+    return node
+
+
+def test_accepted_data_sets_are_owner_only_and_durable_until_processed(
+    tmp_path: Path, series: list[Path], nodes: list[Node]
+) -> None:
+    node = _stopped(nodes, tmp_path / "var")
+    assert node.receive(series[0], 1) == StoreStatus.SUCCESS
+    [kept] = node.spool.deferred()
+    assert kept.parent.stat().st_mode & 0o777 == 0o700  # PHI
+    assert "." not in kept.stem  # a random name, never a UID
+    assert str(dcmread(series[0]).SOPInstanceUID) not in kept.name
+    assert list(node.spool.incoming_dir.iterdir()) == []
+    [received] = node.events("instance.received")
+    assert received["deferred_as"] == kept.stem
+    assert deferred_status(tmp_path / "var")["waiting"] == 1
+
+
+def test_recovery_processes_each_left_data_set_once_in_arrival_order_per_association(
+    tmp_path: Path, series: list[Path], nodes: list[Node]
+) -> None:
+    root = tmp_path / "var"
+    first = _stopped(nodes, root)
+    order = [(series[i], assoc) for i, assoc in enumerate([7, 9, 7, 9, 7, 9])]
+    for source, assoc in order:
+        assert first.receive(source, assoc, calling=f"AE{assoc}") == StoreStatus.SUCCESS
+    left = first.spool.deferred()
+    assert len(left) == 6
+    lanes = [DeferredInstance.from_path(path) for path in left]
+    assert [i.calling_ae_title for i in lanes] == [f"AE{a}" for _, a in order]  # name order
+    second = _node(nodes, root)  # the next start
+    second.spool.recover()
+    assert second.processor.recover() == 6
+    assert wait_for(lambda: second.settled(6), timeout=30)
+    spooled = [str(e["deferred_as"]) for e in second.events("instance.spooled")]
+    for assoc in (7, 9):
+        lane = [p.stem for p, (_, a) in zip(left, order, strict=True) if a == assoc]
+        assert [name for name in spooled if name in lane] == lane  # arrival order kept
+    expected = sorted(_deidentified_uid(source) for source in series)
+    assert second.queued() == expected
+    assert second.processor.recover() == 0  # nothing left to process twice
+
+
+def _deidentified_uid(path: Path) -> str:
+    from anonproxy.deid import Deidentifier, Profile
+
+    engine = Deidentifier(Profile.from_options([]), secret=TEST_SECRET.value)
+    return engine.deidentify(dcmread(path)).sop_instance_uid
+
+
+@pytest.mark.parametrize("crash_at", ["before_removal", "after_removal"])
+def test_a_crash_inside_the_commit_delivers_exactly_once(
+    tmp_path: Path,
+    series: list[Path],
+    nodes: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    crash_at: str,
+) -> None:
+    """A SIGKILL before the original's removal (the commit point) or after it, before the
+    de-identified copy is made visible to the forward workers."""
+    root = tmp_path / "var"
+    first = _node(nodes, root)
+    uid = _deidentified_uid(series[0])
+
+    def crash(*args: object) -> None:
+        raise Crash
+
+    if crash_at == "before_removal":
+        monkeypatch.setattr(Spool, "consume", crash)
+    else:
+        monkeypatch.setattr("anonproxy.spool.os.replace", crash)
+    first.processor._engine.submit = _inline_submit  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        first.processor._finish(*_accept_one(first, series[0]))
+    monkeypatch.undo()
+    [hidden] = [p.name for p in (root / "spool" / "a").iterdir()]
+    assert hidden.startswith(".")
+    assert hidden.endswith(f".{uid}.pending")
+    assert len(first.spool.deferred()) == (1 if crash_at == "before_removal" else 0)
+    assert first.queued() == []  # no forward worker could see it
+
+    second = _node(nodes, root)  # the next start
+    visible_with_original: list[bool] = []
+    push = second.spool.queues["a"].push
+
+    def checked_push(name: str) -> None:
+        visible_with_original.append(bool(second.spool.deferred()))
+        push(name)
+
+    second.spool.queues["a"].push = checked_push  # type: ignore[method-assign]
+    second.spool.recover()
+    assert second.processor.recover() == (1 if crash_at == "before_removal" else 0)
+    assert wait_for(lambda: not second.spool.deferred(), timeout=30)
+    assert wait_for(lambda: second.queued() == [uid], timeout=10)
+    assert [p.name for p in (root / "spool" / "a").iterdir()] == [f"{uid}.dcm"]
+    item = second.spool.queues["a"].take(timeout=1)
+    assert item is not None
+    second.spool.release(second.spool.queues["a"], item)  # delivered
+    assert second.spool.queues["a"].take(timeout=0.2) is None  # and never offered again
+    assert not any(visible_with_original)
+
+
+def _inline_submit(function, *args):  # the executor's submit, inline
+    from concurrent.futures import Future
+
+    future: Future[object] = Future()
+    future.set_result(function(*args))
+    return future
+
+
+def _accept_one(node: Node, source: Path) -> tuple[DeferredInstance, object]:
+    """Accept one data set without a lane thread; its instance and engine future."""
+    node.processor._queue = lambda instance: None  # type: ignore[method-assign]
+    assert node.receive(source, 1) == StoreStatus.SUCCESS
+    [path] = node.spool.deferred()
+    instance = DeferredInstance.from_path(path)
+    return instance, node.processor._engine.submit(node.processor._prepare, instance)
+
+
+def test_a_refused_data_set_is_quarantined_with_its_reason_and_never_spooled(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    [source] = make_series(tmp_path / "burned", 1)
+    ds = dcmread(source)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(source)
+    root = tmp_path / "var"
+    node = _node(nodes, root)
+    assert node.receive(source, 1) == StoreStatus.SUCCESS  # the sender hears Success
+    assert wait_for(lambda: bool(node.events("instance.failed")), timeout=30)
+    [failed] = node.events("instance.failed")
+    assert failed["stage"] == "policy"
+    assert failed["status"] == "0xC001"
+    assert node.spool.deferred() == []
+    assert node.queued() == []
+    [entry] = refused_inputs(root)
+    assert entry["name"] == failed["kept_as"] == f"{failed['deferred_as']}.dcm"
+    assert entry["stage"] == "policy"
+    kept = root / "quarantine" / "rejected" / str(entry["name"])
+    assert kept.stat().st_mode & 0o077 == 0
+    assert dcmread(kept).PatientName == ds.PatientName  # the original, for the operator
+    assert "Doe" not in kept.with_suffix(".json").read_text("utf-8")
+    assert deferred_status(root)["refused"] == 1
+
+
+def test_over_the_incoming_bound_the_sender_is_told_to_retry(
+    tmp_path: Path, series: list[Path], nodes: list[Node]
+) -> None:
+    size = series[0].stat().st_size
+    node = _node(nodes, tmp_path / "var", incoming_max_bytes=2 * size)
+    node.processor.stop(0)  # nothing is processed: the backlog stays
+    statuses = [node.receive(source, 1) for source in series[:3]]
+    assert statuses == [StoreStatus.SUCCESS, StoreStatus.SUCCESS, StoreStatus.OUT_OF_RESOURCES]
+    [failed] = node.events("instance.failed")
+    assert failed["stage"] == "incoming"
+    assert failed["reason"] == "incoming spool quota reached"
+    assert len(node.spool.deferred()) == 2
+
+
+def test_a_full_spool_holds_the_lane_and_its_order_until_there_is_room(
+    tmp_path: Path, series: list[Path], nodes: list[Node]
+) -> None:
+    size = series[0].stat().st_size
+    root = tmp_path / "var"
+    node = _node(nodes, root, max_bytes=2 * size)
+    for source in series[:4]:
+        assert node.receive(source, 1) == StoreStatus.SUCCESS
+    assert wait_for(lambda: len(node.events("instance.deidentify_retry")) >= 1, timeout=30)
+    queued = len(node.queued())
+    assert 2 <= queued < 4  # the spool quota: the rest waits, acknowledged
+    assert len(node.spool.deferred()) == 4 - queued
+    queue = node.spool.queues["a"]
+    deadline = time.monotonic() + 60
+    while len(node.events("instance.spooled")) < 4 and time.monotonic() < deadline:
+        item = queue.take(timeout=0.2)  # a forward worker delivers: room again
+        if item is not None:
+            node.spool.release(queue, item)
+    spooled = [str(e["deferred_as"]) for e in node.events("instance.spooled")]
+    assert spooled == sorted(spooled)  # one association: in arrival order
+    assert len(spooled) == 4
+    assert node.spool.deferred() == []

@@ -260,6 +260,16 @@ class ProfileConfig(_Section):
     date_shift_days: tuple[int, int] = (-365, -1)
     clean_patterns: list[str] = Field(default_factory=list)
     pixel_rules: list[dict[str, Any]] = Field(default_factory=list)
+    clean_pixel_data: Literal["identifying", "all_text", "off"] = "identifying"
+    pixel_keep_regions: list[str] = Field(default_factory=list)
+
+    @field_validator("pixel_keep_regions")
+    @classmethod
+    def _valid_keep_regions(cls, value: list[str]) -> list[str]:
+        from anonproxy.deid.burned_in import parse_keep_regions  # noqa: PLC0415
+
+        parse_keep_regions(value)  # ValueError naming the region
+        return value
 
     @field_validator("pixel_rules")
     @classmethod

@@ -74,6 +74,8 @@ def build_profile(config: ProfileConfig) -> Profile:
             encapsulated_documents=config.encapsulated_documents,
             video=config.video,
             pixel_rules=config.pixel_rules,
+            clean_pixel_data=config.clean_pixel_data,
+            pixel_keep_regions=config.pixel_keep_regions,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None

@@ -87,6 +87,7 @@ from pydicom.sequence import Sequence
 from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
+from anonproxy.deid.burned_in import PixelText
 from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
 from anonproxy.deid.files import encode_without_pixels
 from anonproxy.deid.instance import DEFAULT_LIMITS, Limits, deidentify_file
@@ -362,11 +363,26 @@ class Deidentifier:
         the instance ``ds`` (read before de-identification) or the kind of an
         :data:`IDENTIFYING_PATTERNS` match. Used on payloads that cannot be cleaned (encapsulated
         documents, :mod:`anonproxy.deid.documents`)."""
-        ids = IdentifyingValues.collect(ds, self._kept_by_profile, birth_date=not self._full_dates)
-        found = ids.find(text)
+        found = self.identifying_values(ds).find(text)
         if found is not None:
             return found
         return next((kind for kind, p in IDENTIFYING_PATTERNS.items() if p.search(text)), None)
+
+    def identifying_values(self, ds: Dataset) -> IdentifyingValues:
+        """The identifying values of ``ds`` (read before de-identification) that the profile
+        does not keep as received; the birth date unless dates are kept whole."""
+        return IdentifyingValues.collect(ds, self._kept_by_profile, birth_date=not self._full_dates)
+
+    def pixel_text(self, ds: Dataset) -> PixelText:
+        """What makes burned-in text in the pixels of ``ds`` (read before de-identification)
+        identifying: its identifying values, :data:`IDENTIFYING_PATTERNS`, and dates unless
+        they are kept whole (:mod:`anonproxy.deid.burned_in`)."""
+        return PixelText.of(
+            ds,
+            self.identifying_values(ds),
+            dict(IDENTIFYING_PATTERNS),
+            dates=not self._full_dates,
+        )
 
     @property
     def profile(self) -> Profile:
@@ -407,9 +423,7 @@ class Deidentifier:
             burned_in = ds.get(_BURNED_IN_ANNOTATION)
             burned_in_value = str(burned_in.value) if burned_in is not None else None
             patient_id = ds.get(_PATIENT_ID)
-            ids = IdentifyingValues.collect(
-                ds, self._kept_by_profile, birth_date=not self._full_dates
-            )
+            ids = self.identifying_values(ds)
             original_id = str(patient_id.value or "") if patient_id is not None else ""
             run = _Run(
                 iod=iod_types(sop_class),

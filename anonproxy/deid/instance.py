@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from anonproxy.deid.burned_in import TextFound, find_text, keep_boxes
 from anonproxy.deid.documents import document_text, document_type, is_video
 from anonproxy.deid.files import (
     Check,
@@ -47,6 +48,7 @@ from anonproxy.deid.files import (
     write_instance,
     write_spliced,
 )
+from anonproxy.deid.ocr import TextReader, default_reader
 from anonproxy.deid.pixels import (
     CLEAN_PIXEL_DATA,
     PixelRule,
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
     from anonproxy.deid.selfcheck import SelfCheck
 
 _ENCAPSULATED_DOCUMENT = 0x00420011
+_PIXEL_DATA = 0x7FE00010
 
 #: Where the de-identified file goes: a path, or a function of the result that names it (e.g.
 #: ``OUT/<study>/<series>/<instance>.dcm`` from the new UIDs).
@@ -138,6 +141,7 @@ def deidentify_file(
     *,
     limits: Limits = DEFAULT_LIMITS,
     in_place: bool = False,
+    reader: TextReader | None = None,
 ) -> DeidentifiedFile:
     """Read the instance file *source*, check it, de-identify it with *engine* and write it.
 
@@ -152,20 +156,33 @@ def deidentify_file(
         document = check_policy(engine, dataset)
         reason = triage(dataset)
         rule = first_rule(engine.profile.pixel_rules, dataset)
+        regions = boxes(rule, dataset) if rule is not None else []
+        whole: Dataset | None = None
+        text: TextFound | None = None
+        meta = getattr(dataset, "file_meta", None)
+        video = is_video(meta.get("TransferSyntaxUID") if meta is not None else None)
+        if video:
+            reason = "video"  # passed by policy (video: pass): its frames are not read
+        has_pixels = (pixels is not None or _PIXEL_DATA in dataset) and not video
+        if reason is not None and engine.profile.clean_pixel_data != "off" and has_pixels:
+            whole = read_instance(source)
+            text = _read_text(engine, whole, regions, reader)
+            regions = [*regions, *text.boxes]
         blank: Blank | None = None
         decoded: list[tuple[int, int, int, int]] | None = None
-        if rule is not None and _blankable_in_place(dataset, pixels):
-            blank = _blanking(dataset, boxes(rule, dataset))
-        elif rule is not None:  # compressed, or read whole: decoded, blanked, stored native
-            decoded = boxes(rule, dataset)
-            dataset, pixels = read_instance(source), None
+        if regions and _blankable_in_place(dataset, pixels):
+            blank = _blanking(dataset, regions)
+        elif regions:  # compressed, or read whole: decoded, blanked, stored native
+            decoded = regions
+            dataset, pixels = whole if whole is not None else read_instance(source), None
         result, self_check = engine.deidentify_with_check(dataset)
         if document is not None:
             dataset[_ENCAPSULATED_DOCUMENT] = document
-        if rule is not None:
-            if decoded is not None:
-                blank_decoded(dataset, decoded)
-            _record_clean_pixel_data(dataset, rule)
+        if decoded is not None:
+            blank_decoded(dataset, decoded)
+        outcome = _pixel_outcome(rule, text, reason)
+        if rule is not None or text is not None:
+            _record_clean_pixel_data(dataset, rule, text)
     except AnonproxyError:
         raise
     except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
@@ -174,11 +191,38 @@ def deidentify_file(
         pixels = None  # e.g. Double Float Pixel Data in a CT: binary the IOD does not define
     path = Path(target(result) if callable(target) else target)
     size = _write(dataset, pixels, path, _refusing(self_check), blank, in_place=in_place)
-    if rule is not None:
-        outcome: str | None = f"blanked by rule {rule.name}"
-    else:
-        outcome = f"unchecked: {reason}" if reason is not None else None
     return DeidentifiedFile(result, modality, path, size, outcome)
+
+
+def _read_text(
+    engine: Deidentifier,
+    ds: Dataset,
+    blanked: list[tuple[int, int, int, int]],
+    reader: TextReader | None,
+) -> TextFound:
+    """The Clean Pixel Data option's OCR on the whole instance *ds* (before
+    de-identification), the rule's *blanked* boxes applied first."""
+    profile = engine.profile
+    return find_text(
+        ds,
+        reader if reader is not None else default_reader(),
+        engine.pixel_text(ds),
+        mode=profile.clean_pixel_data,
+        blanked=blanked,
+        keep=keep_boxes(ds, profile.pixel_keep_regions),
+    )
+
+
+def _pixel_outcome(
+    rule: PixelRule | None, text: TextFound | None, reason: str | None
+) -> str | None:
+    """The audit record's account of the pixels (no text read ever goes in it)."""
+    done = [f"blanked by rule {rule.name}"] if rule is not None else []
+    if text is not None:
+        done.append(text.describe())
+    if done:
+        return "; ".join(done)
+    return f"unchecked: {reason}" if reason is not None else None
 
 
 Blank = Callable[[int, int | None], None]
@@ -219,12 +263,18 @@ def _blanking(dataset: Dataset, regions: list[tuple[int, int, int, int]]) -> Bla
     return blank
 
 
-def _record_clean_pixel_data(dataset: Dataset, rule: PixelRule) -> None:
-    """Burned In Annotation NO; the Clean Pixel Data Option in the method (CID 7050)."""
+def _record_clean_pixel_data(
+    dataset: Dataset, rule: PixelRule | None, text: TextFound | None
+) -> None:
+    """Burned In Annotation NO; the Clean Pixel Data Option in the method (CID 7050), and how
+    (the rule's name, what OCR blanked) in a De-identification Method value."""
+    how = [f"rule {rule.name}"] if rule is not None else []
+    if text is not None:
+        how.append(f"OCR, {len(text.boxes)} lines blanked")
     dataset.BurnedInAnnotation = "NO"
     dataset.DeidentificationMethod = [
         *dataset.DeidentificationMethod,
-        f"pixel rule {rule.name}"[:64],
+        f"clean pixel data: {'; '.join(how)}"[:64],  # LO
     ]
     item = Dataset()
     item.CodeValue = CLEAN_PIXEL_DATA.value

@@ -140,7 +140,7 @@ class PixelRule:
         return cls(
             name=str(raw.get("name") or where),
             condition=condition,
-            regions=tuple(_parse_region(r, f"{where}.regions") for r in regions),
+            regions=tuple(parse_region(r, f"{where}.regions") for r in regions),
         )
 
     def matches(self, ds: Dataset) -> bool:
@@ -160,7 +160,8 @@ def first_rule(rules: Sequence[PixelRule], ds: Dataset) -> PixelRule | None:
     return next((rule for rule in rules if rule.matches(ds)), None)
 
 
-def _parse_region(raw: object, where: str) -> Region | str:
+def parse_region(raw: object, where: str) -> Region | str:
+    """A region in its YAML form; ValueError naming *where*."""
     if raw in (ALL, OUTSIDE_ULTRASOUND_REGIONS):
         return str(raw)
     parts = raw.split(",") if isinstance(raw, str) else raw

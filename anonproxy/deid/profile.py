@@ -28,8 +28,9 @@ from typing import Literal, get_args
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from anonproxy.deid.burned_in import CleanPixelData, parse_keep_regions
 from anonproxy.deid.documents import EncapsulatedDocumentPolicy, VideoPolicy
-from anonproxy.deid.pixels import PixelRule, parse_pixel_rules
+from anonproxy.deid.pixels import PixelRule, Region, parse_pixel_rules
 from anonproxy.deid.pseudonyms import PatientPseudonyms
 from anonproxy.deid.rules import Rule, parse_rules
 from anonproxy.deid.tables import TableRow, table_e1_1
@@ -170,7 +171,9 @@ class Profile:
     ``burned_in_annotation`` is the policy for instances that declare Burned In Annotation YES
     (:data:`BurnedInAnnotationPolicy`), ``encapsulated_documents`` and ``video`` those for
     encapsulated documents and video transfer syntaxes (:mod:`anonproxy.deid.documents`);
-    ``pixel_rules`` the regions of burned-in text to blank (:mod:`anonproxy.deid.pixels`); they
+    ``pixel_rules`` the regions of burned-in text to blank (:mod:`anonproxy.deid.pixels`);
+    ``clean_pixel_data`` what OCR blanks in the images triage sends to it, and
+    ``pixel_keep_regions`` where ``all_text`` keeps text (:mod:`anonproxy.deid.burned_in`); they
     are applied to instance files (:func:`anonproxy.deid.instance.deidentify_file`).
     """
 
@@ -182,6 +185,8 @@ class Profile:
     encapsulated_documents: EncapsulatedDocumentPolicy = "reject"
     video: VideoPolicy = "reject"
     pixel_rules: tuple[PixelRule, ...] = ()
+    clean_pixel_data: CleanPixelData = "identifying"
+    pixel_keep_regions: tuple[Region | str, ...] = ()
     _tag_codes: Mapping[int, str] = field(init=False, repr=False, compare=False)
     _mask_codes: tuple[tuple[int, int, str], ...] = field(init=False, repr=False, compare=False)
     _private_code: str = field(init=False, repr=False, compare=False)
@@ -191,11 +196,15 @@ class Profile:
         object.__setattr__(self, "options", options)
         object.__setattr__(self, "rules", parse_rules(self.rules))
         object.__setattr__(self, "pixel_rules", parse_pixel_rules(self.pixel_rules))
+        object.__setattr__(
+            self, "pixel_keep_regions", parse_keep_regions(list(self.pixel_keep_regions))
+        )
         check_option_set(options)
         for name, policy in (
             ("burned_in_annotation", BurnedInAnnotationPolicy),
             ("encapsulated_documents", EncapsulatedDocumentPolicy),
             ("video", VideoPolicy),
+            ("clean_pixel_data", CleanPixelData),
         ):
             if getattr(self, name) not in get_args(policy):
                 raise ValueError(f"{name} is {' or '.join(get_args(policy))}")
@@ -227,6 +236,8 @@ class Profile:
         encapsulated_documents: EncapsulatedDocumentPolicy = "reject",
         video: VideoPolicy = "reject",
         pixel_rules: Iterable[Mapping[str, object] | PixelRule] = (),
+        clean_pixel_data: CleanPixelData = "identifying",
+        pixel_keep_regions: Iterable[str | Region] = (),
     ) -> Profile:
         """Build a profile from CID 7050 snake_case option names; ``[]`` is the Basic Profile.
 
@@ -244,6 +255,8 @@ class Profile:
             encapsulated_documents=encapsulated_documents,
             video=video,
             pixel_rules=parse_pixel_rules(list(pixel_rules)),
+            clean_pixel_data=clean_pixel_data,
+            pixel_keep_regions=tuple(pixel_keep_regions),
         )
 
     @property

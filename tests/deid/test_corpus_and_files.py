@@ -17,6 +17,7 @@ from anonproxy.deid import (
     Deidentifier,
     Profile,
 )
+from anonproxy.deid.pixels import triage
 from anonproxy.errors import DecodeError
 
 from .helpers import SECRET, corpus_file, minimal, walk_strings, with_meta
@@ -85,7 +86,8 @@ def test_corpus_file_deidentifies_and_writes(name: str, options: list[str], tmp_
         assert meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
     assert out.PatientIdentityRemoved == "YES"
     assert out.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
-    assert len(out.DeidentificationMethodCodeSequence) == 1 + len(options)
+    read = triage(original) is not None  # OCR read the pixels: the Clean Pixel Data Option
+    assert len(out.DeidentificationMethodCodeSequence) == 1 + len(options) + read
     assert result.burned_in_annotation == original.get("BurnedInAnnotation")
     surviving = {v for _, v in walk_strings(out)}
     for keyword in IDENTIFYING:

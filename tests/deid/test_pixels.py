@@ -116,7 +116,9 @@ def test_regions_become_boxes_clipped_to_the_image() -> None:
 
 
 def _blanked(name: str, tmp_path: Path, regions: list[object], **kwargs: object) -> Path:
-    profile = Profile.from_options([], pixel_rules=[{"name": "banner", "regions": regions}])
+    profile = Profile.from_options(
+        [], pixel_rules=[{"name": "banner", "regions": regions}], clean_pixel_data="off"
+    )
     out = tmp_path / "out.dcm"
     deidentify_file(Deidentifier(profile, secret=SECRET), get_testdata_file(name), out, **kwargs)
     return out
@@ -156,7 +158,7 @@ def test_regions_are_blanked_in_every_frame_and_nothing_else_changes(
     assert out.BurnedInAnnotation == "NO"
     codes = [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
     assert CLEAN_PIXEL_DATA.value in codes
-    assert "pixel rule banner" in out.DeidentificationMethod
+    assert "clean pixel data: rule banner" in out.DeidentificationMethod
 
 
 @pytest.mark.parametrize(
@@ -201,7 +203,7 @@ def test_without_a_matching_rule_the_pixel_data_is_copied_as_received(tmp_path: 
 
 def test_the_outcome_names_the_rule_or_the_triage_reason(tmp_path: Path) -> None:
     ct = get_testdata_file("CT_small.dcm")
-    plain = Deidentifier(Profile(), secret=SECRET)
+    plain = Deidentifier(Profile(clean_pixel_data="off"), secret=SECRET)
     assert deidentify_file(plain, ct, tmp_path / "a.dcm").pixels is None
     us = dcmread(ct)
     us.SOPClassUID = us.file_meta.MediaStorageSOPClassUID = US_IMAGE

@@ -44,3 +44,25 @@ def test_no_new_dciodvfy_error(source: Path, profile: str, tmp_path: Path) -> No
     engine.deidentify_file(source, output)
     new = _errors(output) - _errors(source)
     assert not new, "\n".join(sorted(new))
+
+
+BURNED_IN = ["US1_J2KR.dcm", "OBXXXX1A.dcm", "RGB_IMAGE.dcm"]
+
+
+@pytest.mark.parametrize("name", BURNED_IN)
+def test_no_new_dciodvfy_error_after_ocr_blanking(name: str, tmp_path: Path) -> None:
+    """Real ultrasound whose banner OCR blanks (in place, or decoded and stored native)."""
+    from pydicom.data import get_testdata_file
+
+    from anonproxy import codecs
+    from anonproxy.deid.instance import deidentify_file
+
+    codecs.install()
+    ultrasounds = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds"
+    source = Path(get_testdata_file(name) or ultrasounds / name)
+    engine = Deidentifier(Profile(burned_in_annotation="pass"), secret=TEST_SECRET.value)
+    output = tmp_path / "out.dcm"
+    done = deidentify_file(engine, source, output)
+    assert "lines blanked" in str(done.pixels)
+    new = _errors(output) - _errors(source)
+    assert not new, "\n".join(sorted(new))

@@ -172,7 +172,7 @@ def deidentify_file(
         decoded: list[tuple[int, int, int, int]] | None = None
         if regions and _blankable_in_place(dataset, pixels):
             blank = _blanking(dataset, regions)
-        elif regions:  # compressed, or read whole: decoded, blanked, stored native
+        elif regions:  # compressed, or read whole: decoded, blanked, stored losslessly
             decoded = regions
             dataset, pixels = whole if whole is not None else read_instance(source), None
         result, self_check = engine.deidentify_with_check(dataset)

@@ -24,8 +24,9 @@ or ``outside_ultrasound_regions`` (everything outside the Sequence of Ultrasound
 MONOCHROME1/2, RGB, PALETTE COLOR or YBR_FULL, copied as received, is blanked by
 :func:`blank_native` straight in the output file: nothing is decoded and every other byte stays
 as received (bit-exact). Anything else (compressed transfer syntaxes, deflated data sets, 1-bit,
-subsampled YBR) is decoded, blanked and stored native by :func:`blank_decoded`: lossless from
-the decoded pixels, never a second lossy generation (YBR colour becomes RGB); pixel data that
+subsampled YBR) is decoded and blanked by :func:`blank_decoded`, then stored JPEG-LS Lossless
+when it came compressed (native otherwise, or when the encoder refuses it): lossless from the
+decoded pixels, never a second lossy generation (YBR colour becomes RGB); pixel data that
 cannot be decoded refuses the instance.
 """
 
@@ -40,7 +41,7 @@ from typing import Any, Literal
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from anonproxy.errors import DeidentificationError
 
@@ -318,12 +319,13 @@ def blank_native(
 
 def blank_decoded(ds: Dataset, regions: Sequence[tuple[int, int, int, int]]) -> None:
     """Decode the pixel data of ``ds`` (held in memory), blank ``regions`` in every frame and
-    store the result native (Explicit VR Little Endian): lossless, so no second lossy generation;
-    YBR colour decoded to RGB. DeidentificationError when it cannot be decoded (no value in the
-    message)."""
+    store the result losslessly, so no second lossy generation: JPEG-LS Lossless if it came
+    compressed, else native (Explicit VR Little Endian); YBR colour decoded to RGB.
+    DeidentificationError when it cannot be decoded (no value in the message)."""
     import numpy as np  # noqa: PLC0415 - only instances with burned-in text need it
 
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    compressed = bool(ds.file_meta.TransferSyntaxUID.is_compressed)
     try:
         array = np.array(ds.pixel_array)  # a writable copy, every frame
     except Exception as exc:  # noqa: BLE001 - a codec failure refuses the instance
@@ -345,6 +347,21 @@ def blank_decoded(ds: Dataset, regions: Sequence[tuple[int, int, int, int]]) -> 
         return
     ds.set_pixel_data(array, photometric, min(stored, 8 * array.dtype.itemsize),
                       generate_instance_uid=False)  # fmt: skip
+    if compressed:
+        _compress_lossless(ds)
+
+
+def _compress_lossless(ds: Dataset) -> None:
+    """Encode the native pixel data of ``ds`` as JPEG-LS Lossless (pyjpegls), as it came
+    compressed; left native if the encoder refuses it. A destination that does not accept
+    JPEG-LS gets it uncompressed from the forwarder."""
+    native = ds.PixelData
+    try:
+        ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
+    except Exception:  # noqa: BLE001 - native is lossless too
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PixelData = native
+        ds["PixelData"].VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
 
 
 def check_blankable(ds: Dataset) -> None:

@@ -44,7 +44,7 @@ log = get_logger(__name__)
 _NAME = re.compile(
     r"^(?P<lane>[0-9a-f]{16}-)[0-9a-f]{10}-(?P<assoc>[0-9a-f]{1,16})-(?P<ae>[0-9a-f]*)$"
 )
-_RETRY_MAX_DELAY_S = 30.0
+_RETRY_MAX_DELAY_S = 5.0  # a full spool drains in seconds once its destination is back
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def test_deidentify_refuses_burned_in_annotation_unless_the_profile_passes_it(
         ["deidentify", str(source), str(out), "-q", "-j", "1", "--config", str(config)], tmp_path
     )
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert dcmread(out).BurnedInAnnotation == "YES"
+    assert dcmread(out).BurnedInAnnotation == "NO"  # read by OCR, nothing identifying found
 
 
 def test_deidentify_enforces_max_sequence_depth(tmp_path: Path) -> None:

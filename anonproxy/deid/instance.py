@@ -157,6 +157,8 @@ def deidentify_file(
         reason = triage(dataset)
         rule = first_rule(engine.profile.pixel_rules, dataset)
         regions = boxes(rule, dataset) if rule is not None else []
+        if rule is not None and reason is None:
+            reason = "pixel rule"  # what a rule blanks, OCR checks
         whole: Dataset | None = None
         text: TextFound | None = None
         meta = getattr(dataset, "file_meta", None)

@@ -2,9 +2,11 @@
 
 **Triage** (:func:`triage`) decides from the header alone whether the pixels of an instance may
 carry burned-in text: ultrasound, secondary capture, photographs, endoscopy and other visible
-light, screen captures (Image Type SCREEN, SAVE or SECONDARY), and any image declaring Burned
-In Annotation YES (documents and video: :mod:`anonproxy.deid.documents`). CT, MR, PT, NM, DX
-originals without that flag are not looked at: their path does not change.
+light, screen captures (Image Type SCREEN, SAVE, SCREEN SAVE, DOSE_INFO...; SECONDARY too, but
+for CT, MR, PT, NM and the projection modalities, whose SECONDARY images are reconstructions),
+and any image declaring Burned In Annotation YES (documents and video:
+:mod:`anonproxy.deid.documents`). CT, MR, PT, NM, DX originals and reconstructions without that
+flag are not looked at: their path does not change.
 
 **Region rules** (``profile.pixel_rules``, :class:`PixelRule`): an ordered list, the first rule
 whose condition matches the header of the received instance gives the regions to blank::
@@ -53,7 +55,16 @@ _TRIAGED_SOP_CLASSES: Mapping[str, str] = {
     "1.2.840.10008.5.1.4.1.1.77.": "visible light",
 }
 _TRIAGED_MODALITIES = {"US": "ultrasound", "XC": "photograph", "ES": "endoscopy", "OT": "other"}
-_SCREEN_IMAGE_TYPES = frozenset({"SCREEN", "SAVE", "SECONDARY"})
+#: Image Type (0008,0008) values of screen captures and saved screens (dose screens, 3D views).
+_SCREEN_IMAGE_TYPES = frozenset(
+    {"SCREEN", "SAVE", "SCREEN SAVE", "SCREENSHOT", "SCREEN CAPTURE", "CAPTURE", "DOSE_INFO",
+     "DOSE INFO", "CSA REPORT"}
+)  # fmt: skip
+#: Modalities whose SECONDARY images are reconstructions (MPR, MIP, subtractions, maps), not
+#: captures: only the values above send them to the pixel stage. Elsewhere SECONDARY does too.
+_RECONSTRUCTING_MODALITIES = frozenset(
+    {"CT", "MR", "PT", "NM", "DX", "CR", "MG", "XA", "RF", "IO", "PX", "BMD", "OPT", "OCT"}
+)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -80,8 +91,15 @@ def triage(ds: Dataset) -> str | None:
     modality = _text(ds, "Modality").upper()
     if modality in _TRIAGED_MODALITIES:
         return _TRIAGED_MODALITIES[modality]
-    image_type = {str(v).strip().upper() for v in ds.get("ImageType") or []}
-    return "screen capture" if image_type & _SCREEN_IMAGE_TYPES else None
+    return _image_type_reason({str(v).strip().upper() for v in ds.get("ImageType") or []}, modality)
+
+
+def _image_type_reason(image_type: set[str], modality: str) -> str | None:
+    if image_type & _SCREEN_IMAGE_TYPES:
+        return "screen capture"
+    if "SECONDARY" in image_type and modality not in _RECONSTRUCTING_MODALITIES:
+        return "secondary image"
+    return None
 
 
 # -- rules ------------------------------------------------------------------------------------

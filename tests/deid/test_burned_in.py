@@ -314,5 +314,5 @@ def test_at_most_five_percent_of_ct_mr_dx_are_blanked_or_refused(tmp_path: Path)
         if done.pixels is not None and "lines blanked" in done.pixels:
             touched.append(name)
     assert len(CT_MR_DX) >= 15
-    assert read  # derived (SECONDARY) MR images are read
+    assert read  # secondary captures of NM images are read
     assert len(touched) <= 0.05 * len(CT_MR_DX), touched

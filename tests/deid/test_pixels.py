@@ -40,6 +40,12 @@ def _header(**attributes: object) -> Dataset:
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.6", "Modality": "US"}, "ultrasound"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "Modality": "OT"}, "secondary capture"),
         ({"Modality": "CT", "ImageType": ["DERIVED", "SECONDARY", "SCREEN"]}, "screen capture"),
+        (
+            {"Modality": "CT", "ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]},
+            "screen capture",
+        ),
+        ({"Modality": "MR", "ImageType": ["DERIVED", "SECONDARY", "MPR"]}, None),  # a reformat
+        ({"Modality": "SM", "ImageType": ["DERIVED", "SECONDARY"]}, "secondary image"),
         ({"Modality": "XC"}, "photograph"),
     ],
 )
@@ -217,7 +223,8 @@ def test_the_outcome_names_the_rule_or_the_triage_reason(tmp_path: Path) -> None
     done = _blanked("CT_small.dcm", tmp_path, ["all"])
     assert dcmread(done).BurnedInAnnotation == "NO"
     ruled = Deidentifier(Profile.from_options([], pixel_rules=[{"regions": ["all"]}]), SECRET)
-    assert deidentify_file(ruled, ct, tmp_path / "c.dcm").pixels == "blanked by rule pixel_rules.0"
+    outcome = deidentify_file(ruled, ct, tmp_path / "c.dcm").pixels
+    assert outcome == "blanked by rule pixel_rules.0; OCR read 1 images: no identifying text"
 
 
 def test_the_service_engine_decodes_12_bit_jpeg_to_blank_it(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from anonproxy.audit import AuditLog
 from anonproxy.config import RouteConfig
+from anonproxy.deid.pixels import read_by_sop_class
 from anonproxy.errors import SpoolFullError
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
@@ -56,6 +57,7 @@ class InstancePipeline:
         routes: Sequence[RouteConfig] = (),
         keep_rejected_inputs: bool = False,
         acknowledge: str = "after_deidentification",
+        read_pixels: bool = False,
     ) -> None:
         self.runner = runner
         self.spool = spool
@@ -64,6 +66,7 @@ class InstancePipeline:
         self.audit = audit
         self.keep_rejected_inputs = keep_rejected_inputs
         self.acknowledge_on_receipt = acknowledge == "after_receipt"
+        self.read_pixels = read_pixels  # profile.clean_pixel_data is not off
 
     def should_defer(self, received: Path, sop_class_uid: str) -> bool:
         """Whether the received data set *received* (a DICOM file, as received; *sop_class_uid*
@@ -72,13 +75,17 @@ class InstancePipeline:
         (:meth:`process`). The sender then no longer learns of a refusal: the input is
         quarantined and audited instead.
 
-        Today every instance is deferred under ``listen.acknowledge: after_receipt`` and none
-        otherwise. This is the extension point for decisions per instance: a stage that needs
-        seconds for some instances (OCR of burned-in text) adds its test with ``or``, e.g.
-        ``return self.acknowledge_on_receipt or needs_ocr(received)``. It runs on the
-        association's thread before the answer: keep it to a look at the header."""
-        del received, sop_class_uid  # not needed yet: see the docstring
-        return self.acknowledge_on_receipt
+        Every instance is deferred under ``listen.acknowledge: after_receipt``; otherwise, when
+        OCR reads pixels (*read_pixels*), the instances of the SOP Classes whose pixels it reads
+        (ultrasound, secondary capture, visible light: seconds each). Other images that OCR reads
+        (a CT screen capture, Burned In Annotation YES, a pixel rule's match) are told apart by
+        their header only, which is not decoded on this thread: they are read before the answer.
+        This runs on the association's thread before the answer: it looks at the request only.
+        """
+        del received  # the request's SOP Class is enough
+        return self.acknowledge_on_receipt or (
+            self.read_pixels and read_by_sop_class(sop_class_uid) is not None
+        )
 
     def refuse(
         self,

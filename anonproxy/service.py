@@ -147,6 +147,7 @@ class Proxy:
             routes=settings.routes,
             keep_rejected_inputs=storage.keep_rejected_inputs,
             acknowledge=settings.listen.acknowledge,
+            read_pixels=settings.profile.clean_pixel_data != "off",
         )
         # Deferred instances keep every worker process busy, one association alone included.
         self.deferred = DeferredProcessor(self.pipeline, window=self.deidentifiers.workers)

@@ -77,6 +77,14 @@ def declares_burned_in_annotation(ds: Dataset) -> bool:
     return _text(ds, "BurnedInAnnotation").upper() == "YES"
 
 
+def read_by_sop_class(sop_class: str) -> str | None:
+    """The reason to read the pixels of every image of *sop_class*, or None."""
+    for prefix, reason in _TRIAGED_SOP_CLASSES.items():
+        if sop_class == prefix or sop_class.startswith(prefix.rstrip(".") + "."):
+            return reason
+    return None
+
+
 def triage(ds: Dataset) -> str | None:
     """Why the pixels of the image ``ds`` need looking at, or None (the header says they do
     not, or it is no image)."""
@@ -84,10 +92,9 @@ def triage(ds: Dataset) -> str | None:
         return None
     if declares_burned_in_annotation(ds):
         return "burned-in annotation"
-    sop_class = _text(ds, "SOPClassUID")
-    for prefix, reason in _TRIAGED_SOP_CLASSES.items():
-        if sop_class == prefix or sop_class.startswith(prefix.rstrip(".") + "."):
-            return reason
+    by_class = read_by_sop_class(_text(ds, "SOPClassUID"))
+    if by_class is not None:
+        return by_class
     modality = _text(ds, "Modality").upper()
     if modality in _TRIAGED_MODALITIES:
         return _TRIAGED_MODALITIES[modality]
@@ -375,7 +382,7 @@ def _compress_lossless(ds: Dataset) -> None:
     JPEG-LS gets it uncompressed from the forwarder."""
     native = ds.PixelData
     try:
-        ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls")
+        ds.compress(JPEGLSLossless, encoding_plugin="pyjpegls", generate_instance_uid=False)
     except Exception:  # noqa: BLE001 - native is lossless too
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.PixelData = native

@@ -186,6 +186,8 @@ def test_pixel_data_not_blankable_in_place_is_decoded_blanked_and_stored_lossles
     source, exactly."""
     source = dcmread(get_testdata_file(name))
     out = dcmread(_blanked(name, tmp_path, ["2,3,5,4", "0,10,0,2"]))
+    assert out.SOPInstanceUID.startswith("2.25.")  # the engine's, not a new random one
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     compressed = source.file_meta.TransferSyntaxUID.is_compressed
     expected = JPEGLSLossless if compressed else ExplicitVRLittleEndian
     assert out.file_meta.TransferSyntaxUID == expected

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 #: ``profile.clean_pixel_data``: what OCR blanks in the images that triage sends to it.
 CleanPixelData = Literal["identifying", "all_text", "off"]
-CLEAN_PIXEL_DATA_MODES: tuple[str, ...] = ("identifying", "all_text", "off")
 
 #: ``profile.pixel_keep_regions``: ``ultrasound_regions`` (inside the Sequence of Ultrasound
 #: Regions) or ``x,y,w,h``; a line wholly inside one is kept under ``all_text``.

@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from anonproxy.deid import Deidentifier, Profile
-from anonproxy.deid.burned_in import find_text
+from anonproxy.deid.burned_in import find_text, keep_boxes, parse_keep_regions
 from anonproxy.deid.instance import deidentify_file
 from anonproxy.deid.ocr import OcrUnavailable, RapidOcrReader, TextLine
 from anonproxy.deid.pixels import triage
@@ -316,3 +316,21 @@ def test_at_most_five_percent_of_ct_mr_dx_are_blanked_or_refused(tmp_path: Path)
     assert len(CT_MR_DX) >= 15
     assert read  # secondary captures of NM images are read
     assert len(touched) <= 0.05 * len(CT_MR_DX), touched
+
+
+def test_keep_regions_are_ultrasound_regions_or_boxes_and_bad_ones_are_named() -> None:
+    from pydicom.dataset import Dataset as Item
+
+    ds = _image(_header())
+    region = Item()
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = 10, 20
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 89, 49
+    ds.SequenceOfUltrasoundRegions = [region]
+    keep = parse_keep_regions(["ultrasound_regions", "-20,0,20,10"])
+    assert keep_boxes(ds, keep) == [(10, 20, 90, 50), (80, 0, 100, 10)]
+    with pytest.raises(ValueError, match=r"pixel_keep_regions\.1"):
+        parse_keep_regions(["ultrasound_regions", "all"])
+    from anonproxy.config import ProfileConfig
+
+    with pytest.raises(ValueError, match=r"pixel_keep_regions\.0"):
+        ProfileConfig(pixel_keep_regions=["nowhere"])

@@ -416,6 +416,17 @@ class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class AdminConfig(_Section):
+    """The HTTP admin endpoint: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``. See
+    :mod:`anonproxy.admin`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback: a reverse proxy or the local Prometheus agent scrapes it
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
+    token_file: Path | None = None  # a file holding a bearer token /metrics then requires
+    max_queue_age_s: float = Field(default=3600.0, gt=0)  # /readyz: oldest queued instance
+
+
 class Settings(_Section):
     """The whole configuration of one anonproxy node."""
 
@@ -426,6 +437,7 @@ class Settings(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> Settings:

@@ -37,6 +37,7 @@ from anonproxy.config import ListenConfig
 from anonproxy.deferred import DeferredProcessor
 from anonproxy.errors import DecodeError, LimitExceeded
 from anonproxy.forward import set_tcp_nodelay
+from anonproxy.metrics import Metrics
 from anonproxy.pipeline import InstancePipeline, StoreOutcome
 from anonproxy.status import EchoStatus, StoreStatus
 
@@ -91,12 +92,15 @@ class StorageSCP:
         pipeline: InstancePipeline,
         audit: AuditLog,
         deferred: DeferredProcessor | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         reactor.install()
         receive_into(pipeline.spool.incoming_dir)
         self.config = config
         self.pipeline = pipeline
         self.audit = audit
+        self.metrics = metrics
         self.deferred = deferred if deferred is not None else DeferredProcessor(pipeline)
         self._records: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
@@ -429,9 +433,11 @@ class StorageSCP:
         with self._lock:
             return self._records.get(id(event.assoc))
 
-    @staticmethod
-    def _answer(record: AssociationRecord | None, outcome: StoreOutcome) -> Dataset:
-        """Count the outcome in the association's record; the C-STORE response status."""
+    def _answer(self, record: AssociationRecord | None, outcome: StoreOutcome) -> Dataset:
+        """Count the outcome in the association's record and the metrics; the C-STORE
+        response status."""
+        if self.metrics is not None:
+            self.metrics.store_answered(outcome.status)
         if record is not None:
             record.received += 1
             if code_to_category(outcome.status) in {"Success", "Warning"}:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from anonproxy import __version__, codecs
+from anonproxy.admin import AdminServer, Probe
 from anonproxy.audit import AuditLog, get_logger, silence_value_reports
 from anonproxy.config import ProfileConfig, Settings
 from anonproxy.deferred import DeferredProcessor
@@ -28,6 +29,7 @@ from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.instance import Limits
 from anonproxy.errors import ConfigError
 from anonproxy.forward import ForwardWorker, make_worker
+from anonproxy.metrics import Metrics
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.scp import StorageSCP
 from anonproxy.secret import Secret, load_secret
@@ -118,10 +120,16 @@ class Proxy:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.secret = secret or load_secret(settings.storage.path)
         self.audit_syslog = SyslogSender.from_settings(settings)  # DICOM audit messages
+        # Counted in this process, from the audit events and the SCP's answers (see
+        # anonproxy.metrics); a registry of its own per proxy.
+        self.metrics = Metrics()
         self.audit = AuditLog(
             settings.audit.path,
             stdout=settings.audit.stdout,
-            sinks=[self.audit_syslog] if self.audit_syslog is not None else [],
+            sinks=[
+                *([self.audit_syslog] if self.audit_syslog is not None else []),
+                self.metrics.observe,
+            ],
         )
         destinations = settings.effective_destinations
         storage = settings.storage
@@ -151,7 +159,9 @@ class Proxy:
         )
         # Deferred instances keep every worker process busy, one association alone included.
         self.deferred = DeferredProcessor(self.pipeline, window=self.deidentifiers.workers)
-        self.scp = StorageSCP(settings.listen, self.pipeline, self.audit, self.deferred)
+        self.scp = StorageSCP(
+            settings.listen, self.pipeline, self.audit, self.deferred, metrics=self.metrics
+        )
         self.workers: list[ForwardWorker] = []
         for destination in destinations:
             for index in range(getattr(destination, "max_associations", 1)):
@@ -165,6 +175,19 @@ class Proxy:
                         fsync=storage.fsync,
                     )
                 )
+        self.probe = Probe(
+            self.spool,
+            settings.audit.path,
+            max_queue_age_s=settings.admin.max_queue_age_s,
+            active_associations=self.scp.active_associations,
+            deferred_waiting=lambda: len(self.spool.deferred()),
+        )
+        self.metrics.watch(self.probe)
+        self.admin = (
+            AdminServer(settings.admin, self.metrics, self.probe)
+            if settings.admin.enabled
+            else None
+        )
         self._housekeeping = threading.Thread(
             target=self._housekeep, name="housekeeping", daemon=True
         )
@@ -180,6 +203,8 @@ class Proxy:
         """Recover the spool, start forwarding, then start listening. Data sets a previous
         run acknowledged and did not de-identify are queued before the first new one."""
         self._lock_storage()
+        if self.admin is not None:
+            self.admin.start()  # first: a port in use stops the start before anything runs
         recovered = self.spool.recover()
         deferred = self.deferred.recover()
         for worker in self.workers:
@@ -234,6 +259,8 @@ class Proxy:
             return
         self._stopped.set()
         self.scp.stop_accepting()
+        if self.admin is not None:
+            self.admin.stop()  # probes now fail: a load balancer stops sending here
         deadline = time.monotonic() + timeout
         while self.scp.active_associations() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
@@ -58,7 +59,12 @@ def audit_records(path: Path) -> list[dict[str, Any]]:
 
 def serve(config: Path, cwd: Path, *, stdout: int | None = None) -> subprocess.Popen[str]:
     """`anonproxy serve --config CONFIG` as a user runs it, with the test secret; standard
-    error is captured (and standard output, with ``stdout=subprocess.PIPE``)."""
+    error is captured (and standard output, with ``stdout=subprocess.PIPE``). A configuration
+    without an ``admin`` section gets its endpoint on a free port (``admin.port`` 8080, the
+    default, is taken by whichever test proxy or local service started first)."""
+    data = yaml.safe_load(config.read_text("utf-8")) or {}
+    if "admin" not in data:
+        config.write_text(json.dumps({**data, "admin": {"port": 0}}), "utf-8")
     return subprocess.Popen(
         [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
         cwd=cwd,
@@ -126,6 +132,7 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             "destinations": destinations or [],
             "storage": {"path": str(tmp_path / "var"), "min_free_bytes": 0},
             "audit": {"path": str(tmp_path / "var" / "audit.jsonl")},
+            "admin": {"port": 0},  # any free port: tests start several proxies
             **sections,
         }
         from anonproxy.service import Proxy

@@ -196,7 +196,8 @@ def test_serve_on_the_default_folder_destination_then_sigterm(
 ) -> None:
     port = free_port()
     config = tmp_path / "anonproxy.yaml"
-    config.write_text(f"listen: {{port: {port}}}\n", "utf-8")  # everything else is default
+    # everything else is default (the admin endpoint on a free port: 8080 may be taken)
+    config.write_text(f"listen: {{port: {port}}}\nadmin: {{port: 0}}\n", "utf-8")
     process = subprocess.Popen(
         [*ANONPROXY, "serve", "--config", str(config)],
         cwd=tmp_path,

@@ -1,0 +1,279 @@
+"""The HTTP admin endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` (``admin:`` section).
+
+Served by the standard library's WSGI server (:mod:`wsgiref`, one thread per request: the
+server prometheus-client's own ``start_http_server`` uses) with prometheus-client's
+:func:`~prometheus_client.make_wsgi_app` for ``/metrics``: no HTTP parsing is written here,
+only the routing of three paths.
+
+* ``/metrics``: the proxy's :class:`~anonproxy.metrics.Metrics`, Prometheus text format.
+* ``/healthz``: 200 while the process serves HTTP (a liveness probe).
+* ``/readyz``: 200 when the proxy can take instances and deliver them: the spool is writable,
+  its file system has more free space than ``storage.min_free_bytes``, the audit file is
+  writable and no destination's oldest queued instance is older than
+  ``admin.max_queue_age_s``; otherwise 503 with the list of what is wrong (fixed sentences and
+  destination names, never a value of an instance). For Docker HEALTHCHECK, Kubernetes probes
+  and HAProxy health checks.
+
+With ``admin.token_file``, ``/metrics`` requires ``Authorization: Bearer <token>`` (401
+otherwise; compared in constant time). The probes stay open, so that an orchestrator checks
+them without a secret: they tell nothing beyond ready or not and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from anonproxy.config import AdminConfig
+from anonproxy.errors import ConfigError
+from anonproxy.metrics import Metrics, QueueState
+from anonproxy.spool import SUFFIX, Spool
+
+StartResponse = Callable[[str, list[tuple[str, str]]], object]
+Environ = dict[str, Any]
+
+METRICS_PATH = "/metrics"
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+_JSON = [("Content-Type", "application/json")]
+
+
+def _status_line(status: HTTPStatus) -> str:
+    return f"{status.value} {status.phrase}"
+
+
+class Probe:
+    """The proxy's state as the gauges and ``/readyz`` see it (a
+    :class:`~anonproxy.metrics.StateSource`)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        audit_path: Path | None,
+        *,
+        max_queue_age_s: float,
+        active_associations: Callable[[], int],
+        deferred_waiting: Callable[[], int],
+    ) -> None:
+        self.spool = spool
+        self.audit_path = audit_path
+        self.max_queue_age_s = max_queue_age_s
+        self._active_associations = active_associations
+        self._deferred_waiting = deferred_waiting
+
+    def queue_states(self) -> dict[str, QueueState]:
+        states = {}
+        for name, queue in self.spool.queues.items():
+            stats = queue.stats()
+            states[name] = QueueState(
+                pending=int(stats["pending"]),
+                oldest_age_s=float(stats["oldest_age_s"]),
+                retrying=int(stats["retrying"]),
+                quarantined=_count(self.spool.quarantine_dir / name),
+            )
+        return states
+
+    def active_associations(self) -> int:
+        return self._active_associations()
+
+    def deferred_waiting(self) -> int:
+        return self._deferred_waiting()
+
+    def rejected_inputs(self) -> int:
+        return _count(self.spool.rejected_dir)
+
+    def disk_free_bytes(self) -> int:
+        return shutil.disk_usage(self.spool.spool_dir).free
+
+    def problems(self) -> list[str]:
+        """Why the proxy is not ready; empty when it is."""
+        problems: list[str] = []
+        try:
+            handle, name = tempfile.mkstemp(prefix="readyz-", dir=self.spool.tmp_dir)
+            os.close(handle)
+            os.unlink(name)
+        except OSError:
+            problems.append("spool not writable")
+        try:
+            free = self.disk_free_bytes()
+        except OSError:
+            problems.append("spool file system unreadable")
+        else:
+            # the spool's own threshold: the one at which it refuses instances (0xA700)
+            if free < self.spool.min_free_bytes:
+                problems.append("disk free below storage.min_free_bytes")
+        if self.audit_path is not None and not os.access(self.audit_path, os.W_OK):
+            problems.append("audit file not writable")
+        for name, state in sorted(self.queue_states().items()):
+            if state.pending and state.oldest_age_s > self.max_queue_age_s:
+                problems.append(f"queue {name} older than admin.max_queue_age_s")
+        return problems
+
+
+def _count(directory: Path) -> int:
+    """Spool files in *directory* (0 when it does not exist)."""
+    with contextlib.suppress(OSError):
+        return sum(1 for entry in os.scandir(directory) if entry.name.endswith(SUFFIX))
+    return 0
+
+
+def read_token(path: Path) -> str:
+    """The bearer token of ``admin.token_file`` (ConfigError when unreadable or empty)."""
+    try:
+        token = path.read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"admin.token_file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        raise ConfigError(msg) from None
+    if not token:
+        msg = f"admin.token_file: {path} is empty"
+        raise ConfigError(msg)
+    return token
+
+
+class AdminApp:
+    """The WSGI application: routes the three paths, checks the token."""
+
+    def __init__(self, metrics: Metrics, probe: Probe, token: str | None = None) -> None:
+        self.metrics_app = make_wsgi_app(metrics.registry)
+        self.probe = probe
+        self._token = None if token is None else token.encode("utf-8")
+
+    def _authorised(self, environ: Environ) -> bool:
+        if self._token is None:
+            return True
+        header = str(environ.get("HTTP_AUTHORIZATION", ""))
+        scheme, _, given = header.partition(" ")
+        # compare_digest on bytes: time independent of where the values differ
+        matches = hmac.compare_digest(given.strip().encode("utf-8"), self._token)
+        return scheme.lower() == "bearer" and matches
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        if path not in {METRICS_PATH, HEALTH_PATH, READY_PATH}:
+            return _reply(start_response, HTTPStatus.NOT_FOUND, {"error": "not found"})
+        if method not in {"GET", "HEAD"}:
+            return _reply(
+                start_response, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET only"},
+                [("Allow", "GET, HEAD")],
+            )  # fmt: skip
+        if path != METRICS_PATH:
+            return self._health(path, start_response)
+        if not self._authorised(environ):
+            return _reply(
+                start_response, HTTPStatus.UNAUTHORIZED, {"error": "bearer token required"},
+                [("WWW-Authenticate", 'Bearer realm="anonproxy"')],
+            )  # fmt: skip
+        result: Iterable[bytes] = self.metrics_app(environ, start_response)
+        return result
+
+    def _health(self, path: str, start_response: StartResponse) -> list[bytes]:
+        """``/healthz``: alive; ``/readyz``: ready, or 503 with the reasons."""
+        if path == HEALTH_PATH:
+            return _reply(start_response, HTTPStatus.OK, {"status": "alive"})
+        problems = self.probe.problems()
+        if problems:
+            body: dict[str, object] = {"status": "unready", "reasons": problems}
+            return _reply(start_response, HTTPStatus.SERVICE_UNAVAILABLE, body)
+        return _reply(start_response, HTTPStatus.OK, {"status": "ready"})
+
+
+def _reply(
+    start_response: StartResponse,
+    status: HTTPStatus,
+    body: dict[str, object],
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    data = json.dumps(body).encode("utf-8") + b"\n"
+    start_response(
+        _status_line(status),
+        [*_JSON, ("Content-Length", str(len(data))), *(headers or [])],
+    )
+    return [data]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on standard error (the scraper's address on every scrape)."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: ANN401 - WSGIRequestHandler's
+        del format, args
+
+
+class AdminServer:
+    """The admin endpoint of one proxy: listens on ``admin.host``:``admin.port`` in a
+    background thread."""
+
+    def __init__(self, config: AdminConfig, metrics: Metrics, probe: Probe) -> None:
+        self.config = config
+        token = None if config.token_file is None else read_token(config.token_file)
+        self.app = AdminApp(metrics, probe, token)
+        self._server: ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind and serve; a port that cannot be bound is a ConfigError naming it."""
+        server_class = _server_class(self.config.host)
+        try:
+            server = make_server(
+                self.config.host, self.config.port, self.app,
+                server_class=server_class, handler_class=_QuietHandler,
+            )  # fmt: skip
+        except OSError as exc:
+            msg = (
+                f"admin: cannot listen on {self.config.host}:{self.config.port}: "
+                f"{exc.strerror or exc}"
+            )
+            raise ConfigError(msg) from None
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="admin-http",
+            daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with port 0)."""
+        if self._server is None:
+            msg = "the admin endpoint is not started"
+            raise RuntimeError(msg)
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        self._server = None
+
+
+def _server_class(host: str) -> type[ThreadingWSGIServer]:
+    """The threading WSGI server, in the address family of *host* (IPv6 when it is one)."""
+    try:
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        return ThreadingWSGIServer  # make_server then names the host in its error
+    if family != socket.AF_INET6:
+        return ThreadingWSGIServer
+
+    class _Server6(ThreadingWSGIServer):
+        address_family = socket.AF_INET6
+
+    return _Server6

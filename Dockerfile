@@ -66,9 +66,11 @@ EXPOSE 11112
 # instance in flight and exits; unsent instances stay in the spool for the next start.
 STOPSIGNAL SIGTERM
 
-# Healthy when the SCP accepts TCP connections on its port (a bare connection opens no
-# association, so it leaves no audit record). Adjust the port if listen.port is changed.
+# Healthy when the admin endpoint's /readyz answers 200: the spool and the audit file are
+# writable, the disk has more free space than storage.min_free_bytes and no destination queue is
+# older than admin.max_queue_age_s (urlopen raises on 503, and python exits 1). Adjust the port
+# if admin.port is changed; admin.enabled must stay true.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 11112), timeout=4).close()"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=4)"]
 
 CMD ["anonproxy", "serve", "--config", "/etc/anonproxy/anonproxy.yaml"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -209,3 +212,26 @@ def test_admin_port_in_use_and_bad_token_file_are_configuration_errors(tmp_path:
         AdminServer(AdminConfig(token_file=empty), Metrics(), probe)
     with pytest.raises(ConfigError, match=r"admin\.token_file"):
         AdminServer(AdminConfig(token_file=tmp_path / "missing"), Metrics(), probe)
+
+
+def dockerfile_healthcheck() -> list[str]:
+    """The exec form of the Dockerfile's HEALTHCHECK CMD."""
+    text = (Path(__file__).parent.parent / "Dockerfile").read_text("utf-8")
+    match = re.search(r"^HEALTHCHECK .*?\\\n\s+CMD (\[.*\])$", text, re.MULTILINE)
+    assert match, "no HEALTHCHECK ... CMD [...] in the Dockerfile"
+    return list(json.loads(match.group(1)))
+
+
+def test_the_dockerfile_healthcheck_asks_readyz(make_proxy, tmp_path: Path) -> None:
+    """The image's HEALTHCHECK command, run here against a proxy (on its free admin port
+    instead of 8080): exit 0 when ready, not 0 when not."""
+    storage = {"path": str(tmp_path / "var"), "min_free_bytes": 1 << 62}
+    proxy = make_proxy(storage=storage)
+    argv = dockerfile_healthcheck()
+    assert argv[0] == "python"
+    argv = [sys.executable, *[a.replace(":8080/", f":{proxy.admin.port}/") for a in argv[1:]]]
+    unready = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+    assert unready.returncode != 0
+    proxy.spool.min_free_bytes = 0
+    ready = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert ready.returncode == 0, ready.stderr

@@ -452,7 +452,8 @@ def test_dockerfile_config_state_and_healthcheck_agree_with_the_example() -> Non
     assert settings.audit.path is not None
     assert settings.audit.path.is_relative_to(settings.storage.path), "audit trail off-volume"
     (healthcheck,) = _args_of(stage, "HEALTHCHECK")
-    assert str(settings.listen.port) in healthcheck
+    assert settings.admin.enabled
+    assert f"http://{settings.admin.host}:{settings.admin.port}/readyz" in healthcheck
 
 
 def _volume_paths(args: str) -> list[str]:

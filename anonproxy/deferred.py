@@ -23,7 +23,9 @@ again after a crash deliver it once (see :mod:`anonproxy.spool`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
 import threading
 import time
@@ -45,6 +47,7 @@ _NAME = re.compile(
     r"^(?P<lane>[0-9a-f]{16}-)[0-9a-f]{10}-(?P<assoc>[0-9a-f]{1,16})-(?P<ae>[0-9a-f]*)$"
 )
 _RETRY_MAX_DELAY_S = 5.0  # a full spool drains in seconds once its destination is back
+_NICE = 10  # the threads that process deferred data sets yield to those that receive
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,9 @@ class DeferredProcessor:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._engine = ThreadPoolExecutor(self.window, thread_name_prefix="deferred-engine")
+        self._engine = ThreadPoolExecutor(
+            self.window, thread_name_prefix="deferred-engine", initializer=_lower_priority
+        )
 
     def accept(
         self, received: Path, *, sop_class_uid: str, calling_ae_title: str, assoc_id: int
@@ -172,6 +177,7 @@ class DeferredProcessor:
         committed in arrival order."""
         window: deque[tuple[DeferredInstance, Future[_Prepared]]] = deque()
         failures = 0
+        _lower_priority()
         while True:
             with self._lock:
                 lane = self._lanes[key]
@@ -259,6 +265,13 @@ class DeferredProcessor:
         except OSError as exc:  # cannot be kept in quarantine: it stays, retried
             return f"cannot quarantine: {exc.strerror or type(exc).__name__}"
         return None
+
+
+def _lower_priority() -> None:
+    """Run the calling thread (Linux: a thread has its own nice value) below the association
+    threads: they answer senders, this works behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
 
 
 def _failed(exc: Exception) -> Refusal:

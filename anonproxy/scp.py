@@ -58,13 +58,19 @@ class _ReceivedFile(io.FileIO):
 _received = itertools.count()
 
 
+def _owner_only(path: str, flags: int) -> int:
+    """Open a received data set's file readable by the owner only (it holds PHI)."""
+    return os.open(path, flags, 0o600)
+
+
 def receive_into(directory: Path) -> None:
     """Make pynetdicom write received C-STORE data sets into *directory* (the spool's
     owner-only ``incoming`` folder) rather than the system's temporary folder: they hold PHI.
     The handler removes each file once answered."""
 
     def create(**_: object) -> _ReceivedFile:
-        return _ReceivedFile(directory / f"in-{os.getpid()}-{next(_received)}.dcm", "xb")
+        path = directory / f"in-{os.getpid()}-{next(_received)}.dcm"
+        return _ReceivedFile(path, "xb", opener=_owner_only)
 
     pynetdicom.dimse_messages.NamedTemporaryFile = create  # type: ignore[attr-defined,assignment]
 

@@ -124,9 +124,13 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _start_worker(factory: Callable[[], Deidentifier], limits: Limits, parent: int) -> None:
+def _start_worker(
+    factory: Callable[[], Deidentifier], limits: Limits, parent: int, nice: int
+) -> None:
     global _worker_engine, _worker_limits  # noqa: PLW0603 - one engine per worker process
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    if nice:
+        os.nice(nice)
     silence_value_reports()
     _worker_engine = factory()
     _worker_limits = limits
@@ -147,7 +151,9 @@ class DeidentifierPool:
     *engine* serves the calling threads; each worker process builds its own by calling
     *factory* (picklable: it crosses the process boundary, e.g. a :func:`functools.partial`
     of a module-level function), which must build the same engine. *limits* bound every
-    instance (the SCP has checked the size of a received data set already).
+    instance (the SCP has checked the size of a received data set already). The worker
+    processes run *nice* levels below the service (work that nobody waits for: receiving
+    keeps the cores it needs).
     """
 
     def __init__(
@@ -157,8 +163,10 @@ class DeidentifierPool:
         *,
         workers: int,
         limits: Limits = DEFAULT_LIMITS,
+        nice: int = 0,
     ) -> None:
         self.engine = engine
+        self.nice = nice
         self._factory = factory
         self.workers = workers
         self.limits = limits
@@ -175,7 +183,7 @@ class DeidentifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(self._factory, self.limits, os.getpid()),
+            initargs=(self._factory, self.limits, os.getpid(), self.nice),
         )
 
     def start(self) -> None:

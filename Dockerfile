@@ -6,7 +6,7 @@
 #
 # State (spool, quarantine, secret.key, audit trail) lives in the /var/lib/anonproxy volume.
 # The pseudonymisation secret comes from ANONPROXY_SECRET_FILE (e.g. a Docker secret),
-# ANONPROXY_SECRET, or /var/lib/anonproxy/secret.key (created on first run): back it up.
+# ANONPROXY_SECRET, or /var/lib/anonproxy/secret.key (created by serve on first run): back it up.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

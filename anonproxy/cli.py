@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from anonproxy import __version__
 from anonproxy.config import Settings, dump_settings, load_settings
 from anonproxy.errors import AnonproxyError, ConfigError
-from anonproxy.secret import Secret, load_secret
+from anonproxy.secret import Secret, SecretNotFound, create_secret, load_secret
 
 if TYPE_CHECKING:
     from anonproxy.deid import Deidentifier, DeidResult
@@ -30,19 +30,25 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _secret(settings: Settings) -> Secret:
-    secret = load_secret(settings.storage.path)
+def _secret(settings: Settings, *, create: bool = False) -> Secret:
+    """The secret; created on first run only with *create* (``serve``): other commands stop
+    with :class:`~anonproxy.secret.SecretNotFound` (a ConfigError: exit status 2)."""
+    secret = load_secret(settings.storage.path, create=create)
     if secret.created:
         print(
             f"anonproxy: created a new pseudonymisation secret at {secret.source}", file=sys.stderr
         )
+    _warn_loose(secret)
+    return secret
+
+
+def _warn_loose(secret: Secret) -> None:
     if secret.loose_permissions:
         print(
             f"anonproxy: WARNING: the secret file {secret.source} is readable by group or others;"
             " run: chmod 600",
             file=sys.stderr,
         )
-    return secret
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log.level)
-    secret = _secret(settings)
+    secret = _secret(settings, create=True)
     proxy = Proxy(settings, secret)
     listen = settings.listen
     destinations = ", ".join(f"{d.name} ({d.type})" for d in settings.effective_destinations)
@@ -73,8 +79,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Print the effective configuration (secrets are never part of it)."""
     settings = _settings(args)
     sys.stdout.write(dump_settings(settings))
-    secret = _secret(settings)
+    try:
+        secret = _secret(settings)
+    except SecretNotFound as exc:  # reported, never created here
+        print(f"# secret: none yet: {exc}")
+        return 0
     print(f"# secret: from {secret.source} (value redacted)")
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    """``secret create``: a new pseudonymisation secret where ``serve`` will look for it; an
+    existing one is never replaced."""
+    secret = create_secret(_settings(args).storage.path)
+    print(f"created a new pseudonymisation secret at {secret.source} (mode 0600): back it up")
     return 0
 
 
@@ -361,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than-days", type=float, default=0.0, help="purge: only older entries"
     )
     quarantine.set_defaults(func=cmd_quarantine)
+    secret = add(
+        "secret",
+        "create the pseudonymisation secret (ANONPROXY_SECRET_FILE, or <storage>/secret.key);"
+        " an existing one is kept",
+    )
+    secret.add_argument("action", choices=["create"])
+    secret.set_defaults(func=cmd_secret)
     pixel_help = "profile.pixel_rules from other tools' rule files"
     pixel = commands.add_parser("pixel-rules", help=pixel_help, description=pixel_help)
     pixel_commands = pixel.add_subparsers(dest="pixel_command", required=True)

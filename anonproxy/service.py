@@ -121,7 +121,7 @@ class Proxy:
         # Measured (MR 256x256, one sender, storescp destination): 5 ms: forwarding latency p50
         # 186 ms; 0.5 ms: p50 9 ms but 20 % fewer instances/s; 2 ms: p50 11 ms, full rate.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.secret = secret or load_secret(settings.storage.path)
+        self.secret = secret or load_secret(settings.storage.path, create=True)  # serve
         self.audit_syslog = SyslogSender.from_settings(settings)  # DICOM audit messages
         # Counted in this process, from the audit events and the SCP's answers (see
         # anonproxy.metrics); a registry of its own per proxy.

@@ -14,14 +14,20 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from conftest import corpus_identifying_values
+from conftest import TEST_SECRET, corpus_identifying_values
 from peers import free_port, storescu, wait_for, wait_port
 
 ANONPROXY = [sys.executable, "-m", "anonproxy"]
 
 
-def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], cwd: Path, *, secret: bool = True, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """The command in *cwd*, with the test secret in ANONPROXY_SECRET unless not *secret*
+    (only `serve` and `secret create` make one)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ANONPROXY_")}
+    if secret:
+        environment["ANONPROXY_SECRET"] = TEST_SECRET.value.decode()
     return subprocess.run(
         [*ANONPROXY, *args],
         cwd=cwd,
@@ -34,14 +40,38 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
 
 
 def test_check_config_prints_the_embedded_default_without_the_secret(tmp_path: Path) -> None:
-    result = run(["check-config"], tmp_path)
+    created = run(["secret", "create"], tmp_path, secret=False)
+    assert created.returncode == 0, created.stderr
+    assert str(tmp_path / "var" / "secret.key") in created.stdout
+    result = run(["check-config"], tmp_path, secret=False)
     assert result.returncode == 0, result.stderr
     assert "ae_title: ANONPROXY" in result.stdout
     assert "type: folder" in result.stdout
     secret = (tmp_path / "var" / "secret.key").read_text("utf-8").strip()
-    assert secret not in result.stdout + result.stderr
-    assert "created a new pseudonymisation secret" in result.stderr
-    assert "(value redacted)" in result.stdout
+    assert secret not in result.stdout + result.stderr + created.stdout + created.stderr
+    assert f"# secret: from {tmp_path / 'var' / 'secret.key'} (value redacted)" in result.stdout
+    again = run(["secret", "create"], tmp_path, secret=False)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    assert (tmp_path / "var" / "secret.key").read_text("utf-8").strip() == secret
+
+
+def test_only_serve_and_secret_create_make_a_secret(tmp_path: Path, corpus: list[Path]) -> None:
+    """check-config says there is none; deidentify stops and names where it looked."""
+    where = str(tmp_path / "var" / "secret.key")
+    checked = run(["check-config"], tmp_path, secret=False)
+    assert checked.returncode == 0, checked.stderr
+    assert "# secret: none yet: no pseudonymisation secret" in checked.stdout
+    assert where in checked.stdout
+    out = tmp_path / "out"
+    refused = run(["deidentify", str(corpus[0]), str(out), "-q", "-j", "1"], tmp_path, secret=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("anonproxy: no pseudonymisation secret")
+    assert where in refused.stderr
+    assert "ANONPROXY_SECRET_FILE" in refused.stderr
+    assert "anonproxy secret create" in refused.stderr
+    assert not (tmp_path / "var").exists()
+    assert not out.exists()
 
 
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from anonproxy.errors import ConfigError
-from anonproxy.secret import load_secret
+from anonproxy.secret import SecretNotFound, create_secret, load_secret
 
 
 def test_created_on_first_run_with_mode_0600_then_reused(tmp_path: Path) -> None:
-    first = load_secret(tmp_path / "var", environ={})
+    first = load_secret(tmp_path / "var", environ={}, create=True)
     assert first.created
     path = Path(first.source)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -42,6 +42,33 @@ def test_short_or_unreadable_secret_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_loose_permissions_are_detected(tmp_path: Path) -> None:
-    secret = load_secret(tmp_path, environ={})
+    secret = load_secret(tmp_path, environ={}, create=True)
     Path(secret.source).chmod(0o644)
     assert load_secret(tmp_path, environ={}).loose_permissions
+
+
+def test_never_created_unless_asked_and_the_error_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(SecretNotFound) as raised:
+        load_secret(tmp_path / "var", environ={})
+    message = str(raised.value)
+    assert str((tmp_path / "var" / "secret.key").resolve()) in message
+    assert "ANONPROXY_SECRET_FILE" in message
+    assert "ANONPROXY_SECRET " in message
+    assert "anonproxy secret create" in message
+    assert not (tmp_path / "var").exists()
+
+
+def test_create_secret_never_replaces_one(tmp_path: Path) -> None:
+    created = create_secret(tmp_path / "var", environ={})
+    assert created.created
+    assert stat.S_IMODE(Path(created.source).stat().st_mode) == 0o600
+    assert load_secret(tmp_path / "var", environ={}).value == created.value
+    with pytest.raises(ConfigError, match="already exists"):
+        create_secret(tmp_path / "var", environ={})
+    assert load_secret(tmp_path / "var", environ={}).value == created.value
+    named = tmp_path / "etc" / "anonproxy.key"
+    from_env = create_secret(tmp_path / "var", environ={"ANONPROXY_SECRET_FILE": str(named)})
+    assert Path(from_env.source) == named.resolve()
+    assert from_env.value != created.value
+    with pytest.raises(ConfigError, match="nothing to create"):
+        create_secret(tmp_path, environ={"ANONPROXY_SECRET": "from-the-env-0123456789"})

@@ -278,7 +278,8 @@ class TextFound:
     reasons: tuple[str, ...]
 
     def describe(self) -> str:
-        """``"OCR read N images: K text lines blanked (x0,y0,x1,y1 ...)"``, no text."""
+        """``"OCR read N images: K lines blanked (<attributes, kinds>) at x0,y0,x1,y1 ..."``
+        (boxes, ``x1`` and ``y1`` excluded), never the text."""
         if not self.boxes:
             return f"OCR read {self.images_read} images: no identifying text"
         where = " ".join(",".join(str(v) for v in box) for box in self.boxes)

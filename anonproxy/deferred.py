@@ -48,6 +48,12 @@ _NAME = re.compile(
 )
 _RETRY_MAX_DELAY_S = 5.0  # a full spool drains in seconds once its destination is back
 _NICE = 10  # the threads that process deferred data sets yield to those that receive
+# While senders are sending (a data set accepted less than _RECEIVING_S ago), no more data sets
+# go into the engine, for at most _MAX_HOLD_S after the head of a lane arrived: a burst (a
+# study) is acknowledged at receive speed, then de-identified; a sender that never pauses gets
+# its data sets de-identified _MAX_HOLD_S behind, concurrently.
+_RECEIVING_S = 0.1
+_MAX_HOLD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class DeferredInstance:
     lane: str  # the run and the association it arrived on
     calling_ae_title: str
     sop_class_uid: str | None = None  # from the C-STORE request; None: from the file meta
+    arrived: float = 0.0  # time.monotonic() when accepted; 0: left by a previous run
 
     @classmethod
     def from_path(cls, path: Path) -> DeferredInstance:
@@ -109,6 +116,7 @@ class DeferredProcessor:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._last_accept = 0.0
         self._engine = ThreadPoolExecutor(
             self.window, thread_name_prefix="deferred-engine", initializer=_lower_priority
         )
@@ -131,7 +139,8 @@ class DeferredProcessor:
         except SpoolFullError as exc:
             return self.pipeline.refuse(StoreStatus.OUT_OF_RESOURCES, "incoming", str(exc), fields)
         self.audit.event("instance.received", acknowledged="on receipt", **fields)
-        self._queue(DeferredInstance(path, lane, calling_ae_title, sop_class_uid))
+        self._last_accept = arrived = time.monotonic()
+        self._queue(DeferredInstance(path, lane, calling_ae_title, sop_class_uid, arrived))
         return StoreOutcome(StoreStatus.SUCCESS)
 
     def recover(self) -> int:
@@ -174,20 +183,27 @@ class DeferredProcessor:
 
     def _drain(self, key: str) -> None:
         """Process the lane *key* until it is empty: up to *window* instances in the engine,
-        committed in arrival order."""
+        committed in arrival order; none taken while senders are sending (see
+        :meth:`_hold`)."""
         window: deque[tuple[DeferredInstance, Future[_Prepared]]] = deque()
         failures = 0
         _lower_priority()
         while True:
             with self._lock:
                 lane = self._lanes[key]
-                while len(window) < self.window and lane and not self._stopping.is_set():
+                hold = self._hold(lane)
+                while (
+                    hold <= 0 and len(window) < self.window and lane and not self._stopping.is_set()
+                ):
                     instance = lane.popleft()
                     window.append((instance, self._engine.submit(self._prepare, instance)))
-                if not window:  # empty, or stopping: the rest waits on disk for the next start
-                    del self._lanes[key]
+                if not window and (not lane or self._stopping.is_set()):
+                    del self._lanes[key]  # empty, or stopping: the rest waits for the next start
                     self._threads.discard(threading.current_thread())
                     return
+            if not window:
+                self._stopping.wait(hold)
+                continue
             instance, future = window.popleft()
             retry = self._finish(instance, future)
             if retry is None:
@@ -207,6 +223,16 @@ class DeferredProcessor:
                 deferred_as=instance.path.stem,
             )
             self._stopping.wait(delay)
+
+    def _hold(self, lane: deque[DeferredInstance]) -> float:
+        """Seconds to wait before taking more of *lane* into the engine: while a data set was
+        accepted less than _RECEIVING_S ago, until the head of the lane is _MAX_HOLD_S old."""
+        now = time.monotonic()
+        receiving = self._last_accept + _RECEIVING_S - now
+        if receiving <= 0 or not lane:
+            return 0.0
+        overdue = lane[0].arrived + _MAX_HOLD_S - now
+        return min(receiving, overdue) if overdue > 0 else 0.0
 
     def _abandon(self, instance: DeferredInstance, future: Future[_Prepared]) -> DeferredInstance:
         """Drop the engine's output for an instance that will be processed again."""

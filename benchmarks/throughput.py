@@ -1,21 +1,25 @@
 """Throughput, latency and memory of anonproxy against a direct DCMTK baseline, in one run.
 
     .venv/bin/python benchmarks/throughput.py [--mr 1000] [--ct 500] [--large-mib 1024]
-        [--deidentify-workers N]
+        [--deidentify-workers N] [--acknowledge after_deidentification|after_receipt|both]
+        [--no-ocr]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts DCMTK storescp as the destination and measures, in the same run:
 
 * direct: storescu -> storescp;
-* proxy: storescu -> anonproxy serve -> storescp, until the last instance arrived;
+* proxy: storescu -> anonproxy serve -> storescp, until the last instance arrived, for each
+  ``listen.acknowledge`` mode (both by default);
 * proxy with 4 parallel storescu senders;
 * the floor of the stack (series only): storescu -> benchmarks/stack_floor.py, a pynetdicom SCP
   that only receives (``receive-only``), or receives, decodes the header and re-encodes with
   pydicom (``floor``): what one association through any proxy on this stack cannot beat.
 
-Prints instances/s, MB/s, time to the last arrival, forwarding latency p50/p99 (from the audit
-trail), the proxy's peak RSS (alone, and summed with its child processes), the ratio against
-the direct run, and the share of the floor reached. DCMTK runs with TCP_NODELAY=1.
+Prints, per run, the delivery rate (instances/s and MB/s until the last arrival at the
+research PACS) and the acknowledgement rate (storescu's own elapsed time: how long the sender
+is held), each with its ratio to the direct run and to the receive-only floor; forwarding
+latency p50/p99 (from the audit trail), the proxy's peak RSS (alone, and summed with its child
+processes). DCMTK runs with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from peers import PEER_ENV, StoreSCP, descendants, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
 FLOOR = "pynetdicom+pydicom floor"  # receive to disk, decode the header, re-encode: no more
+RECEIVE_ONLY = "pynetdicom receive-only"
+MODES = ("after_deidentification", "after_receipt")
 LISTEN: dict[str, int] = {}  # listen options of the proxy under test (--deidentify-workers)
+PROFILE: dict[str, str] = {}  # profile options of the proxy under test (--no-ocr)
 
 
 def make_series(directory: Path, template: str, count: int, rows: int, frames: int = 1) -> int:
@@ -156,7 +163,7 @@ def audit(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / "var" / "audit.jsonl").read_text().splitlines()]
 
 
-def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float]:
+def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) -> dict[str, float]:
     scp = StoreSCP(work / "research").start()
     port = free_port()
     root = work / "proxy"
@@ -165,11 +172,12 @@ def via_proxy(work: Path, folders: list[Path], expected: int) -> dict[str, float
     config.write_text(
         json.dumps(
             {
-                "listen": {"port": port, **LISTEN},
+                "listen": {"port": port, "acknowledge": acknowledge, **LISTEN},
                 "destinations": [
                     {"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
                      "port": scp.port}
                 ],
+                "profile": PROFILE,
                 "storage": {"path": str(root / "var"), "min_free_bytes": 0},
                 "audit": {"path": str(root / "var" / "audit.jsonl")},
                 "log": {"level": "WARNING"},
@@ -225,39 +233,53 @@ def report(
     rate = count / base["seconds"]
     print(f"\n== {name}: {count} instances, {size / 1e6:.1f} MB")
     print(
-        f"  direct storescu->storescp      {rate:8.1f} inst/s {size / 1e6 / base['seconds']:8.1f} MB/s"
+        f"  {'direct storescu->storescp':44s} {rate:8.1f} inst/s"
+        f" {size / 1e6 / base['seconds']:8.1f} MB/s"
     )
     for label, result in floors.items():
         r = count / result["seconds"]
-        print(f"  {label:30s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
+        print(f"  {label:44s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
               f"  ratio {r / rate:.2f}")  # fmt: skip
     floor = count / floors[FLOOR]["seconds"] if FLOOR in floors else None
+    receive_only = count / floors[RECEIVE_ONLY]["seconds"] if RECEIVE_ONLY in floors else None
     for label, result in runs.items():
         r = count / result["seconds"]
+        ack = count / result["acknowledged_s"]
         print(
-            f"  {label:30s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
+            f"  {label + ', delivered':44s} {r:8.1f} inst/s"
+            f" {size / 1e6 / result['seconds']:8.1f} MB/s"
             f"  last arrival {result['seconds']:.2f} s  ratio {r / rate:.2f}"
             + (f" ({r / floor:.2f} of the floor)" if floor else "")
-            + f"  acknowledged {count / result['acknowledged_s']:.1f} inst/s"
-            f"  p50 {result['p50_ms']:.0f} ms  p99 {result['p99_ms']:.0f} ms"
+            + f"  p50 {result['p50_ms']:.0f} ms  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
             f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
         )
+        print(
+            f"  {label + ', acknowledged':44s} {ack:8.1f} inst/s"
+            f" {size / 1e6 / result['acknowledged_s']:8.1f} MB/s"
+            f"  sender held {result['acknowledged_s']:.2f} s  ratio {ack / rate:.2f}"
+            + (f" ({ack / receive_only:.2f} of receive-only)" if receive_only else "")
+        )
 
 
-def bench(work: Path, name: str, series: Path, count: int, size: int) -> None:
+def bench(
+    work: Path, name: str, series: Path, count: int, size: int, modes: tuple[str, ...]
+) -> None:
     base = direct(work, [series], count)
     floors = {}
     if count > 1:  # one association of many instances: the stack's per-instance ceiling
-        floors["pynetdicom receive-only"] = stack_floor([series], "--receive-only")
+        floors[RECEIVE_ONLY] = stack_floor([series], "--receive-only")
         floors[FLOOR] = stack_floor([series])
-    runs = {"anonproxy, 1 sender": via_proxy(work, [series], count)}
+    runs = {}
+    for mode in modes:
+        runs[f"anonproxy {mode}, 1 sender"] = via_proxy(work, [series], count, mode)
     if count >= 4:
         parts = [work / f"{name}-part{i}" for i in range(4)]
         for i, path in enumerate(sorted(series.glob("*.dcm"))):
             parts[i % 4].mkdir(exist_ok=True)
             os.link(path, parts[i % 4] / path.name)
-        runs["anonproxy, 4 senders"] = via_proxy(work, parts, count)
+        for mode in modes:
+            runs[f"anonproxy {mode}, 4 senders"] = via_proxy(work, parts, count, mode)
     report(name, count, size, base, floors, runs)
 
 
@@ -271,7 +293,21 @@ def main() -> None:
     parser.add_argument(
         "--deidentify-workers", type=int, help="the proxy's listen.deidentify_workers"
     )
+    parser.add_argument(
+        "--acknowledge",
+        choices=[*MODES, "both"],
+        default="both",
+        help="the proxy's listen.acknowledge (default: both, one run each)",
+    )
+    parser.add_argument(
+        "--no-ocr",
+        action="store_true",
+        help="profile.clean_pixel_data: off (the pixels of CT and MR images are not read)",
+    )
     args = parser.parse_args()
+    if args.no_ocr:
+        PROFILE["clean_pixel_data"] = "off"
+    modes = MODES if args.acknowledge == "both" else (args.acknowledge,)
     if args.deidentify_workers is not None:
         LISTEN["deidentify_workers"] = args.deidentify_workers
     with tempfile.TemporaryDirectory(prefix="anonproxy-bench-") as tmp:
@@ -279,15 +315,15 @@ def main() -> None:
         if args.mr:
             series = work / "MR-256"
             size = make_series(series, "MR_small.dcm", args.mr, 256)
-            bench(work, "MR-256", series, args.mr, size)
+            bench(work, "MR-256", series, args.mr, size, modes)
         if args.ct:
             series = work / "CT-512"
             size = make_series(series, "CT_small.dcm", args.ct, 512)
-            bench(work, "CT-512", series, args.ct, size)
+            bench(work, "CT-512", series, args.ct, size, modes)
         if args.large_mib:
             series = work / "multiframe"
             size = make_large(series, args.large_mib)
-            bench(work, f"multi-frame {args.large_mib} MiB", series, 1, size)
+            bench(work, f"multi-frame {args.large_mib} MiB", series, 1, size, modes)
 
 
 if __name__ == "__main__":

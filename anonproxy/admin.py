@@ -1,4 +1,5 @@
-"""The HTTP admin endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` (``admin:`` section).
+"""The HTTP admin endpoint: ``/metrics``, ``/healthz``, ``/readyz`` and the status page
+(``admin:`` section).
 
 Served by the standard library's WSGI server (:mod:`wsgiref`, one thread per request: the
 server prometheus-client's own ``start_http_server`` uses) with prometheus-client's
@@ -13,10 +14,14 @@ only the routing of three paths.
   ``admin.max_queue_age_s``; otherwise 503 with the list of what is wrong (fixed sentences and
   destination names, never a value of an instance). For Docker HEALTHCHECK, Kubernetes probes
   and HAProxy health checks.
+* ``/`` (and ``/status``): the status page, one server-rendered HTML page without script
+  (:func:`anonproxy.overview.render_html` of :func:`anonproxy.overview.gather`, what
+  ``anonproxy status`` prints): destinations, refusals, quarantine. No PHI.
 
-With ``admin.token_file``, ``/metrics`` requires ``Authorization: Bearer <token>`` (401
-otherwise; compared in constant time). The probes stay open, so that an orchestrator checks
-them without a secret: they tell nothing beyond ready or not and why.
+With ``admin.token_file``, ``/metrics`` and the status page require
+``Authorization: Bearer <token>`` (401 otherwise; compared in constant time). The probes stay
+open, so that an orchestrator checks them without a secret: they tell nothing beyond ready or
+not and why.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from anonproxy.config import AdminConfig
 from anonproxy.errors import ConfigError
 from anonproxy.metrics import Metrics, QueueState
+from anonproxy.overview import Overview, render_html
 from anonproxy.spool import SUFFIX, Spool
 
 StartResponse = Callable[[str, list[tuple[str, str]]], object]
@@ -49,6 +55,7 @@ Environ = dict[str, Any]
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
+STATUS_PATHS = frozenset({"/", "/status"})
 _JSON = [("Content-Type", "application/json")]
 
 
@@ -145,11 +152,18 @@ def read_token(path: Path) -> str:
 
 
 class AdminApp:
-    """The WSGI application: routes the three paths, checks the token."""
+    """The WSGI application: routes the paths, checks the token."""
 
-    def __init__(self, metrics: Metrics, probe: Probe, token: str | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        probe: Probe,
+        token: str | None = None,
+        status: Callable[[], Overview] | None = None,
+    ) -> None:
         self.metrics_app = make_wsgi_app(metrics.registry)
         self.probe = probe
+        self.status = status
         self._token = None if token is None else token.encode("utf-8")
 
     def _authorised(self, environ: Environ) -> bool:
@@ -164,20 +178,29 @@ class AdminApp:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        if path not in {METRICS_PATH, HEALTH_PATH, READY_PATH}:
+        pages = {METRICS_PATH, HEALTH_PATH, READY_PATH}
+        if path not in pages and (self.status is None or path not in STATUS_PATHS):
             return _reply(start_response, HTTPStatus.NOT_FOUND, {"error": "not found"})
         if method not in {"GET", "HEAD"}:
             return _reply(
                 start_response, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "GET only"},
                 [("Allow", "GET, HEAD")],
             )  # fmt: skip
-        if path != METRICS_PATH:
+        if path in {HEALTH_PATH, READY_PATH}:
             return self._health(path, start_response)
         if not self._authorised(environ):
             return _reply(
                 start_response, HTTPStatus.UNAUTHORIZED, {"error": "bearer token required"},
                 [("WWW-Authenticate", 'Bearer realm="anonproxy"')],
             )  # fmt: skip
+        if path in STATUS_PATHS and self.status is not None:
+            page = render_html(self.status()).encode("utf-8")
+            start_response(
+                _status_line(HTTPStatus.OK),
+                [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page))),
+                 ("Cache-Control", "no-store")],
+            )  # fmt: skip
+            return [page]
         result: Iterable[bytes] = self.metrics_app(environ, start_response)
         return result
 
@@ -217,10 +240,16 @@ class AdminServer:
     """The admin endpoint of one proxy: listens on ``admin.host``:``admin.port`` in a
     background thread."""
 
-    def __init__(self, config: AdminConfig, metrics: Metrics, probe: Probe) -> None:
+    def __init__(
+        self,
+        config: AdminConfig,
+        metrics: Metrics,
+        probe: Probe,
+        status: Callable[[], Overview] | None = None,
+    ) -> None:
         self.config = config
         token = None if config.token_file is None else read_token(config.token_file)
-        self.app = AdminApp(metrics, probe, token)
+        self.app = AdminApp(metrics, probe, token, status)
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -271,6 +271,21 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """What the admin endpoint's status page shows, for a terminal (read from the storage
+    folder and the audit file: the service may run or not)."""
+    from anonproxy.overview import gather, render_text  # noqa: PLC0415
+
+    settings = _settings(args)
+    overview = gather(
+        settings.storage.path,
+        settings.audit.path,
+        [d.name for d in settings.effective_destinations],
+    )
+    sys.stdout.write(render_text(overview))
+    return 0
+
+
 def cmd_quarantine(args: argparse.Namespace) -> int:
     """``quarantine list | release DEST UID... | purge [--older-than-days N]``."""
     from anonproxy import spool  # noqa: PLC0415
@@ -365,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     deid.set_defaults(func=cmd_deidentify)
+    status_help = (
+        "destinations (queue, last success, last error), refusals over the last hour and day,"
+        " quarantine: what the admin endpoint's status page shows"
+    )
+    add("status", status_help).set_defaults(func=cmd_status)
     queue = add("queue", "spool queues: status, or retry waiting instances now")
     queue.add_argument("action", choices=["status", "retry"])
     queue.set_defaults(func=cmd_queue)

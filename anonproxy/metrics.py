@@ -44,11 +44,13 @@ _STATUS = re.compile(r"^0x[0-9A-F]{4}$")
 OTHER = "other"
 
 
-def _fixed(value: object) -> str:
+def fixed_name(value: object) -> str:
+    """*value* when it looks like one of the code's fixed names, else ``other``."""
     return value if isinstance(value, str) and _FIXED_NAME.match(value) else OTHER
 
 
-def _status(value: object) -> str:
+def dimse_status(value: object) -> str:
+    """*value* when it is a DIMSE status as the audit writes it (``0xC001``), else ``other``."""
     return value if isinstance(value, str) and _STATUS.match(value) else OTHER
 
 
@@ -216,11 +218,11 @@ class Metrics:
         return {
             "association.accepted": lambda _: self.associations_accepted.inc(),
             "association.rejected": lambda f: self.associations_rejected.labels(
-                reason=_fixed(f.get("reason"))
+                reason=fixed_name(f.get("reason"))
             ).inc(),
             "instance.received": lambda _: self.instances_received.inc(),
             "instance.failed": lambda f: self.refusals.labels(
-                stage=_fixed(f.get("stage")), status=_status(f.get("status"))
+                stage=fixed_name(f.get("stage")), status=dimse_status(f.get("status"))
             ).inc(),
             "instance.deidentified": lambda f: _observe(
                 self.deidentify_seconds, f.get("deidentify_ms")
@@ -228,16 +230,16 @@ class Metrics:
             "instance.spooled": lambda f: _observe(self.store_seconds, f.get("total_ms")),
             "instance.forwarded": self._forwarded,
             "instance.forward_retry": lambda f: self.forward_retries.labels(
-                destination=_fixed_destination(f.get("destination"))
+                destination=fixed_destination(f.get("destination"))
             ).inc(),
             "instance.quarantined": lambda f: self.quarantined.labels(
-                destination=_fixed_destination(f.get("destination"))
+                destination=fixed_destination(f.get("destination"))
             ).inc(),
             "instance.deidentify_retry": lambda _: self.deidentify_retries.inc(),
         }
 
     def _forwarded(self, fields: dict[str, Any]) -> None:
-        destination = _fixed_destination(fields.get("destination"))
+        destination = fixed_destination(fields.get("destination"))
         self.forwarded.labels(destination=destination).inc()
         _observe(self.forward_seconds.labels(destination=destination), fields.get("send_ms"))
 
@@ -251,5 +253,6 @@ def _observe(histogram: Histogram, milliseconds: object) -> None:
 _DESTINATION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # config.py's destination names
 
 
-def _fixed_destination(value: object) -> str:
+def fixed_destination(value: object) -> str:
+    """*value* when it is a destination name as the configuration allows, else ``other``."""
     return value if isinstance(value, str) and _DESTINATION.match(value) else OTHER

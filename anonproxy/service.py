@@ -30,6 +30,7 @@ from anonproxy.deid.instance import Limits
 from anonproxy.errors import ConfigError
 from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.metrics import Metrics
+from anonproxy.overview import gather
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.scp import StorageSCP
 from anonproxy.secret import Secret, load_secret
@@ -188,7 +189,14 @@ class Proxy:
         )
         self.metrics.watch(self.probe)
         self.admin = (
-            AdminServer(settings.admin, self.metrics, self.probe)
+            AdminServer(
+                settings.admin,
+                self.metrics,
+                self.probe,
+                status=functools.partial(
+                    gather, storage.path, settings.audit.path, [d.name for d in destinations]
+                ),
+            )
             if settings.admin.enabled
             else None
         )

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from anonproxy.service import Proxy  # noqa: PLC0415
 
     settings = _settings(args)
-    configure_logging(settings.log.level)
+    configure_logging(settings.log.level, format=settings.log.format, path=settings.log.path)
     secret = _secret(settings, create=True)
     proxy = Proxy(settings, secret)
     listen = settings.listen

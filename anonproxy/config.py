@@ -411,9 +411,11 @@ class AuditConfig(_Section):
 
 
 class LogConfig(_Section):
-    """Operational log on standard error (never carries PHI)."""
+    """Operational log on standard error or to a file (never carries PHI)."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    path: Path | None = None  # None: standard error; a file is reopened on SIGHUP
 
 
 class AdminConfig(_Section):

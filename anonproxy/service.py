@@ -22,7 +22,7 @@ from types import FrameType
 
 from anonproxy import __version__, codecs
 from anonproxy.admin import AdminServer, Probe
-from anonproxy.audit import AuditLog, get_logger, silence_value_reports
+from anonproxy.audit import AuditLog, get_logger, reopen_log_file, silence_value_reports
 from anonproxy.config import ProfileConfig, Settings
 from anonproxy.deferred import DeferredProcessor
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
@@ -300,7 +300,7 @@ class Proxy:
     def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Start, call *on_started* once the SCP listens, serve until SIGINT or SIGTERM, then
         stop gracefully."""
-        with _capture_signals(self._stop_requested):
+        with _capture_signals(self._stop_requested, self._reopen_requested):
             self.start()
             if on_started is not None:
                 on_started()
@@ -312,11 +312,33 @@ class Proxy:
         log.info("service.signal", signal=signal.Signals(signum).name)
         self._wait.set()
 
+    def _reopen_requested(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: reopen the files in a thread of its own (the signal may arrive while this
+        thread holds a file's lock)."""
+        del signum, frame
+        threading.Thread(target=self.reopen_logs, name="reopen-logs", daemon=True).start()
+
+    def reopen_logs(self) -> None:
+        """Open the audit file and the log file again by their names (after logrotate renamed
+        them). A file that cannot be opened is logged and its old handle kept."""
+        try:
+            reopen_log_file()
+            self.audit.reopen()
+        except OSError as exc:
+            log.error("service.reopen_failed", error=exc.strerror or type(exc).__name__)
+            return
+        log.info("service.logs_reopened")
+
 
 @contextmanager
-def _capture_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
-    """Install *handler* for SIGINT and SIGTERM; restore the previous handlers afterwards."""
+def _capture_signals(
+    handler: Callable[[int, FrameType | None], None],
+    reopen: Callable[[int, FrameType | None], None],
+) -> Iterator[None]:
+    """Install *handler* for SIGINT and SIGTERM and *reopen* for SIGHUP; restore the previous
+    handlers afterwards."""
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reopen)
     try:
         yield
     finally:

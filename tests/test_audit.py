@@ -8,7 +8,7 @@ import logging
 import threading
 from pathlib import Path
 
-from anonproxy.audit import AuditLog, configure_logging
+from anonproxy.audit import AuditLog, configure_logging, get_logger
 
 
 def test_one_json_line_per_event_from_many_threads(tmp_path: Path) -> None:
@@ -53,3 +53,32 @@ def test_the_audit_trail_ignores_the_operational_log_level(tmp_path: Path) -> No
     audit.close()
     [record] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert record["event"] == "association.accepted"
+
+
+def test_json_operational_logs_are_scrubbed_of_uids_by_structlog_and_logging() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream, format="json")
+    get_logger("anonproxy.test").info(
+        "forward.sent", detail="instance 1.2.826.0.1.3680043.8.498.1234567 sent", count=1
+    )
+    logging.getLogger("pynetdicom.dimse").warning("Storing 1.2.826.0.1.3680043.8.498.7654321")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["forward.sent", "Storing <uid>"]
+    assert lines[0]["detail"] == "instance <uid> sent"
+    assert lines[0]["count"] == 1
+    assert {line["level"] for line in lines} == {"info", "warning"}
+    configure_logging("INFO", io.StringIO())
+
+
+def test_a_reopened_audit_file_is_a_new_file_after_a_rename(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.event("service.started")
+    path.rename(tmp_path / "audit.jsonl.1")
+    audit.event("instance.received")  # still into the renamed file, as with any open file
+    audit.reopen()
+    audit.event("service.stopped")
+    audit.close()
+    old = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl.1").open()]
+    new = [json.loads(line)["event"] for line in path.open()]
+    assert (old, new) == (["service.started", "instance.received"], ["service.stopped"])

@@ -54,9 +54,10 @@ def _warn_loose(secret: Secret) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the proxy until SIGINT or SIGTERM."""
     from anonproxy.audit import configure_logging  # noqa: PLC0415 - keep start-up light
-    from anonproxy.service import Proxy  # noqa: PLC0415
+    from anonproxy.service import Proxy, preflight  # noqa: PLC0415
 
     settings = _settings(args)
+    preflight(settings)  # one line and exit status 2 for what would stop the start
     configure_logging(settings.log.level, format=settings.log.format, path=settings.log.path)
     secret = _secret(settings, create=True)
     proxy = Proxy(settings, secret)

@@ -13,7 +13,9 @@ import fcntl
 import functools
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from types import FrameType
 from anonproxy import __version__, codecs
 from anonproxy.admin import AdminServer, Probe
 from anonproxy.audit import AuditLog, get_logger, reopen_log_file, silence_value_reports
-from anonproxy.config import ProfileConfig, Settings
+from anonproxy.config import DicomDestinationConfig, ProfileConfig, Settings
 from anonproxy.deferred import DeferredProcessor
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.instance import Limits
@@ -36,6 +38,7 @@ from anonproxy.scp import StorageSCP
 from anonproxy.secret import Secret, load_secret
 from anonproxy.spool import Spool
 from anonproxy.syslog import SyslogSender
+from anonproxy.tls import client_context
 from anonproxy.workers import DeidentifierPool
 
 log = get_logger(__name__)
@@ -45,6 +48,78 @@ SWITCH_INTERVAL_S = 0.002
 #: listen.acknowledge after_receipt: the de-identification nobody waits for runs this many nice
 #: levels below receiving (MR 256x256, one sender, 2 cores: 79 -> 110 acknowledged/s)
 DEFERRED_NICE = 10
+
+
+#: Seconds to wait for a destination's TCP port at start (unreachable: a warning, not a stop)
+REACHABLE_TIMEOUT_S = 5.0
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, FileExistsError):  # mkdir of a folder on the way that is a file
+        return "a part of the path is a file, not a folder"
+    return exc.strerror or type(exc).__name__
+
+
+def preflight(settings: Settings) -> None:
+    """What would stop ``serve`` later, checked before anything is created, each a one-line
+    :class:`~anonproxy.errors.ConfigError` naming the setting: the storage folder is writable,
+    the audit and log files can be opened for appending, the DICOM port is free, the
+    destinations' TLS files load (``listen.tls`` and the syslog's are loaded when the SCP and
+    the syslog sender are built, with the same kind of error)."""
+    storage = settings.storage.path
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".preflight-", dir=storage)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot write to {storage}: {_reason(exc)}") from None
+    for key, path in (("audit.path", settings.audit.path), ("log.path", settings.log.path)):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot open {path} for writing: {_reason(exc)}") from None
+    listen = settings.listen
+    if listen.port:
+        _check_port_free(listen.host, listen.port)
+    for destination in settings.effective_destinations:
+        if isinstance(destination, DicomDestinationConfig) and destination.tls is not None:
+            client_context(destination.tls, f"destinations.{destination.name}.tls")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """ConfigError when *port* cannot be listened on (in use, or below 1024 without the
+    capability)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SCP binds
+            sock.bind((host, port))
+    except OSError as exc:  # socket.gaierror too
+        msg = f"listen: cannot listen on {host}:{port}: {_reason(exc)}"
+        raise ConfigError(msg) from None
+
+
+def _warn_unreachable(destinations: list[DicomDestinationConfig]) -> None:
+    """Log a warning for each destination whose TCP port does not answer now (the spool
+    keeps its instances and the workers retry: not a reason to stop)."""
+    for destination in destinations:
+        try:
+            socket.create_connection(
+                (destination.host, destination.port), timeout=REACHABLE_TIMEOUT_S
+            ).close()
+        except OSError as exc:
+            log.warning(
+                "destination.unreachable",
+                destination=destination.name,
+                address=f"{destination.host}:{destination.port}",
+                error=_reason(exc),
+                note="instances wait in the spool and are retried",
+            )
 
 
 def deidentify_workers(settings: Settings) -> int:
@@ -215,6 +290,13 @@ class Proxy:
         """Recover the spool, start forwarding, then start listening. Data sets a previous
         run acknowledged and did not de-identify are queued before the first new one."""
         self._lock_storage()
+        try:
+            self._start_locked()
+        except BaseException:
+            self.stop(timeout=1.0)  # what started stops; the storage is left for the next start
+            raise
+
+    def _start_locked(self) -> None:
         if self.admin is not None:
             self.admin.start()  # first: a port in use stops the start before anything runs
         recovered = self.spool.recover()
@@ -222,7 +304,19 @@ class Proxy:
         for worker in self.workers:
             worker.start()
         self._housekeeping.start()
-        self.scp.start()
+        listen = self.settings.listen
+        try:
+            self.scp.start()
+        except OSError as exc:
+            msg = f"listen: cannot listen on {listen.host}:{listen.port}: {_reason(exc)}"
+            raise ConfigError(msg) from None
+        dicom = [
+            d for d in self.settings.effective_destinations if isinstance(d, DicomDestinationConfig)
+        ]
+        if dicom:
+            threading.Thread(
+                target=_warn_unreachable, args=(dicom,), name="reachable", daemon=True
+            ).start()
         self.audit.event(
             "service.started",
             version=__version__,
@@ -281,10 +375,12 @@ class Proxy:
             worker.stop()
         self.spool.close()
         for worker in self.workers:
-            worker.join(max(0.1, deadline - time.monotonic()))
+            if worker.ident is not None:  # started (a failed start may stop before)
+                worker.join(max(0.1, deadline - time.monotonic()))
         self.scp.shutdown()
         self.deidentifiers.shutdown()
-        self._housekeeping.join(HOUSEKEEPING_INTERVAL_S * 2)
+        if self._housekeeping.ident is not None:
+            self._housekeeping.join(HOUSEKEEPING_INTERVAL_S * 2)
         with contextlib.suppress(OSError):
             self.spool.write_state()
             self._lock_file.close()

@@ -49,3 +49,27 @@ def test_every_yaml_example_in_the_readme_is_a_valid_configuration() -> None:
     for _, body in blocks:
         settings = parse_settings(yaml.safe_load(textwrap.dedent(body)), "README")
         assert settings.listen.ae_title == "ANONPROXY"
+
+
+def test_the_try_it_line_sends_a_folder_of_compressed_files(
+    make_proxy, corpus: list[Path], tmp_path: Path
+) -> None:
+    """The README's dcmsend line on a folder of JPEG, JPEG 2000 and RLE files: each arrives
+    (storescu +sd would stop at the first compressed file)."""
+    import shutil
+
+    from peers import wait_for
+
+    [line] = re.findall(r"^dcmsend -aec ANONPROXY \+sd \+r 127\.0\.0\.1 11112 \S+$", README, re.M)
+    names = {"CT_small.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "MR_small_RLE.dcm"}
+    study = tmp_path / "study"
+    study.mkdir()
+    for path in corpus:
+        if path.name in names:
+            shutil.copy(path, study / path.name)
+    proxy = make_proxy()
+    command = [*line.replace(" 11112 ", f" {proxy.port} ").split()[:-1], str(study)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    received = tmp_path / "var" / "received"
+    assert wait_for(lambda: len(list(received.rglob("*.dcm"))) == len(names), timeout=60)

@@ -49,9 +49,10 @@ _NAME = re.compile(
 _RETRY_MAX_DELAY_S = 5.0  # a full spool drains in seconds once its destination is back
 _NICE = 10  # the threads that process deferred data sets yield to those that receive
 # While senders are sending (a data set accepted less than _RECEIVING_S ago), no more data sets
-# go into the engine, for at most _MAX_HOLD_S after the head of a lane arrived: a burst (a
-# study) is acknowledged at receive speed, then de-identified; a sender that never pauses gets
-# its data sets de-identified _MAX_HOLD_S behind, concurrently.
+# go into the engine, for at most _MAX_HOLD_S after the head of a lane arrived and while the
+# deferred data sets fill less than half of storage.incoming_max_bytes: a burst (a study) is
+# acknowledged at receive speed, then de-identified; a sender that never pauses gets its data
+# sets de-identified _MAX_HOLD_S behind, concurrently.
 _RECEIVING_S = 0.1
 _MAX_HOLD_S = 5.0
 
@@ -226,10 +227,16 @@ class DeferredProcessor:
 
     def _hold(self, lane: deque[DeferredInstance]) -> float:
         """Seconds to wait before taking more of *lane* into the engine: while a data set was
-        accepted less than _RECEIVING_S ago, until the head of the lane is _MAX_HOLD_S old."""
+        accepted less than _RECEIVING_S ago, until the head of the lane is _MAX_HOLD_S old or
+        the deferred data sets fill half of ``incoming_max_bytes``."""
         now = time.monotonic()
         receiving = self._last_accept + _RECEIVING_S - now
-        if receiving <= 0 or not lane:
+        bound = self.spool.incoming_max_bytes
+        if (
+            receiving <= 0
+            or not lane
+            or (bound is not None and 2 * self.spool.deferred_bytes >= bound)
+        ):
             return 0.0
         overdue = lane[0].arrived + _MAX_HOLD_S - now
         return min(receiving, overdue) if overdue > 0 else 0.0

@@ -51,6 +51,17 @@ def _successes(sent: subprocess.CompletedProcess[str]) -> int:
     return (sent.stdout + sent.stderr).count("Received Store Response (Success)")
 
 
+def _refused(sent: subprocess.CompletedProcess[str]) -> list[Path]:
+    """The files storescu (run with -v) saw refused, to send again."""
+    refused, current = [], None
+    for line in (sent.stdout + sent.stderr).splitlines():
+        if "Sending file: " in line:
+            current = Path(line.split("Sending file: ", 1)[1].strip())
+        elif "Received Store Response (Refused" in line and current is not None:
+            refused.append(current)
+    return refused
+
+
 def _anonproxy(config: Path, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "anonproxy", *args, "--config", str(config)],
@@ -177,12 +188,14 @@ def test_over_the_incoming_bound_the_sender_gets_out_of_resources_and_a_retry_su
     try:
         assert wait_for(lambda: len(research.files()) == acknowledged, timeout=60)
         assert wait_for(lambda: not list((root / "spool" / "deferred").iterdir()), timeout=10)
-        for _ in range(10):  # the sender retries until every instance is taken
-            again = storescu(proxy.port, [tmp_path / "series"], extra=["-v"])
-            if _successes(again) == 30:
+        again = _refused(first)
+        assert len(again) == len(refused)
+        for _ in range(20):  # the sender retries what was refused until it is taken
+            again = _refused(storescu(proxy.port, again, extra=["-v"]))
+            if not again:
                 break
-            time.sleep(1)
-        assert _successes(again) == 30
+            time.sleep(0.5)
+        assert again == []
         assert wait_for(lambda: len(research.files()) == 30, timeout=60)
     finally:
         research.stop()

@@ -277,3 +277,27 @@ def test_a_full_spool_holds_the_lane_and_its_order_until_there_is_room(
     assert spooled == sorted(spooled)  # one association: in arrival order
     assert len(spooled) == 4
     assert node.spool.deferred() == []
+
+
+def test_a_burst_is_acknowledged_before_any_of_it_is_deidentified(
+    tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 1.0)  # a slow machine's gaps
+    node = _node(nodes, tmp_path / "var")
+    for source in series:
+        assert node.receive(source, 1) == StoreStatus.SUCCESS
+    assert wait_for(lambda: node.settled(len(series)), timeout=30)
+    last_received = max(str(e["time"]) for e in node.events("instance.received"))
+    first_spooled = min(str(e["time"]) for e in node.events("instance.spooled"))
+    assert first_spooled > last_received  # the sender first, de-identification behind
+
+
+def test_a_sender_that_never_pauses_is_followed_at_most_max_hold_behind(
+    tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 60.0)  # always "sending"
+    monkeypatch.setattr("anonproxy.deferred._MAX_HOLD_S", 0.2)
+    node = _node(nodes, tmp_path / "var")
+    for source in series:
+        assert node.receive(source, 1) == StoreStatus.SUCCESS
+    assert wait_for(lambda: node.settled(len(series)), timeout=30)

@@ -300,6 +300,10 @@ class Proxy:
         if self.admin is not None:
             self.admin.start()  # first: a port in use stops the start before anything runs
         recovered = self.spool.recover()
+        if self.settings.listen.acknowledge == "after_receipt":
+            # The worker processes de-identify every instance: spawned now, not during the
+            # first study (two interpreters starting cost a 2-core machine a second of receiving)
+            self.deidentifiers.start()
         deferred = self.deferred.recover()
         for worker in self.workers:
             worker.start()

@@ -68,9 +68,9 @@ class InstancePipeline:
         self.acknowledge_on_receipt = acknowledge == "after_receipt"
         self.read_pixels = read_pixels  # profile.clean_pixel_data is not off
 
-    def should_defer(self, received: Path, sop_class_uid: str) -> bool:
-        """Whether the received data set *received* (a DICOM file, as received; *sop_class_uid*
-        from the C-STORE request) is acknowledged once durably kept in the incoming spool and
+    def should_defer(self, sop_class_uid: str) -> bool:
+        """Whether a received data set (*sop_class_uid* from its C-STORE request) is
+        acknowledged once durably kept in the incoming spool and
         de-identified behind (:mod:`anonproxy.deferred`), rather than before the answer
         (:meth:`process`). The sender then no longer learns of a refusal: the input is
         quarantined and audited instead.
@@ -82,7 +82,6 @@ class InstancePipeline:
         their header only, which is not decoded on this thread: they are read before the answer.
         This runs on the association's thread before the answer: it looks at the request only.
         """
-        del received  # the request's SOP Class is enough
         return self.acknowledge_on_receipt or (
             self.read_pixels and read_by_sop_class(sop_class_uid) is not None
         )

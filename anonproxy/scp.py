@@ -419,7 +419,7 @@ class StorageSCP:
         record = self._record(event)
         sop_class_uid = str(event.request.AffectedSOPClassUID)
         calling_ae_title = record.calling_ae_title if record else ""
-        if self.pipeline.should_defer(received, sop_class_uid):
+        if self.pipeline.should_defer(sop_class_uid):
             outcome = self.deferred.accept(
                 received,
                 sop_class_uid=sop_class_uid,

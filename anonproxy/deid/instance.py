@@ -48,7 +48,7 @@ from anonproxy.deid.files import (
     write_instance,
     write_spliced,
 )
-from anonproxy.deid.ocr import TextReader, default_reader
+from anonproxy.deid.ocr import Box, TextReader, default_reader
 from anonproxy.deid.pixels import (
     CLEAN_PIXEL_DATA,
     PixelRule,
@@ -154,37 +154,21 @@ def deidentify_file(
     dataset, pixels, modality = _read(source, limits)
     try:
         document = check_policy(engine, dataset)
-        reason = triage(dataset)
-        rule = first_rule(engine.profile.pixel_rules, dataset)
-        regions = boxes(rule, dataset) if rule is not None else []
-        if rule is not None and reason is None:
-            reason = "pixel rule"  # what a rule blanks, OCR checks
-        whole: Dataset | None = None
-        text: TextFound | None = None
-        meta = getattr(dataset, "file_meta", None)
-        video = is_video(meta.get("TransferSyntaxUID") if meta is not None else None)
-        if video:
-            reason = "video"  # passed by policy (video: pass): its frames are not read
-        has_pixels = (pixels is not None or _PIXEL_DATA in dataset) and not video
-        if reason is not None and engine.profile.clean_pixel_data != "off" and has_pixels:
-            whole = read_instance(source)
-            text = _read_text(engine, whole, regions, reader)
-            regions = [*regions, *text.boxes]
+        plan = _PixelPlan.of(engine, source, dataset, pixels, reader)
         blank: Blank | None = None
-        decoded: list[tuple[int, int, int, int]] | None = None
-        if regions and _blankable_in_place(dataset, pixels):
-            blank = _blanking(dataset, regions)
-        elif regions:  # compressed, or read whole: decoded, blanked, stored losslessly
-            decoded = regions
-            dataset, pixels = whole if whole is not None else read_instance(source), None
+        decoded: list[Box] | None = None
+        if plan.regions and _blankable_in_place(dataset, pixels):
+            blank = _blanking(dataset, plan.regions)
+        elif plan.regions:  # compressed, or read whole: decoded, blanked, stored losslessly
+            decoded = plan.regions
+            dataset, pixels = plan.whole or read_instance(source), None
         result, self_check = engine.deidentify_with_check(dataset)
         if document is not None:
             dataset[_ENCAPSULATED_DOCUMENT] = document
         if decoded is not None:
             blank_decoded(dataset, decoded)
-        outcome = _pixel_outcome(rule, text, reason)
-        if rule is not None or text is not None:
-            _record_clean_pixel_data(dataset, rule, text)
+        if plan.rule is not None or plan.text is not None:
+            _record_clean_pixel_data(dataset, plan.rule, plan.text)
     except AnonproxyError:
         raise
     except Exception as exc:  # noqa: BLE001 - values are decoded lazily: a bad one fails here
@@ -193,38 +177,63 @@ def deidentify_file(
         pixels = None  # e.g. Double Float Pixel Data in a CT: binary the IOD does not define
     path = Path(target(result) if callable(target) else target)
     size = _write(dataset, pixels, path, _refusing(self_check), blank, in_place=in_place)
-    return DeidentifiedFile(result, modality, path, size, outcome)
+    return DeidentifiedFile(result, modality, path, size, plan.outcome)
 
 
-def _read_text(
-    engine: Deidentifier,
-    ds: Dataset,
-    blanked: list[tuple[int, int, int, int]],
-    reader: TextReader | None,
-) -> TextFound:
-    """The Clean Pixel Data option's OCR on the whole instance *ds* (before
-    de-identification), the rule's *blanked* boxes applied first."""
-    profile = engine.profile
-    return find_text(
-        ds,
-        reader if reader is not None else default_reader(),
-        engine.pixel_text(ds),
-        mode=profile.clean_pixel_data,
-        blanked=blanked,
-        keep=keep_boxes(ds, profile.pixel_keep_regions),
-    )
+@dataclass(frozen=True)
+class _PixelPlan:
+    """What happens to the pixels of one instance: the first matching pixel rule and the boxes
+    to blank (the rule's, then what OCR found), what OCR read, the whole instance when OCR
+    read it, and why the pixels needed looking at (None: the header says they do not)."""
 
+    rule: PixelRule | None
+    regions: list[Box]
+    text: TextFound | None
+    whole: Dataset | None
+    reason: str | None
 
-def _pixel_outcome(
-    rule: PixelRule | None, text: TextFound | None, reason: str | None
-) -> str | None:
-    """The audit record's account of the pixels (no text read ever goes in it)."""
-    done = [f"blanked by rule {rule.name}"] if rule is not None else []
-    if text is not None:
-        done.append(text.describe())
-    if done:
-        return "; ".join(done)
-    return f"unchecked: {reason}" if reason is not None else None
+    @classmethod
+    def of(
+        cls,
+        engine: Deidentifier,
+        source: str | os.PathLike[str],
+        dataset: Dataset,
+        pixels: PixelSpan | None,
+        reader: TextReader | None,
+    ) -> _PixelPlan:
+        """Triage, the pixel rules, then the Clean Pixel Data option's OCR on the whole
+        instance (read before de-identification; the rule's boxes blanked first)."""
+        profile = engine.profile
+        rule = first_rule(profile.pixel_rules, dataset)
+        regions = boxes(rule, dataset) if rule is not None else []
+        meta = getattr(dataset, "file_meta", None)
+        if is_video(meta.get("TransferSyntaxUID") if meta is not None else None):
+            # passed by policy (video: pass): its frames are not read
+            return cls(rule, regions, None, None, "video")
+        reason = triage(dataset) or ("pixel rule" if rule is not None else None)
+        has_pixels = pixels is not None or _PIXEL_DATA in dataset
+        if reason is None or profile.clean_pixel_data == "off" or not has_pixels:
+            return cls(rule, regions, None, None, reason)
+        whole = read_instance(source)
+        text = find_text(
+            whole,
+            reader if reader is not None else default_reader(),
+            engine.pixel_text(whole),
+            mode=profile.clean_pixel_data,
+            blanked=regions,
+            keep=keep_boxes(whole, profile.pixel_keep_regions),
+        )
+        return cls(rule, [*regions, *text.boxes], text, whole, reason)
+
+    @property
+    def outcome(self) -> str | None:
+        """The audit record's account of the pixels (no text read ever goes in it)."""
+        done = [f"blanked by rule {self.rule.name}"] if self.rule is not None else []
+        if self.text is not None:
+            done.append(self.text.describe())
+        if done:
+            return "; ".join(done)
+        return f"unchecked: {self.reason}" if self.reason is not None else None
 
 
 Blank = Callable[[int, int | None], None]
@@ -245,7 +254,7 @@ def _blankable_in_place(dataset: Dataset, pixels: PixelSpan | None) -> bool:
     return True
 
 
-def _blanking(dataset: Dataset, regions: list[tuple[int, int, int, int]]) -> Blank:
+def _blanking(dataset: Dataset, regions: list[Box]) -> Blank:
     """Blank *regions* of the native pixel data of *dataset* (its image attributes read now,
     before de-identification) where the writer copied it."""
     little = bool(dataset.file_meta.TransferSyntaxUID.is_little_endian)

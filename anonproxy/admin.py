@@ -22,6 +22,13 @@ With ``admin.token_file``, ``/metrics`` and the status page require
 ``Authorization: Bearer <token>`` (401 otherwise; compared in constant time). The probes stay
 open, so that an orchestrator checks them without a secret: they tell nothing beyond ready or
 not and why.
+
+With ``admin.tls`` the endpoint speaks HTTPS only, with the context of DICOM TLS
+(:func:`anonproxy.tls.server_context`: TLS 1.2 or newer, BCP 195 suites, client certificates
+verified against ``ca_certificates`` when given, required with ``require_client_certificate``).
+A connection shakes hands in its own request thread, within :data:`HANDSHAKE_TIMEOUT_S`, so a
+client that connects and stays silent holds no other request back; a failed handshake is
+closed without an answer.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -48,6 +56,7 @@ from anonproxy.errors import ConfigError
 from anonproxy.metrics import Metrics, QueueState
 from anonproxy.overview import Overview, render_html
 from anonproxy.spool import SUFFIX, Spool
+from anonproxy.tls import handshake, server_context
 
 StartResponse = Callable[[str, list[tuple[str, str]]], object]
 Environ = dict[str, Any]
@@ -57,6 +66,7 @@ HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 STATUS_PATHS = frozenset({"/", "/status"})
 _JSON = [("Content-Type", "application/json")]
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def _status_line(status: HTTPStatus) -> str:
@@ -250,12 +260,13 @@ class AdminServer:
         self.config = config
         token = None if config.token_file is None else read_token(config.token_file)
         self.app = AdminApp(metrics, probe, token, status)
+        self._tls = None if config.tls is None else server_context(config.tls, "admin.tls")
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Bind and serve; a port that cannot be bound is a ConfigError naming it."""
-        server_class = _server_class(self.config.host)
+        server_class = _server_class(self.config.host, self._tls)
         try:
             server = make_server(
                 self.config.host, self.config.port, self.app,
@@ -293,16 +304,36 @@ class AdminServer:
         self._server = None
 
 
-def _server_class(host: str) -> type[ThreadingWSGIServer]:
-    """The threading WSGI server, in the address family of *host* (IPv6 when it is one)."""
+def _server_class(host: str, tls: ssl.SSLContext | None) -> type[ThreadingWSGIServer]:
+    """The threading WSGI server in the address family of *host* (IPv6 when it is one), with
+    TLS when *tls* is given."""
     try:
         family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror:
-        return ThreadingWSGIServer  # make_server then names the host in its error
-    if family != socket.AF_INET6:
-        return ThreadingWSGIServer
+        family = socket.AF_INET  # make_server then names the host in its error
 
-    class _Server6(ThreadingWSGIServer):
-        address_family = socket.AF_INET6
+    class _Server(ThreadingWSGIServer):
+        address_family = family
 
-    return _Server6
+        def finish_request(self, request: Any, client_address: Any) -> None:  # noqa: ANN401 - socketserver's
+            if tls is None:
+                super().finish_request(request, client_address)
+                return
+            try:
+                secure = tls.wrap_socket(request, server_side=True)
+                handshake(secure, HANDSHAKE_TIMEOUT_S)
+            except (OSError, ValueError):  # ssl.SSLError and time-outs are OSErrors
+                return  # the plain socket is closed by socketserver
+            try:
+                secure.settimeout(HANDSHAKE_TIMEOUT_S)  # a request must not trickle in forever
+                super().finish_request(secure, client_address)
+            finally:
+                with contextlib.suppress(OSError):
+                    secure.close()
+
+        def setup_environ(self) -> None:
+            super().setup_environ()
+            if tls is not None:
+                self.base_environ["HTTPS"] = "on"  # wsgi.url_scheme: https
+
+    return _Server

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    return load_settings(args.config, args.overrides)
 
 
 def _secret(settings: Settings, *, create: bool = False) -> Secret:
@@ -155,14 +155,13 @@ _WORKER: tuple[Deidentifier, Limits] | None = None
 UNREADABLE = "failed (unreadable)"
 
 
-def _init_worker(settings_path: Path | None, secret_value: bytes) -> None:
+def _init_worker(settings: Settings, secret_value: bytes) -> None:
     from anonproxy.audit import silence_value_reports  # noqa: PLC0415
     from anonproxy.deid.instance import Limits  # noqa: PLC0415
     from anonproxy.service import build_deidentifier  # noqa: PLC0415
 
     silence_value_reports()
     global _WORKER  # noqa: PLW0603 - one engine per worker process
-    settings = load_settings(settings_path)
     limits = Limits(
         max_sequence_depth=settings.listen.max_sequence_depth,
         max_inflated_bytes=settings.listen.max_instance_bytes,
@@ -233,7 +232,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     outcomes: Counter[str] = Counter()
     with ProcessPoolExecutor(
-        max_workers=jobs, initializer=_init_worker, initargs=(args.config, secret.value)
+        max_workers=jobs, initializer=_init_worker, initargs=(settings, secret.value)
     ) as pool:
         results = pool.map(_deidentify_one, tasks, chunksize=8)
         for outcome in tqdm(
@@ -365,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
             type=Path,
             default=None,
             help="YAML configuration file (default: the embedded default configuration)",
+        )
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one setting of the configuration, the value read as YAML "
+            "(repeatable; e.g. --set admin.host=0.0.0.0 in a container)",
         )
         return sub
 

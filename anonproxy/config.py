@@ -8,6 +8,7 @@ the configuration: see :mod:`anonproxy.secret`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -427,6 +428,7 @@ class AdminConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
     token_file: Path | None = None  # a file holding a bearer token /metrics then requires
     max_queue_age_s: float = Field(default=3600.0, gt=0)  # /readyz: oldest queued instance
+    tls: TlsServerConfig | None = None  # HTTPS (TLS 1.2+, BCP 195 suites; client certs optional)
 
 
 class Settings(_Section):
@@ -499,8 +501,39 @@ def parse_settings(data: object, source: str = "<config>") -> Settings:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def load_settings(path: Path | None = None) -> Settings:
-    """Load a YAML file, or the embedded default configuration when *path* is None."""
+def apply_overrides(data: object, overrides: Sequence[str]) -> object:
+    """*data* (parsed YAML) with each ``section.key=value`` of *overrides* set; the value is
+    read as YAML (``admin.port=9090``, ``admin.host=0.0.0.0``, ``listen.tls=null``). Keys name
+    mappings only (not list items such as a destination): ConfigError otherwise."""
+    root: dict[str, Any] = dict(data) if isinstance(data, dict) else {}
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        names = key.strip().split(".")
+        if not sep or not all(names):
+            msg = f"--set {override!r}: expected section.key=value"
+            raise ConfigError(msg)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            msg = f"--set {key}: the value is not valid YAML"
+            raise ConfigError(msg) from None
+        node = root
+        for depth, name in enumerate(names[:-1]):
+            child = node.get(name)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                msg = f"--set {key}: {'.'.join(names[: depth + 1])} is not a mapping"
+                raise ConfigError(msg)
+            node[name] = child = dict(child)
+            node = child
+        node[names[-1]] = value
+    return root
+
+
+def load_settings(path: Path | None = None, overrides: Sequence[str] = ()) -> Settings:
+    """Load a YAML file, or the embedded default configuration when *path* is None, with the
+    ``--set`` *overrides* applied (see :func:`apply_overrides`)."""
     if path is None:
         text = resources.files("anonproxy").joinpath(DEFAULT_CONFIG_RESOURCE).read_text("utf-8")
         source = "embedded default"
@@ -516,6 +549,9 @@ def load_settings(path: Path | None = None) -> Settings:
     except yaml.YAMLError as exc:
         msg = f"invalid YAML in {source}: {exc}"
         raise ConfigError(msg) from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " with --set"
     return parse_settings(data, source)
 
 

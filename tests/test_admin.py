@@ -238,3 +238,39 @@ def test_the_dockerfile_healthcheck_asks_readyz(make_proxy, tmp_path: Path) -> N
     proxy.spool.min_free_bytes = 0
     ready = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert ready.returncode == 0, ready.stderr
+
+
+def test_admin_tls_serves_https_only_and_a_silent_client_holds_no_one_back(
+    tmp_path: Path,
+) -> None:
+    import socket
+    import ssl
+    import time
+
+    from anonproxy.config import TlsServerConfig
+    from anonproxy.spool import Spool
+
+    from peers import Pki
+
+    pki = Pki(tmp_path / "pki").create()
+    spool = Spool(tmp_path / "var", ["research"])
+    probe = Probe(
+        spool, None, max_queue_age_s=60, active_associations=lambda: 0, deferred_waiting=lambda: 0
+    )
+    tls = TlsServerConfig(certificate=pki.server_cert, private_key=pki.server_key)
+    server = AdminServer(AdminConfig(port=0, tls=tls), Metrics(), probe)
+    server.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.port))  # never says hello
+        started = time.monotonic()
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        url = f"https://localhost:{server.port}/readyz"
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:  # noqa: S310
+            assert response.status == 200
+            assert json.loads(response.read()) == {"status": "ready"}
+        assert time.monotonic() - started < 5  # not behind the silent client's handshake
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10)  # noqa: S310
+        silent.close()
+    finally:
+        server.stop()

@@ -82,6 +82,27 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert "listen.ae_titel" in result.stderr
 
 
+def test_set_overrides_one_setting_and_is_validated_like_the_file(tmp_path: Path) -> None:
+    result = run(
+        ["check-config", "--set", "admin.host=0.0.0.0", "--set", "admin.port=9090",
+         "--set", "listen.ae_title=EDGE1"],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "host: 0.0.0.0\n  port: 9090" in result.stdout
+    assert "ae_title: EDGE1" in result.stdout
+    typo = run(["check-config", "--set", "admin.prot=9090"], tmp_path)
+    assert typo.returncode == 2
+    assert "admin.prot" in typo.stderr
+    wrong = run(["check-config", "--set", "admin.port=http"], tmp_path)
+    assert wrong.returncode == 2
+    assert "admin.port" in wrong.stderr
+    into_list = run(["check-config", "--set", "destinations.name=x"], tmp_path)
+    assert into_list.returncode == 2
+    assert "destinations is not a mapping" in into_list.stderr
+    assert run(["check-config", "--set", "admin.port"], tmp_path).returncode == 2
+
+
 def test_check_config_warns_about_a_loose_secret_file(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("0123456789abcdef0123456789abcdef", "utf-8")

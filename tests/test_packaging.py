@@ -340,6 +340,29 @@ def test_compose_secret_reaches_the_proxy_as_a_file() -> None:
     assert secret_path.parts[0] in DOCKERIGNORE.read_text("utf-8").split()
 
 
+def test_compose_publishes_the_admin_endpoint_on_loopback_with_a_token() -> None:
+    """The proxy's command is the image's, with --set overrides that open the admin endpoint
+    inside the container and name a compose secret as its token; the host publishes it on its
+    loopback interface only."""
+    compose = _compose()
+    proxy = _service(PROXY_SERVICE)
+    command = [str(part) for part in proxy["command"]]
+    (cmd,) = _args_of(_final_stage(DOCKERFILE), "CMD")
+    image_command = _exec_form(cmd)
+    assert command[: len(image_command)] == image_command
+    extra = command[len(image_command) :]
+    assert extra[::2] == ["--set"] * (len(extra) // 2)
+    settings = load_settings(_bind_source(proxy, _cmd_config_path()), extra[1::2])
+    admin = [port for port in _ports(proxy) if port[2] == str(settings.admin.port)]
+    assert admin == [("127.0.0.1", str(settings.admin.port), str(settings.admin.port))]
+    assert settings.admin.host == "0.0.0.0"
+    token = re.fullmatch(r"/run/secrets/([\w.-]+)", str(settings.admin.token_file))
+    assert token, settings.admin.token_file
+    names = [s if isinstance(s, str) else s["source"] for s in proxy.get("secrets", [])]
+    assert token.group(1) in names
+    assert token.group(1) in (compose.get("secrets") or {})
+
+
 # --- (c) the example configuration ----------------------------------------------------------
 
 

@@ -8,7 +8,10 @@
 # The pseudonymisation secret comes from ANONPROXY_SECRET_FILE (e.g. a Docker secret),
 # ANONPROXY_SECRET, or /var/lib/anonproxy/secret.key (created by serve on first run): back it up.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The base image, pinned by digest (the multi-platform index of the tag), so that a rebuild uses
+# the same system it was tested on. To move to a newer one, read the tag's current digest
+# (`docker buildx imagetools inspect python:3.11-slim-bookworm`) and replace it here.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
 # --- build: a self-contained virtual environment in /opt/anonproxy ---------------------------
 FROM ${PYTHON_IMAGE} AS build
@@ -21,18 +24,20 @@ RUN python -m venv /opt/anonproxy
 
 WORKDIR /src
 
-# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
-# An empty package stands in for the real one so that pip resolves the dependencies only.
-COPY pyproject.toml ./
-RUN mkdir anonproxy \
-    && touch anonproxy/__init__.py \
-    && /opt/anonproxy/bin/pip install --no-cache-dir . \
-    && /opt/anonproxy/bin/pip uninstall --yes anonproxy \
-    && rm -rf anonproxy build ./*.egg-info
+# Dependencies first, in their own layer (rebuilt only when the lock changes): exactly the
+# versions of requirements.lock, each file checked against its sha256 there (pip refuses any
+# package that is not in the lock or does not match). tools/lock-requirements makes the lock
+# from pyproject.toml; it includes setuptools, which builds anonproxy below.
+COPY requirements.lock ./
+RUN /opt/anonproxy/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
+        -r requirements.lock
 
-# Then the package itself (with its package data: default.yaml, deid/_standard/*).
+# Then the package itself (with its package data: default.yaml, deid/_standard/*), built with
+# the locked setuptools and nothing else fetched.
+COPY pyproject.toml ./
 COPY anonproxy/ anonproxy/
-RUN /opt/anonproxy/bin/pip install --no-cache-dir --no-deps . \
+RUN /opt/anonproxy/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && /opt/anonproxy/bin/pip check \
     && /opt/anonproxy/bin/anonproxy --version
 
 # --- runtime ----------------------------------------------------------------------------------

@@ -457,11 +457,49 @@ def test_dockerfile_base_image_and_install() -> None:
     bases = [
         _resolve_args(DOCKERFILE, args).split()[0] for kw, args in instructions if kw == "FROM"
     ]
-    assert bases[-1] == "python:3.11-slim-bookworm"
+    assert all(re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", b) for b in bases)
     installs = [args for kw, args in instructions if kw == "RUN" and "pip install" in args]
     assert installs, "the package is not pip-installed"
     assert all("--no-cache-dir" in args for args in installs)
-    assert any(re.search(r"pip install [^&;|]*\s\.(\s|$)", args) for args in installs)
+    locked, package = installs
+    assert "--require-hashes" in locked
+    assert "-r requirements.lock" in locked
+    assert re.search(r"pip install [^&;|]*--no-deps[^&;|]*\s\.(\s|$)", package)
+    assert "--no-build-isolation" in package  # built with the locked setuptools
+
+
+def _lock() -> dict[str, tuple[str, int]]:
+    """requirements.lock: each pinned package's version and number of sha256 hashes."""
+    pins: dict[str, tuple[str, int]] = {}
+    text = (ROOT / "requirements.lock").read_text("utf-8")
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", block)
+        if match:
+            name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+            pins[name] = (match.group(2), len(re.findall(r"--hash=sha256:[0-9a-f]{64}", block)))
+    return pins
+
+
+def test_the_lock_pins_every_dependency_with_hashes() -> None:
+    """Every dependency of pyproject.toml, and the build backend, is in requirements.lock at a
+    version its specifier allows, with at least one hash (run tools/lock-requirements after
+    changing the dependencies)."""
+    from packaging.requirements import Requirement
+
+    pins = _lock()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    problems = []
+    for text in wanted:
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if name not in pins:
+            problems.append(f"{name}: not in requirements.lock")
+        elif not requirement.specifier.contains(pins[name][0], prereleases=True):
+            problems.append(f"{name}: {pins[name][0]} outside {requirement.specifier}")
+    assert problems == []
+    assert all(hashes >= 1 for _, hashes in pins.values())
+    assert len(pins) >= len(wanted)
 
 
 def test_dockerfile_config_state_and_healthcheck_agree_with_the_example() -> None:

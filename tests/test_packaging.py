@@ -9,10 +9,12 @@ volumes, the secret) is checked by reading them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tomllib
 import typing
@@ -466,6 +468,48 @@ def test_dockerfile_base_image_and_install() -> None:
     assert "-r requirements.lock" in locked
     assert re.search(r"pip install [^&;|]*--no-deps[^&;|]*\s\.(\s|$)", package)
     assert "--no-build-isolation" in package  # built with the locked setuptools
+
+
+def test_the_dockerfile_build_stage_runs_in_a_clean_venv(tmp_path: Path) -> None:
+    """Docker does not run here: the build stage's instructions are carried out as written,
+    with /opt/anonproxy and the build folder moved under tmp_path and the image's `python`
+    being this interpreter: the locked install with hashes (from the package index), the
+    package built with the locked setuptools, `pip check`, `anonproxy --version`."""
+    instructions = _instructions(DOCKERFILE)
+    starts = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
+    build = instructions[starts[0] + 1 : starts[1]]
+    prefix = tmp_path / "opt"
+    workdir = tmp_path  # the image's / until a WORKDIR
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    ran = []
+    for keyword, written in build:
+        args = written.replace("/opt/anonproxy", str(prefix))
+        if keyword == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+        elif keyword == "WORKDIR":
+            workdir = tmp_path / args.lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif keyword == "COPY":
+            source, target = shlex.split(args)
+            destination = workdir / target
+            if (ROOT / source).is_dir():
+                shutil.copytree(
+                    ROOT / source, destination, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy(ROOT / source, destination)
+        elif keyword == "RUN":
+            command = re.sub(r"^python ", f"{sys.executable} ", args)
+            done = subprocess.run(
+                ["bash", "-ec", command], cwd=workdir, env=env, capture_output=True, text=True,
+                timeout=900, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, (
+                f"RUN {written}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+            ran.append(done.stdout)
+    assert "No broken requirements found." in ran[-1]
+    assert ran[-1].strip().endswith(f"anonproxy {metadata('anonproxy')['Version']}")
 
 
 def _lock() -> dict[str, tuple[str, int]]:

@@ -56,8 +56,9 @@ from pynetdicom.status import code_to_category
 from anonproxy import codecs, reactor
 from anonproxy.audit import AuditLog, configure_logging, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
+from anonproxy.durable import make_directories, sync_data, sync_directory
 from anonproxy.errors import ForwardError
-from anonproxy.spool import DestinationQueue, QueueItem, Spool, fsync_directory
+from anonproxy.spool import DestinationQueue, QueueItem, Spool, check_uid_name
 from anonproxy.tls import client_context
 
 log = get_logger(__name__)
@@ -104,7 +105,10 @@ class Sender(Protocol):
 
 
 class FolderSender:
-    """Moves instances into ``<root>/<study>/<series>/<instance>.dcm``."""
+    """Writes instances to ``<root>/<study>/<series>/<instance>.dcm``: a copy under a hidden
+    name, its data synced, renamed, the folder synced, and every folder created on the way
+    synced into its parent (:func:`~anonproxy.durable.make_directories`): once :meth:`send`
+    returns, the file survives a crash, and the spool removes its own copy."""
 
     def __init__(self, config: FolderDestinationConfig, *, fsync: bool = True) -> None:
         self.root = config.path
@@ -117,30 +121,31 @@ class FolderSender:
         """Nothing is held open."""
 
     def send(self, path: Path) -> int:
-        from anonproxy.spool import check_uid_name  # noqa: PLC0415
-
         header = dcmread(
-            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+            path,
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
         )
         try:
-            study = check_uid_name(str(header.StudyInstanceUID))
-            series = check_uid_name(str(header.SeriesInstanceUID))
-        except (AttributeError, ValueError):
+            study, series, instance = (
+                check_uid_name(str(header[keyword].value))
+                for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            )
+        except (KeyError, ValueError):
             raise ForwardError(
-                "instance lacks a valid Study or Series Instance UID", permanent=True
+                "instance lacks a valid Study, Series or SOP Instance UID", permanent=True
             ) from None
         directory = self.root / study / series
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / path.name
-        tmp = directory / f".{path.name}.tmp"
+        target = directory / f"{instance}.dcm"
+        tmp = directory / f".{instance}.tmp"
         try:
+            make_directories(directory, sync=self.fsync)
             shutil.copyfile(path, tmp)
             if self.fsync:
-                with tmp.open("rb+") as handle:
-                    os.fsync(handle.fileno())
+                sync_data(tmp)
             tmp.replace(target)
             if self.fsync:
-                fsync_directory(directory)
+                sync_directory(directory)
         except OSError as exc:
             raise ForwardError(f"folder write failed: {exc.strerror}") from None
         return 0
@@ -575,7 +580,7 @@ class ForwardWorker(threading.Thread):
         self._stop_event.wait(delay)
 
     def _forward(self, item: QueueItem) -> None:
-        path = self.queue.path(item.name)
+        path = self.queue.path(item)
         started = time.monotonic()
         try:
             status = self.sender.send(path)

@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from anonproxy.durable import make_directories, sync_directory
 from anonproxy.errors import ConfigError
 
 SECRET_FILE_ENV = "ANONPROXY_SECRET_FILE"  # noqa: S105 - a variable name
@@ -60,9 +61,11 @@ class SecretNotFound(ConfigError):
 
 
 def _create(path: Path) -> bool:
-    """Write a new secret to *path* (mode 0600, fsynced); False when *path* already exists
-    (another process created it first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a new secret to *path* (mode 0600), durably: its data synced, then its folder
+    (and any folder created for it, in its parent), so that the pseudonyms made with it never
+    outlive it after a crash. False when *path* already exists (another process created it
+    first)."""
+    make_directories(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -71,6 +74,7 @@ def _create(path: Path) -> bool:
         handle.write(secrets.token_hex(32).encode("ascii") + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
+    sync_directory(path.parent)
     return True
 
 

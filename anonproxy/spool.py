@@ -7,16 +7,41 @@ Layout under the storage path::
     spool/deferred/<name>.dcm       data sets received and acknowledged, waiting for
                                     de-identification (PHI: owner-only; see Spool.defer)
     spool/tmp/                      de-identified instances being written (removed at start-up)
-    spool/<destination>/<uid>.dcm   de-identified instances waiting for that destination
+    spool/<destination>/<uid>_<version>.dcm
+                                    de-identified instances waiting for that destination
+                                    (one file per commit, see below)
     quarantine/<destination>/       instances a destination refused for good, with <uid>.json
     quarantine/rejected/            inputs refused before de-identification (PHI: owner-only,
                                     random names), with <name>.json: stage, status, reason
 
-An instance is written once to ``spool/tmp`` (write, fsync), then hard-linked into the queue
-directory of every destination it is routed to, the directories are fsynced, and only then is
-the temporary name removed. When :meth:`Spool.commit` returns, the instance survives a crash or
-a SIGKILL; the C-STORE handler answers Success only after that. File names are de-identified
-SOP Instance UIDs only, validated against the UID grammar (no path can be smuggled in).
+The commit of a de-identified instance (:meth:`Spool.commit`), and why it is crash-safe:
+
+1. The instance is written once to ``spool/tmp`` and its data made durable (``fdatasync``: the
+   content and its size, not the file's times, which nothing needs).
+2. It is hard-linked into the queue folder of every destination it is routed to, under a name
+   of its own: ``<uid>_<version>.dcm``, the de-identified SOP Instance UID (validated against
+   the UID grammar: no path can be smuggled in) and a version that orders the commits of one
+   UID (wall-clock nanoseconds, increasing within a process, and the process ID). A link never
+   replaces a file: a name, once it exists, always holds the same complete data.
+3. Every queue folder is synced (``fsync`` of the folder): the new names are durable. Commits
+   running at the same time share these syncs (group commit,
+   :class:`~anonproxy.durable.DirectorySync`): one that arrives while a sync of the folder runs
+   waits for the next sync, which covers every commit that arrived meanwhile; none returns
+   before a sync that started after its link.
+4. :meth:`Spool.commit` returns, and only then does the C-STORE handler answer Success. The
+   name in ``spool/tmp`` is removed without a sync: recovery empties that folder.
+
+A crash before step 3 has completed may keep or lose each new name, but a name that survives
+holds the whole instance, since its data was durable before the name existed (step 1 before
+step 2): recovery never finds a partial file in a queue, only instances that were acknowledged
+or that their sender, never answered, sends again. A crash after step 3 loses nothing. Each
+step syncs what it changed once: the file's data once, each folder once per batch of commits.
+
+An instance sent again has the same de-identified UID and gets a new version. A queue's index
+holds one file per UID, the newest version: a newer version replaces a waiting older one (the
+older file is removed unsent), and waits while an older one is being sent;
+:meth:`DestinationQueue.done` removes only the file that was sent, then offers the newer one.
+Recovery keeps the newest version of each UID.
 
 A deferred data set (acknowledged on receipt) is committed with ``consume``: its de-identified
 copy is linked into the queues under hidden names, the original is removed, and only then are
@@ -37,10 +62,11 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from anonproxy.durable import DirectorySync, make_directories, sync_data, sync_directory
 from anonproxy.errors import SpoolFullError
 
 _UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -68,8 +94,8 @@ def _unique() -> str:
 
 
 def _link_replacing(source: Path, target: Path) -> None:
-    """Hard-link *source* as *target*, atomically replacing an existing *target* (a re-sent
-    instance has the same de-identified UID, hence the same name)."""
+    """Hard-link *source* as *target*, atomically replacing an existing *target* (quarantine
+    and kept inputs: the same name again is the same instance again)."""
     try:
         os.link(source, target)
     except FileExistsError:
@@ -78,9 +104,36 @@ def _link_replacing(source: Path, target: Path) -> None:
         os.replace(temporary, target)
 
 
+_VERSION = re.compile(r"^[0-9a-f]{24}$")
+_last_version_ns = 0
+_version_lock = threading.Lock()
+
+
+def queue_file(uid: str) -> str:
+    """A new file name for *uid* in a queue folder: ``<uid>_<version>.dcm``, the version newer
+    than any this process made before (see the module's docstring)."""
+    global _last_version_ns  # noqa: PLW0603 - one clock per process
+    with _version_lock:
+        _last_version_ns = max(time.time_ns(), _last_version_ns + 1)
+        version = f"{_last_version_ns:016x}{os.getpid() & 0xFFFFFFFF:08x}"
+    return f"{check_uid_name(uid)}_{version}{SUFFIX}"
+
+
+def split_queue_file(file: str) -> tuple[str, str]:
+    """The UID and the version of the queue file name *file*; the version is empty for a
+    file named ``<uid>.dcm`` (put there by hand, or by an earlier release): older than any."""
+    stem = file.removesuffix(SUFFIX)
+    uid, _, version = stem.rpartition("_")
+    return (uid, version) if uid and _VERSION.match(version) else (stem, "")
+
+
+def _newer(file: str, than: str) -> bool:
+    return split_queue_file(file)[1] > split_queue_file(than)[1]
+
+
 def fsync_directory(path: Path) -> None:
     """Make a rename or link in *path* durable."""
-    fsync_file(path)
+    sync_directory(path)
 
 
 def fsync_file(path: Path) -> None:
@@ -107,9 +160,11 @@ def _check_name(name: str) -> str:
 
 @dataclass
 class QueueItem:
-    """One instance waiting in a destination's queue."""
+    """One instance waiting in a destination's queue: its de-identified UID and the file, one
+    commit's version, to send."""
 
     name: str
+    file: str
     not_before: float = 0.0
     attempts: int = 0
     first_seen: float = field(default_factory=time.time)
@@ -128,42 +183,82 @@ class Delivery:
 class DestinationQueue:
     """The pending instances of one destination: a directory plus an in-memory index.
 
-    Several forward workers of one destination take items from it; an item is handed to one
-    worker at a time.
+    The index holds one item per de-identified UID: the newest version committed (see the
+    module's docstring). Several forward workers of one destination take items from it; an
+    item, and so a UID, is handed to one worker at a time. *removed* is told the size of every
+    file the queue removes.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, removed: Callable[[int], None] | None = None) -> None:
         self.directory = directory
+        self.sync_entries = DirectorySync(directory)  # shared by concurrent commits
+        self._removed = removed
         self._pending: dict[str, QueueItem] = {}
         self._in_flight: set[str] = set()
+        self._newer: dict[str, QueueItem] = {}  # UID in flight -> its newer version, waiting
         self._watchers: dict[str, list[Delivery]] = {}
         self._cond = threading.Condition()
         self._closed = False
 
-    def path(self, name: str) -> Path:
-        """The spool file of *name*."""
-        return self.directory / (name + SUFFIX)
+    def path(self, item: QueueItem) -> Path:
+        """The spool file of *item*."""
+        return self.directory / item.file
 
     def load(self) -> int:
-        """Index the files already in the directory (start-up recovery), oldest first."""
+        """Index the files in the directory (start-up recovery, files an operator put there),
+        oldest first; returns how many there were. An older version of a UID is removed."""
         entries = []
         for entry in os.scandir(self.directory):
-            if entry.name.endswith(SUFFIX):
+            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
                 with contextlib.suppress(FileNotFoundError):  # delivered meanwhile
-                    entries.append((entry.stat().st_mtime, entry.name[: -len(SUFFIX)]))
+                    entries.append((entry.stat().st_mtime, entry.name))
         entries.sort()
-        with self._cond:
-            for mtime, name in entries:
-                self._pending.setdefault(name, QueueItem(name, first_seen=mtime))
-            self._cond.notify_all()
+        for mtime, file in entries:
+            self._index(file, mtime)
         return len(entries)
 
-    def push(self, name: str) -> None:
-        """Announce a newly spooled instance."""
+    def push(self, file: str) -> None:
+        """Announce *file*, a committed ``<uid>_<version>.dcm``: it becomes the copy of its UID
+        to send, replacing (removing) a waiting older version, or following one being sent.
+        An older version than the one known is removed at once."""
+        self._index(file, time.time())
+
+    def _index(self, file: str, first_seen: float) -> None:
+        name = split_queue_file(file)[0]
+        item = QueueItem(name, file, first_seen=first_seen)
+        obsolete = None
         with self._cond:
-            if name not in self._pending:
-                self._pending[name] = QueueItem(name)
+            current = self._pending.get(name)
+            if current is None:
+                self._pending[name] = item
+            elif name in self._in_flight:  # never removed here: it is being sent
+                waiting = self._newer.get(name)
+                if file in (current.file, getattr(waiting, "file", None)):
+                    return
+                if _newer(file, current.file) and (waiting is None or _newer(file, waiting.file)):
+                    self._newer[name] = item
+                    obsolete = None if waiting is None else waiting.file
+                else:
+                    obsolete = file
+            elif file == current.file:
+                return
+            elif _newer(file, current.file):
+                self._pending[name] = replace(current, file=file)  # its back-off stays
+                obsolete = current.file
+            else:
+                obsolete = file
             self._cond.notify()
+        if obsolete is not None:
+            self._discard(obsolete)
+
+    def _discard(self, file: str) -> None:
+        """Remove the file *file* of this queue (never one being sent)."""
+        path = self.directory / file
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            if self._removed is not None:
+                self._removed(size)
 
     def take(self, timeout: float) -> QueueItem | None:
         """The oldest due item not held by another worker, waiting up to *timeout* seconds."""
@@ -204,11 +299,17 @@ class DestinationQueue:
                 self._watchers.pop(name, None)
 
     def done(self, item: QueueItem, status: int | None = 0, reason: str | None = None) -> None:
-        """The item was delivered (or quarantined): forget it and remove its spool file."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path(item.name).unlink()
+        """The item was delivered (or quarantined): remove its file, the copy that was sent.
+        A newer version of its UID committed meanwhile is then offered (and the watchers wait
+        for it); otherwise the UID is forgotten and its watchers told."""
+        self._discard(item.file)
         with self._cond:
             self._in_flight.discard(item.name)
+            newer = self._newer.pop(item.name, None)
+            if newer is not None:
+                self._pending[item.name] = newer
+                self._cond.notify()
+                return
             self._pending.pop(item.name, None)
             watchers = self._watchers.pop(item.name, [])
         for delivery in watchers:
@@ -216,12 +317,18 @@ class DestinationQueue:
             delivery.done.set()
 
     def retry_later(self, item: QueueItem, delay: float) -> None:
-        """Give the item back to the queue, due again after *delay* seconds."""
+        """Give the item back to the queue, due again after *delay* seconds (a newer version
+        committed meanwhile takes its place, and the older file is removed unsent)."""
         with self._cond:
             item.attempts += 1
             item.not_before = time.time() + delay
             self._in_flight.discard(item.name)
+            newer = self._newer.pop(item.name, None)
+            if newer is not None:
+                self._pending[item.name] = replace(item, file=newer.file)
             self._cond.notify()
+        if newer is not None:
+            self._discard(item.file)
 
     def retry_now(self) -> None:
         """Make every waiting item due now (operator's ``queue retry``)."""
@@ -281,13 +388,13 @@ class Spool:
         self.state_file = root / "state" / "queues.json"
         self.retry_request = root / "control" / "retry-now"
         self.rejected_dir = self.quarantine_dir / "rejected"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_directories(self.tmp_dir, sync=fsync)
         _private_directory(self.incoming_dir)
         _private_directory(self.deferred_dir)
         for name in destinations:
             directory = self.spool_dir / name
-            directory.mkdir(parents=True, exist_ok=True)
-            self.queues[name] = DestinationQueue(directory)
+            make_directories(directory, sync=fsync)
+            self.queues[name] = DestinationQueue(directory, self._forget)
         self._bytes = sum(_measure(queue.directory) for queue in self.queues.values())
         self.deferred_bytes = _measure(self.deferred_dir)
 
@@ -312,11 +419,12 @@ class Spool:
         for entry in os.scandir(directory):
             if not (entry.name.startswith(".") and entry.name.endswith(_HIDDEN)):
                 continue
-            original, _, name = entry.name[1 : -len(_HIDDEN)].partition(".")
+            original, _, stem = entry.name[1 : -len(_HIDDEN)].partition(".")
             if (self.deferred_dir / (original + SUFFIX)).exists():
                 Path(entry.path).unlink()
             else:
-                os.replace(entry.path, directory / (check_uid_name(name) + SUFFIX))
+                check_uid_name(split_queue_file(stem)[0])
+                os.replace(entry.path, directory / (stem + SUFFIX))
             changed = True
         if changed and self.fsync:
             fsync_directory(directory)
@@ -471,36 +579,45 @@ class Spool:
         *destinations*; returns its size in bytes. Raises :class:`SpoolFullError` on an I/O
         error (nothing committed). With *consume*, the deferred data set that *tmp*
         de-identifies is removed in the same commit (see the module's docstring)."""
-        check_uid_name(name)
+        file = queue_file(name)  # raises ValueError for a name that is no UID
         targets = [self.queues[d] for d in destinations]
-        hidden = None if consume is None else f".{consume.stem}.{name}{_HIDDEN}"
+        link = file if consume is None else f".{consume.stem}.{file[: -len(SUFFIX)]}{_HIDDEN}"
+        linked: list[Path] = []
+        consuming = False
         try:
             size = tmp.stat().st_size
             if self.fsync:
-                fsync_file(tmp)
+                sync_data(tmp)
             for queue in targets:
-                _link_replacing(
-                    tmp, queue.path(name) if hidden is None else queue.directory / hidden
-                )
-                if self.fsync:
-                    fsync_directory(queue.directory)
+                os.link(tmp, queue.directory / link)
+                linked.append(queue.directory / link)
+            if self.fsync:
+                for queue in targets:
+                    queue.sync_entries()
             if consume is not None:
+                consuming = True
                 self.consume(consume)  # the commit point
         except OSError as exc:
-            if hidden is not None:
-                for queue in targets:
-                    (queue.directory / hidden).unlink(missing_ok=True)
-            msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
-            raise SpoolFullError(msg) from None
-        if hidden is not None:
+            if not consuming or consume is None or consume.exists():  # not committed: undo
+                for path in linked:
+                    path.unlink(missing_ok=True)
+                msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
+                raise SpoolFullError(msg) from None
+            # the original is gone (its folder's sync failed): committed all the same
+        if consume is not None:
             for queue in targets:  # not synced: recovery makes them visible after a crash
                 with contextlib.suppress(OSError):
-                    os.replace(queue.directory / hidden, queue.path(name))
+                    os.replace(queue.directory / link, queue.directory / file)
         with self._bytes_lock:
             self._bytes += size * len(targets)
         for queue in targets:
-            queue.push(name)
+            queue.push(file)
         return size
+
+    def _forget(self, size: int) -> None:
+        """A queue removed a file of *size* bytes."""
+        with self._bytes_lock:
+            self._bytes = max(0, self._bytes - size)
 
     def release(
         self,
@@ -510,10 +627,6 @@ class Spool:
         reason: str | None = None,
     ) -> None:
         """An item left the spool (delivered, or quarantined with *reason*)."""
-        with contextlib.suppress(OSError):
-            size = queue.path(item.name).stat().st_size
-            with self._bytes_lock:
-                self._bytes = max(0, self._bytes - size)
         queue.done(item, status, reason)
 
     def quarantine(
@@ -522,12 +635,12 @@ class Spool:
         """Move an item a destination refused for good into quarantine, with its reason."""
         queue = self.queues[destination]
         target_dir = self.quarantine_dir / destination
-        target_dir.mkdir(parents=True, exist_ok=True)
+        make_directories(target_dir, sync=self.fsync)
         target = target_dir / (item.name + SUFFIX)
         note = {"reason": reason, "attempts": item.attempts + 1, "time": time.time()}
         (target_dir / (item.name + ".json")).write_text(json.dumps(note), "utf-8")
         with contextlib.suppress(FileNotFoundError):
-            _link_replacing(queue.path(item.name), target)
+            _link_replacing(queue.path(item), target)
         if self.fsync:
             fsync_directory(target_dir)
         self.release(queue, item, status, reason)
@@ -650,7 +763,7 @@ def release_quarantined(root: Path, destination: str, uid: str) -> bool:
     target_dir = root / "spool" / destination
     if not source.is_file() or not target_dir.is_dir():
         return False
-    os.replace(source, target_dir / (uid + SUFFIX))
+    os.replace(source, target_dir / queue_file(uid))  # a new version: sent after any other
     with contextlib.suppress(FileNotFoundError):
         source.with_suffix(".json").unlink()
     return True

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from anonproxy.errors import SpoolFullError
-from anonproxy.spool import Spool, check_uid_name, queue_status
+from anonproxy.spool import Spool, check_uid_name, queue_file, queue_status, split_queue_file
 
 UID = "2.25.123456789"
 
@@ -28,7 +28,9 @@ def test_put_fans_out_to_every_destination_and_leaves_no_temporary(tmp_path: Pat
     size = put(spool, UID, b"DICM" * 10, ["a", "b"])
     assert size == 40
     for name in ("a", "b"):
-        assert (tmp_path / "spool" / name / f"{UID}.dcm").read_bytes() == b"DICM" * 10
+        [file] = (tmp_path / "spool" / name).iterdir()
+        assert split_queue_file(file.name)[0] == UID
+        assert file.read_bytes() == b"DICM" * 10
         assert len(spool.queues[name]) == 1
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
@@ -141,5 +143,117 @@ def test_quarantine_keeps_the_instance_and_its_reason(tmp_path: Path) -> None:
     assert target.read_bytes() == b"x"
     note = json.loads(target.with_suffix(".json").read_text("utf-8"))
     assert note["reason"].startswith("C-STORE status 0xC000")
-    assert not (tmp_path / "spool" / "a" / f"{UID}.dcm").exists()
+    assert list((tmp_path / "spool" / "a").iterdir()) == []
+    assert len(spool.queues["a"]) == 0
+
+
+def _files(spool: Spool, destination: str = "a") -> list[str]:
+    return sorted(p.name for p in spool.queues[destination].directory.iterdir())
+
+
+def test_an_instance_sent_again_while_its_copy_is_sent_is_sent_again(tmp_path: Path) -> None:
+    """The newer acknowledged copy survives the delivery of the older one, and goes next."""
+    spool = Spool(tmp_path, ["a"])
+    queue = spool.queues["a"]
+    put(spool, UID, b"first", ["a"])
+    sending = queue.take(timeout=0.1)
+    assert sending is not None
+    assert queue.path(sending).read_bytes() == b"first"
+    put(spool, UID, b"second", ["a"])  # acknowledged while the first is on its way
+    assert queue.take(timeout=0.05) is None  # one copy of a UID in flight at a time
+    spool.release(queue, sending)  # the first was delivered
+    [file] = _files(spool)
+    assert (queue.directory / file).read_bytes() == b"second"
+    again = queue.take(timeout=0.1)
+    assert again is not None
+    assert again.name == UID
+    assert queue.path(again).read_bytes() == b"second"
+    spool.release(queue, again)
+    assert _files(spool) == []
+    assert len(queue) == 0
+
+
+def test_a_newer_copy_replaces_a_waiting_or_failed_one(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+    queue = spool.queues["a"]
+    put(spool, UID, b"old", ["a"])
+    put(spool, UID, b"new", ["a"])  # the old one was waiting: removed unsent
+    [file] = _files(spool)
+    assert (queue.directory / file).read_bytes() == b"new"
+    item = queue.take(timeout=0.1)
+    assert item is not None
+    put(spool, UID, b"newest", ["a"])
+    queue.retry_later(item, 0.0)  # the copy being sent failed: the newest takes its place
+    [file] = _files(spool)
+    assert (queue.directory / file).read_bytes() == b"newest"
+    again = queue.take(timeout=0.1)
+    assert again is not None
+    assert again.attempts == 1
+    assert queue.path(again).read_bytes() == b"newest"
+    assert len(queue) == 1
+
+
+def test_recovery_keeps_the_newest_version_of_each_uid(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a"])
+    put(spool, UID, b"old", ["a"])
+    item = spool.queues["a"].take(timeout=0.1)
+    assert item is not None
+    put(spool, UID, b"new", ["a"])  # the old copy is in flight: both on disk
+    assert len(_files(spool)) == 2
+    again = Spool(tmp_path, ["a"])  # a crash: the old copy was never marked delivered
+    assert again.recover() == {"a": 2}
+    [file] = _files(again)
+    item = again.queues["a"].take(timeout=0.1)
+    assert item is not None
+    assert item.file == file
+    assert again.queues["a"].path(item).read_bytes() == b"new"
+
+
+def test_versions_order_commits_and_old_names_still_load(tmp_path: Path) -> None:
+    names = [queue_file(UID) for _ in range(100)]
+    assert names == sorted(names)
+    assert len(set(names)) == 100
+    assert {split_queue_file(name)[0] for name in names} == {UID}
+    spool = Spool(tmp_path, ["a"])
+    (tmp_path / "spool" / "a" / f"{UID}.dcm").write_bytes(b"by hand")  # version "": oldest
+    spool.rescan()
+    put(spool, UID, b"committed", ["a"])
+    item = spool.queues["a"].take(timeout=0.1)
+    assert item is not None
+    assert spool.queues["a"].path(item).read_bytes() == b"committed"
+    assert len(_files(spool)) == 1
+
+
+def test_concurrent_commits_share_folder_syncs(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["a", "b"])
+    barrier = threading.Barrier(8)
+
+    def commit(n: int) -> None:
+        barrier.wait()
+        for k in range(10):
+            put(spool, f"2.25.{n}{k}", b"x" * 1000, ["a", "b"])
+
+    threads = [threading.Thread(target=commit, args=(n,)) for n in range(1, 9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(spool.queues["a"]) == len(spool.queues["b"]) == 80
+    for name in ("a", "b"):
+        syncs = spool.queues[name].sync_entries.syncs
+        assert 0 < syncs < 80  # some commits shared a sync (1 per commit without grouping)
+
+
+def test_a_failed_folder_sync_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, ["a"])
+
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("anonproxy.durable.sync_directory", broken)
+    with pytest.raises(SpoolFullError, match="Input/output error"):
+        put(spool, UID, b"x", ["a"])
+    assert _files(spool) == []
     assert len(spool.queues["a"]) == 0

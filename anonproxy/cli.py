@@ -1,4 +1,5 @@
-"""Command-line interface: ``anonproxy serve | check-config | deidentify | describe-profile``.
+"""Command-line interface: ``anonproxy serve | check-config | deidentify | describe-profile``,
+the state store's ``lookup import`` and ``map lookup | export``, and the operator's commands.
 
 The CLI builds :class:`~anonproxy.config.Settings` and hands them to the code that does the work;
 it holds no logic of its own.
@@ -10,11 +11,12 @@ import argparse
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from anonproxy import __version__
 from anonproxy.config import Settings, dump_settings, load_settings
@@ -97,6 +99,105 @@ def cmd_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """``lookup import FILE``: the patient lookup table into the state store, all rows or
+    none; a row that would change a patient's pseudonym is refused (exit status 2)."""
+    from anonproxy.audit import AuditLog  # noqa: PLC0415
+    from anonproxy.patients import import_csv  # noqa: PLC0415
+    from anonproxy.service import open_state  # noqa: PLC0415
+
+    settings = _settings(args)
+    secret = _secret(settings)
+    store = _open_store(settings, open_state)
+    try:
+        added, present = import_csv(store, secret.value, args.file)
+        total = store.patient_count()
+    finally:
+        store.close()
+    audit = AuditLog(settings.audit.path)
+    audit.event("lookup.imported", added=added, already_present=present, user=_user())
+    audit.close()
+    print(f"imported {added} patients ({present} already there; {total} in the table)")
+    return 0
+
+
+def _open_store(settings: Settings, open_state: Callable[[Settings], Any]) -> Any:  # noqa: ANN401
+    from anonproxy.errors import StateUnavailable  # noqa: PLC0415
+
+    try:
+        return open_state(settings)
+    except StateUnavailable as exc:
+        raise ConfigError(f"state: {exc}") from None
+
+
+def _user() -> str:
+    import getpass  # noqa: PLC0415
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+MAP_COLUMNS = (
+    "patient_id",
+    "patient_name",
+    "accession_number",
+    "study_instance_uid",
+    "study_date",
+)
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """``map lookup --pseudonym P`` | ``map export --study UID``: print the originals of the
+    re-identification map on standard output (CSV: each field's pseudonym and original), after
+    writing the look-up to the audit trail (without any original). Needs the map key."""
+    import csv  # noqa: PLC0415
+
+    from anonproxy.audit import AuditLog  # noqa: PLC0415
+    from anonproxy.remap import find, load_map_key  # noqa: PLC0415
+    from anonproxy.service import open_state  # noqa: PLC0415
+    from anonproxy.syslog import SyslogSender  # noqa: PLC0415
+
+    settings = _settings(args)
+    if not settings.map.enabled:
+        raise ConfigError("map.enabled is false: this installation keeps no map")
+    key = load_map_key(settings.storage.path)  # MapKeyError (a ConfigError) without it
+    store = _open_store(settings, open_state)
+    try:
+        if args.action == "lookup":
+            query, value = "patient_id", args.pseudonym
+            found = find(store, key, patient_id=value)
+        else:
+            query, value = "study", args.study
+            found = find(store, key, study=value)
+    finally:
+        store.close()
+    syslog = SyslogSender.from_settings(settings)
+    audit = AuditLog(settings.audit.path, sinks=[syslog] if syslog is not None else [])
+    audit.event(
+        f"map.{args.action}", query=query, pseudonym=value, entries=len(found), user=_user()
+    )
+    audit.close()
+    if syslog is not None:
+        syslog.close(timeout=5.0)
+    if not found:
+        print(f"anonproxy: no map entry for this {query.replace('_', ' ')}", file=sys.stderr)
+        return 1
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(
+        [f"{side}_{column}" for column in MAP_COLUMNS for side in ("pseudonym", "original")]
+        + ["recorded_at"]
+    )
+    for entry in found:
+        pseudonym, original = entry.pseudonym.as_dict(), entry.original.as_dict()
+        writer.writerow(
+            [value for c in MAP_COLUMNS for value in (pseudonym[c], original[c])]
+            + [datetime.fromtimestamp(entry.recorded_at, UTC).isoformat(timespec="seconds")]
+        )
+    return 0
+
+
 ACTION_MEANINGS = {
     "X": "remove",
     "Z": "zero length",
@@ -158,7 +259,7 @@ UNREADABLE = "failed (unreadable)"
 def _init_worker(settings: Settings, secret_value: bytes) -> None:
     from anonproxy.audit import silence_value_reports  # noqa: PLC0415
     from anonproxy.deid.instance import Limits  # noqa: PLC0415
-    from anonproxy.service import build_deidentifier  # noqa: PLC0415
+    from anonproxy.service import build_deidentifier, patient_lookup  # noqa: PLC0415
 
     silence_value_reports()
     global _WORKER  # noqa: PLW0603 - one engine per worker process
@@ -166,7 +267,8 @@ def _init_worker(settings: Settings, secret_value: bytes) -> None:
         max_sequence_depth=settings.listen.max_sequence_depth,
         max_inflated_bytes=settings.listen.max_instance_bytes,
     )
-    _WORKER = (build_deidentifier(settings.profile, secret_value), limits)
+    patients = patient_lookup(settings, secret_value)  # the state store's table, when used
+    _WORKER = (build_deidentifier(settings.profile, secret_value, patients), limits)
 
 
 def _output_path(out_dir: Path, result: DeidResult) -> Path:
@@ -224,8 +326,11 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     """De-identify files or folders offline, with the same engine as the proxy."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    from anonproxy.service import prepare_lookup_table  # noqa: PLC0415
+
     settings = _settings(args)
     secret = _secret(settings)
+    prepare_lookup_table(settings, secret.value)
     sources = list(_inputs(args.inputs))
     single_file = len(args.inputs) == 1 and args.inputs[0].is_file() and not args.output.is_dir()
     tasks = [(source, args.output, not single_file) for source in sources]
@@ -415,6 +520,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     secret.add_argument("action", choices=["create"])
     secret.set_defaults(func=cmd_secret)
+    lookup = add(
+        "lookup",
+        "import the patient lookup table (CSV original,pseudonym) into the state store;"
+        " a patient's pseudonym never changes once recorded",
+    )
+    lookup.add_argument("action", choices=["import"])
+    lookup.add_argument("file", type=Path, help="the CSV file")
+    lookup.set_defaults(func=cmd_lookup)
+    remap = add(
+        "map",
+        "print originals from the re-identification map (needs ANONPROXY_MAP_KEY_FILE; each"
+        " look-up is audited)",
+    )
+    remap.add_argument("action", choices=["lookup", "export"])
+    remap.add_argument("--pseudonym", help="lookup: a patient's pseudonym (Patient ID)")
+    remap.add_argument("--study", help="export: a de-identified Study Instance UID")
+    remap.set_defaults(func=cmd_map)
     pixel_help = "profile.pixel_rules from other tools' rule files"
     pixel = commands.add_parser("pixel-rules", help=pixel_help, description=pixel_help)
     pixel_commands = pixel.add_subparsers(dest="pixel_command", required=True)
@@ -434,7 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anonproxy`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "map" and not (args.pseudonym if args.action == "lookup" else args.study):
+        parser.error("map lookup needs --pseudonym, map export needs --study")
     try:
         return int(args.func(args))
     except ConfigError as exc:

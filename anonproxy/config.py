@@ -234,6 +234,8 @@ class ProfileConfig(_Section):
         method: Literal["hash", "lookup"] = "hash"
         format: str = "ANON-{hash:16}"  # anonproxy.deid.pseudonyms.DEFAULT_FORMAT
         patient_name_format: str | None = None
+        # method lookup: the table is in the state store (anonproxy lookup import); a CSV named
+        # here is imported into it when serve or deidentify starts
         lookup_csv: Path | None = None
         unknown_patient: Literal["reject", "hash"] = "reject"
 
@@ -244,8 +246,6 @@ class ProfileConfig(_Section):
             PseudonymFormat.parse(self.format)
             if self.patient_name_format is not None:
                 PseudonymFormat.parse(self.patient_name_format, allow_pseudonym=True)
-            if self.method == "lookup" and self.lookup_csv is None:
-                raise ValueError("method lookup needs lookup_csv")
             if self.method == "hash" and self.lookup_csv is not None:
                 raise ValueError("lookup_csv goes with method lookup only")
             return self
@@ -377,6 +377,34 @@ class StorageConfig(_Section):
     incoming_max_bytes: int = Field(default=8 << 30, ge=0)
 
 
+class StateConfig(_Section):
+    """The state store (:mod:`anonproxy.state`): lookup-table pseudonyms and the
+    re-identification map. SQLite in a file of this node, or PostgreSQL shared by several."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    path: Path | None = None  # sqlite: the database file; default <storage.path>/state.sqlite3
+    dsn_file: Path | None = None  # postgresql: a file (owner-only) holding the connection string
+    pool_size: int = Field(default=4, ge=1, le=64)  # postgresql: connections per process
+    timeout_s: float = Field(default=5.0, gt=0)  # postgresql: waiting for a connection
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> StateConfig:
+        if self.backend == "postgresql" and self.dsn_file is None:
+            raise ValueError("backend postgresql needs dsn_file (the password stays out of YAML)")
+        if self.backend == "postgresql" and self.path is not None:
+            raise ValueError("path goes with backend sqlite only")
+        if self.backend == "sqlite" and self.dsn_file is not None:
+            raise ValueError("dsn_file goes with backend postgresql only")
+        return self
+
+
+class MapConfig(_Section):
+    """The re-identification map (:mod:`anonproxy.remap`): originals of each patient and study
+    beside their pseudonyms, encrypted with the map key (``ANONPROXY_MAP_KEY_FILE``)."""
+
+    enabled: bool = True  # false: no map is kept (nothing recorded, no key needed)
+
+
 class SyslogConfig(_Section):
     """DICOM audit messages (PS3.15 A.5) sent as RFC 5424 syslog to an audit record repository:
     UDP (RFC 5426), TCP or TLS (RFC 5425, octet-counting framing). See :mod:`anonproxy.syslog`."""
@@ -439,6 +467,8 @@ class Settings(_Section):
     routes: list[RouteConfig] = Field(default_factory=list)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    map: MapConfig = Field(default_factory=MapConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)

@@ -55,3 +55,11 @@ class ForwardError(AnonproxyError):
         super().__init__(message)
         self.permanent = permanent
         self.status = status  # the destination's DIMSE status, when it answered one
+
+
+class TransientError(AnonproxyError):
+    """A resource the instance needs is unavailable now; the sender retries later (0xA700)."""
+
+
+class StateUnavailable(TransientError):
+    """The state store (``state:``) cannot be reached or did not answer in time."""

@@ -22,7 +22,8 @@ from pathlib import Path
 from anonproxy.audit import AuditLog
 from anonproxy.config import RouteConfig
 from anonproxy.deid.pixels import read_by_sop_class
-from anonproxy.errors import SpoolFullError
+from anonproxy.errors import SpoolFullError, TransientError
+from anonproxy.remap import MapRecorder
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
 from anonproxy.workers import Deidentified, DeidentifierPool, Refusal
@@ -58,6 +59,7 @@ class InstancePipeline:
         keep_rejected_inputs: bool = False,
         acknowledge: str = "after_deidentification",
         read_pixels: bool = False,
+        map_recorder: MapRecorder | None = None,
     ) -> None:
         self.runner = runner
         self.spool = spool
@@ -67,6 +69,7 @@ class InstancePipeline:
         self.keep_rejected_inputs = keep_rejected_inputs
         self.acknowledge_on_receipt = acknowledge == "after_receipt"
         self.read_pixels = read_pixels  # profile.clean_pixel_data is not off
+        self.map_recorder = map_recorder  # the re-identification map (None: map.enabled false)
 
     def should_defer(self, sop_class_uid: str) -> bool:
         """Whether a received data set (*sop_class_uid* from its C-STORE request) is
@@ -179,6 +182,9 @@ class InstancePipeline:
         destinations, transparent = self.route(calling_ae_title, done.modality, sop_class_uid)
         if not destinations:
             return Refusal(StoreStatus.NO_ROUTE, "route", "no route for this instance")
+        refused = self._record(done)
+        if refused is not None:
+            return refused
         if consume is not None:
             transparent = {}  # acknowledged already: nobody waits for the answer
         self.audit.event(
@@ -208,6 +214,22 @@ class InstancePipeline:
         if watching:
             return self._relay(name, watching, transparent)
         return StoreOutcome(StoreStatus.SUCCESS, deid_sop_instance_uid=name)
+
+    def _record(self, done: Deidentified) -> Refusal | None:
+        """Record the instance's patient and study in the re-identification map before it is
+        spooled (so before it is acknowledged or forwarded): journaled durably, then in the
+        state store. The refusal (0xA700: the sender retries) when it cannot be."""
+        identity = done.result.identity
+        if self.map_recorder is None or identity is None:
+            return None
+        try:
+            self.map_recorder.record(identity)
+        except TransientError as exc:
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "map", str(exc))
+        except OSError as exc:
+            reason = f"map journal write failed: {exc.strerror or type(exc).__name__}"
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "map", reason)
+        return None
 
     def quarantine(
         self, deferred: Path, refusal: Refusal, fields: dict[str, object]

@@ -29,14 +29,18 @@ from anonproxy.config import DicomDestinationConfig, ProfileConfig, Settings
 from anonproxy.deferred import DeferredProcessor
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.instance import Limits
-from anonproxy.errors import ConfigError
+from anonproxy.deid.pseudonyms import PatientLookup
+from anonproxy.errors import ConfigError, StateUnavailable
 from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.metrics import Metrics
 from anonproxy.overview import gather
+from anonproxy.patients import PatientDirectory, import_csv
 from anonproxy.pipeline import InstancePipeline
+from anonproxy.remap import MapRecorder, load_map_key, verify_key
 from anonproxy.scp import StorageSCP
 from anonproxy.secret import Secret, load_secret
 from anonproxy.spool import Spool
+from anonproxy.state import StateStore
 from anonproxy.syslog import SyslogSender
 from anonproxy.tls import client_context
 from anonproxy.workers import DeidentifierPool
@@ -129,21 +133,26 @@ def deidentify_workers(settings: Settings) -> int:
     return min(os.cpu_count() or 1, 4) if configured is None else configured
 
 
-def build_profile(config: ProfileConfig) -> Profile:
+def build_profile(config: ProfileConfig, patients: PatientLookup | None = None) -> Profile:
     """The engine's :class:`~anonproxy.deid.Profile` of a ``profile:`` section: options,
-    presets, strict, user rules, patient pseudonyms and the burned-in annotation policy. The
-    patient lookup table is read here; one that cannot be used is a ConfigError. ``serve``,
-    ``deidentify`` and ``describe-profile`` all build their profile here."""
+    presets, strict, user rules, patient pseudonyms and the burned-in annotation policy.
+    ``serve`` and ``deidentify`` give the lookup method its table as *patients* (the state
+    store's, :func:`patient_lookup`); without, a ``lookup_csv`` is read here (embedders), or
+    every patient is unknown (``describe-profile``). ConfigError for a table that cannot be
+    used. ``serve``, ``deidentify`` and ``describe-profile`` all build their profile here."""
     try:
         patient_ids = None
         if config.patient_id is not None:
             spec = config.patient_id
+            if patients is None and spec.method == "lookup" and spec.lookup_csv is None:
+                patients = _no_table
             patient_ids = PatientPseudonyms.build(
                 method=spec.method,
                 format=spec.format,
                 patient_name_format=spec.patient_name_format,
                 lookup_csv=spec.lookup_csv,
                 unknown_patient=spec.unknown_patient,
+                lookup=patients,
             )
         return Profile.from_options(
             config.options,
@@ -162,28 +171,90 @@ def build_profile(config: ProfileConfig) -> Profile:
         raise ConfigError(f"invalid configuration in profile: {exc}") from None
 
 
-def build_deidentifier(config: ProfileConfig, secret: bytes) -> Deidentifier:
+def _no_table(original_id: str, fallback: str | None) -> str | None:
+    """No lookup table: every patient is unknown."""
+    return fallback
+
+
+def build_deidentifier(
+    config: ProfileConfig, secret: bytes, patients: PatientLookup | None = None
+) -> Deidentifier:
     """The engine of a ``profile:`` section keyed by *secret*: :func:`build_profile` with its
     date shift range and clean patterns (ConfigError as :func:`build_profile`). The decoders
     the pixel rules may need (:mod:`anonproxy.codecs`) are installed in the process."""
     codecs.install()
     return Deidentifier(
-        build_profile(config),
+        build_profile(config, patients),
         secret,
         date_shift_days=config.date_shift_days,
         clean_patterns=config.clean_patterns,
     )
 
 
-def deidentifier_factory(config: ProfileConfig, secret: bytes) -> Callable[[], Deidentifier]:
+def deidentifier_factory(
+    config: ProfileConfig, secret: bytes, settings: Settings | None = None
+) -> Callable[[], Deidentifier]:
     """A picklable function that builds :func:`build_deidentifier` of *config* and *secret*
-    again, for the worker processes (:class:`~anonproxy.workers.DeidentifierPool`)."""
+    again, for the worker processes (:class:`~anonproxy.workers.DeidentifierPool`); with
+    *settings* (whose profile is *config*), each worker asks the state store of *settings* for
+    lookup-table pseudonyms through a connection of its own (:func:`patient_lookup`)."""
+    if settings is not None and uses_lookup_table(settings):
+        return functools.partial(
+            _deidentifier_of_settings, settings.model_dump(mode="json"), secret
+        )
     return functools.partial(_deidentifier_of_section, config.model_dump(mode="json"), secret)
 
 
 def _deidentifier_of_section(section: dict[str, object], secret: bytes) -> Deidentifier:
     """:func:`build_deidentifier` of a ``profile:`` section in its JSON form."""
     return build_deidentifier(ProfileConfig.model_validate(section), secret)
+
+
+def _deidentifier_of_settings(section: dict[str, object], secret: bytes) -> Deidentifier:
+    """:func:`build_deidentifier` of whole settings in their JSON form."""
+    settings = Settings.model_validate(section)
+    return build_deidentifier(settings.profile, secret, patient_lookup(settings, secret))
+
+
+def uses_lookup_table(settings: Settings) -> bool:
+    """Whether patient pseudonyms come from the lookup table (the state store)."""
+    spec = settings.profile.patient_id
+    return spec is not None and spec.method == "lookup"
+
+
+def open_state(settings: Settings, *, migrate: bool = True) -> StateStore:
+    """The state store of *settings* (schema migrations applied with *migrate*)."""
+    return StateStore.open(settings.state, settings.storage.path, migrate=migrate)
+
+
+def patient_lookup(settings: Settings, secret: bytes) -> PatientDirectory | None:
+    """The engine's lookup table in the state store, when the profile uses one (a
+    connection of this process; the service applied the migrations)."""
+    if not uses_lookup_table(settings):
+        return None
+    return PatientDirectory(open_state(settings, migrate=False), secret)
+
+
+def prepare_lookup_table(settings: Settings, secret: bytes) -> None:
+    """For an offline run: the state store's schema migrated and the configured lookup CSV
+    imported, when the profile uses the lookup table (ConfigError when it cannot be)."""
+    if uses_lookup_table(settings):
+        try:
+            store = open_state(settings)
+        except StateUnavailable as exc:
+            raise ConfigError(f"state: {exc}") from None
+        try:
+            import_configured_table(settings, store, secret)
+        finally:
+            store.close()
+
+
+def import_configured_table(settings: Settings, store: StateStore, secret: bytes) -> None:
+    """Import ``profile.patient_id.lookup_csv``, when set, into the state store (at start:
+    a row that disagrees with the store stops the start, ConfigError)."""
+    spec = settings.profile.patient_id
+    if spec is not None and spec.method == "lookup" and spec.lookup_csv is not None:
+        import_csv(store, secret, spec.lookup_csv)
 
 
 class Proxy:
@@ -220,9 +291,15 @@ class Proxy:
             fsync=storage.fsync,
             incoming_max_bytes=storage.incoming_max_bytes,
         )
+        self.state, self.map_recorder = self._open_state()
+        patients = (  # the lookup table in the state store, when the profile uses it
+            PatientDirectory(self.state, self.secret.value)
+            if self.state is not None and uses_lookup_table(settings)
+            else None
+        )
         self.deidentifiers = DeidentifierPool(
-            build_deidentifier(settings.profile, self.secret.value),
-            deidentifier_factory(settings.profile, self.secret.value),
+            build_deidentifier(settings.profile, self.secret.value, patients),
+            deidentifier_factory(settings.profile, self.secret.value, settings),
             workers=deidentify_workers(settings),
             limits=Limits(max_sequence_depth=settings.listen.max_sequence_depth),
             nice=DEFERRED_NICE if settings.listen.acknowledge == "after_receipt" else 0,
@@ -236,6 +313,7 @@ class Proxy:
             keep_rejected_inputs=storage.keep_rejected_inputs,
             acknowledge=settings.listen.acknowledge,
             read_pixels=settings.profile.clean_pixel_data != "off",
+            map_recorder=self.map_recorder,
         )
         # Deferred instances keep every worker process busy, one association alone included.
         self.deferred = DeferredProcessor(self.pipeline, window=self.deidentifiers.workers)
@@ -281,6 +359,29 @@ class Proxy:
         self._stopped = threading.Event()
         self._wait = threading.Event()
 
+    def _open_state(self) -> tuple[StateStore | None, MapRecorder | None]:
+        """The state store (when the lookup table or the map needs one): migrations applied,
+        the configured lookup CSV imported, the map key checked against the store's map."""
+        settings = self.settings
+        if not (settings.map.enabled or uses_lookup_table(settings)):
+            return None, None
+        try:
+            store = open_state(settings)
+        except StateUnavailable as exc:
+            raise ConfigError(f"state: {exc}") from None
+        try:
+            import_configured_table(settings, store, self.secret.value)
+            if not settings.map.enabled:
+                return store, None
+            key = load_map_key(settings.storage.path, create=True)
+            verify_key(store, key)
+            if key.created:
+                log.warning("map.key_created", path=key.source)
+        except BaseException:
+            store.close()
+            raise
+        return store, MapRecorder(key, store, settings.storage.path, fsync=settings.storage.fsync)
+
     @property
     def port(self) -> int:
         """The port the SCP listens on."""
@@ -300,6 +401,8 @@ class Proxy:
         if self.admin is not None:
             self.admin.start()  # first: a port in use stops the start before anything runs
         recovered = self.spool.recover()
+        if self.map_recorder is not None:  # entries a previous run journaled, shipped now
+            self.map_recorder.open()
         if self.settings.listen.acknowledge == "after_receipt":
             # The worker processes de-identify every instance: spawned now, not during the
             # first study (two interpreters starting cost a 2-core machine a second of receiving)
@@ -383,6 +486,10 @@ class Proxy:
                 worker.join(max(0.1, deadline - time.monotonic()))
         self.scp.shutdown()
         self.deidentifiers.shutdown()
+        if self.map_recorder is not None:
+            self.map_recorder.close()
+        if self.state is not None:
+            self.state.close()
         if self._housekeeping.ident is not None:
             self._housekeeping.join(HOUSEKEEPING_INTERVAL_S * 2)
         with contextlib.suppress(OSError):

@@ -40,6 +40,7 @@ from anonproxy.errors import (
     LimitExceeded,
     PolicyRefusal,
     StructureError,
+    TransientError,
 )
 from anonproxy.status import StoreStatus
 
@@ -71,6 +72,7 @@ class Refusal:
 #: (InputUnreadable is an OSError, LimitExceeded and StructureError are DecodeErrors,
 #: PolicyRefusal is a DeidentificationError).
 _REFUSALS: tuple[tuple[type[Exception], StoreStatus, str], ...] = (
+    (TransientError, StoreStatus.OUT_OF_RESOURCES, "state"),  # the state store: retry later
     (InputUnreadable, StoreStatus.CANNOT_UNDERSTAND, "decode"),
     (LimitExceeded, StoreStatus.CANNOT_UNDERSTAND, "limits"),
     (StructureError, StoreStatus.CANNOT_UNDERSTAND, "limits"),

@@ -19,6 +19,7 @@ from anonproxy.config import parse_settings
 from anonproxy.secret import Secret
 
 from peers import Orthanc, StoreSCP
+from pgcluster import cluster, state_config  # noqa: F401 - fixtures: PostgreSQL, each backend
 
 if TYPE_CHECKING:
     from anonproxy.service import Proxy

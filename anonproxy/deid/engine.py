@@ -90,6 +90,7 @@ from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
 from anonproxy.deid.burned_in import PixelText
 from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
 from anonproxy.deid.files import encode_without_pixels
+from anonproxy.deid.identity import StudyIdentity, StudyValues
 from anonproxy.deid.instance import DEFAULT_LIMITS, Limits, deidentify_file
 from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
@@ -108,7 +109,7 @@ from anonproxy.deid.uids import (
     IMPLEMENTATION_VERSION_NAME,
     UidRemapper,
 )
-from anonproxy.errors import DeidentificationError
+from anonproxy.errors import DeidentificationError, TransientError
 
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
@@ -211,6 +212,9 @@ class DeidResult:
     series_instance_uid: str
     original_sop_instance_uid_hash: str
     burned_in_annotation: str | None
+    #: the study's identifying values before and after (for a re-identification map; hidden
+    #: from ``repr``, never logged)
+    identity: StudyIdentity | None = field(default=None, repr=False, compare=False)
 
 
 class _Mode(Enum):
@@ -423,6 +427,7 @@ class Deidentifier:
             burned_in = ds.get(_BURNED_IN_ANNOTATION)
             burned_in_value = str(burned_in.value) if burned_in is not None else None
             patient_id = ds.get(_PATIENT_ID)
+            originals = StudyValues.of(ds)
             ids = self.identifying_values(ds)
             original_id = str(patient_id.value or "") if patient_id is not None else ""
             run = _Run(
@@ -444,7 +449,7 @@ class Deidentifier:
             if meta is not None:
                 self._file_meta(meta, new_sop, run)
             self._update(ds)
-        except DeidentificationError:
+        except (DeidentificationError, TransientError):
             raise
         except Exception:  # noqa: BLE001 - any failure must become a rejection, without values
             where = _where(run.where) if run is not None and run.where else "dataset"
@@ -457,6 +462,7 @@ class Deidentifier:
             series_instance_uid=new_series,
             original_sop_instance_uid_hash=self._uids.original_hash(original_sop),
             burned_in_annotation=burned_in_value,
+            identity=StudyIdentity(originals, StudyValues.of(ds)),
         )
         return result, SelfCheck(run.ids, run.mapped_uids, ds)
 

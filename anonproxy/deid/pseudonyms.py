@@ -11,10 +11,13 @@ IDs Sequence) keep their profile action, as they may name other patients.
   derived from the installation secret: the same patient gets the same pseudonym on every
   machine and after every restart. The rendered pseudonym is at most 64 characters (LO). The
   default, :data:`DEFAULT_FORMAT` ``ANON-{hash:16}``, carries 64 bits of the hash.
-* ``method: lookup`` — a CSV file ``original,pseudonym`` (a first row reading
-  ``original,pseudonym`` is taken as a header), read once when the engine is built. A patient
+* ``method: lookup`` — a table of ``original → pseudonym``: a :data:`PatientLookup` callable
+  given by the caller (``anonproxy serve`` asks its state store, :mod:`anonproxy.patients`),
+  or, for embedders, a CSV file ``original,pseudonym`` (a first row reading
+  ``original,pseudonym`` is taken as a header) read once when the engine is built. A patient
   not in the table is rejected (``unknown_patient: reject``, the instance gets a failure
-  status) or gets the hash pseudonym (``unknown_patient: hash``).
+  status) or gets the hash pseudonym (``unknown_patient: hash``; a callable records it, so
+  that the patient keeps it).
 
 Patient's Name becomes the Patient ID pseudonym, or ``patient_name_format`` rendered with the
 same placeholders plus ``{pseudonym}`` (the Patient ID pseudonym), e.g. ``"ANON^{hash:6}"``.
@@ -33,7 +36,7 @@ import csv
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -47,6 +50,14 @@ _PLACEHOLDER = re.compile(r"\{(hash|base32|pseudonym)(?::(\d+))?\}")
 _FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _KEY_LABEL = b"anonproxy:patient-pseudonym:v1"
 _MAX_RETRIES = 64
+
+
+#: ``lookup(original Patient ID, fallback)``: the patient's pseudonym in the table; for a
+#: patient not in it, *fallback* (the hash pseudonym, under ``unknown_patient: hash``) recorded
+#: as the patient's pseudonym (or the one another process recorded first), or None when
+#: *fallback* is None (``unknown_patient: reject``). It may raise
+#: :class:`~anonproxy.errors.TransientError` (the table cannot be reached now).
+PatientLookup = Callable[[str, str | None], str | None]
 
 
 class PseudonymMethod(StrEnum):
@@ -174,6 +185,7 @@ class PatientPseudonyms:
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
     unknown_patient: UnknownPatient = UnknownPatient.REJECT
+    lookup: PatientLookup | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -183,11 +195,14 @@ class PatientPseudonyms:
         patient_name_format: str | None = None,
         lookup_csv: str | Path | None = None,
         unknown_patient: str = "reject",
+        *,
+        lookup: PatientLookup | None = None,
     ) -> PatientPseudonyms:
-        """Validate settings and read the lookup table (ValueError / ConfigError)."""
+        """Validate settings and read the lookup table (ValueError / ConfigError); with
+        *lookup*, the method ``lookup`` asks it instead of reading *lookup_csv*."""
         parsed_method = PseudonymMethod(method)
         table: Mapping[str, str] = MappingProxyType({})
-        if parsed_method is PseudonymMethod.LOOKUP:
+        if parsed_method is PseudonymMethod.LOOKUP and lookup is None:
             if lookup_csv is None:
                 raise ValueError("method lookup needs lookup_csv")
             table = load_lookup_csv(Path(lookup_csv))
@@ -201,6 +216,7 @@ class PatientPseudonyms:
             ),
             table=table,
             unknown_patient=UnknownPatient(unknown_patient),
+            lookup=lookup if parsed_method is PseudonymMethod.LOOKUP else None,
         )
 
     def describe(self) -> str:
@@ -245,8 +261,17 @@ class Pseudonymizer:
         (the message names the attribute, never the value).
         """
         spec = self._spec
-        looked_up = spec.table.get(original_id) if spec.method is PseudonymMethod.LOOKUP else None
-        if looked_up is not None:
+        looked_up: str | None = None
+        hashed: tuple[str, bytes] | None = None
+        if spec.method is PseudonymMethod.LOOKUP and spec.lookup is not None:
+            if spec.unknown_patient is UnknownPatient.HASH:
+                hashed = self._hashed(original_id)
+            looked_up = spec.lookup(original_id, None if hashed is None else hashed[0])
+        elif spec.method is PseudonymMethod.LOOKUP:
+            looked_up = spec.table.get(original_id)
+        if hashed is not None and looked_up == hashed[0]:
+            pseudonym, digest = hashed
+        elif looked_up is not None:
             pseudonym, digest = looked_up, self._digest(original_id, 0)
         elif (
             spec.method is PseudonymMethod.LOOKUP and spec.unknown_patient is UnknownPatient.REJECT

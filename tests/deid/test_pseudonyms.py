@@ -176,7 +176,6 @@ def test_missing_lookup_table(tmp_path: Path) -> None:
         ({"format": "{name}-{hash:8}"}, "unknown placeholder"),
         ({"format": "A\\{hash:8}"}, "backslash"),
         ({"format": "{pseudonym}"}, "only allowed in patient_name_format"),
-        ({"method": "lookup"}, "needs lookup_csv"),
         ({"method": "hash", "lookup_csv": "x.csv"}, "method lookup only"),
         ({"method": "table"}, "patient_id.method"),
         ({"unknown_patient": "ignore"}, "patient_id.unknown_patient"),

@@ -1,0 +1,60 @@
+"""The identifying values of a study before and after de-identification, as data.
+
+The engine returns them with each result (:attr:`~anonproxy.deid.engine.DeidResult.identity`)
+so that a caller keeping a re-identification map (``anonproxy.remap``) can record which
+original patient and study a pseudonym stands for. They are values of the data set: the
+engine never logs them, their ``repr`` hides the originals, and whoever receives them must
+keep them out of logs, audit records, metrics, exceptions and file names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from pydicom import Dataset
+
+#: The top-level attributes recorded, as (keyword, tag).
+IDENTIFYING: tuple[tuple[str, int], ...] = (
+    ("patient_id", 0x00100020),
+    ("patient_name", 0x00100010),
+    ("accession_number", 0x00080050),
+    ("study_instance_uid", 0x0020000D),
+    ("study_date", 0x00080020),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StudyValues:
+    """Patient ID, Patient's Name, Accession Number, Study Instance UID and Study Date of one
+    data set (top level; an absent or empty attribute is the empty string)."""
+
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    study_instance_uid: str
+    study_date: str
+
+    @classmethod
+    def of(cls, ds: Dataset) -> StudyValues:
+        """The values of *ds* (its top level), as text, trailing padding removed."""
+        values: dict[str, str] = {}
+        for name, tag in IDENTIFYING:
+            elem = ds.get(tag)
+            value = "" if elem is None or elem.value is None else str(elem.value)
+            values[name] = value.strip("\x00 ")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, str]:
+        """The values by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class StudyIdentity:
+    """What one instance's study was (*original*) and became (*pseudonym*)."""
+
+    original: StudyValues
+    pseudonym: StudyValues
+
+    def __repr__(self) -> str:
+        return f"StudyIdentity(original=<redacted>, pseudonym={self.pseudonym!r})"

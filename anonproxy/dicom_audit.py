@@ -32,6 +32,13 @@ Mapping of audit trail events (:mod:`anonproxy.audit`) to PS3.15 A.5.3 messages:
     (field ``deid_study_instance_uid`` of ``instance.deidentified``), the object is named by its
     de-identified SOP Instance UID under the local code ``SOPInstanceUID`` (system
     ``anonproxy``) instead.
+``map.lookup`` / ``map.export``
+    Patient Record (110110), action R (read), outcome 0: the honest broker (the operating-system
+    user who ran ``anonproxy map``, the requestor) read the originals of a patient pseudonym
+    or of a de-identified study from the re-identification map. The participant object is the
+    pseudonym (type Person, role Patient, ID type Patient Number) or the de-identified study
+    (ID type Study Instance UID), life cycle 6 (Access/Use); the description gives the number
+    of map entries read. The originals are never part of it.
 
 No message carries a value of a received data set: only de-identified UIDs, SOP Class UIDs,
 AE titles, addresses, counts and anonproxy's own reason codes.
@@ -64,6 +71,7 @@ APPLICATION = ("110150", "Application")
 DESTINATION_ROLE_ID = ("110152", "Destination Role ID")
 SOURCE_ROLE_ID = ("110153", "Source Role ID")
 STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
+PATIENT_RECORD = ("110110", "Patient Record")
 
 # RFC 5424 severities
 NOTICE = 5
@@ -81,6 +89,8 @@ EVENTS = frozenset(
         "instance.deidentified",
         "instance.forwarded",
         "instance.quarantined",
+        "map.lookup",
+        "map.export",
     }
 )
 """The audit trail events the builder reads (``instance.deidentified`` only fills a cache)."""
@@ -150,6 +160,8 @@ class DicomAuditBuilder:
             return self._transferred(name, fields, when)
         if name.startswith("association."):
             return self._association(name, fields, when)
+        if name in ("map.lookup", "map.export"):
+            return self._map_read(name, fields, when)
         return None
 
     def _association(
@@ -252,6 +264,38 @@ class DicomAuditBuilder:
         ET.SubElement(sop_class, "Instance", {"UID": sop_instance_uid})
         ET.SubElement(description, "Anonymized").text = "true"
         return AuditMessage(WARNING if failure else NOTICE, _serialize(root))
+
+    def _map_read(self, name: str, fields: Mapping[str, Any], when: datetime) -> AuditMessage:
+        note = f"{name}: {fields.get('entries', 0)} map entries read"
+        root = self._event(PATIENT_RECORD, None, "R", when, None, note=note)
+        self._participant(root, str(fields.get("user") or "unknown"), True, self.hostname)
+        self._participant(root, self.ae_title, False, self.hostname, role=APPLICATION)
+        self._source(root)
+        by_study = fields.get("query") == "study"
+        obj = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": str(fields.get("pseudonym") or ""),
+                "ParticipantObjectTypeCode": "2" if by_study else "1",  # System object, Person
+                "ParticipantObjectTypeCodeRole": "3" if by_study else "1",  # Report, Patient
+                "ParticipantObjectDataLifeCycle": "6",  # Access / Use
+            },
+        )
+        if by_study:
+            obj.append(_code("ParticipantObjectIDTypeCode", STUDY_INSTANCE_UID, "DCM"))
+        else:  # RFC 3881 Patient Number
+            obj.append(
+                ET.Element(
+                    "ParticipantObjectIDTypeCode",
+                    {
+                        "csd-code": "2",
+                        "codeSystemName": "RFC-3881",
+                        "originalText": "Patient Number",
+                    },
+                )
+            )
+        return AuditMessage(NOTICE, _serialize(root))
 
     # --- parts -----------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -108,12 +109,18 @@ class MapKey:
         """A value the store keeps to tell this key from another (reveals nothing of it)."""
         return self._derived(b"check:v1")[:16]
 
+    @functools.cached_property
+    def _entry_hmac(self) -> hmac.HMAC:
+        return hmac.new(self._derived(b"entry:v1"), digestmod=hashlib.sha256)
+
     def entry_key(self, original: StudyValues) -> bytes:
         """The map entry's key: one per original patient and study."""
         data = f"{original.patient_id}\x00{original.study_instance_uid}".encode(
             "utf-8", "surrogateescape"
         )
-        return hmac.new(self._derived(b"entry:v1"), data, hashlib.sha256).digest()
+        mac = self._entry_hmac.copy()
+        mac.update(data)
+        return mac.digest()
 
     def seal(self, entry_key: bytes, original: StudyValues) -> bytes:
         """The originals, encrypted and authenticated (bound to *entry_key*)."""

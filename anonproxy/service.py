@@ -375,8 +375,8 @@ class Proxy:
                 return store, None
             key = load_map_key(settings.storage.path, create=True)
             verify_key(store, key)
-            if key.created:
-                log.warning("map.key_created", path=key.source)
+            if key.created:  # the first run: move it to the honest broker (README)
+                self.audit.event("map.key_created", path=key.source)
         except BaseException:
             store.close()
             raise

@@ -90,6 +90,7 @@ def test_codes_are_those_of_the_standard() -> None:
         "DestinationRoleID": dicom_audit.DESTINATION_ROLE_ID,
         "SourceRoleID": dicom_audit.SOURCE_ROLE_ID,
         "StudyInstanceUID": dicom_audit.STUDY_INSTANCE_UID,
+        "PatientRecord": dicom_audit.PATIENT_RECORD,
     }.items():
         assert _dcm(keyword) == constant
 
@@ -244,6 +245,33 @@ def test_quarantined_instance_is_a_failed_transfer() -> None:
     event = root.find("EventIdentification")
     assert event is not None
     assert event.get("EventOutcomeIndicator") == "4"
+
+
+def test_a_map_look_up_is_a_patient_record_read_of_the_pseudonym() -> None:
+    """``anonproxy map lookup`` / ``export``: Patient Record, read, by the user who ran it; the
+    object is the pseudonym or the de-identified study, never an original."""
+    for name, query, value in (
+        ("map.lookup", "patient_id", "ANON-0123456789ABCDEF"),
+        ("map.export", "study", DEID_STUDY),
+    ):
+        fields = {"query": query, "pseudonym": value, "entries": 2, "user": "broker"}
+        root = _parse(_builder()(name, fields, WHEN))
+        event = root.find("EventIdentification")
+        assert event is not None
+        assert event.get("EventActionCode") == "R"
+        assert _code(event.find("EventID")) == _dcm("PatientRecord")
+        assert event.findtext("EventOutcomeDescription") == f"{name}: 2 map entries read"
+        users = [
+            (p.get("UserID"), p.get("UserIsRequestor")) for p in root.iter("ActiveParticipant")
+        ]
+        assert users == [("broker", "true"), ("ANONPROXY", "false")]
+        [obj] = root.findall("ParticipantObjectIdentification")
+        assert obj.get("ParticipantObjectID") == value
+        assert obj.get("ParticipantObjectTypeCode") == ("2" if query == "study" else "1")
+        id_type = _code(obj.find("ParticipantObjectIDTypeCode"))
+        assert id_type == (
+            _dcm("StudyInstanceUID") if query == "study" else ("2", "Patient Number")
+        )
 
 
 def test_other_events_have_no_message() -> None:

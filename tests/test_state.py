@@ -168,3 +168,35 @@ def test_the_dsn_file_must_be_owner_only(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="owner only") as raised:
         StateStore.open(StateConfig(backend="postgresql", dsn_file=dsn), tmp_path)
     assert "not-for-the-logs" not in str(raised.value)
+
+
+def test_lookup_import_refuses_an_edited_table_without_naming_a_value(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import TEST_SECRET
+
+    env = {"ANONPROXY_SECRET": TEST_SECRET.value.decode(), "PATH": "/usr/bin:/bin"}
+    config = tmp_path / "anonproxy.yaml"
+    config.write_text(
+        f"storage: {{path: {tmp_path / 'var'}}}\naudit: {{path: {tmp_path / 'audit.jsonl'}}}\n"
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "anonproxy", *args, "-c", str(config)],
+            env=env, capture_output=True, text=True, check=False, cwd=tmp_path,
+        )  # fmt: skip
+
+    (tmp_path / "ids.csv").write_text("MRN-PLANTED-1,SUBJ-001\nMRN-PLANTED-2,SUBJ-002\n")
+    first = run("lookup", "import", str(tmp_path / "ids.csv"))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "imported 2 patients (0 already there; 2 in the table)"
+    (tmp_path / "ids.csv").write_text("MRN-PLANTED-1,SUBJ-001\nMRN-PLANTED-2,SUBJ-777\n")
+    edited = run("lookup", "import", str(tmp_path / "ids.csv"))
+    assert edited.returncode == 2
+    assert "row 2 of the table: this patient already has another pseudonym" in edited.stderr
+    assert "PLANTED" not in edited.stdout + edited.stderr
+    audit = (tmp_path / "audit.jsonl").read_text()
+    assert '"event": "lookup.imported"' in audit
+    assert "PLANTED" not in audit

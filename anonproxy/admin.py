@@ -85,12 +85,14 @@ class Probe:
         max_queue_age_s: float,
         active_associations: Callable[[], int],
         deferred_waiting: Callable[[], int],
+        deferred_oldest_age_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.spool = spool
         self.audit_path = audit_path
         self.max_queue_age_s = max_queue_age_s
         self._active_associations = active_associations
         self._deferred_waiting = deferred_waiting
+        self._deferred_oldest_age_s = deferred_oldest_age_s
 
     def queue_states(self) -> dict[str, QueueState]:
         states = {}
@@ -109,6 +111,12 @@ class Probe:
 
     def deferred_waiting(self) -> int:
         return self._deferred_waiting()
+
+    def deferred_bytes(self) -> int:
+        return self.spool.deferred_bytes  # counted by the spool as it keeps and removes them
+
+    def deferred_oldest_age_s(self) -> float:
+        return self._deferred_oldest_age_s()
 
     def rejected_inputs(self) -> int:
         return _count(self.spool.rejected_dir)

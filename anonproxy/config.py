@@ -375,6 +375,9 @@ class StorageConfig(_Section):
     # received data sets acknowledged and waiting for de-identification (listen.acknowledge
     # after_receipt): at or over this many bytes, C-STORE gets Out of Resources (0xA700)
     incoming_max_bytes: int = Field(default=8 << 30, ge=0)
+    # a file holding a 256-bit key (owner-only): received data sets are then written to the
+    # spool sealed with it, AES-256-GCM (see anonproxy.sealed)
+    incoming_key_file: Path | None = None
 
 
 class StateConfig(_Section):

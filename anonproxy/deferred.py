@@ -2,14 +2,20 @@
 after_receipt``, or any instance :meth:`~anonproxy.pipeline.InstancePipeline.should_defer`
 picks).
 
-:meth:`DeferredProcessor.accept` runs on the association's thread: it moves the received data
-set durably into ``spool/deferred`` (:meth:`~anonproxy.spool.Spool.defer`: fsync of the file
-and the folder) and answers Success, or Out of Resources (0xA700) when the deferred data sets
-reach ``storage.incoming_max_bytes``. Background threads then run the pipeline's steps on it
-(the engine in the worker processes, then :meth:`~anonproxy.pipeline.InstancePipeline.store`),
-in arrival order per association: one *lane* per association, with up to *window* instances
-of a lane in the engine at once and their commits in arrival order. A refused instance (the
-engine, the policy, no route) is moved to the quarantine of refused inputs and audited
+:meth:`DeferredProcessor.accept` runs on the association's thread: it keeps the received data
+set durably in ``spool/deferred`` (:meth:`~anonproxy.spool.Spool.defer`: fdatasync of the file
+it was received into, a rename within the folder, fsync of the folder) and answers Success, or
+Out of Resources (0xA700) when the deferred data sets reach ``storage.incoming_max_bytes``.
+That is all the sender waits for: the ``instance.received`` audit record is written by a
+thread of its own meanwhile (:class:`_AuditBehind`; an instance acknowledged just before a
+SIGKILL, whose record was not written yet, is audited ``instance.recovered`` at the next
+start), and nothing reads the data set on that path (its SOP Class comes from the request).
+
+Background threads then run the pipeline's steps on it (the engine in the worker processes,
+then :meth:`~anonproxy.pipeline.InstancePipeline.store`), in arrival order per association: one
+*lane* per association, with up to *window* instances of a lane in the engine at once and their
+commits in arrival order. A refused instance (the engine, the policy, no route, a sealed data
+set that fails authentication) is moved to the quarantine of refused inputs and audited
 ``instance.failed``; a full spool, or a full disk, is retried after a back-off, the lane
 waiting (its order kept).
 
@@ -24,12 +30,16 @@ again after a crash deliver it once (see :mod:`anonproxy.spool`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import itertools
 import os
+import queue
 import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +48,8 @@ from anonproxy.audit import get_logger
 from anonproxy.errors import SpoolFullError
 from anonproxy.forward import retry_delay
 from anonproxy.pipeline import InstancePipeline, StoreOutcome
+from anonproxy.received import ReceivedFile
+from anonproxy.sealed import SealError, is_sealed, plain_prefix
 from anonproxy.status import StoreStatus
 from anonproxy.workers import Deidentified, Refusal
 
@@ -83,15 +95,46 @@ class DeferredInstance:
                 "deferred_as": self.path.stem}  # fmt: skip
 
 
-def _sop_class_uid(path: Path) -> str:
+def _sop_class_uid(path: Path, key: bytes | None = None) -> str:
     """The Media Storage SOP Class UID that pynetdicom wrote (the C-STORE request's
-    Affected SOP Class UID), or an empty string."""
+    Affected SOP Class UID), or an empty string; a sealed file's from its first chunk."""
     from pydicom.filereader import read_file_meta_info  # noqa: PLC0415 - recovery only
 
     try:
-        return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
-    except Exception:  # noqa: BLE001 - not readable: the engine refuses it
+        if key is not None and is_sealed(path):
+            meta = read_file_meta_info(io.BytesIO(plain_prefix(path, key)))  # type: ignore[arg-type]
+        else:
+            meta = read_file_meta_info(path)
+        return str(meta.get("MediaStorageSOPClassUID", ""))
+    except (Exception, SealError):  # noqa: BLE001 - not readable: the engine refuses it
         return ""
+
+
+class _AuditBehind:
+    """Writes the ``instance.received`` records off the association's thread (formatting and
+    writing a record costs it a few hundred microseconds), in the order given."""
+
+    def __init__(self, write: Callable[..., None]) -> None:
+        self._write = write
+        self._records: queue.Queue[tuple[str, dict[str, object]]] = queue.Queue()
+        threading.Thread(target=self._run, name="audit-behind", daemon=True).start()
+
+    def put(self, name: str, fields: dict[str, object]) -> None:
+        self._records.put((name, fields))
+
+    def _run(self) -> None:
+        while True:
+            name, fields = self._records.get()
+            try:
+                self._write(name, **fields)
+            except Exception:  # the audit log reports its own failures
+                log.exception("audit.write_failed")
+            finally:
+                self._records.task_done()
+
+    def drain(self) -> None:
+        """Return once every record put so far is written."""
+        self._records.join()
 
 
 @dataclass(frozen=True)
@@ -121,9 +164,18 @@ class DeferredProcessor:
         self._engine = ThreadPoolExecutor(
             self.window, thread_name_prefix="deferred-engine", initializer=_lower_priority
         )
+        self._audit_behind = _AuditBehind(self.audit.event)
+        # deferred data set -> when it was received (time.time()), in arrival order: the age
+        # of the oldest for the metrics, without listing the folder
+        self._waiting: dict[Path, float] = {}
 
     def accept(
-        self, received: Path, *, sop_class_uid: str, calling_ae_title: str, assoc_id: int
+        self,
+        received: ReceivedFile | Path,
+        *,
+        sop_class_uid: str,
+        calling_ae_title: str,
+        assoc_id: int,
     ) -> StoreOutcome:
         """Keep the received data set durably and answer for it: Success, or Out of Resources
         when the incoming spool cannot take it (the sender retries)."""
@@ -139,7 +191,8 @@ class DeferredProcessor:
             path = self.spool.defer(received, name)
         except SpoolFullError as exc:
             return self.pipeline.refuse(StoreStatus.OUT_OF_RESOURCES, "incoming", str(exc), fields)
-        self.audit.event("instance.received", acknowledged="on receipt", **fields)
+        # written by a thread of its own while this one answers and receives the next
+        self._audit_behind.put("instance.received", {"acknowledged": "on receipt", **fields})
         self._last_accept = arrived = time.monotonic()
         self._queue(DeferredInstance(path, lane, calling_ae_title, sop_class_uid, arrived))
         return StoreOutcome(StoreStatus.SUCCESS)
@@ -147,10 +200,21 @@ class DeferredProcessor:
     def recover(self) -> int:
         """Queue the deferred data sets a previous run left (in arrival order per lane);
         returns how many."""
+        key = self.pipeline.runner.incoming_key
         found = [DeferredInstance.from_path(path) for path in self.spool.deferred()]
         for instance in found:
+            instance = dataclasses.replace(  # noqa: PLW2901
+                instance, sop_class_uid=_sop_class_uid(instance.path, key)
+            )
+            self.audit.event("instance.recovered", **instance.fields())
             self._queue(instance)
         return len(found)
+
+    def oldest_age_s(self) -> float:
+        """Age of the oldest deferred data set waiting (0 when none)."""
+        with self._lock:
+            first = next(iter(self._waiting.values()), None)
+        return 0.0 if first is None else max(0.0, time.time() - first)
 
     def backlog(self) -> int:
         """Deferred data sets queued and not yet taken into the engine."""
@@ -160,6 +224,7 @@ class DeferredProcessor:
     def stop(self, timeout: float) -> None:
         """Finish the instances in the engine, leave the rest for the next start."""
         self._stopping.set()
+        self._audit_behind.drain()
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._threads)
@@ -171,6 +236,12 @@ class DeferredProcessor:
 
     def _queue(self, instance: DeferredInstance) -> None:
         with self._lock:
+            if instance.path not in self._waiting:
+                received = time.time()
+                if not instance.arrived:  # left by a previous run
+                    with contextlib.suppress(OSError):
+                        received = instance.path.stat().st_mtime
+                self._waiting[instance.path] = received
             lane = self._lanes.get(instance.lane)
             if lane is not None:
                 lane.append(instance)
@@ -208,6 +279,8 @@ class DeferredProcessor:
             instance, future = window.popleft()
             retry = self._finish(instance, future)
             if retry is None:
+                with self._lock:
+                    self._waiting.pop(instance.path, None)
                 failures = 0
                 continue
             # Order is kept: this one and those behind it go back to the head of the lane.

@@ -83,6 +83,14 @@ class StateSource(Protocol):
         """Data sets acknowledged on receipt, waiting for de-identification."""
         ...
 
+    def deferred_bytes(self) -> int:
+        """Their bytes on disk (what ``storage.incoming_max_bytes`` bounds)."""
+        ...
+
+    def deferred_oldest_age_s(self) -> float:
+        """Seconds since the oldest of them was received (0 when none waits)."""
+        ...
+
     def rejected_inputs(self) -> int:
         """Inputs refused before de-identification, kept in quarantine."""
         ...
@@ -129,6 +137,16 @@ class _StateCollector(Collector):
             "anonproxy_deferred_waiting",
             "Data sets acknowledged on receipt and waiting for de-identification",
             value=self.source.deferred_waiting(),
+        )
+        yield GaugeMetricFamily(
+            "anonproxy_deferred_bytes",
+            "Bytes of the data sets waiting for de-identification (storage.incoming_max_bytes)",
+            value=self.source.deferred_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "anonproxy_deferred_oldest_age_seconds",
+            "Age of the oldest data set waiting for de-identification (0 when none waits)",
+            value=self.source.deferred_oldest_age_s(),
         )
         yield GaugeMetricFamily(
             "anonproxy_associations_active", "Associations running now",

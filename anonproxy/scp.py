@@ -13,9 +13,6 @@ released or aborted, with its counts and duration.
 
 from __future__ import annotations
 
-import io
-import itertools
-import os
 import ssl
 import threading
 import time
@@ -39,6 +36,8 @@ from anonproxy.errors import DecodeError, LimitExceeded
 from anonproxy.forward import set_tcp_nodelay
 from anonproxy.metrics import Metrics
 from anonproxy.pipeline import InstancePipeline, StoreOutcome
+from anonproxy.received import ReceivedFile
+from anonproxy.sealed import SealError, opened
 from anonproxy.status import EchoStatus, StoreStatus
 
 silence_pynetdicom_identifiers()  # whether or not logging is configured
@@ -46,31 +45,16 @@ silence_pynetdicom_identifiers()  # whether or not logging is configured
 _config.STORE_RECV_CHUNKED_DATASET = True
 
 
-class _ReceivedFile(io.FileIO):
-    """A received data set's file, as pynetdicom uses its NamedTemporaryFile: ``write``,
-    ``name`` and ``file.flush``; unbuffered (pynetdicom writes whole fragments)."""
-
-    @property
-    def file(self) -> _ReceivedFile:
-        return self
-
-
-_received = itertools.count()
-
-
-def _owner_only(path: str, flags: int) -> int:
-    """Open a received data set's file readable by the owner only (it holds PHI)."""
-    return os.open(path, flags, 0o600)
-
-
-def receive_into(directory: Path) -> None:
+def receive_into(directory: Path, key: bytes | None = None, *, durable: bool = True) -> None:
     """Make pynetdicom write received C-STORE data sets into *directory* (the spool's
-    owner-only ``incoming`` folder) rather than the system's temporary folder: they hold PHI.
-    The handler removes each file once answered."""
+    owner-only ``deferred`` folder, under hidden names: see :mod:`anonproxy.received`), sealed
+    with *key* when one is configured, rather than the system's temporary folder: they hold
+    PHI. The handler removes each file once answered, unless it was kept (deferred); with
+    *durable*, the files are created ahead with their entries on disk (see
+    :mod:`anonproxy.received`)."""
 
-    def create(**_: object) -> _ReceivedFile:
-        path = directory / f"in-{os.getpid()}-{next(_received)}.dcm"
-        return _ReceivedFile(path, "xb", opener=_owner_only)
+    def create(**_: object) -> ReceivedFile:
+        return ReceivedFile(directory, key, durable)
 
     pynetdicom.dimse_messages.NamedTemporaryFile = create  # type: ignore[attr-defined,assignment]
 
@@ -102,7 +86,8 @@ class StorageSCP:
         metrics: Metrics | None = None,
     ) -> None:
         reactor.install()
-        receive_into(pipeline.spool.incoming_dir)
+        self.incoming_key = pipeline.runner.incoming_key
+        receive_into(pipeline.spool.deferred_dir, self.incoming_key, durable=pipeline.spool.fsync)
         self.config = config
         self.pipeline = pipeline
         self.audit = audit
@@ -337,7 +322,7 @@ class StorageSCP:
             max_data_set_bytes=self.config.max_instance_bytes,
         )
 
-    def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset:
+    def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset | int:
         """Answer a C-STORE refused by a limit, audited as ``instance.failed``."""
         fields: dict[str, object] = {
             "sop_class_uid": str(event.request.AffectedSOPClassUID),
@@ -347,7 +332,7 @@ class StorageSCP:
             self._record(event), self.pipeline.refuse(status, "limits", reason, fields)
         )
 
-    def handle_store_within_limits(self, event: evt.Event) -> Dataset:
+    def handle_store_within_limits(self, event: evt.Event) -> Dataset | int:
         """EVT_C_STORE: apply ``max_instance_bytes`` (inflation bounded, see
         :mod:`anonproxy.limits`) before anything decodes the data set, then
         :meth:`handle_store` (the structure checks run with the decoding, in the pipeline).
@@ -356,17 +341,17 @@ class StorageSCP:
         * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
         * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream, or no data set.
         """
-        dataset_path = cast("Path | None", event.dataset_path)
-        if dataset_path is None:  # a C-STORE request without a data set
+        received = cast("ReceivedFile | None", getattr(event.request, "_dataset_file", None))
+        if not isinstance(received, ReceivedFile):  # a C-STORE request without a data set
             return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, "no data set")
-        received = Path(dataset_path)
         try:
-            refusal = self._refusal_by_limits(event, received)
+            received.finish()
+            refusal = self._refusal_by_limits(event, received.path)
             return refusal if refusal is not None else self.handle_store(event, received)
         finally:
-            received.unlink(missing_ok=True)
+            received.discard()  # unless kept: then renamed already
 
-    def _refusal_by_limits(self, event: evt.Event, received: Path) -> Dataset | None:
+    def _refusal_by_limits(self, event: evt.Event, received: Path) -> Dataset | int | None:
         """The answer to a data set over ``max_instance_bytes``, or None. The PDU guard bounded
         its bytes as they arrived; only a deflated one is read again, to bound its inflation."""
         guard: limits.PduGuard | None = getattr(event.assoc, "anonproxy_guard", None)
@@ -379,9 +364,12 @@ class StorageSCP:
         if guard is not None and not deflated:
             return None
         try:
-            limits.check_received_file(
-                received, deflated=deflated, max_bytes=self.config.max_instance_bytes
-            )
+            with opened(received, self.incoming_key) as plain:
+                limits.check_received_file(
+                    plain, deflated=deflated, max_bytes=self.config.max_instance_bytes
+                )
+        except SealError as exc:
+            return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, str(exc))
         except LimitExceeded as exc:
             return self._refuse_store(event, StoreStatus.INSTANCE_TOO_LARGE, str(exc))
         except DecodeError as exc:
@@ -395,15 +383,15 @@ class StorageSCP:
         del event
         return EchoStatus.SUCCESS
 
-    def handle_store(self, event: evt.Event, received: Path) -> Dataset:
+    def handle_store(self, event: evt.Event, received: ReceivedFile) -> Dataset | int:
         """EVT_C_STORE: de-identify and spool one instance, or keep it durably to be
         de-identified behind when the pipeline defers it
         (:meth:`~anonproxy.pipeline.InstancePipeline.should_defer`,
         :mod:`anonproxy.deferred`).
 
         *received* is the file pynetdicom wrote as the data set arrived (preamble, file meta,
-        data set untouched); it is decoded in the pipeline, not in this thread. Returns a
-        status dataset:
+        data set untouched; sealed with ``storage.incoming_key_file``); it is decoded in the
+        pipeline, not in this thread. Returns a status (a dataset when it has a comment):
 
         * ``StoreStatus.SUCCESS`` (0x0000): de-identified and durably spooled, or, deferred,
           durably kept in the incoming spool;
@@ -428,7 +416,7 @@ class StorageSCP:
             )
         else:
             outcome = self.pipeline.process(
-                received,
+                received.path,
                 sop_class_uid=sop_class_uid,
                 calling_ae_title=calling_ae_title,
                 assoc_id=id(event.assoc),
@@ -439,9 +427,9 @@ class StorageSCP:
         with self._lock:
             return self._records.get(id(event.assoc))
 
-    def _answer(self, record: AssociationRecord | None, outcome: StoreOutcome) -> Dataset:
+    def _answer(self, record: AssociationRecord | None, outcome: StoreOutcome) -> Dataset | int:
         """Count the outcome in the association's record and the metrics; the C-STORE
-        response status."""
+        response status (a number when there is no comment: no dataset to build)."""
         if self.metrics is not None:
             self.metrics.store_answered(outcome.status)
         if record is not None:
@@ -450,6 +438,8 @@ class StorageSCP:
                 record.stored += 1
             else:
                 record.failed += 1
+        if not outcome.comment:
+            return int(outcome.status)
         status = Dataset()
         status.Status = int(outcome.status)
         if outcome.comment:

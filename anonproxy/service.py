@@ -38,6 +38,7 @@ from anonproxy.patients import PatientDirectory, import_csv
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.remap import MapRecorder, load_map_key, verify_key
 from anonproxy.scp import StorageSCP
+from anonproxy.sealed import check_waiting, load_key
 from anonproxy.secret import Secret, load_secret
 from anonproxy.spool import Spool
 from anonproxy.state import StateStore
@@ -291,6 +292,10 @@ class Proxy:
             fsync=storage.fsync,
             incoming_max_bytes=storage.incoming_max_bytes,
         )
+        incoming_key = (
+            None if storage.incoming_key_file is None else load_key(storage.incoming_key_file)
+        )
+        check_waiting(self.spool.deferred(), incoming_key)
         self.state, self.map_recorder = self._open_state()
         patients = (  # the lookup table in the state store, when the profile uses it
             PatientDirectory(self.state, self.secret.value)
@@ -303,6 +308,7 @@ class Proxy:
             workers=deidentify_workers(settings),
             limits=Limits(max_sequence_depth=settings.listen.max_sequence_depth),
             nice=DEFERRED_NICE if settings.listen.acknowledge == "after_receipt" else 0,
+            incoming_key=incoming_key,
         )
         self.pipeline = InstancePipeline(
             self.deidentifiers,
@@ -338,7 +344,8 @@ class Proxy:
             settings.audit.path,
             max_queue_age_s=settings.admin.max_queue_age_s,
             active_associations=self.scp.active_associations,
-            deferred_waiting=lambda: len(self.spool.deferred()),
+            deferred_waiting=lambda: self.spool.deferred_count,
+            deferred_oldest_age_s=self.deferred.oldest_age_s,
         )
         self.metrics.watch(self.probe)
         self.admin = (

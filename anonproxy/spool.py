@@ -2,10 +2,12 @@
 
 Layout under the storage path::
 
-    spool/incoming/                 data sets being received (PHI: owner-only, removed at
+    spool/deferred/.recv-*          data sets being received (PHI: owner-only, sealed with
+                                    storage.incoming_key_file; removed once answered, at
                                     start-up and when abandoned by an aborted association)
     spool/deferred/<name>.dcm       data sets received and acknowledged, waiting for
                                     de-identification (PHI: owner-only; see Spool.defer)
+    spool/incoming/                 what versions before 0.2 received into (emptied at start)
     spool/tmp/                      de-identified instances being written (removed at start-up)
     spool/<destination>/<uid>_<version>.dcm
                                     de-identified instances waiting for that destination
@@ -68,6 +70,9 @@ from pathlib import Path
 
 from anonproxy.durable import DirectorySync, make_directories, sync_data, sync_directory
 from anonproxy.errors import SpoolFullError
+from anonproxy.received import PREFIX as RECEIVING
+from anonproxy.received import ReceivedFile
+from anonproxy.received import settle as settle_received
 
 _UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 SUFFIX = ".dcm"
@@ -397,6 +402,11 @@ class Spool:
             self.queues[name] = DestinationQueue(directory, self._forget)
         self._bytes = sum(_measure(queue.directory) for queue in self.queues.values())
         self.deferred_bytes = _measure(self.deferred_dir)
+        self.deferred_count = sum(1 for _ in self.deferred_dir.glob("*" + SUFFIX))
+        # the deferred folder, open to flush it (a rename or removal in it) without opening it
+        self._deferred_fd = (
+            os.open(self.deferred_dir, os.O_RDONLY | os.O_DIRECTORY) if fsync else None
+        )
 
     def recover(self) -> dict[str, int]:
         """Index what a previous run left in the spool; returns counts per destination.
@@ -406,7 +416,10 @@ class Spool:
         """
         for stale in self.tmp_dir.iterdir():
             stale.unlink()
+        settle_received(self.deferred_dir)  # kept, not yet renamed: renamed; the rest removed
         self.purge_incoming(0.0)
+        self.deferred_bytes = _measure(self.deferred_dir)
+        self.deferred_count = sum(1 for _ in self.deferred_dir.glob("*" + SUFFIX))
         for queue in self.queues.values():
             self._settle_hidden(queue.directory)
         return {name: queue.load() for name, queue in self.queues.items()}
@@ -467,7 +480,11 @@ class Spool:
         association left half-received (it holds PHI and will never be processed)."""
         now = time.time()
         count = 0
-        for path in self.incoming_dir.iterdir():
+        receiving = [p for p in self.deferred_dir.iterdir() if p.name.startswith(RECEIVING)]
+        for path in [*self.incoming_dir.iterdir(), *receiving]:
+            with contextlib.suppress(OSError):
+                if older_than_s and path.stat().st_size == 0:
+                    continue  # created ahead for the next data set (see anonproxy.received)
             if _age_s(path, now) >= older_than_s:
                 path.unlink(missing_ok=True)
                 count += 1
@@ -498,29 +515,38 @@ class Spool:
 
     # -- data sets acknowledged on receipt, waiting for de-identification ------------------
 
-    def defer(self, received: Path, name: str) -> Path:
-        """Keep the received data set *received* (in ``spool/incoming``) durably as *name* in
-        ``spool/deferred`` (fsync of the file, rename, fsync of the folder); returns its new
-        path. Raises :class:`SpoolFullError` when the deferred data sets reach
-        ``incoming_max_bytes``, the disk is nearly full, or on an I/O error."""
+    def _deferred_directory_fd(self) -> int | None:
+        """The deferred folder open for flushing it (None with ``fsync: false``)."""
+        return self._deferred_fd
+
+    def defer(self, received: ReceivedFile | Path, name: str) -> Path:
+        """Keep the received data set *received* durably as *name* in ``spool/deferred``:
+        its data flushed to disk (through the descriptor that wrote it), renamed within the
+        folder, the folder flushed; returns its new path. A path (another folder) is flushed,
+        renamed and the folder flushed alike. Raises :class:`SpoolFullError` when the deferred
+        data sets reach ``incoming_max_bytes``, the disk is nearly full, or on an I/O error."""
         target = self.deferred_dir / f"{_check_name(name)}{SUFFIX}"
         if self.incoming_max_bytes is not None and self.deferred_bytes >= self.incoming_max_bytes:
             msg = "incoming spool quota reached"
             raise SpoolFullError(msg)
         self._check_free_space()
         try:
-            size = received.stat().st_size
-            if self.fsync:
-                fsync_file(received)
-            os.rename(received, target)
-            if self.fsync:
-                fsync_directory(self.deferred_dir)
+            if isinstance(received, ReceivedFile):
+                size = received.keep(target, self._deferred_directory_fd())
+            else:
+                size = received.stat().st_size
+                if self.fsync:
+                    fsync_file(received)
+                os.rename(received, target)
+                if self.fsync:
+                    fsync_directory(self.deferred_dir)
         except OSError as exc:
             target.unlink(missing_ok=True)  # not acknowledged: the sender sends it again
             msg = f"incoming spool write failed: {exc.strerror or type(exc).__name__}"
             raise SpoolFullError(msg) from None
         with self._bytes_lock:
             self.deferred_bytes += size
+            self.deferred_count += 1
         return target
 
     def deferred(self) -> list[Path]:
@@ -532,10 +558,12 @@ class Spool:
         as refused (the removal is what makes either final)."""
         size = deferred.stat().st_size
         deferred.unlink()
-        if self.fsync:
-            fsync_directory(self.deferred_dir)
+        directory = self._deferred_directory_fd()
+        if directory is not None:
+            os.fsync(directory)
         with self._bytes_lock:
             self.deferred_bytes = max(0, self.deferred_bytes - size)
+            self.deferred_count = max(0, self.deferred_count - 1)
 
     def _check_space(self) -> None:
         if self.max_bytes is not None and self._bytes >= self.max_bytes:

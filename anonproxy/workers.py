@@ -14,6 +14,10 @@ themselves; only the two paths cross the process boundary. An instance that arri
 other is being processed is de-identified in the calling thread (a lone association gains
 nothing from a round trip to a worker). With ``workers=0`` everything runs in the calling
 thread.
+
+A received data set sealed with ``storage.incoming_key_file`` (:mod:`anonproxy.sealed`) is
+decrypted where it is de-identified, into an anonymous memory file, every chunk authenticated
+first; one that fails authentication is refused (stage ``incoming``) and never decoded.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from anonproxy.errors import (
     StructureError,
     TransientError,
 )
+from anonproxy.sealed import SealError, opened
 from anonproxy.status import StoreStatus
 
 log = get_logger(__name__)
@@ -85,14 +90,22 @@ _REFUSALS: tuple[tuple[type[Exception], StoreStatus, str], ...] = (
 
 
 def deidentify_file(
-    engine: Deidentifier, source: Path, target: Path, limits: Limits = DEFAULT_LIMITS
+    engine: Deidentifier,
+    source: Path,
+    target: Path,
+    limits: Limits = DEFAULT_LIMITS,
+    key: bytes | None = None,
 ) -> Deidentified | Refusal:
-    """De-identify the received DICOM file *source* into *target* (created or truncated; not
-    synced) by the engine's one file path (:func:`anonproxy.deid.instance.deidentify_file`:
-    structure *limits* and the profile's policy checked before de-identification); an error
-    becomes a refusal: a status, the stage and the error's message."""
+    """De-identify the received DICOM file *source* (sealed with *key*, or plain) into
+    *target* (created or truncated; not synced) by the engine's one file path
+    (:func:`anonproxy.deid.instance.deidentify_file`: structure *limits* and the profile's
+    policy checked before de-identification); an error becomes a refusal: a status, the stage
+    and the error's message."""
     try:
-        done = instance.deidentify_file(engine, source, target, limits=limits, in_place=True)
+        with opened(source, key) as plain:
+            done = instance.deidentify_file(engine, plain, target, limits=limits, in_place=True)
+    except SealError as exc:
+        return Refusal(StoreStatus.CANNOT_UNDERSTAND, "incoming", str(exc))
     except Exception as exc:  # noqa: BLE001 - every failure is a refusal, never an acknowledgement
         return _refusal(exc)
     return Deidentified(done.result, done.modality, done.size, done.pixels)
@@ -117,6 +130,7 @@ def _refusal(exc: Exception) -> Refusal:
 
 _worker_engine: Deidentifier | None = None
 _worker_limits = DEFAULT_LIMITS
+_worker_key: bytes | None = None
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -127,20 +141,25 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _start_worker(
-    factory: Callable[[], Deidentifier], limits: Limits, parent: int, nice: int
+    factory: Callable[[], Deidentifier],
+    limits: Limits,
+    parent: int,
+    nice: int,
+    key: bytes | None = None,
 ) -> None:
-    global _worker_engine, _worker_limits  # noqa: PLW0603 - one engine per worker process
+    global _worker_engine, _worker_limits, _worker_key  # noqa: PLW0603 - one per worker process
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     if nice:
         os.nice(nice)
     silence_value_reports()
     _worker_engine = factory()
     _worker_limits = limits
+    _worker_key = key
 
 
 def _run_in_worker(source: str, target: str) -> Deidentified | Refusal:
     assert _worker_engine is not None  # noqa: S101 - set by the pool initializer
-    return deidentify_file(_worker_engine, Path(source), Path(target), _worker_limits)
+    return deidentify_file(_worker_engine, Path(source), Path(target), _worker_limits, _worker_key)
 
 
 def _ready() -> bool:
@@ -155,7 +174,8 @@ class DeidentifierPool:
     of a module-level function), which must build the same engine. *limits* bound every
     instance (the SCP has checked the size of a received data set already). The worker
     processes run *nice* levels below the service (work that nobody waits for: receiving
-    keeps the cores it needs).
+    keeps the cores it needs). *incoming_key* opens received data sets sealed with
+    ``storage.incoming_key_file`` (it crosses to the worker processes through their pipe).
     """
 
     def __init__(
@@ -166,8 +186,10 @@ class DeidentifierPool:
         workers: int,
         limits: Limits = DEFAULT_LIMITS,
         nice: int = 0,
+        incoming_key: bytes | None = None,
     ) -> None:
         self.engine = engine
+        self.incoming_key = incoming_key
         self.nice = nice
         self._factory = factory
         self.workers = workers
@@ -185,7 +207,7 @@ class DeidentifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(self._factory, self.limits, os.getpid(), self.nice),
+            initargs=(self._factory, self.limits, os.getpid(), self.nice, self.incoming_key),
         )
 
     def start(self) -> None:
@@ -235,7 +257,7 @@ class DeidentifierPool:
             self.offloaded += worker_pool is not None
         try:
             if worker_pool is None:
-                return deidentify_file(self.engine, source, target, self.limits)
+                return deidentify_file(self.engine, source, target, self.limits, self.incoming_key)
             return worker_pool.submit(_run_in_worker, str(source), str(target)).result()
         except BrokenProcessPool:
             with self._lock:

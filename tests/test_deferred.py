@@ -111,6 +111,7 @@ def test_accepted_data_sets_are_owner_only_and_durable_until_processed(
     assert "." not in kept.stem  # a random name, never a UID
     assert str(dcmread(series[0]).SOPInstanceUID) not in kept.name
     assert list(node.spool.incoming_dir.iterdir()) == []
+    assert wait_for(lambda: len(node.events("instance.received")) == 1, timeout=5)  # behind
     [received] = node.events("instance.received")
     assert received["deferred_as"] == kept.stem
     assert deferred_status(tmp_path / "var")["waiting"] == 1

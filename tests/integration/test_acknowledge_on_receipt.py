@@ -40,6 +40,13 @@ def _events(root: Path, name: str) -> list[dict[str, object]]:
     return [e for e in audit_records(root / "audit.jsonl") if e["event"] == name]
 
 
+def _held(root: Path) -> list[Path]:
+    """Received data sets in the incoming spool: deferred ones, and files received into (the
+    empty files created ahead for the next data sets hold nothing)."""
+    folder = root / "spool" / "deferred"
+    return [p for p in folder.iterdir() if p.suffix == ".dcm" or p.stat().st_size]
+
+
 def _research(scp: StoreSCP) -> dict[str, object]:
     return {"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": scp.port,
             "retry_max_delay_s": 2}  # fmt: skip
@@ -101,12 +108,16 @@ def test_sigkill_with_acknowledged_instances_waiting_delivers_each_once_after_re
         proxy.send_signal(signal.SIGKILL)  # every instance acknowledged, most not processed
         proxy.wait(10)
         waiting = len(list((root / "spool" / "deferred").glob("*.dcm")))
-        assert len(_events(root, "instance.received")) == count
         assert waiting > count // 4, waiting  # acknowledged, waiting for de-identification
         research.start()
         proxy = serve(config, tmp_path)  # the next start processes them, then forwards
         assert wait_for(lambda: len(research.arrivals()) == count, timeout=120)
-        assert wait_for(lambda: not list((root / "spool" / "deferred").iterdir()), timeout=10)
+        assert wait_for(lambda: not _held(root), timeout=10)
+        # every acknowledged data set is audited: received (written behind the answer), or,
+        # when the SIGKILL came first, recovered at the next start
+        audited = {e["deferred_as"] for e in _events(root, "instance.received")}
+        audited |= {e["deferred_as"] for e in _events(root, "instance.recovered")}
+        assert len(audited) == count
         time.sleep(2)  # anything delivered twice would arrive now
         arrivals = research.arrivals()
         assert len(arrivals) == count
@@ -147,7 +158,7 @@ def test_a_refused_instance_is_acknowledged_quarantined_and_audited_not_forwarde
         assert dcmread(arrived).InstanceNumber == dcmread(clean).InstanceNumber
         kept = root / "quarantine" / "rejected" / str(failed["kept_as"])
         assert kept.stat().st_mode & 0o077 == 0
-        assert list((root / "spool" / "deferred").iterdir()) == []
+        assert _held(root) == []
         ops = tmp_path / "ops.yaml"
         ops.write_text(json.dumps({"storage": {"path": str(root)}}), "utf-8")
         listing = _anonproxy(ops, "quarantine", "list")
@@ -180,6 +191,8 @@ def test_over_the_incoming_bound_the_sender_gets_out_of_resources_and_a_retry_su
     assert "Received Store Response (Refused: OutOfResources)" in first.stdout + first.stderr
     refused = [e for e in _events(root, "instance.failed") if e["status"] == "0xA700"]
     assert {e["stage"] for e in refused} == {"incoming"}
+    # the records of acknowledged data sets are written behind the answers
+    assert wait_for(lambda: len(_events(root, "instance.received")) == _successes(first), 5)
     acknowledged = len(_events(root, "instance.received"))
     assert 10 <= acknowledged < 30
     assert acknowledged + len(refused) == 30
@@ -187,7 +200,7 @@ def test_over_the_incoming_bound_the_sender_gets_out_of_resources_and_a_retry_su
     research.start()  # the PACS is back: the spool drains, de-identification resumes
     try:
         assert wait_for(lambda: len(research.files()) == acknowledged, timeout=60)
-        assert wait_for(lambda: not list((root / "spool" / "deferred").iterdir()), timeout=10)
+        assert wait_for(lambda: not _held(root), timeout=10)
         again = _refused(first)
         assert len(again) == len(refused)
         for _ in range(20):  # the sender retries what was refused until it is taken

@@ -90,8 +90,11 @@ def test_storescu_to_storescp_deidentified_and_complete(
         timeout=30,
     )
     assert any(e["event"] == "association.released" for e in _audit(tmp_path / "var"))
-    # Received data sets (with PHI) went through the owner-only incoming folder, and are gone.
-    assert list((tmp_path / "var" / "spool" / "incoming").iterdir()) == []
+    # Received data sets (with PHI) went through the owner-only incoming spool, and are gone
+    # (what is left are the empty files created ahead for the next ones).
+    received = tmp_path / "var" / "spool" / "deferred"
+    assert [p.stat().st_size for p in received.iterdir()] == [0] * len(list(received.iterdir()))
+    assert all(p.stat().st_mode & 0o077 == 0 for p in received.iterdir())
 
 
 def test_same_study_same_pseudonym_across_associations_and_restarts(

@@ -348,9 +348,7 @@ class MapRecorder:
                     raise RuntimeError(msg)
                 row = _row(self.key, identity)
                 line = _encode(row)
-                os.write(self._fd, line)
-                if self.fsync:
-                    os.fdatasync(self._fd)
+                self._append(line)
                 self._length += len(line)
                 self._known.add(entry)
                 self._pending.append(row)
@@ -360,6 +358,21 @@ class MapRecorder:
         if waiting:
             self.ship(entry)
         return new
+
+    def _append(self, line: bytes) -> None:
+        """Append *line* and sync it; on failure (a full disk) cut the journal back to its last
+        whole line, so that the next entry does not follow a torn one."""
+        assert self._fd is not None  # noqa: S101 - checked by the caller
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self.fsync:
+                os.fdatasync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._length)
+            raise
 
     def ship(self, entry: bytes | None = None) -> int:
         """Ship every pending entry to the store in one transaction (unless *entry* was shipped

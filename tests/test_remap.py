@@ -230,3 +230,38 @@ def test_the_map_key_file(tmp_path: Path) -> None:
     key = load_map_key(tmp_path, {MAP_KEY_FILE_ENV: str(elsewhere)})
     assert key.value != created.value
     assert "value=<redacted>" in repr(key)
+
+
+def test_a_journal_write_that_fails_leaves_no_torn_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from anonproxy import remap
+
+    store = StateStore.open(StateConfig(), tmp_path)
+    try:
+        recorder = _recorder(tmp_path, store)
+        recorder.record(_identity(PLANTED, 1))
+        journal = tmp_path / "map" / "journal.jsonl"
+        before = journal.read_bytes()
+        real_write = os.write
+        calls: list[int] = []
+
+        def full_disk(fd: int, data: bytes) -> int:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, bytes(data)[:10])  # a short write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(remap.os, "write", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            recorder.record(_identity(_other_study(2), 2))
+        monkeypatch.setattr(remap.os, "write", real_write)
+        assert journal.read_bytes() == before
+        assert recorder.record(_identity(_other_study(2), 2))  # recorded once there is room
+        assert len(list(journal_rows(tmp_path))) == 2
+        assert store.map_count() == 2
+        recorder.close()
+    finally:
+        store.close()

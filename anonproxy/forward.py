@@ -11,7 +11,19 @@ compete with the SCP for the service process's interpreter. The child runs a
 :class:`DicomSender`, which keeps an association open to the research PACS and reuses it until it
 has been idle for ``idle_timeout`` seconds. Parent and child exchange spool paths and outcomes
 over a pipe, never data sets. The child is started with its worker, started again after it
-has died, and ends when its pipe is closed (the service stopped or died).
+has died, and ends when its pipe is closed (the service stopped or died). The child reads only
+the file meta of an instance (:mod:`anonproxy.filemeta`) and streams the data set's bytes from
+the file as they are: nothing is decoded, unless the destination needs another transfer syntax.
+
+Parallel associations: a destination has ``max_associations`` workers (default 4), each with its
+own child and association, sharing one :class:`AssociationGate`. Associations are opened one at a
+time; the first is opened whenever an instance waits, each further one only while more
+instances wait than associations are open. A further association that the destination rejects,
+aborts or does not accept within :data:`PROBE_ACSE_TIMEOUT_S` while another is open (a PACS
+that serves one association at a time, or limits how many) is no failure of the instance: it
+goes back to the queue, uncounted, and the gate lowers that destination's limit to the
+associations open, raising it again for one more try after a minute, then after ever longer
+pauses (up to an hour). Nothing is promised about the order of instances across associations.
 
 Outcomes, as PS3.4 means them: Success and Warning are delivered; Out of Resources (0xA7xx),
 rejected or aborted associations, network errors, time-outs and a failed sender process are
@@ -33,15 +45,16 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
+from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -58,6 +71,7 @@ from anonproxy.audit import AuditLog, configure_logging, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.durable import make_directories, sync_data, sync_directory
 from anonproxy.errors import ForwardError
+from anonproxy.filemeta import read_file_meta
 from anonproxy.spool import DestinationQueue, QueueItem, Spool, check_uid_name
 from anonproxy.tls import client_context
 
@@ -74,6 +88,14 @@ _CLOSE_WAIT_S = 5.0  # for the sender process to release its association and exi
 # PDU length sent to a peer that takes any (Maximum Length 0): pynetdicom would send, and read,
 # a whole instance as one PDU.
 UNLIMITED_PEER_PDU = 1 << 20
+# The Maximum Length we propose: what the destination may send us, C-STORE responses only.
+# 0 (no limit) costs nothing; what we send is cut to the destination's own Maximum Length.
+PROPOSED_MAX_PDU = 0
+PROBE_ACSE_TIMEOUT_S = 2.0
+"""How long a further association to a destination waits for its A-ASSOCIATE-AC while another
+is open (a PACS that serves one association at a time never answers it)."""
+_LIMIT_RETRY_S = 60.0  # after a refused further association: the first try again
+_LIMIT_RETRY_MAX_S = 3600.0
 _LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -93,6 +115,10 @@ class Sender(Protocol):
 
     def idle_check(self) -> None:
         """Called when no instance was waiting: release what has been idle too long."""
+
+    # Optional: ``ready(backlog, timeout) -> bool``, whether the sender may take an instance
+    # now (*backlog()*: the instances in its queue), waiting up to *timeout* seconds
+    # (ProcessSender: its destination's AssociationGate). A sender without it is always ready.
 
     def send(self, path: Path) -> int:
         """Deliver the file at *path*; return the destination's status (0 for a folder).
@@ -154,6 +180,11 @@ class FolderSender:
         """Nothing to release."""
 
 
+class DestinationBusy(ForwardError):
+    """A further association to a destination was refused while another is open: the
+    destination serves fewer in parallel. Not a failure of the instance."""
+
+
 class DicomSender:
     """C-STORE to a research PACS over a reused association (in the sender process of a
     :class:`ProcessSender`)."""
@@ -196,19 +227,34 @@ class DicomSender:
             if cx.abstract_syntax == sop_class
         }
 
-    def _associate(self) -> None:
+    @property
+    def associated(self) -> bool:
+        """Whether an association is held (it may since have been ended by the peer)."""
+        return self._assoc is not None
+
+    def _associate(self, *, further: bool = False) -> None:
+        """Open the association; *further*: another to this destination is open, so wait
+        :data:`PROBE_ACSE_TIMEOUT_S` at most and raise :class:`DestinationBusy` if it is not
+        established."""
         self.close()
+        self.ae.acse_timeout = (
+            min(self.config.acse_timeout, PROBE_ACSE_TIMEOUT_S)
+            if further
+            else self.config.acse_timeout
+        )
         assoc = self.ae.associate(
             self.config.host,
             self.config.port,
             contexts=self._contexts(),
             ae_title=self.config.ae_title,
-            max_pdu=0,
+            max_pdu=PROPOSED_MAX_PDU,
             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
             tls_args=self._tls_args,
         )
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "failed or aborted"
+            if further:
+                raise DestinationBusy(f"further association {reason}")
             if self._tls_args is not None and not assoc.is_rejected:
                 reason += " (TLS)"
             raise ForwardError(f"association {reason}")
@@ -217,10 +263,15 @@ class DicomSender:
                 item.maximum_length_received = UNLIMITED_PEER_PDU
         self._assoc = assoc
 
-    def send(self, path: Path) -> int:
-        meta = read_file_meta_info(path)
-        sop_class = str(meta.MediaStorageSOPClassUID)
-        syntax = str(meta.TransferSyntaxUID)
+    def send(self, path: Path, *, further: bool = False) -> int:
+        """C-STORE the file at *path*; *further*: if an association must be opened, another
+        to this destination is open (see :meth:`_associate`)."""
+        try:
+            meta = read_file_meta(path)
+        except ValueError:
+            raise ForwardError("instance lacks its file meta UIDs", permanent=True) from None
+        sop_class = meta.sop_class
+        syntax = meta.transfer_syntax
         if (
             self._assoc is not None
             and time.monotonic() - self._last_used > self.config.idle_timeout
@@ -232,7 +283,7 @@ class DicomSender:
                 self._wanted.pop(next(iter(self._wanted)))
             self.close()  # negotiate again, now with a context for this pair
         if self._assoc is None:
-            self._associate()
+            self._associate(further=further)
         accepted = self._accepted_syntaxes(sop_class)
         if not accepted:
             self.close()
@@ -294,10 +345,29 @@ class DicomSender:
 
 
 # --- the sender process ----------------------------------------------------------------------
-# Requests, parent to child: ("send", spool path), ("idle", ""), ("close", ""). "send" is
-# answered with one reply; "idle" and "close" are not answered.
+# Requests, parent to child: _Send (answered with one reply), _Release and _Close (not
+# answered). Every reply says whether the child holds an association after it.
 
-_Request = tuple[Literal["send", "idle", "close"], str]
+
+@dataclass(frozen=True)
+class _Send:
+    """Request: C-STORE the spool file *path* (*further*: see :meth:`DicomSender.send`)."""
+
+    path: str
+    further: bool = False
+
+
+@dataclass(frozen=True)
+class _Release:
+    """Request: release the association (idle)."""
+
+
+@dataclass(frozen=True)
+class _Close:
+    """Request: release the association and exit."""
+
+
+_Request = _Send | _Release | _Close
 
 
 @dataclass(frozen=True)
@@ -305,6 +375,7 @@ class _Stored:
     """Reply: the destination took the instance with this C-STORE status (Success, Warning)."""
 
     status: int
+    associated: bool = True
 
 
 @dataclass(frozen=True)
@@ -314,26 +385,36 @@ class _Refused:
     message: str
     permanent: bool
     status: int | None
+    associated: bool = False
+    busy: bool = False  # a DestinationBusy
 
 
 @dataclass(frozen=True)
 class _Missing:
     """Reply: the spool file is gone (an operator removed it)."""
 
+    associated: bool = False
+
 
 _Reply = _Stored | _Refused | _Missing
 
 
-def _send_one(sender: DicomSender, path: str) -> _Reply:
+def _send_one(sender: DicomSender, request: _Send) -> _Reply:
     try:
-        return _Stored(sender.send(Path(path)))
+        return _Stored(sender.send(Path(request.path), further=request.further))
     except ForwardError as exc:
-        return _Refused(str(exc), exc.permanent, exc.status)
+        return _Refused(
+            str(exc),
+            exc.permanent,
+            exc.status,
+            sender.associated,
+            busy=isinstance(exc, DestinationBusy),
+        )
     except FileNotFoundError:
-        return _Missing()
+        return _Missing(sender.associated)
     except Exception as exc:  # logged here, reported to the parent; the process carries on
         log.exception("forward.unexpected_error", destination=sender.config.name)
-        return _Refused(f"unexpected {type(exc).__name__}", permanent=False, status=None)
+        return _Refused(f"unexpected {type(exc).__name__}", False, None, sender.associated)
 
 
 def _serve_sender(
@@ -348,13 +429,12 @@ def _serve_sender(
     try:
         while True:
             request: _Request = conn.recv()
-            operation, path = request
-            if operation == "close":
+            if isinstance(request, _Close):
                 break
-            if operation == "idle":
-                sender.idle_check()
+            if isinstance(request, _Release):
+                sender.close()
                 continue
-            conn.send(_send_one(sender, path))
+            conn.send(_send_one(sender, request))
     except (EOFError, OSError):
         pass  # the parent is gone
     finally:
@@ -368,6 +448,96 @@ def _log_level_name() -> str:
     return name if name in _LEVEL_NAMES else "INFO"
 
 
+class AssociationGate:
+    """The associations that the workers of one destination hold: how many may be open, and
+    which worker may open one now (one at a time). See the module's docstring.
+
+    A *member* is a :class:`ProcessSender` (any hashable object in tests)."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.limit = maximum
+        self._open: set[object] = set()
+        self._opening: object | None = None
+        self._retry_after_s = _LIMIT_RETRY_S
+        self._raise_at = 0.0
+        self._cond = threading.Condition()
+
+    @property
+    def open(self) -> int:
+        """Associations held (or being opened)."""
+        with self._cond:
+            return len(self._open) + (self._opening is not None)
+
+    def admit(
+        self, member: object, backlog: Callable[[], int], timeout: float, *, first: bool = True
+    ) -> bool | None:
+        """Wait up to *timeout* seconds for *member*, holding no association, to be allowed to
+        open one, with *backlog()* instances waiting; *first*: it may open the only one (else
+        only a further one). Returns None (not now), False (yes, the only one) or True (yes, a
+        further one: see :meth:`DicomSender.send`)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self.limit < self.maximum and now >= self._raise_at:
+                    self.limit += 1  # try one more again
+                    self._raise_at = now + self._retry_after_s
+                if self._opening in (None, member) and (
+                    (first and not self._open)
+                    or (self._open and len(self._open) < min(self.limit, backlog()))
+                ):
+                    self._opening = member
+                    return bool(self._open)
+                if now >= deadline:
+                    return None
+                self._cond.wait(deadline - now)
+
+    def opened(self, member: object) -> None:
+        """*member* holds an association."""
+        with self._cond:
+            if self._opening is member:
+                self._opening = None
+            self._open.add(member)
+            self._cond.notify_all()
+
+    def refused(self, member: object) -> None:
+        """A further association of *member* was refused: the limit becomes the associations
+        open, tried again later."""
+        with self._cond:
+            if self._opening is member:
+                self._opening = None
+            self._open.discard(member)
+            limit = max(1, len(self._open))
+            if limit < self.limit:
+                self.limit = limit
+                self._raise_at = time.monotonic() + self._retry_after_s
+                self._retry_after_s = min(2 * self._retry_after_s, _LIMIT_RETRY_MAX_S)
+            self._cond.notify_all()
+        log.warning("forward.associations_limited", limit=limit)
+
+    def closed(self, member: object) -> None:
+        """*member* holds no association (released, failed, its child ended)."""
+        with self._cond:
+            if self._opening is member:
+                self._opening = None
+            self._open.discard(member)
+            self._cond.notify_all()
+
+
+_gates: WeakKeyDictionary[DestinationQueue, AssociationGate] = WeakKeyDictionary()
+_gates_lock = threading.Lock()
+
+
+def gate_of(queue: DestinationQueue, maximum: int) -> AssociationGate:
+    """The gate shared by the workers of the destination of *queue*."""
+    with _gates_lock:
+        gate = _gates.get(queue)
+        if gate is None:
+            gate = _gates[queue] = AssociationGate(maximum)
+        return gate
+
+
 class ProcessSender:
     """C-STORE to a research PACS from a child process that runs a :class:`DicomSender`.
 
@@ -377,6 +547,11 @@ class ProcessSender:
     :attr:`reply_timeout` seconds (plus one second per megabyte of the instance), is killed:
     that send fails as transient and the next one starts a new child. A child found ended
     before a send is replaced for that send. Used by one thread.
+
+    With a *gate*, the sender opens an association only when the gate admits it
+    (:meth:`ready`); without one, whenever it sends. *prestart*: :meth:`prepare` starts the
+    child, and the sender may open a destination's only association (the first worker of a
+    destination); else it opens only further ones, and starts its child when first admitted.
     """
 
     def __init__(
@@ -385,6 +560,8 @@ class ProcessSender:
         calling_ae_title: str,
         *,
         log_level: str | None = None,
+        gate: AssociationGate | None = None,
+        prestart: bool = True,
     ) -> None:
         if config.tls is not None:  # a certificate that cannot be read: ConfigError, here
             client_context(config.tls, f"destinations.{config.name}.tls")
@@ -400,6 +577,9 @@ class ProcessSender:
         self._conn: Connection | None = None
         self._last_reply = 0.0
         self._maybe_associated = False  # the child may hold an association: idle check due
+        self.gate = gate
+        self.prestart = prestart
+        self._further = False  # the gate admitted a further association
 
     @property
     def pid(self) -> int | None:
@@ -428,18 +608,40 @@ class ProcessSender:
 
     def prepare(self) -> None:
         """Start the child now, so that the first instance does not wait for it (an
-        interpreter starting: about half a second)."""
-        if self._conn is None:
+        interpreter starting: about half a second), unless *prestart* is false."""
+        if self._conn is None and self.prestart:
             self._start()
+
+    def ready(self, backlog: Callable[[], int], timeout: float) -> bool:
+        """Whether this sender may take an instance now: it holds an association, or its
+        gate admits it to open one (waiting up to *timeout* seconds)."""
+        if self.gate is None or self._maybe_associated:
+            return True
+        admitted = self.gate.admit(self, backlog, timeout, first=self.prestart)
+        if admitted is None:
+            return False
+        self._further = admitted
+        if self._conn is None:
+            self._start()  # before an instance is taken: it does not wait for an interpreter
+        return True
+
+    def _associated(self, held: bool) -> None:
+        """Record whether the child holds an association (and tell the gate)."""
+        self._maybe_associated = held
+        if self.gate is not None:
+            if held:
+                self.gate.opened(self)
+            else:
+                self.gate.closed(self)
 
     def _stop(self, *, graceful: bool) -> int | None:
         """End the child: ask it to close and wait for it (*graceful*), else kill it. Returns
         its exit code (negative: the signal that ended it)."""
         process, conn = self._process, self._conn
         self._process, self._conn = None, None
-        self._maybe_associated = False
+        self._associated(False)
         if conn is not None and graceful:
-            request: _Request = ("close", "")
+            request: _Request = _Close()
             with contextlib.suppress(OSError):
                 conn.send(request)
         exitcode = None
@@ -474,7 +676,8 @@ class ProcessSender:
             exitcode = self._stop(graceful=False)
             log.warning("forward.sender_ended", destination=self.config.name, exitcode=exitcode)
         conn = self._conn or self._start()
-        request: _Request = ("send", str(path))
+        further = self._further and not self._maybe_associated
+        request: _Request = _Send(str(path), further)
         try:
             conn.send(request)
             answered = conn.poll(timeout)
@@ -484,7 +687,11 @@ class ProcessSender:
         if reply is None:
             raise self._failed(f"sender process did not answer within {timeout:.0f} s")
         self._last_reply = time.monotonic()
-        self._maybe_associated = True
+        if isinstance(reply, _Refused) and reply.busy and self.gate is not None:
+            self._maybe_associated = False
+            self.gate.refused(self)
+            raise DestinationBusy(reply.message)
+        self._associated(reply.associated)
         if isinstance(reply, _Stored):
             return reply.status
         if isinstance(reply, _Missing):
@@ -494,12 +701,14 @@ class ProcessSender:
     def idle_check(self) -> None:
         """Have the child release its association once it has been idle for the configured
         time (as :meth:`DicomSender.idle_check`)."""
+        if not self._maybe_associated and self.gate is not None:
+            self.gate.closed(self)  # admitted, but no instance came: let another open one
         if self._conn is None or not self._maybe_associated:
             return
         if time.monotonic() - self._last_reply <= self.config.idle_timeout:
             return
-        self._maybe_associated = False
-        request: _Request = ("idle", "")
+        self._associated(False)
+        request: _Request = _Release()
         try:
             self._conn.send(request)
         except OSError:
@@ -546,9 +755,12 @@ class ForwardWorker(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        ready = getattr(self.sender, "ready", None)
         try:
             self.sender.prepare()
             while not self._stop_event.is_set():
+                if ready is not None and not ready(self.queue.__len__, 0.1):
+                    continue  # another worker of this destination opens or holds the association
                 item = self.queue.take(timeout=0.5)
                 if item is None:
                     self.sender.idle_check()
@@ -584,6 +796,11 @@ class ForwardWorker(threading.Thread):
         started = time.monotonic()
         try:
             status = self.sender.send(path)
+        except DestinationBusy:
+            # Nothing was sent: not an attempt, no back-off (the gate now holds this worker)
+            item.attempts -= 1  # retry_later counts one
+            self.queue.retry_later(item, 0.0)
+            return
         except ForwardError as exc:
             age = time.time() - item.first_seen
             expired = self.retry_max_age_s is not None and age > self.retry_max_age_s
@@ -627,11 +844,19 @@ def make_worker(
     index: int = 0,
     fsync: bool = True,
 ) -> ForwardWorker:
-    """A worker (with its own sender) for one destination."""
+    """A worker (with its own sender) for one destination. The workers of one DICOM
+    destination share its :class:`AssociationGate`; the first (*index* 0) starts its sender
+    process at once, the others when they first open an association."""
+    sender: Sender
+    if isinstance(config, DicomDestinationConfig):
+        gate = gate_of(spool.queues[config.name], config.max_associations)
+        sender = ProcessSender(config, calling_ae_title, gate=gate, prestart=index == 0)
+    else:
+        sender = make_sender(config, calling_ae_title, fsync=fsync)
     return ForwardWorker(
         config.name,
         spool,
-        make_sender(config, calling_ae_title, fsync=fsync),
+        sender,
         audit,
         index=index,
         retry_max_age_s=getattr(config, "retry_max_age_s", None),

@@ -33,6 +33,10 @@ the A-ABORT is a transport event, which restarts that timer, sometimes before th
 EVT_ABORTED handlers ask whether the time-out was the cause (the SCP's
 ``association.idle_timeout`` audit record was then missing).
 
+And it reads the file meta of a data set sent from a file (``send_c_store(path)``) with
+:func:`anonproxy.filemeta.read_file_meta`: pynetdicom's ``split_dataset`` decodes the whole
+group 0002 with pydicom for the three UIDs it needs (:func:`_split_dataset`).
+
 With nothing to do, each still wakes once per delay (1 ms), as before, to check its timers and
 flags. It depends on pynetdicom's internals (the version is pinned) and is a candidate for an
 upstream option.
@@ -48,14 +52,19 @@ import threading
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
+
+from anonproxy.filemeta import read_file_meta
 
 MAX_QUEUED_PDUS = 16
 """P-DATA PDUs a sending thread may queue ahead of the DUL thread (each at most the peer's
@@ -82,7 +91,10 @@ class _ReactorTime(types.ModuleType):
 
 
 class _Wakeup:
-    """A pipe that another thread writes to, to end a DUL thread's wait early."""
+    """A pipe that another thread writes to, to end a DUL thread's wait early.
+
+    One byte at a time: while one is unread, :meth:`set` writes no other (a data set sent as
+    many PDUs would otherwise cost one system call per PDU)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -90,14 +102,18 @@ class _Wakeup:
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self._write_fd, False)
         self._closed = False
+        self._signalled = False
 
     def set(self) -> None:
         with self._lock:  # never write to a closed (and perhaps reused) descriptor
-            if not self._closed:
+            if not self._closed and not self._signalled:
+                self._signalled = True
                 with contextlib.suppress(BlockingIOError):  # already full: already set
                     os.write(self._write_fd, b"\0")
 
     def clear(self) -> None:
+        with self._lock:  # before reading: a set() from now on writes again
+            self._signalled = False
         with contextlib.suppress(BlockingIOError):
             os.read(self.read_fd, 4096)
 
@@ -237,6 +253,17 @@ def _idle_timer_expired(original: Callable[..., bool]) -> Callable[..., bool]:
     return idle_timer_expired
 
 
+def _split_dataset(path: Any) -> tuple[FileMetaDataset, int]:  # noqa: ANN401 - a path
+    """pynetdicom's ``split_dataset`` (the file meta elements that ``send_c_store`` needs, and
+    where the data set starts), from :func:`~anonproxy.filemeta.read_file_meta`."""
+    meta = read_file_meta(Path(path))
+    elements = FileMetaDataset()
+    elements.MediaStorageSOPClassUID = UID(meta.sop_class)
+    elements.MediaStorageSOPInstanceUID = UID(meta.sop_instance)
+    elements.TransferSyntaxUID = UID(meta.transfer_syntax)
+    return elements, meta.offset
+
+
 def install() -> None:
     """Make pynetdicom's reactor loops wait for work instead of sleeping (idempotent)."""
     if isinstance(getattr(pynetdicom.dul, "time", None), _ReactorTime):
@@ -252,3 +279,4 @@ def install() -> None:
     DULServiceProvider.idle_timer_expired = _idle_timer_expired(  # type: ignore[method-assign]
         DULServiceProvider.idle_timer_expired
     )
+    pynetdicom.association.split_dataset = _split_dataset  # type: ignore[attr-defined]

@@ -173,11 +173,15 @@ class StoreSCP:
         ae_title: str = "RESEARCH",
         port: int = 0,
         accept_compressed: bool = True,
+        extra: Sequence[str] = (),
+        log: Path | None = None,
     ) -> None:
         self.directory = directory
+        self.log = log  # storescp's output (with extra=["-d"]: the negotiation), else none
         self.ae_title = ae_title
         self.port = port or free_port()
         self.accept_compressed = accept_compressed
+        self.extra = list(extra)  # more storescp options (--fork, --max-pdu N, -d)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
@@ -189,11 +193,16 @@ class StoreSCP:
             *(["+xa"] if self.accept_compressed else []),  # every transfer syntax
             "--filename-extension", ".dcm",
             *self.options(),
+            *self.extra,
             str(self.port),
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        if self.log is None:
+            self.process = subprocess.Popen(
+                command, env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        else:
+            with self.log.open("ab") as log:
+                self.process = subprocess.Popen(command, env=PEER_ENV, stdout=log, stderr=log)
         wait_port(self.port)
         return self
 
@@ -212,9 +221,12 @@ class StoreSCP:
 class Orthanc:
     """Orthanc as a research PACS, with its REST API on a loopback port."""
 
-    def __init__(self, directory: Path, *, ae_title: str = "ORTHANC") -> None:
+    def __init__(
+        self, directory: Path, *, ae_title: str = "ORTHANC", options: dict[str, Any] | None = None
+    ) -> None:
         self.directory = directory
         self.ae_title = ae_title
+        self.options = options or {}  # more configuration (MaximumPduLength, DicomThreadsCount)
         self.port = free_port()
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -235,6 +247,7 @@ class Orthanc:
             "Plugins": [],
             "TcpNoDelay": True,
             "StorageCompression": False,
+            **self.options,
         }
         config_path = self.directory / "orthanc.json"
         config_path.write_text(json.dumps(config), "utf-8")
@@ -279,15 +292,26 @@ class RefusingSCP:
     """
 
     def __init__(
-        self, status: int, *, sop_classes: Sequence[str] | None = None, max_pdu: int = 16382
+        self,
+        status: int,
+        *,
+        sop_classes: Sequence[str] | None = None,
+        max_pdu: int = 16382,
+        max_associations: int = 10,
+        delay: float = 0.0,
     ) -> None:
         self.status = status
         self.sop_classes = sop_classes
         self.max_pdu = max_pdu  # the Maximum Length it advertises (0: any)
+        self.max_associations = max_associations  # more at once are rejected (transient)
+        self.delay = delay  # seconds each C-STORE takes (a PACS storing the instance)
         self.port = free_port()
         self.ae_title = "REFUSER"
         self.calls = 0
         self.pdv_lengths: list[int] = []  # of every P-DATA value received
+        # of every C-STORE: the association (its ID in this peer), the SOP Instance UID
+        self.stored: list[tuple[int, str]] = []
+        self.requested_max_pdu: list[int | None] = []  # the requestor's Maximum Length, each
         self.server: Any = None
 
     def start(self) -> RefusingSCP:
@@ -297,21 +321,31 @@ class RefusingSCP:
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = self.max_pdu
+        ae.maximum_associations = self.max_associations
         classes = self.sop_classes or [c.abstract_syntax for c in AllStoragePresentationContexts]
         for sop_class in classes:
             ae.add_supported_context(sop_class, list(AllTransferSyntaxes))
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification, as every PACS has
 
         def handle_store(event: Any) -> int:
-            del event
             self.calls += 1
+            self.stored.append((id(event.assoc), str(event.request.AffectedSOPInstanceUID)))
+            if self.delay:
+                time.sleep(self.delay)
             return self.status
+
+        def handle_established(event: Any) -> None:
+            self.requested_max_pdu.append(event.assoc.requestor.maximum_length)
 
         def handle_pdu(event: Any) -> None:
             for item in getattr(event.pdu, "presentation_data_value_items", []):
                 self.pdv_lengths.append(len(item.presentation_data_value))
 
-        handlers = [(evt.EVT_C_STORE, handle_store), (evt.EVT_PDU_RECV, handle_pdu)]
+        handlers = [
+            (evt.EVT_C_STORE, handle_store),
+            (evt.EVT_PDU_RECV, handle_pdu),
+            (evt.EVT_ESTABLISHED, handle_established),
+        ]
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 

@@ -114,3 +114,17 @@ class _FakeAssoc:
         self.ae = AE()
         self.network_timeout = self.ae.network_timeout
         self.is_requestor = False
+
+
+def test_a_wake_up_pending_is_written_once() -> None:
+    """A data set of many PDUs: one byte in the pipe until the DUL thread reads it."""
+    wakeup = reactor._Wakeup()
+    try:
+        for _ in range(5):
+            wakeup.set()
+        assert os.read(wakeup.read_fd, 4096) == b"\0"
+        wakeup.clear()
+        wakeup.set()  # after a read, the next one is written again
+        assert os.read(wakeup.read_fd, 4096) == b"\0"
+    finally:
+        wakeup.close()

@@ -11,6 +11,12 @@ attribute. :func:`write_spliced` writes the de-identified header, copies the spa
 what is left of the trailing elements. The transfer syntax does not change, so the copied bytes
 stay valid; a Deflated data set cannot be split and is read whole.
 
+:func:`read_received` also records the received encoding of the header (a
+:class:`~anonproxy.deid.layout.Layout`); given it, :func:`write_spliced` copies the elements the
+engine left alone from those bytes and encodes only the others
+(:func:`~anonproxy.deid.layout.encode_changed`), and writes the whole header with pydicom only
+when the transfer syntax or character set changed.
+
 A span that does not fit in the file (a truncated value, a broken item of encapsulated pixel
 data) is a :class:`~anonproxy.errors.DecodeError`.
 """
@@ -32,8 +38,9 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from anonproxy.deid.layout import LONG_VRS, Layout, encode_changed
 from anonproxy.errors import DecodeError, LimitExceeded
 
 _SOP_CLASS_UID = 0x00080016
@@ -42,7 +49,6 @@ PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _COPY_CHUNK = 1 << 20
 _INFLATE_CHUNK = 64 * 1024
 
@@ -128,13 +134,23 @@ def read_header(
     readable DICOM; with *max_inflated_bytes*, LimitExceeded for a deflated data set that
     inflates to more (checked piece by piece before pydicom inflates it in one piece).
     """
+    ds, span, _ = read_received(path, max_inflated_bytes=max_inflated_bytes)
+    return ds, span
+
+
+def read_received(
+    path: str | os.PathLike[str], *, max_inflated_bytes: int | None = None
+) -> tuple[Dataset, PixelSpan | None, Layout | None]:
+    """:func:`read_header`, and the layout of the header as received (None for a file read
+    whole, or whose bytes do not agree with what pydicom decoded): give it to
+    :func:`write_spliced` to write only what changed."""
     source = Path(path)
     try:
         with source.open("rb") as handle:
             try:
                 ds = dcmread(handle, stop_before_pixels=True)
             except InvalidDicomError:
-                return read_instance(source), None
+                return read_instance(source), None, None
             syntax = ds.file_meta.get("TransferSyntaxUID")
             if syntax is not None and syntax.is_deflated and max_inflated_bytes is not None:
                 handle.seek(data_set_offset(handle))
@@ -146,18 +162,29 @@ def read_header(
             ):
                 # Deflated, or encoded otherwise than its transfer syntax says (pydicom reads
                 # what it finds; the output is written as the transfer syntax says).
-                return read_instance(source), None
+                return read_instance(source), None, None
             try:
                 span = _pixel_span(handle, source, syntax.is_implicit_VR, syntax.is_little_endian)
             except _NotSpliceable:
-                return read_instance(source), None
+                return read_instance(source), None, None
+            layout = _layout(handle, ds, span, syntax)
             if span is not None:
                 _read_trailing(handle, ds, span, syntax.is_implicit_VR, syntax.is_little_endian)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # not a decoding problem
     except _DECODE_ERRORS:
         raise DecodeError("source is not a readable DICOM file") from None
-    return ds, span
+    return ds, span, layout
+
+
+def _layout(handle: BinaryIO, ds: Dataset, span: PixelSpan | None, syntax: UID) -> Layout | None:
+    """The layout of the data set's elements before the pixel data (to the end of the file
+    without it); None without preamble and file meta."""
+    start = data_set_offset(handle)
+    if not start:
+        return None
+    end = span.offset if span is not None else os.fstat(handle.fileno()).st_size
+    return Layout.read(handle, ds, start, end, syntax)
 
 
 def _pixel_span(handle: BinaryIO, source: Path, implicit: bool, little: bool) -> PixelSpan | None:
@@ -180,7 +207,7 @@ def _pixel_span(handle: BinaryIO, source: Path, implicit: bool, little: bool) ->
         value_at = offset + 8
     elif not (head[4:6].isalpha() and head[4:6].isupper()):
         raise _NotSpliceable  # an implicit VR element in an explicit VR data set
-    elif head[4:6] in _LONG_VRS:
+    elif head[4:6] in LONG_VRS:
         extra = handle.read(4)
         if len(extra) < 4:
             raise DecodeError("truncated pixel data element")
@@ -233,10 +260,19 @@ raises to stop the output."""
 
 
 def write_spliced(
-    ds: Dataset, span: PixelSpan | None, target: BinaryIO, check: Check | None = None
+    ds: Dataset,
+    span: PixelSpan | None,
+    target: BinaryIO,
+    check: Check | None = None,
+    layout: Layout | None = None,
 ) -> int | None:
     """Write *ds* as a DICOM file (preamble, file meta, data set) to *target*, with the pixel
     data element of *span* copied unchanged from its source file in its place.
+
+    With *layout* (from :func:`read_received`, for the data set read with *span*), the
+    elements the engine left alone are copied from the received bytes and only the others are
+    encoded (:func:`~anonproxy.deid.layout.encode_changed`); without it, or when the transfer
+    syntax or character set changed, pydicom encodes the whole header. The bytes are the same.
 
     With *check*, the encoded header and trailing elements are passed to it before they are
     written (the pixel data is not): when it raises, nothing of the data set has reached
@@ -245,7 +281,14 @@ def write_spliced(
     a span).
     """
     if span is None:
-        if check is None:
+        changed = None
+        if layout is not None and PIXEL_DATA_TAGS.isdisjoint(ds.keys()):
+            changed = encode_changed(ds, layout)
+        if changed is not None:
+            if check is not None:
+                check(changed)
+            target.write(changed)
+        elif check is None:
             dcmwrite(target, ds, enforce_file_format=True)
         elif PIXEL_DATA_TAGS.isdisjoint(ds.keys()):  # e.g. an SR: every byte is checked
             encoded = DicomBytesIO()
@@ -256,23 +299,30 @@ def write_spliced(
             check(encode_without_pixels(ds))
             dcmwrite(target, ds, enforce_file_format=True)
         return None
-    trailing = Dataset()
-    for tag in [t for t in ds.keys() if t > span.tag]:  # noqa: SIM118
-        trailing[tag] = ds.get_item(tag)
+    trailing = Dataset({t: ds.get_item(t) for t in ds.keys() if t > span.tag})  # noqa: SIM118
+    header = encode_changed(ds, layout, span.tag) if layout is not None else None
+    if header is None:
+        header = _encode_whole(ds, trailing)
+    tail = _encode_elements(trailing, ds) if len(trailing) else b""
+    if check is not None:
+        check(header + tail)
+    target.write(header)
+    _copy_range(span, target)
+    target.write(tail)
+    return len(header) + span.header
+
+
+def _encode_whole(ds: Dataset, trailing: Dataset) -> bytes:
+    """The preamble, file meta and elements of *ds* but *trailing*, encoded by pydicom."""
+    for tag in trailing.keys():  # noqa: SIM118
         del ds[tag]
     try:
         header = DicomBytesIO()
         dcmwrite(header, ds, enforce_file_format=True)
-        tail = _encode_elements(trailing, ds) if len(trailing) else b""
-        if check is not None:
-            check(header.getvalue() + tail)
     finally:
         for tag in trailing.keys():  # noqa: SIM118 - give the caller back its data set
             ds[tag] = trailing.get_item(tag)
-    target.write(header.getvalue())
-    _copy_range(span, target)
-    target.write(tail)
-    return len(header.getvalue()) + span.header
+    return header.getvalue()
 
 
 def _encode_elements(elements: Dataset, ds: Dataset, *, with_meta: bool = False) -> bytes:
@@ -334,18 +384,20 @@ def write_instance(
     pixels: PixelSpan | None = None,
     check: Check | None = None,
     after: Callable[[int, int | None], None] | None = None,
+    *,
+    layout: Layout | None = None,
 ) -> None:
     """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
     *path* never holds a partial file. With *pixels* (from :func:`read_header`), that pixel
     data element is copied from its source file; *check* as for :func:`write_spliced`; *after*
     is called, before the rename, with the file descriptor and where the copied pixel data
-    value starts (see :func:`write_spliced`)."""
+    value starts (see :func:`write_spliced`); *layout* as for :func:`write_spliced`."""
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            value_at = write_spliced(ds, pixels, fh, check)
+            value_at = write_spliced(ds, pixels, fh, check, layout)
             if after is not None:
                 fh.flush()
                 after(fh.fileno(), value_at)

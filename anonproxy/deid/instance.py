@@ -4,7 +4,8 @@
 :func:`deidentify_file` goes through these steps; each failure is a typed error whose message
 names attributes, limits and policies, never a value of the data set:
 
-1. read the header (:func:`~anonproxy.deid.files.read_header`: the pixel data stays on disk):
+1. read the header (:func:`~anonproxy.deid.files.read_received`: the pixel data stays on disk,
+   the received encoding of the header is recorded):
    :class:`~anonproxy.errors.InputUnreadable` when the file cannot be read at all,
    :class:`~anonproxy.errors.DecodeError` when it is not DICOM,
    :class:`~anonproxy.errors.LimitExceeded` when a deflated data set inflates past
@@ -19,7 +20,8 @@ names attributes, limits and policies, never a value of the data set:
 4. de-identify (:meth:`Deidentifier.deidentify_with_check`):
    :class:`~anonproxy.errors.DeidentificationError`;
 5. write the de-identified header with the pixel data copied from the source
-   (:func:`~anonproxy.deid.files.write_spliced`), the self-check reading the encoded bytes
+   (:func:`~anonproxy.deid.files.write_spliced`: the elements the engine left alone copied from
+   the received bytes, the others encoded), the self-check reading the encoded bytes
    before they are written: DeidentificationError when an identifying value survived (nothing
    is written), :class:`~anonproxy.errors.EncodeError` when the data set cannot be encoded,
    OSError when the file cannot be written.
@@ -43,11 +45,12 @@ from anonproxy.deid.documents import document_text, document_type, is_video
 from anonproxy.deid.files import (
     Check,
     PixelSpan,
-    read_header,
     read_instance,
+    read_received,
     write_instance,
     write_spliced,
 )
+from anonproxy.deid.layout import Layout
 from anonproxy.deid.ocr import Box, TextReader, default_reader
 from anonproxy.deid.pixels import (
     CLEAN_PIXEL_DATA,
@@ -151,7 +154,7 @@ def deidentify_file(
     name, then renamed, so that the path never holds a partial file. Errors: see the module;
     those of a *target* function are its own.
     """
-    dataset, pixels, modality = _read(source, limits)
+    dataset, pixels, layout, modality = _read(source, limits)
     try:
         document = check_policy(engine, dataset)
         plan = _PixelPlan.of(engine, source, dataset, pixels, reader)
@@ -161,7 +164,7 @@ def deidentify_file(
             blank = _blanking(dataset, plan.regions)
         elif plan.regions:  # compressed, or read whole: decoded, blanked, stored losslessly
             decoded = plan.regions
-            dataset, pixels = plan.whole or read_instance(source), None
+            dataset, pixels, layout = plan.whole or read_instance(source), None, None
         result, self_check = engine.deidentify_with_check(dataset)
         if document is not None:
             dataset[_ENCAPSULATED_DOCUMENT] = document
@@ -176,7 +179,9 @@ def deidentify_file(
     if pixels is not None and not engine.defines(result.sop_class_uid, pixels.tag):
         pixels = None  # e.g. Double Float Pixel Data in a CT: binary the IOD does not define
     path = Path(target(result) if callable(target) else target)
-    size = _write(dataset, pixels, path, _refusing(self_check), blank, in_place=in_place)
+    size = _write(
+        dataset, pixels, path, _refusing(self_check), blank, layout=layout, in_place=in_place
+    )
     return DeidentifiedFile(result, modality, path, size, plan.outcome)
 
 
@@ -305,10 +310,15 @@ def _refusing(self_check: SelfCheck) -> Check:
     return check
 
 
-def _read(source: str | os.PathLike[str], limits: Limits) -> tuple[Dataset, PixelSpan | None, str]:
-    """Steps 1 and 2: the header, the span of the pixel data and the Modality."""
+def _read(
+    source: str | os.PathLike[str], limits: Limits
+) -> tuple[Dataset, PixelSpan | None, Layout | None, str]:
+    """Steps 1 and 2: the header, the span of the pixel data, the header's layout as received
+    and the Modality."""
     try:
-        dataset, pixels = read_header(source, max_inflated_bytes=limits.max_inflated_bytes)
+        dataset, pixels, layout = read_received(
+            source, max_inflated_bytes=limits.max_inflated_bytes
+        )
         check_structure(dataset, limits.max_sequence_depth)
         modality = str(dataset.get("Modality", "") or "")
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError
@@ -317,7 +327,7 @@ def _read(source: str | os.PathLike[str], limits: Limits) -> tuple[Dataset, Pixe
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is a decoding failure
         raise DecodeError(f"cannot parse data set ({type(exc).__name__})") from None
-    return dataset, pixels, modality
+    return dataset, pixels, layout, modality
 
 
 def _write(
@@ -327,16 +337,17 @@ def _write(
     check: Check,
     blank: Blank | None,
     *,
+    layout: Layout | None,
     in_place: bool,
 ) -> int:
     """Step 5: encode *dataset* into *path*, the encoded bytes checked first, the pixel regions
-    of a rule blanked after; the size."""
+    of a rule blanked after (only what changed encoded, with *layout*); the size."""
     try:
         if not in_place:
-            write_instance(dataset, path, pixels, check, blank)
+            write_instance(dataset, path, pixels, check, blank, layout=layout)
             return path.stat().st_size
         with path.open("wb") as handle:
-            value_at = write_spliced(dataset, pixels, handle, check)
+            value_at = write_spliced(dataset, pixels, handle, check, layout)
             if blank is not None:
                 handle.flush()
                 blank(handle.fileno(), value_at)

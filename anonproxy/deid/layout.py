@@ -1,0 +1,340 @@
+"""Write only what changed: a de-identified header made of the received bytes of the elements
+the engine left alone and new encodings of the others.
+
+Encoding a whole header with pydicom's writer (every element through the generic writer, the
+file meta deep-copied and validated) costs more than the de-identification decisions. The
+engine leaves most elements of an image untouched, so :func:`encode_changed` copies those from
+the received bytes and encodes only the rest. Its output is the bytes the full writer
+(``dcmwrite``) gives for the same data set; the layout decisions:
+
+* **What is recorded.** :meth:`Layout.read` runs right after pydicom decoded the received header,
+  before anything converts an element: it walks the top-level element headers (tag, VR, length)
+  from the first byte of the data set to the pixel data element (or the end of the file) and
+  records, for each element pydicom left undecoded (a :class:`RawDataElement`), that object and
+  the byte range of its encoding (header and value). pydicom's value positions anchor the walk:
+  an element of undefined length (a sequence, or an undefined-length UN) ends with the Sequence
+  Delimitation Item just before the next element's header. A gap, an overlap, elements out of
+  tag order or in disagreement with pydicom give no layout, and the file goes to the full
+  writer.
+* **What is unchanged.** An element is copied when the data set still holds the very
+  :class:`RawDataElement` recorded: raw elements are immutable, and the engine converts an
+  element to read or change it, or replaces it. pydicom's writer writes a raw element's value
+  as read, behind a header of the same tag, VR and length, so the copy is byte for byte what
+  it would write. Everything else — converted (read, perhaps changed), replaced or inserted
+  elements, sequences with or without changes inside — is encoded, in the character set of the
+  data set: a single value or a list of plain values of the VRs the engine writes most (text,
+  codes, dates, UIDs, numbers; :func:`_encode_plain`) the way pydicom's writers encode them;
+  anything else (person names, sequences, tags, bytes but OB, values pydicom stores in its own
+  types) by pydicom's ``write_data_element``, as the full writer does. A sequence is encoded
+  whole, its items and itself keeping the defined or undefined lengths pydicom recorded. Any
+  doubt is an encoding, never a copy.
+* **The encoding stays.** Elements are copied in the received transfer syntax (implicit or
+  explicit VR, little or big endian): the writer only runs when the data set is still in that
+  transfer syntax and character set (pydicom's own test of whether it must re-encode every
+  element). Otherwise :func:`encode_changed` returns None and the caller writes the whole
+  header (e.g. pixels decoded and stored losslessly by
+  :func:`~anonproxy.deid.pixels.blank_decoded`, or a rewritten Specific Character Set).
+* **Group lengths.** Above group 6 they are not written (PS3.5 7.2), as pydicom does; the
+  engine removes them anyway.
+* **File meta.** Encoded anew (the Media Storage SOP Instance UID changes): a shallow copy of
+  the data set's file meta with the changes ``dcmwrite(..., enforce_file_format=True)`` makes
+  (Media Storage SOP Class and Instance UIDs from the data set, File Meta Information Version
+  and Implementation Class UID when missing, a new group length), checked and completed by
+  pydicom's ``validate_file_meta`` and :func:`_encode_plain`, behind the received preamble
+  (128 zero bytes without one). The data set's own file meta elements are never modified.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import BinaryIO
+
+from pydicom.charset import convert_encodings, default_encoding, encode_string
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
+#: Explicit VRs whose header has two reserved bytes and a 4-byte length (PS3.5 7.1.2): OB, OD,
+#: OF, OL, OV, OW, SQ, SV, UC, UN, UR, UT, UV.
+LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+#: VRs written in the default character set, and the byte that pads them to even length.
+_ASCII_VRS = {"AE": b" ", "AS": b" ", "CS": b" ", "DA": b" ", "DT": b" ", "TM": b" ", "UI": b"\0"}
+_DEFAULT_CODECS = convert_encodings([default_encoding])
+_NUMBER_STRING_VRS = frozenset({"DS", "IS"})
+_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_BINARY_NUMBER_VRS = {
+    "FD": "d",
+    "FL": "f",
+    "SL": "l",
+    "SS": "h",
+    "SV": "q",
+    "UL": "L",
+    "US": "H",
+    "UV": "Q",
+}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_PREAMBLE = b"\x00" * 128
+_GROUP_LENGTH = 0x00020000
+_VERSION = 0x00020001
+_MEDIA_SOP_CLASS = 0x00020002
+_MEDIA_SOP_INSTANCE = 0x00020003
+_IMPLEMENTATION_CLASS_UID = 0x00020012
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The received encoding of a data set's top-level elements before its pixel data.
+
+    ``data`` holds those bytes; ``ranges`` maps the tag of each element pydicom left undecoded
+    to that :class:`RawDataElement` and the ``[start, end)`` of its encoding in ``data``.
+    """
+
+    data: bytes
+    ranges: Mapping[int, tuple[RawDataElement, int, int]]
+    syntax: UID
+    implicit: bool
+    little: bool
+
+    @classmethod
+    def read(
+        cls, handle: BinaryIO, ds: Dataset, start: int, end: int, syntax: UID
+    ) -> Layout | None:
+        """The layout of ``[start, end)`` of the file *handle*, where *ds* (just decoded by
+        pydicom from it, nothing converted since) found its top-level elements; None when the
+        bytes and *ds* do not agree element by element."""
+        implicit, little = bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
+        handle.seek(start)
+        data = handle.read(end - start)
+        if len(data) != end - start:
+            return None
+        endian = "<" if little else ">"
+        tags = sorted(ds.keys())
+        elements: list[DataElement | RawDataElement] = [ds.get_item(tag) for tag in tags]
+        ranges: dict[int, tuple[RawDataElement, int, int]] = {}
+        at = 0
+        for index, (tag, element) in enumerate(zip(tags, elements, strict=True)):
+            header = _header(data, at, implicit, endian)
+            value_at = _value_tell(element)
+            if header is None or header[0] != tag or value_at != start + at + header[1]:
+                return None
+            _, size, length = header
+            if length != _UNDEFINED_LENGTH:
+                stop = at + size + length
+            elif index + 1 < len(tags):
+                next_at = _value_tell(elements[index + 1])
+                if next_at is None:
+                    return None
+                stop = _start_before(data, next_at - start, tags[index + 1], implicit, endian)
+            else:
+                stop = len(data)
+            if stop > len(data) or (
+                length == _UNDEFINED_LENGTH
+                and data[stop - 8 : stop] != struct.pack(endian + "HHL", *_SEQUENCE_DELIMITER, 0)
+            ):
+                return None
+            if isinstance(element, RawDataElement):
+                ranges[tag] = (element, at, stop)
+            at = stop
+        if at != len(data):
+            return None
+        return cls(data, ranges, syntax, implicit, little)
+
+
+def _header(data: bytes, at: int, implicit: bool, endian: str) -> tuple[int, int, int] | None:
+    """``(tag, header size, value length)`` of the element header at *at*; None past the end
+    of *data* or for an explicit VR that is not two capital letters."""
+    if at + 8 > len(data):
+        return None
+    group, element = struct.unpack_from(endian + "HH", data, at)
+    tag = group << 16 | element
+    if implicit:
+        return tag, 8, struct.unpack_from(endian + "L", data, at + 4)[0]
+    vr = data[at + 4 : at + 6]
+    if not (vr.isalpha() and vr.isupper()):
+        return None
+    if vr in LONG_VRS:
+        if at + 12 > len(data):
+            return None
+        return tag, 12, struct.unpack_from(endian + "L", data, at + 8)[0]
+    return tag, 8, struct.unpack_from(endian + "H", data, at + 6)[0]
+
+
+def _start_before(data: bytes, value_at: int, tag: int, implicit: bool, endian: str) -> int:
+    """Where the element *tag* whose value starts at *value_at* starts (its header is 8 or 12
+    bytes long); past the end of *data* when neither agrees with the bytes."""
+    for size in (8, 12):
+        header = _header(data, value_at - size, implicit, endian)
+        if value_at - size >= 0 and header is not None and header[:2] == (tag, size):
+            return value_at - size
+    return len(data) + 1
+
+
+def _value_tell(element: DataElement | RawDataElement | None) -> int | None:
+    """Where pydicom found the element's value in the file."""
+    if isinstance(element, RawDataElement):
+        return element.value_tell
+    return getattr(element, "file_tell", None)
+
+
+def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> bytes | None:
+    """The preamble, file meta and top-level elements of *ds* (those with a tag below *below*
+    only, with a pixel data element copied separately), the elements *layout* recorded and
+    *ds* still holds copied, the others encoded; None when *ds* is no longer in the transfer
+    syntax and character set of *layout* (the caller writes the whole header instead).
+    Raises as pydicom's writer does for what cannot be encoded (ValueError, TypeError...)."""
+    meta = getattr(ds, "file_meta", None)
+    if (
+        meta is None
+        or meta.get("TransferSyntaxUID") != layout.syntax
+        or ds.original_encoding != (layout.implicit, layout.little)
+        or ds.original_character_set != ds._character_set  # pydicom's own test
+    ):
+        return None
+    pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
+    endian = "<" if layout.little else ">"
+    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
+    data, ranges = layout.data, layout.ranges
+    run_start = run_end = 0  # received bytes to copy, written when the run breaks
+    for tag, element in sorted(((int(t), e) for t, e in ds.items()), key=itemgetter(0)):
+        if below is not None and tag >= below:
+            break
+        if tag >> 16 in (0, 2):
+            raise ValueError("command or file meta element in the data set")
+        if not tag & 0xFFFF and tag >> 16 > 6:
+            continue  # a retired group length: pydicom does not write it
+        recorded = ranges.get(tag)
+        if recorded is not None and recorded[0] is element:
+            if recorded[1] != run_end:
+                pieces.append(data[run_start:run_end])
+                run_start = recorded[1]
+            run_end = recorded[2]
+            continue
+        pieces.append(data[run_start:run_end])
+        run_start = run_end = 0
+        encoded = _encode_plain(element, layout.implicit, endian, codecs)
+        pieces.append(encoded or _encode(element, layout.implicit, layout.little, encodings))
+    pieces.append(data[run_start:run_end])
+    return b"".join(pieces)
+
+
+def _preamble(ds: Dataset) -> bytes:
+    preamble = getattr(ds, "preamble", None) or _PREAMBLE
+    if len(preamble) != len(_PREAMBLE):
+        raise ValueError("the preamble must be 128 bytes long")
+    return bytes(preamble)
+
+
+def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
+    """A shallow copy of *meta* with the changes ``dcmwrite(..., enforce_file_format=True)``
+    makes before writing it; the elements it changes are new objects."""
+    copy = FileMetaDataset()
+    for received in meta.keys():  # noqa: SIM118 - get_item keeps what pydicom has not decoded
+        if received != _GROUP_LENGTH:
+            copy[received] = meta.get_item(received)
+    for tag, source in (
+        (_MEDIA_SOP_CLASS, _SOP_CLASS_UID),
+        (_MEDIA_SOP_INSTANCE, _SOP_INSTANCE_UID),
+    ):
+        current = copy.get(tag)
+        wanted = ds.get(source)
+        value = wanted.value if wanted is not None else None
+        if current is None or (value and value != current.value):
+            copy[tag] = DataElement(tag, "UI", value)
+    if _VERSION in copy and copy[_VERSION].is_empty:
+        del copy[_VERSION]  # write_file_meta_info adds it anew
+    if _IMPLEMENTATION_CLASS_UID in copy and copy[_IMPLEMENTATION_CLASS_UID].is_empty:
+        del copy[_IMPLEMENTATION_CLASS_UID]
+    return copy
+
+
+def _encode_file_meta(meta: FileMetaDataset) -> bytes:
+    """*meta* completed as ``write_file_meta_info(..., enforce_standard=True)`` completes it,
+    encoded in Explicit VR Little Endian behind its group length."""
+    validate_file_meta(meta, enforce_standard=True)
+    body = b"".join(
+        _encode_plain(element, False, "<", _DEFAULT_CODECS) or _encode(element, False, True)
+        for tag, element in sorted(((int(t), e) for t, e in meta.items()), key=itemgetter(0))
+        if tag != _GROUP_LENGTH
+    )
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _encode(
+    element: DataElement | RawDataElement,
+    implicit: bool,
+    little: bool,
+    encodings: str | list[str] | None = None,
+) -> bytes:
+    """*element* encoded by pydicom's writer."""
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = implicit, little
+    write_data_element(out, element, encodings)
+    return out.getvalue()
+
+
+def _encode_plain(
+    element: DataElement | RawDataElement, implicit: bool, endian: str, codecs: list[str]
+) -> bytes | None:
+    """The encoded element (header and value) when its value is plain — None, a str, int or
+    float, or a list of them — and its VR one whose pydicom writer :func:`_plain_value`
+    mirrors; None for anything else: pydicom encodes it."""
+    if isinstance(element, RawDataElement) or element.is_undefined_length:
+        return None
+    vr = element.VR
+    try:
+        encoded = _plain_value(vr, element.value, endian, codecs)
+    except (UnicodeError, struct.error):
+        return None  # pydicom decides: replacement characters, or an error
+    if encoded is None:
+        return None
+    group, number = element.tag >> 16, element.tag & 0xFFFF
+    if implicit:
+        return struct.pack(f"{endian}HHL", group, number, len(encoded)) + encoded
+    if vr in EXPLICIT_VR_LENGTH_32:
+        head = struct.pack(f"{endian}HH2sHL", group, number, vr.encode(), 0, len(encoded))
+    elif len(encoded) <= 0xFFFF:
+        head = struct.pack(f"{endian}HH2sH", group, number, vr.encode(), len(encoded))
+    else:
+        return None  # too long for its VR: pydicom writes it as UN
+    return head + encoded
+
+
+def _plain_value(  # noqa: PLR0911 - one return per family of VRs
+    vr: str, value: object, endian: str, codecs: list[str]
+) -> bytes | None:
+    """The value as pydicom's writer for *vr* encodes it: the characters of the default
+    character set padded with a space (a NUL for UI), DS and IS as their received strings,
+    text in the character set *codecs* padded with a space, binary numbers (not SS, whose
+    LUT descriptors pydicom writes apart), OB bytes padded with a NUL; None for a value or VR
+    it does not mirror."""
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    if value is None or value == "":
+        return b""
+    if vr in _ASCII_VRS and all(isinstance(v, str) for v in values):
+        encoded = "\\".join(values).encode(default_encoding)  # type: ignore[arg-type]
+        return encoded + _ASCII_VRS[vr] if len(encoded) % 2 else encoded
+    if vr in _NUMBER_STRING_VRS:
+        text = "\\".join(
+            v.original_string if hasattr(v, "original_string") else str(v) for v in values
+        )
+        encoded = text.encode(default_encoding)
+        return encoded + b" " if len(encoded) % 2 else encoded
+    if vr in _TEXT_VRS and all(type(v) is str for v in values):
+        encoded = b"\\".join(encode_string(v, codecs) for v in values)  # type: ignore[arg-type]
+        return encoded + b" " if len(encoded) % 2 else encoded
+    if vr in _BINARY_NUMBER_VRS and all(type(v) in (int, float) for v in values):
+        return struct.pack(f"{endian}{len(values)}{_BINARY_NUMBER_VRS[vr]}", *values)
+    if vr == "OB" and type(value) is bytes:
+        return value + b"\0" if len(value) % 2 else value
+    return None

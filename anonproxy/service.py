@@ -296,6 +296,7 @@ class Proxy:
             None if storage.incoming_key_file is None else load_key(storage.incoming_key_file)
         )
         check_waiting(self.spool.deferred(), incoming_key)
+        self._map_key_created: str | None = None
         self.state, self.map_recorder = self._open_state()
         patients = (  # the lookup table in the state store, when the profile uses it
             PatientDirectory(self.state, self.secret.value)
@@ -382,8 +383,8 @@ class Proxy:
                 return store, None
             key = load_map_key(settings.storage.path, create=True)
             verify_key(store, key)
-            if key.created:  # the first run: move it to the honest broker (README)
-                self.audit.event("map.key_created", path=key.source)
+            # the first run: audited after service.started (README: move it to the broker)
+            self._map_key_created = key.source if key.created else None
         except BaseException:
             store.close()
             raise
@@ -441,6 +442,8 @@ class Proxy:
             recovered_deferred=deferred,
             acknowledge=self.settings.listen.acknowledge,
         )
+        if self._map_key_created is not None:
+            self.audit.event("map.key_created", path=self._map_key_created)
 
     def _lock_storage(self) -> None:
         """One service per storage folder: two would deliver and delete each other's files."""

@@ -17,13 +17,15 @@ the file as they are: nothing is decoded, unless the destination needs another t
 
 Parallel associations: a destination has ``max_associations`` workers (default 4), each with its
 own child and association, sharing one :class:`AssociationGate`. Associations are opened one at a
-time; the first is opened whenever an instance waits, each further one only while more
-instances wait than associations are open. A further association that the destination rejects,
-aborts or does not accept within :data:`PROBE_ACSE_TIMEOUT_S` while another is open (a PACS
-that serves one association at a time, or limits how many) is no failure of the instance: it
-goes back to the queue, uncounted, and the gate lowers that destination's limit to the
-associations open, raising it again for one more try after a minute, then after ever longer
-pauses (up to an hour). Nothing is promised about the order of instances across associations.
+time; the first is opened whenever an instance waits, each further one only while the queue
+holds more than :data:`FURTHER_BACKLOG` instances beyond one per open association, and only
+by a child that has started (no instance waits for an interpreter to start). A further
+association that the destination rejects, aborts or does not accept within
+:data:`PROBE_ACSE_TIMEOUT_S` while another is open (a PACS that serves one association at a
+time, or limits how many) is no failure of the instance: it goes back to the queue,
+uncounted, and the gate lowers that destination's limit to the associations open, raising it
+again for one more try after a minute, then after ever longer pauses (up to an hour). Nothing
+is promised about the order of instances across associations.
 
 Outcomes, as PS3.4 means them: Success and Warning are delivered; Out of Resources (0xA7xx),
 rejected or aborted associations, network errors, time-outs and a failed sender process are
@@ -95,6 +97,9 @@ PROBE_ACSE_TIMEOUT_S = 2.0
 """How long a further association to a destination waits for its A-ASSOCIATE-AC while another
 is open (a PACS that serves one association at a time never answers it)."""
 _LIMIT_RETRY_S = 60.0  # after a refused further association: the first try again
+FURTHER_BACKLOG = 2
+"""Instances in a queue, beyond one per open association, that a further association needs: a
+short lag of the open ones (a burst of a few) is not worth another association and process."""
 _LIMIT_RETRY_MAX_S = 3600.0
 _LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -396,6 +401,11 @@ class _Missing:
     associated: bool = False
 
 
+@dataclass(frozen=True)
+class _Started:
+    """Sent once by the child, before any reply: it has started and takes requests."""
+
+
 _Reply = _Stored | _Refused | _Missing
 
 
@@ -427,6 +437,7 @@ def _serve_sender(
     configure_logging(log_level)  # pydicom's and pynetdicom's value reports off, as in the parent
     sender = DicomSender(config, calling_ae_title)
     try:
+        conn.send(_Started())
         while True:
             request: _Request = conn.recv()
             if isinstance(request, _Close):
@@ -485,10 +496,17 @@ class AssociationGate:
                     self._raise_at = now + self._retry_after_s
                 if self._opening in (None, member) and (
                     (first and not self._open)
-                    or (self._open and len(self._open) < min(self.limit, backlog()))
+                    or (
+                        self._open
+                        and len(self._open) < self.limit
+                        and backlog() > len(self._open) + FURTHER_BACKLOG
+                    )
                 ):
                     self._opening = member
                     return bool(self._open)
+                if self._opening is member:  # no longer wanted: let another open one
+                    self._opening = None
+                    self._cond.notify_all()
                 if now >= deadline:
                     return None
                 self._cond.wait(deadline - now)
@@ -580,6 +598,7 @@ class ProcessSender:
         self.gate = gate
         self.prestart = prestart
         self._further = False  # the gate admitted a further association
+        self._started = False  # the child has said _Started
 
     @property
     def pid(self) -> int | None:
@@ -603,6 +622,7 @@ class ProcessSender:
         finally:
             child_conn.close()  # the child's end lives in the child only: its death is our EOF
         self._process, self._conn = process, conn
+        self._started = False  # until its _Started
         log.info("forward.sender_started", destination=self.config.name, pid=process.pid)
         return conn
 
@@ -621,8 +641,15 @@ class ProcessSender:
         if admitted is None:
             return False
         self._further = admitted
-        if self._conn is None:
-            self._start()  # before an instance is taken: it does not wait for an interpreter
+        conn = self._conn or self._start()
+        if not self._started:  # no instance waits for an interpreter to start
+            try:
+                if not conn.poll(timeout):
+                    return False  # still admitted next time, unless no longer wanted
+                self._started = isinstance(conn.recv(), _Started)
+            except (EOFError, OSError):
+                self._failed("sender process failed")
+                return False
         return True
 
     def _associated(self, held: bool) -> None:
@@ -678,10 +705,16 @@ class ProcessSender:
         conn = self._conn or self._start()
         further = self._further and not self._maybe_associated
         request: _Request = _Send(str(path), further)
+        deadline = time.monotonic() + timeout
         try:
             conn.send(request)
-            answered = conn.poll(timeout)
-            reply: _Reply | None = conn.recv() if answered else None
+            reply: _Reply | _Started | None = None
+            while reply is None or isinstance(reply, _Started):
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    reply = None
+                    break
+                reply = conn.recv()
+                self._started = True
         except (EOFError, OSError):
             raise self._failed("sender process failed") from None
         if reply is None:

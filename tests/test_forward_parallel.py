@@ -21,6 +21,7 @@ from anonproxy.forward import (
     AssociationGate,
     DicomSender,
     ForwardWorker,
+    ProcessSender,
     gate_of,
     make_worker,
 )
@@ -60,6 +61,11 @@ class Forwarding:
             for i in range(config.max_associations)
         ]
         self.gate = gate_of(self.spool.queues["research"], config.max_associations)
+        for worker in self.workers:
+            # Every child from the start, as worker 0's: the further associations are tried
+            # while the first instances are sent, not after the queue is drained.
+            assert isinstance(worker.sender, ProcessSender)
+            worker.sender.prestart = True
 
     def put(self, paths: list[Path]) -> list[str]:
         """Commit *paths* to the queue as the pipeline does; returns their SOP Instance UIDs."""
@@ -202,8 +208,8 @@ def test_gate_opens_one_association_at_a_time_and_further_ones_only_for_a_backlo
     assert gate.admit(first, lambda: 0, 0.0) is False  # the only one, even with nothing waiting
     assert gate.admit(second, lambda: 10, 0.0, first=False) is None  # first is still opening
     gate.opened(first)
-    assert gate.admit(second, lambda: 1, 0.0, first=False) is None  # one waiting, one open
-    assert gate.admit(second, lambda: 2, 0.0, first=False) is True  # a backlog: a further one
+    assert gate.admit(second, lambda: 3, 0.0, first=False) is None  # a short lag: not worth it
+    assert gate.admit(second, lambda: 4, 0.0, first=False) is True  # a backlog: a further one
     gate.opened(second)
     gate.opened(third)  # (as if admitted)
     assert gate.open == 3

@@ -81,6 +81,8 @@ _BINARY_NUMBER_VRS = {
 }
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_DELIMITER = (0xFFFE, 0xE00D)
 _PREAMBLE = b"\x00" * 128
 _GROUP_LENGTH = 0x00020000
 _VERSION = 0x00020001
@@ -118,11 +120,12 @@ class Layout:
         if len(data) != end - start:
             return None
         endian = "<" if little else ">"
-        tags = sorted(ds.keys())
-        elements: list[DataElement | RawDataElement] = [ds.get_item(tag) for tag in tags]
+        read = sorted(((int(t), e) for t, e in ds.items()), key=itemgetter(0))
+        tags = [tag for tag, _ in read]
+        elements: list[DataElement | RawDataElement] = [element for _, element in read]
         ranges: dict[int, tuple[RawDataElement, int, int]] = {}
         at = 0
-        for index, (tag, element) in enumerate(zip(tags, elements, strict=True)):
+        for index, (tag, element) in enumerate(read):
             header = _header(data, at, implicit, endian)
             value_at = _value_tell(element)
             if header is None or header[0] != tag or value_at != start + at + header[1]:
@@ -139,7 +142,7 @@ class Layout:
                 stop = len(data)
             if stop > len(data) or (
                 length == _UNDEFINED_LENGTH
-                and data[stop - 8 : stop] != struct.pack(endian + "HHL", *_SEQUENCE_DELIMITER, 0)
+                and data[stop - 8 : stop] != _delimiter(_SEQUENCE_DELIMITER, endian)
             ):
                 return None
             if isinstance(element, RawDataElement):
@@ -201,7 +204,6 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     ):
         return None
     pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
-    endian = "<" if layout.little else ">"
     encodings = ds.get("SpecificCharacterSet", default_encoding)
     codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
     data, ranges = layout.data, layout.ranges
@@ -222,8 +224,7 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
             continue
         pieces.append(data[run_start:run_end])
         run_start = run_end = 0
-        encoded = _encode_plain(element, layout.implicit, endian, codecs)
-        pieces.append(encoded or _encode(element, layout.implicit, layout.little, encodings))
+        pieces.append(_encode_element(element, layout.implicit, layout.little, codecs, encodings))
     pieces.append(data[run_start:run_end])
     return b"".join(pieces)
 
@@ -263,7 +264,7 @@ def _encode_file_meta(meta: FileMetaDataset) -> bytes:
     encoded in Explicit VR Little Endian behind its group length."""
     validate_file_meta(meta, enforce_standard=True)
     body = b"".join(
-        _encode_plain(element, False, "<", _DEFAULT_CODECS) or _encode(element, False, True)
+        _encode_element(element, False, True, _DEFAULT_CODECS, None)
         for tag, element in sorted(((int(t), e) for t, e in meta.items()), key=itemgetter(0))
         if tag != _GROUP_LENGTH
     )
@@ -283,6 +284,109 @@ def _encode(
     return out.getvalue()
 
 
+def _encode_element(
+    element: DataElement | RawDataElement,
+    implicit: bool,
+    little: bool,
+    codecs: list[str],
+    encodings: str | list[str] | None,
+) -> bytes:
+    """*element* encoded as pydicom's ``write_data_element`` encodes it in a data set of
+    character set *encodings* (*codecs*, converted): a raw element with its value as read, a
+    sequence item by item, a plain value directly, anything else by pydicom."""
+    endian = "<" if little else ">"
+    encoded: bytes | None
+    if isinstance(element, RawDataElement):
+        encoded = _encode_raw(element, implicit, endian)
+    elif element.VR == "SQ":
+        encoded = _encode_sequence(element, implicit, little, codecs)
+    else:
+        encoded = _encode_plain(element, implicit, endian, codecs)
+    return encoded if encoded is not None else _encode(element, implicit, little, encodings)
+
+
+def _encode_raw(raw: RawDataElement, implicit: bool, endian: str) -> bytes | None:
+    """An undecoded element: its value as read behind a new header (of defined length)."""
+    value = raw.value
+    if value is None or raw.length == _UNDEFINED_LENGTH or (not implicit and not raw.VR):
+        return None
+    head = _element_header(raw.tag, raw.VR or "", len(value), implicit, endian)
+    return None if head is None else head + value
+
+
+def _encode_sequence(
+    element: DataElement, implicit: bool, little: bool, codecs: list[str]
+) -> bytes | None:
+    """A sequence, item by item as pydicom's ``write_sequence`` writes it (each item and the
+    sequence of defined or undefined length as recorded), when pydicom would not re-encode
+    any item: every item at every depth decoded from this transfer syntax in its character
+    set or made by the engine of plain elements (:func:`_encode_item`); None otherwise."""
+    endian = "<" if little else ">"
+    pieces = []
+    for item in element.value:
+        body = _encode_item(item, implicit, little, codecs)
+        if body is None:
+            return None
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            pieces += [
+                struct.pack(f"{endian}HHL", *_ITEM, _UNDEFINED_LENGTH),
+                body,
+                _delimiter(_ITEM_DELIMITER, endian),
+            ]
+        else:
+            pieces += [struct.pack(f"{endian}HHL", *_ITEM, len(body)), body]
+    value = b"".join(pieces)
+    if element.is_undefined_length:
+        head = _element_header(element.tag, "SQ", _UNDEFINED_LENGTH, implicit, endian)
+        value += _delimiter(_SEQUENCE_DELIMITER, endian)
+    else:
+        head = _element_header(element.tag, "SQ", len(value), implicit, endian)
+    return None if head is None else head + value
+
+
+def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str]) -> bytes | None:
+    """The elements of a sequence item as pydicom's ``write_dataset`` writes them, when it
+    writes each of them with ``write_data_element`` as it is: an item decoded from this
+    transfer syntax whose character set is unchanged (pydicom's own test), or an item the
+    engine made of decoded elements with no ambiguous VR and no sequence (pydicom's
+    ambiguous-VR correction changes nothing in it). None for any other item: pydicom decodes
+    and corrects every element, and so does the caller."""
+    if item.original_encoding == (None, None):  # made by the engine
+        if any(
+            isinstance(e, RawDataElement) or e.VR == "SQ" or " or " in e.VR for _, e in item.items()
+        ):
+            return None
+    elif (
+        item.original_encoding != (implicit, little)
+        or item.original_character_set != item._character_set  # pydicom's own test
+    ):
+        return None
+    encodings = item.get("SpecificCharacterSet", codecs)
+    inner = convert_encodings(encodings or [default_encoding])
+    return b"".join(
+        _encode_element(element, implicit, little, inner, encodings)
+        for tag, element in sorted(((int(t), e) for t, e in item.items()), key=itemgetter(0))
+        if tag & 0xFFFF or tag >> 16 <= 6  # pydicom writes no retired group length
+    )
+
+
+def _element_header(tag: int, vr: str, length: int, implicit: bool, endian: str) -> bytes | None:
+    """Tag, VR (explicit VR) and length; None for a value too long for a 2-byte length
+    (pydicom writes that element as UN)."""
+    group, number = tag >> 16, tag & 0xFFFF
+    if implicit:
+        return struct.pack(f"{endian}HHL", group, number, length)
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return struct.pack(f"{endian}HH2sHL", group, number, vr.encode(), 0, length)
+    if length <= 0xFFFF:
+        return struct.pack(f"{endian}HH2sH", group, number, vr.encode(), length)
+    return None
+
+
+def _delimiter(tag: tuple[int, int], endian: str) -> bytes:
+    return struct.pack(f"{endian}HHL", *tag, 0)
+
+
 def _encode_plain(
     element: DataElement | RawDataElement, implicit: bool, endian: str, codecs: list[str]
 ) -> bytes | None:
@@ -298,16 +402,8 @@ def _encode_plain(
         return None  # pydicom decides: replacement characters, or an error
     if encoded is None:
         return None
-    group, number = element.tag >> 16, element.tag & 0xFFFF
-    if implicit:
-        return struct.pack(f"{endian}HHL", group, number, len(encoded)) + encoded
-    if vr in EXPLICIT_VR_LENGTH_32:
-        head = struct.pack(f"{endian}HH2sHL", group, number, vr.encode(), 0, len(encoded))
-    elif len(encoded) <= 0xFFFF:
-        head = struct.pack(f"{endian}HH2sH", group, number, vr.encode(), len(encoded))
-    else:
-        return None  # too long for its VR: pydicom writes it as UN
-    return head + encoded
+    head = _element_header(element.tag, vr, len(encoded), implicit, endian)
+    return None if head is None else head + encoded
 
 
 def _plain_value(  # noqa: PLR0911 - one return per family of VRs

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -23,7 +24,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from anonproxy.deid import Deidentifier, Profile
 from anonproxy.deid.files import PixelSpan, data_set_offset, read_received, write_spliced
-from anonproxy.deid.layout import Layout, encode_changed
+from anonproxy.deid.layout import Layout, _encode, _encode_sequence, encode_changed
 from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure
 from anonproxy.errors import AnonproxyError, DeidentificationError
 
@@ -282,3 +283,30 @@ def test_bytes_that_disagree_with_pydicom_give_no_layout(tmp_path: Path) -> None
     data[start + first[1] : start + second[2]] = swapped
     source.write_bytes(bytes(data))
     assert read_received(source)[2] is None
+
+
+@pytest.mark.parametrize("syntax", sorted(SYNTAXES))
+def test_sequences_read_from_the_file_are_encoded_item_by_item(syntax: str, tmp_path: Path) -> None:
+    """Nested sequences (kept, dummied, cleaned items at depth 1-3) and the engine's items of
+    plain elements are encoded without pydicom's writer, to its bytes."""
+    ds, _ = generate("comprehensive_sr", 23)
+    ds.file_meta.TransferSyntaxUID = SYNTAXES[syntax]
+    path = tmp_path / "in.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = _deidentified(_engine(("clean_structured_content",)), path)
+    assert read is not None
+    out, _, _ = read
+    implicit, little = SYNTAXES[syntax].is_implicit_VR, SYNTAXES[syntax].is_little_endian
+    codecs = convert_encodings(out.get("SpecificCharacterSet", "iso8859"))
+    sequences = [e for e in out if e.VR == "SQ"]
+    item_by_item = 0
+    for element in sequences:
+        encoded = _encode_sequence(element, implicit, little, codecs)
+        if encoded is not None:
+            item_by_item += 1
+            assert encoded == _encode(element, implicit, little, out.get("SpecificCharacterSet"))
+    assert item_by_item >= 3
+    method = out["DeidentificationMethodCodeSequence"]  # the engine's items: plain elements
+    assert _encode_sequence(method, implicit, little, codecs) is not None
+    method.value[0].ReferencedSOPSequence = [Dataset()]  # a sequence in a new item: pydicom's
+    assert _encode_sequence(method, implicit, little, codecs) is None

@@ -265,12 +265,12 @@ def test_admin_tls_serves_https_only_and_a_silent_client_holds_no_one_back(
         started = time.monotonic()
         context = ssl.create_default_context(cafile=str(pki.ca))
         url = f"https://localhost:{server.port}/readyz"
-        with urllib.request.urlopen(url, context=context, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
             assert response.status == 200
             assert json.loads(response.read()) == {"status": "ready"}
         assert time.monotonic() - started < 5  # not behind the silent client's handshake
         with pytest.raises((urllib.error.URLError, ConnectionError)):
-            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10)  # noqa: S310
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10)
         silent.close()
     finally:
         server.stop()

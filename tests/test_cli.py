@@ -271,7 +271,11 @@ def test_serve_on_the_default_folder_destination_then_sigterm(
     assert str(tmp_path / "var" / "secret.key") in err
     audit = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").open()]
     assert audit[0]["event"] == "service.started"
-    assert audit[1] == {**audit[1], "event": "map.key_created", "path": str(tmp_path / "var" / "map.key")}
+    assert audit[1] == {
+        **audit[1],
+        "event": "map.key_created",
+        "path": str(tmp_path / "var" / "map.key"),
+    }
     assert audit[-1]["event"] == "service.stopped"
     phi = corpus_identifying_values(corpus)
     assert not [v for v in phi if v in out + err]

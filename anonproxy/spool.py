@@ -201,6 +201,7 @@ class DestinationQueue:
         self._pending: dict[str, QueueItem] = {}
         self._in_flight: set[str] = set()
         self._newer: dict[str, QueueItem] = {}  # UID in flight -> its newer version, waiting
+        self._committing: set[str] = set()  # files linked by commits not yet pushed
         self._watchers: dict[str, list[Delivery]] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -219,8 +220,20 @@ class DestinationQueue:
                     entries.append((entry.stat().st_mtime, entry.name))
         entries.sort()
         for mtime, file in entries:
-            self._index(file, mtime)
+            self._index(file, mtime, found=True)
         return len(entries)
+
+    def expect(self, file: str) -> None:
+        """A commit is about to link *file*: :meth:`load` leaves it alone until it is pushed
+        (or abandoned), so that it never replaces an acknowledged older version before its
+        own folder sync."""
+        with self._cond:
+            self._committing.add(file)
+
+    def abandon(self, file: str) -> None:
+        """The commit of *file* failed (its link is removed)."""
+        with self._cond:
+            self._committing.discard(file)
 
     def push(self, file: str) -> None:
         """Announce *file*, a committed ``<uid>_<version>.dcm``: it becomes the copy of its UID
@@ -228,11 +241,14 @@ class DestinationQueue:
         An older version than the one known is removed at once."""
         self._index(file, time.time())
 
-    def _index(self, file: str, first_seen: float) -> None:
+    def _index(self, file: str, first_seen: float, *, found: bool = False) -> None:
         name = split_queue_file(file)[0]
         item = QueueItem(name, file, first_seen=first_seen)
         obsolete = None
         with self._cond:
+            if found and file in self._committing:
+                return
+            self._committing.discard(file)
             current = self._pending.get(name)
             if current is None:
                 self._pending[name] = item
@@ -617,6 +633,7 @@ class Spool:
             if self.fsync:
                 sync_data(tmp)
             for queue in targets:
+                queue.expect(file)
                 os.link(tmp, queue.directory / link)
                 linked.append(queue.directory / link)
             if self.fsync:
@@ -629,6 +646,8 @@ class Spool:
             if not consuming or consume is None or consume.exists():  # not committed: undo
                 for path in linked:
                     path.unlink(missing_ok=True)
+                for queue in targets:
+                    queue.abandon(file)
                 msg = f"spool write failed: {exc.strerror or type(exc).__name__}"
                 raise SpoolFullError(msg) from None
             # the original is gone (its folder's sync failed): committed all the same

@@ -63,8 +63,9 @@ def run_case(
     fsync: bool,
     committers: int,
     args: argparse.Namespace,
-) -> float:
-    """Commits per second of *committers* threads committing ``args.count`` instances."""
+) -> tuple[float, float | None]:
+    """Commits per second of *committers* threads committing ``args.count`` instances, and
+    the queue folder syncs run per commit (None: the spool does not count them)."""
     root = Path(tempfile.mkdtemp(prefix="commit-", dir=work))
     destinations = [f"d{n}" for n in range(args.destinations)]
     spool = module.Spool(root, destinations, fsync=fsync)
@@ -95,9 +96,12 @@ def run_case(
     elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
+    commits = per_thread * committers
+    counters = [getattr(q, "sync_entries", None) for q in spool.queues.values()]
+    syncs = None if None in counters else sum(c.syncs for c in counters) / commits / len(counters)
     spool.close()
     shutil.rmtree(root)
-    return per_thread * committers / elapsed
+    return commits / elapsed, syncs
 
 
 def main() -> None:
@@ -115,18 +119,26 @@ def main() -> None:
             modules = {f"baseline {args.baseline}": load_baseline(args.baseline, work), **modules}
         cases = list(itertools.product(SIZES, (True, False), COMMITTERS))
         best: dict[tuple[str, str, bool, int], float] = {}
+        syncs: dict[tuple[str, str, int], float] = {}
         order = random.Random(0)
         for _ in range(args.rounds):
             for size, fsync, committers in cases:  # the implementations side by side
                 for label in order.sample(list(modules), len(modules)):
-                    rate = run_case(modules[label], work, SIZES[size], fsync, committers, args)
+                    rate, per_commit = run_case(
+                        modules[label], work, SIZES[size], fsync, committers, args
+                    )
                     key = (label, size, fsync, committers)
                     best[key] = max(best.get(key, 0.0), rate)
-    report(best, list(modules), args)
+                    if fsync and per_commit is not None:
+                        syncs[label, size, committers] = per_commit
+    report(best, syncs, list(modules), args)
 
 
 def report(
-    best: dict[tuple[str, str, bool, int], float], labels: list[str], args: argparse.Namespace
+    best: dict[tuple[str, str, bool, int], float],
+    syncs: dict[tuple[str, str, int], float],
+    labels: list[str],
+    args: argparse.Namespace,
 ) -> None:
     print(
         f"commits/s, best of {args.rounds} rounds of {args.count} commits,"
@@ -138,9 +150,11 @@ def report(
         for size in SIZES:
             for committers in COMMITTERS:
                 on, off = rate(label, size, True, committers), rate(label, size, False, committers)
+                shared = syncs.get((label, size, committers))
                 print(
                     f"  {size:>6s}, {committers} committer(s): fsync on {on:8.1f}/s"
                     f"   off {off:8.1f}/s   on/off {on / off:.3f}"
+                    + ("" if shared is None else f"   folder syncs per commit {shared:.2f}")
                 )
             print(
                 f"  {size:>6s}, 4/1 committers with fsync on:"

@@ -257,3 +257,31 @@ def test_a_failed_folder_sync_commits_nothing(
         put(spool, UID, b"x", ["a"])
     assert _files(spool) == []
     assert len(spool.queues["a"]) == 0
+
+
+def test_a_rescan_during_a_commit_never_removes_the_acknowledged_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newer copy is linked but its folder sync fails: the older, acknowledged copy stays,
+    even though a rescan ran while the newer one was linked."""
+    spool = Spool(tmp_path, ["a"])
+    queue = spool.queues["a"]
+    put(spool, UID, b"acknowledged", ["a"])
+
+    def rescan_then_fail() -> None:
+        spool.rescan()  # the periodic pick-up of files put there by an operator
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(queue, "sync_entries", rescan_then_fail)
+    with pytest.raises(SpoolFullError):
+        put(spool, UID, b"never acknowledged", ["a"])
+    monkeypatch.undo()
+    [file] = _files(spool)
+    assert (queue.directory / file).read_bytes() == b"acknowledged"
+    item = queue.take(timeout=0.1)
+    assert item is not None
+    assert queue.path(item).read_bytes() == b"acknowledged"
+    spool.release(queue, item)
+    put(spool, UID, b"later", ["a"])  # the failed commit left nothing that blocks a later one
+    [file] = _files(spool)
+    assert (queue.directory / file).read_bytes() == b"later"

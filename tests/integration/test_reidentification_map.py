@@ -174,7 +174,7 @@ def test_map_disabled_keeps_nothing(make_proxy, tmp_path: Path) -> None:
         assert proxy.map_recorder is None
         assert proxy.state is None
         assert storescu(proxy.port, [tmp_path / "series"]).returncode == 0
-        assert wait_for(lambda: len(research.files()) == 3, timeout=30)
+        assert wait_for(lambda: len(research.files()) == 3, timeout=90)
     finally:
         research.stop()
     names = {p.name for p in (tmp_path / "var").rglob("*")}

@@ -51,20 +51,20 @@ def test_postgresql_outage_refuses_only_what_needs_the_store(
                                     "unknown_patient": "hash"}},
         )  # fmt: skip
         assert storescu(proxy.port, [tmp_path / "known"]).returncode == 0
-        assert wait_for(lambda: len(research.files()) == 3, timeout=30)
+        assert wait_for(lambda: len(research.files()) == 3, timeout=90)
         cluster.pause()
         try:
             later = storescu(proxy.port, [tmp_path / "known-later"], extra=["-d"])
             assert "0xa700" not in (later.stdout + later.stderr).lower()
             refused = storescu(proxy.port, [tmp_path / "unknown"], extra=["-d"])
             assert "0xa700" in (refused.stdout + refused.stderr).lower()
-            assert wait_for(lambda: len(research.files()) == 6, timeout=30)
+            assert wait_for(lambda: len(research.files()) == 6, timeout=90)
         finally:
             cluster.resume()
         assert _patients(research.directory) == {"SUBJ-0001": 6}  # nothing of the refused
         again = storescu(proxy.port, [tmp_path / "unknown"], extra=["-d"])
         assert "0xa700" not in (again.stdout + again.stderr).lower()
-        assert wait_for(lambda: len(research.files()) == 9, timeout=30)
+        assert wait_for(lambda: len(research.files()) == 9, timeout=90)
     finally:
         research.stop()
     patients = _patients(research.directory)

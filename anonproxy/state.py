@@ -116,6 +116,8 @@ class _Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[object] = ()) -> Any: ...  # noqa: ANN401
     def fetchone(self) -> Any: ...  # noqa: ANN401
     def fetchall(self) -> list[Any]: ...
+    @property
+    def rowcount(self) -> int: ...
 
 
 class _Backend(Protocol):
@@ -123,7 +125,7 @@ class _Backend(Protocol):
 
     def transaction(
         self, *, write: bool = False, lock: bool = False
-    ) -> contextlib.AbstractContextManager[Any]:
+    ) -> contextlib.AbstractContextManager[_Cursor]:
         """A transaction; its ``execute(sql, params)`` takes ``?`` placeholders. *write*: it
         writes (SQLite takes its write lock first); *lock*: it reads then writes and must run
         alone (PostgreSQL takes the store's advisory lock too)."""
@@ -147,6 +149,11 @@ class _SqliteCursor:
 
     def fetchall(self) -> list[Any]:
         return self._cursor.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the last statement changed."""
+        return int(self._cursor.rowcount or 0)
 
 
 class _Sqlite:
@@ -231,6 +238,11 @@ class _PgCursor:
 
     def fetchall(self) -> list[Any]:
         return [tuple(_plain(v) for v in row) for row in self._cursor.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the last statement changed."""
+        return int(self._cursor.rowcount or 0)
 
 
 def _plain(value: object) -> object:
@@ -488,7 +500,7 @@ class StateStore:
                         r.recorded_at,
                     ),
                 )
-                added += max(0, _rowcount(cur))
+                added += max(0, cur.rowcount)
         return added
 
     def map_rows(self, *, patient_id: str | None = None, study: str | None = None) -> list[MapRow]:
@@ -508,11 +520,6 @@ class StateStore:
         """How many rows the map holds."""
         with self._backend.transaction() as cur:
             return int(cur.execute("SELECT COUNT(*) FROM reid_map").fetchone()[0])
-
-
-def _rowcount(cur: Any) -> int:  # noqa: ANN401 - one of the cursors above
-    inner = getattr(cur, "_cursor", None)
-    return int(getattr(inner, "rowcount", 0) or 0)
 
 
 def _map_row(r: Sequence[Any]) -> MapRow:

@@ -44,6 +44,9 @@ class StudyValues:
             values[name] = value.strip("\x00 ")
         return cls(**values)
 
+    def __repr__(self) -> str:  # values of a data set (originals, or pseudonyms): never shown
+        return "StudyValues(<redacted>)"
+
     def as_dict(self) -> dict[str, str]:
         """The values by field name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -57,4 +60,4 @@ class StudyIdentity:
     pseudonym: StudyValues
 
     def __repr__(self) -> str:
-        return f"StudyIdentity(original=<redacted>, pseudonym={self.pseudonym!r})"
+        return "StudyIdentity(original=<redacted>, pseudonym=<redacted>)"

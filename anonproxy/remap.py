@@ -12,8 +12,9 @@ to the state store (:mod:`anonproxy.state`) with every other entry not shipped y
 transaction (threads that record meanwhile wait for that one: group commit). An entry already
 journaled and shipped costs a look-up in a set. When the store cannot be reached, the instance
 is refused with 0xA700 (the sender sends it again; nothing is forwarded without its map entry
-in the store), and the journal keeps the entry; :meth:`MapRecorder.start` ships what a previous
-run journaled and did not ship (a SIGKILL between the two).
+in the store), and the journal keeps the entry; :meth:`MapRecorder.open` ships what a previous
+run journaled and did not ship (a SIGKILL between the two), then empties a journal grown past
+64 MiB whose entries are all in the store.
 
 **Encrypted at rest.** The originals are sealed with AES-256-GCM (the ``cryptography``
 package) under the map key, in the journal as in the store: a 96-bit random nonce per entry,
@@ -66,6 +67,7 @@ _KEY_BYTES = 32
 _NONCE_BYTES = 12
 _FORMAT = b"\x01"
 _CHECK_NAME = "map_key_check"
+_COMPACT_BYTES = 64 << 20  # some 100,000 studies
 
 
 def _sync_directory(path: Path) -> None:
@@ -283,6 +285,8 @@ class MapRecorder:
         self._length = 0  # the journal's length
         self._shipped_length = 0
         self._fd: int | None = None
+        #: at start, a journal this long whose entries are all in the store is emptied
+        self.compact_bytes = _COMPACT_BYTES
 
     def open(self) -> int:
         """Read the journal (a line cut by a crash is dropped: it was never acknowledged) and
@@ -317,10 +321,27 @@ class MapRecorder:
         if self.fsync:
             _sync_directory(self.folder)
         try:
-            return self.ship()
+            shipped_now = self.ship()
         except StateUnavailable:
             log.warning("map.ship_deferred", pending=len(self._pending))
             return 0
+        if self._length >= self.compact_bytes:
+            self._compact()
+        return shipped_now
+
+    def _compact(self) -> None:
+        """Empty a journal whose every entry is in the store (at start): it stays bounded.
+        The studies it named are journaled again, once each, when next seen."""
+        with self._journal_lock:
+            if self._pending or self._fd is None:
+                return
+            os.ftruncate(self._fd, 0)
+            if self.fsync:
+                os.fsync(self._fd)
+            self._length = self._shipped_length = 0
+            self._known.clear()
+        self._write_shipped(0)  # a crash before this: the stale length is cut to the journal's
+        log.info("map.journal_compacted")
 
     def close(self) -> None:
         """Close the journal."""

@@ -265,3 +265,29 @@ def test_a_journal_write_that_fails_leaves_no_torn_line(
         recorder.close()
     finally:
         store.close()
+
+
+def test_a_long_journal_all_shipped_is_emptied_at_start(tmp_path: Path) -> None:
+    store = StateStore.open(StateConfig(), tmp_path)
+    try:
+        recorder = _recorder(tmp_path, store)
+        for n in range(5):
+            recorder.record(_identity(_other_study(n), n))
+        recorder.close()
+        journal = tmp_path / "map" / "journal.jsonl"
+        assert journal.stat().st_size > 1000
+        again = MapRecorder(KEY, _Down(store), tmp_path)  # type: ignore[arg-type]
+        again.compact_bytes = 1000
+        again.open()  # everything already shipped: emptied
+        assert journal.stat().st_size == 0
+        again.close()
+        third = MapRecorder(KEY, store, tmp_path)
+        third.compact_bytes = 1000
+        third.open()
+        assert third.record(_identity(_other_study(1), 1))  # journaled again, once
+        assert not third.record(_identity(_other_study(1), 1))
+        assert len(list(journal_rows(tmp_path))) == 1
+        assert store.map_count() == 5  # the store kept every entry
+        third.close()
+    finally:
+        store.close()

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -110,9 +111,25 @@ def test_the_map_survives_sigkill_and_the_honest_broker_reads_it(
     assert hashed.startswith("ANON-")
     study = next(iter(by_patient[hashed]))
 
-    looked = anonproxy(
-        ["map", "lookup", "--pseudonym", "SUBJ-0001", "-c", str(config)], tmp_path, key
-    )
+    from test_syslog import Receiver  # a syslog receiver on loopback (tests/integration)
+
+    receiver = Receiver("udp")
+    settings = json.loads(config.read_text("utf-8"))
+    settings["audit"]["syslog"] = {"host": "127.0.0.1", "port": receiver.port}
+    config.write_text(json.dumps(settings), "utf-8")
+    try:
+        looked = anonproxy(
+            ["map", "lookup", "--pseudonym", "SUBJ-0001", "-c", str(config)], tmp_path, key
+        )
+        assert wait_for(lambda: "110110" in receiver.event_ids(), timeout=10)  # Patient Record
+        [message] = [
+            m
+            for m in receiver.audit_messages()
+            if m.find("EventIdentification/EventID").get("csd-code") == "110110"
+        ]
+        assert ET.tostring(message).decode().count(ORIGINALS["known_id"]) == 0
+    finally:
+        receiver.close()
     assert looked.returncode == 0, looked.stderr
     lines = looked.stdout.splitlines()
     assert lines[0].startswith("pseudonym_patient_id,original_patient_id,")

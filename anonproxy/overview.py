@@ -116,6 +116,7 @@ class Overview:
     received_waiting: int
     received_oldest_age_s: float
     refused_inputs: int
+    received_bytes: int = 0
     refusals: list[RefusalCount] = field(default_factory=list)
     #: The audit file read for the history; None when there is none.
     audit: Path | None = None
@@ -149,6 +150,7 @@ def gather(
         received_waiting=_int(received.get("waiting")),
         received_oldest_age_s=float(received.get("oldest_age_s", 0.0)),
         refused_inputs=_int(received.get("refused")),
+        received_bytes=_int(received.get("bytes")),
         audit=audit,
     )
     if audit is not None:
@@ -258,6 +260,14 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _backlog(overview: Overview) -> str:
+    """The received data sets waiting: how many, their size, the oldest one's age."""
+    return (
+        f"{overview.received_waiting} ({overview.received_bytes / 1e6:.1f} MB,"
+        f" oldest {_age(overview.received_oldest_age_s)})"
+    )
+
+
 def _history_note(overview: Overview) -> str:
     if overview.audit is None:
         return "no audit file (audit.path is not set): no history of successes and refusals"
@@ -317,8 +327,7 @@ def render_text(overview: Overview) -> str:
         "",
         _columns(destination_rows(overview)),
         "",
-        f"received, waiting for de-identification: {overview.received_waiting}"
-        f" (oldest {_age(overview.received_oldest_age_s)})",
+        f"received, waiting for de-identification: {_backlog(overview)}",
         "",
         "refusals (inputs not forwarded), by stage and status:",
         _columns(refusal_rows(overview)) if overview.refusals else "none in the last day",
@@ -371,7 +380,7 @@ def render_html(overview: Overview, *, refresh_s: int = 30) -> str:
         "<h2>Destinations</h2>"
         + _table("destinations", destination_rows(overview))
         + f'<p id="received">Received, waiting for de-identification: '
-        f"{overview.received_waiting} (oldest {_age(overview.received_oldest_age_s)})</p>"
+        f"{html.escape(_backlog(overview))}</p>"
         "<h2>Refusals by stage and status</h2>"
         + refusals
         + "<h2>Quarantine</h2>"

@@ -45,7 +45,10 @@ from anonproxy.sealed import Sealer
 PREFIX = ".recv-"  # received, not (yet) kept: never listed as a deferred data set
 _ATTRIBUTE = "user.anonproxy"
 _KEPT = re.compile(rb"^kept ([0-9a-z-]{1,200}\.dcm) ([0-9]+) ([0-9a-f]{8})$")
-_AHEAD = 4  # files created ahead
+# Files created ahead, made in batches of _BATCH (one flush of the folder each): the flushes
+# of the folder cost the association's flushes as little as they can (a journal commits one
+# flush at a time).
+_AHEAD, _BATCH = 16, 8
 _names = itertools.count()
 
 
@@ -62,7 +65,7 @@ class _Ahead:
         self.directory = directory
         self.durable = durable
         self._spares: queue.Queue[tuple[Path, int]] = queue.Queue()
-        self._wanted = threading.Semaphore(_AHEAD)
+        self._wanted = threading.Semaphore(_AHEAD)  # files taken and not yet made again
         self._closing: queue.SimpleQueue[int] = queue.SimpleQueue()
         threading.Thread(target=self._create, name="receive-ahead", daemon=True).start()
         threading.Thread(target=self._close, name="receive-close", daemon=True).start()
@@ -88,8 +91,9 @@ class _Ahead:
         except OSError:
             return
         while True:
-            self._wanted.acquire()
-            wanted = 1
+            for _ in range(_BATCH):  # wait until a batch was taken
+                self._wanted.acquire()
+            wanted = _BATCH
             while wanted < _AHEAD and self._wanted.acquire(blocking=False):
                 wanted += 1
             made: list[tuple[Path, int]] = []

@@ -2,14 +2,15 @@
 
     .venv/bin/python benchmarks/throughput.py [--mr 1000] [--ct 500] [--large-mib 1024]
         [--deidentify-workers N] [--acknowledge after_deidentification|after_receipt|both]
-        [--no-ocr]
+        [--no-ocr] [--incoming-key off|on|both]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts DCMTK storescp as the destination and measures, in the same run:
 
 * direct: storescu -> storescp;
 * proxy: storescu -> anonproxy serve -> storescp, until the last instance arrived, for each
-  ``listen.acknowledge`` mode (both by default);
+  ``listen.acknowledge`` mode (both by default), with the incoming spool sealed
+  (``--incoming-key``: ``+sealed`` in the run's name) or not;
 * proxy with 4 parallel storescu senders;
 * the floor of the stack (series only): storescu -> benchmarks/stack_floor.py, a pynetdicom SCP
   that only receives (``receive-only``), or receives, decodes the header and re-encodes with
@@ -160,15 +161,26 @@ def stack_floor(folders: list[Path], *options: str) -> dict[str, float]:
 
 
 def audit(root: Path) -> list[dict]:
-    return [json.loads(line) for line in (root / "var" / "audit.jsonl").read_text().splitlines()]
+    """The audit records written so far (a line being written is left for the next read)."""
+    text = (root / "var" / "audit.jsonl").read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) -> dict[str, float]:
+    """One run; *acknowledge* is a listen.acknowledge mode, with ``+sealed`` for an incoming
+    spool sealed with storage.incoming_key_file."""
     scp = StoreSCP(work / "research").start()
     port = free_port()
     root = work / "proxy"
     config = root / "anonproxy.yaml"
     root.mkdir(parents=True, exist_ok=True)
+    acknowledge, _, sealed = acknowledge.partition("+")
+    storage: dict[str, object] = {"path": str(root / "var"), "min_free_bytes": 0}
+    if sealed:
+        key = root / "incoming.key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        storage["incoming_key_file"] = str(key)
     config.write_text(
         json.dumps(
             {
@@ -178,7 +190,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
                      "port": scp.port}
                 ],
                 "profile": PROFILE,
-                "storage": {"path": str(root / "var"), "min_free_bytes": 0},
+                "storage": storage,
                 "audit": {"path": str(root / "var" / "audit.jsonl")},
                 "log": {"level": "WARNING"},
             }
@@ -304,10 +316,18 @@ def main() -> None:
         action="store_true",
         help="profile.clean_pixel_data: off (the pixels of CT and MR images are not read)",
     )
+    parser.add_argument(
+        "--incoming-key",
+        choices=["off", "on", "both"],
+        default="off",
+        help="storage.incoming_key_file: the incoming spool sealed (both: a run without, one with)",
+    )
     args = parser.parse_args()
     if args.no_ocr:
         PROFILE["clean_pixel_data"] = "off"
     modes = MODES if args.acknowledge == "both" else (args.acknowledge,)
+    sealed = {"off": ("",), "on": ("+sealed",), "both": ("", "+sealed")}[args.incoming_key]
+    modes = tuple(mode + variant for mode in modes for variant in sealed)
     if args.deidentify_workers is not None:
         LISTEN["deidentify_workers"] = args.deidentify_workers
     with tempfile.TemporaryDirectory(prefix="anonproxy-bench-") as tmp:

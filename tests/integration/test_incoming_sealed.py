@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,8 @@ def test_sealed_data_sets_survive_a_sigkill_and_a_tampered_one_is_quarantined(
         research.start()
         proxy = serve(config, tmp_path)  # the next start processes them, then forwards
         wait_port(port, timeout=30)
-        assert wait_for(lambda: len(research.arrivals()) == len(waiting) - 1, timeout=120)
+        delivered = wait_for(lambda: len(research.arrivals()) == len(waiting) - 1, timeout=240)
+        assert delivered, Counter(str(e["event"]) for e in audit_records(root / "audit.jsonl"))
         assert wait_for(lambda: not _held(root), timeout=10)
         time.sleep(2)  # anything delivered twice would arrive now
         arrivals = research.arrivals()

@@ -2,16 +2,20 @@
 
     .venv/bin/python benchmarks/throughput.py [--mr 1000] [--ct 500] [--large-mib 1024]
         [--deidentify-workers N] [--acknowledge after_deidentification|after_receipt|both]
-        [--no-ocr] [--incoming-key off|on|both]
+        [--no-ocr] [--senders 1,4] [--destination storescp|storescp-fork|orthanc]
+        [--max-associations N] [--peer-max-pdu N] [--incoming-key off|on|both]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
-starts DCMTK storescp as the destination and measures, in the same run:
+starts the research PACS (``--destination``: DCMTK storescp, which serves one association at a
+time, storescp ``--fork``, or Orthanc; ``--peer-max-pdu``: its Maximum Length) and measures, in
+the same run:
 
 * direct: storescu -> storescp;
 * proxy: storescu -> anonproxy serve -> storescp, until the last instance arrived, for each
   ``listen.acknowledge`` mode (both by default), with the incoming spool sealed
   (``--incoming-key``: ``+sealed`` in the run's name) or not;
-* proxy with 4 parallel storescu senders;
+* proxy with N parallel storescu senders (``--senders``, default 1 and 4), the destination's
+  ``max_associations`` as configured (``--max-associations``) or its default;
 * the floor of the stack (series only): storescu -> benchmarks/stack_floor.py, a pynetdicom SCP
   that only receives (``receive-only``), or receives, decodes the header and re-encodes with
   pydicom (``floor``): what one association through any proxy on this stack cannot beat.
@@ -19,8 +23,9 @@ starts DCMTK storescp as the destination and measures, in the same run:
 Prints, per run, the delivery rate (instances/s and MB/s until the last arrival at the
 research PACS) and the acknowledgement rate (storescu's own elapsed time: how long the sender
 is held), each with its ratio to the direct run and to the receive-only floor; forwarding
-latency p50/p99 (from the audit trail), the proxy's peak RSS (alone, and summed with its child
-processes). DCMTK runs with TCP_NODELAY=1.
+latency p50/p95/p99 (from the audit trail: spool commit to the destination's answer), the
+proxy's peak RSS (alone, and summed with its child processes). DCMTK and Orthanc run with
+TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pydicom import dcmread
 
 import builders
-from peers import PEER_ENV, StoreSCP, descendants, free_port, tool, wait_port
+from peers import PEER_ENV, Orthanc, StoreSCP, descendants, free_port, tool, wait_port
 
 SECRET = "benchmark-secret-0123456789abcdef"
 FLOOR = "pynetdicom+pydicom floor"  # receive to disk, decode the header, re-encode: no more
@@ -49,6 +54,44 @@ RECEIVE_ONLY = "pynetdicom receive-only"
 MODES = ("after_deidentification", "after_receipt")
 LISTEN: dict[str, int] = {}  # listen options of the proxy under test (--deidentify-workers)
 PROFILE: dict[str, str] = {}  # profile options of the proxy under test (--no-ocr)
+DESTINATION: dict[str, object] = {}  # options of its destination (--max-associations)
+PEER: dict[str, object] = {"kind": "storescp", "max_pdu": None}  # --destination, --peer-max-pdu
+
+
+class Peer:
+    """The research PACS of a run: storescp (with or without --fork) or Orthanc, counted at
+    the peer (files written, or Orthanc's instance count)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.kind = str(PEER["kind"])
+        max_pdu = PEER["max_pdu"]
+        self.ae_title = "RESEARCH"
+        self.server: StoreSCP | Orthanc
+        if self.kind == "orthanc":
+            options = {} if max_pdu is None else {"MaximumPduLength": max_pdu}
+            self.server = Orthanc(directory, ae_title="RESEARCH", options=options)
+        else:
+            extra = [] if max_pdu is None else ["--max-pdu", str(max_pdu)]
+            if self.kind == "storescp-fork":
+                extra.append("--fork")
+            self.server = StoreSCP(directory, extra=extra)
+        self.directory = directory
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> Peer:
+        self.server.start()
+        return self
+
+    def count(self) -> int:
+        if isinstance(self.server, Orthanc):
+            return int(self.server.get("/statistics")["CountInstances"])
+        return count_files(self.directory)
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 def make_series(directory: Path, template: str, count: int, rows: int, frames: int = 1) -> int:
@@ -133,10 +176,10 @@ def make_large(directory: Path, mib: int) -> int:
 
 
 def direct(work: Path, folders: list[Path], expected: int) -> dict[str, float]:
-    scp = StoreSCP(work / "direct").start()
+    scp = Peer(work / "direct").start()
     try:
         elapsed = run_senders(scp.port, folders, "RESEARCH")
-        while count_files(scp.directory) < expected:
+        while scp.count() < expected:
             time.sleep(0.01)
         elapsed = max(elapsed, 0.0)
     finally:
@@ -169,7 +212,7 @@ def audit(root: Path) -> list[dict]:
 def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) -> dict[str, float]:
     """One run; *acknowledge* is a listen.acknowledge mode, with ``+sealed`` for an incoming
     spool sealed with storage.incoming_key_file."""
-    scp = StoreSCP(work / "research").start()
+    scp = Peer(work / "research").start()
     port = free_port()
     root = work / "proxy"
     config = root / "anonproxy.yaml"
@@ -187,12 +230,13 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
                 "listen": {"port": port, "acknowledge": acknowledge, **LISTEN},
                 "destinations": [
                     {"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
-                     "port": scp.port}
+                     "port": scp.port, **DESTINATION}
                 ],
                 "profile": PROFILE,
                 "storage": storage,
                 "audit": {"path": str(root / "var" / "audit.jsonl")},
                 "log": {"level": "WARNING"},
+                "admin": {"port": 0},  # any free port: 8080 may be taken
             }
         ),
         "utf-8",
@@ -207,7 +251,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         wait_port(port, 30)
         started = time.perf_counter()
         acknowledged = run_senders(port, folders, "ANONPROXY")
-        while count_files(scp.directory) < expected:
+        while scp.count() < expected:
             if time.perf_counter() - started > 1800:
                 raise TimeoutError("instances did not arrive")
             failed = [e for e in audit(root) if e["event"] == "instance.failed"]
@@ -228,6 +272,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         "seconds": arrived,
         "acknowledged_s": acknowledged,
         "p50_ms": quantiles[49],
+        "p95_ms": quantiles[94],
         "p99_ms": quantiles[98],
         "peak_rss_mib": rss,
         "tree_rss_mib": tree_rss,
@@ -262,7 +307,8 @@ def report(
             f" {size / 1e6 / result['seconds']:8.1f} MB/s"
             f"  last arrival {result['seconds']:.2f} s  ratio {r / rate:.2f}"
             + (f" ({r / floor:.2f} of the floor)" if floor else "")
-            + f"  p50 {result['p50_ms']:.0f} ms  p99 {result['p99_ms']:.0f} ms"
+            + f"  p50 {result['p50_ms']:.0f} ms  p95 {result['p95_ms']:.0f} ms"
+            f"  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
             f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
         )
@@ -275,7 +321,13 @@ def report(
 
 
 def bench(
-    work: Path, name: str, series: Path, count: int, size: int, modes: tuple[str, ...]
+    work: Path,
+    name: str,
+    series: Path,
+    count: int,
+    size: int,
+    modes: tuple[str, ...],
+    senders: tuple[int, ...] = (1, 4),
 ) -> None:
     base = direct(work, [series], count)
     floors = {}
@@ -283,15 +335,19 @@ def bench(
         floors[RECEIVE_ONLY] = stack_floor([series], "--receive-only")
         floors[FLOOR] = stack_floor([series])
     runs = {}
-    for mode in modes:
-        runs[f"anonproxy {mode}, 1 sender"] = via_proxy(work, [series], count, mode)
-    if count >= 4:
-        parts = [work / f"{name}-part{i}" for i in range(4)]
+    for number in senders:
+        if number == 1:
+            for mode in modes:
+                runs[f"anonproxy {mode}, 1 sender"] = via_proxy(work, [series], count, mode)
+            continue
+        if count < number:
+            continue
+        parts = [work / f"{name}-{number}-part{i}" for i in range(number)]
         for i, path in enumerate(sorted(series.glob("*.dcm"))):
-            parts[i % 4].mkdir(exist_ok=True)
-            os.link(path, parts[i % 4] / path.name)
+            parts[i % number].mkdir(exist_ok=True)
+            os.link(path, parts[i % number] / path.name)
         for mode in modes:
-            runs[f"anonproxy {mode}, 4 senders"] = via_proxy(work, parts, count, mode)
+            runs[f"anonproxy {mode}, {number} senders"] = via_proxy(work, parts, count, mode)
     report(name, count, size, base, floors, runs)
 
 
@@ -317,12 +373,32 @@ def main() -> None:
         help="profile.clean_pixel_data: off (the pixels of CT and MR images are not read)",
     )
     parser.add_argument(
+        "--senders", default="1,4", help="parallel storescu senders per run, e.g. 1,2,4,8"
+    )
+    parser.add_argument(
         "--incoming-key",
         choices=["off", "on", "both"],
         default="off",
         help="storage.incoming_key_file: the incoming spool sealed (both: a run without, one with)",
     )
+    parser.add_argument(
+        "--destination",
+        choices=["storescp", "storescp-fork", "orthanc"],
+        default="storescp",
+        help="the research PACS (storescp serves one association at a time)",
+    )
+    parser.add_argument(
+        "--max-associations", help="the destination's max_associations (default: its default)"
+    )
+    parser.add_argument(
+        "--peer-max-pdu", type=int, help="the research PACS's Maximum Length (4096..131072)"
+    )
     args = parser.parse_args()
+    PEER.update(kind=args.destination, max_pdu=args.peer_max_pdu)
+    if args.max_associations is not None:
+        value = args.max_associations
+        DESTINATION["max_associations"] = int(value) if value.isdigit() else value
+    senders = tuple(int(n) for n in args.senders.split(","))
     if args.no_ocr:
         PROFILE["clean_pixel_data"] = "off"
     modes = MODES if args.acknowledge == "both" else (args.acknowledge,)
@@ -335,11 +411,11 @@ def main() -> None:
         if args.mr:
             series = work / "MR-256"
             size = make_series(series, "MR_small.dcm", args.mr, 256)
-            bench(work, "MR-256", series, args.mr, size, modes)
+            bench(work, "MR-256", series, args.mr, size, modes, senders)
         if args.ct:
             series = work / "CT-512"
             size = make_series(series, "CT_small.dcm", args.ct, 512)
-            bench(work, "CT-512", series, args.ct, size, modes)
+            bench(work, "CT-512", series, args.ct, size, modes, senders)
         if args.large_mib:
             series = work / "multiframe"
             size = make_large(series, args.large_mib)

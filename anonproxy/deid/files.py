@@ -11,9 +11,9 @@ attribute. :func:`write_spliced` writes the de-identified header, copies the spa
 what is left of the trailing elements. The transfer syntax does not change, so the copied bytes
 stay valid; a Deflated data set cannot be split and is read whole.
 
-:func:`read_received` also records the received encoding of the header (a
+:func:`read_received` also records the transfer syntax the header was received in (a
 :class:`~anonproxy.deid.layout.Layout`); given it, :func:`write_spliced` copies the elements the
-engine left alone from those bytes and encodes only the others
+engine left alone as received and encodes only the others
 (:func:`~anonproxy.deid.layout.encode_changed`), and writes the whole header with pydicom only
 when the transfer syntax or character set changed.
 
@@ -38,7 +38,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from anonproxy.deid.layout import LONG_VRS, Layout, encode_changed
 from anonproxy.errors import DecodeError, LimitExceeded
@@ -141,9 +141,8 @@ def read_header(
 def read_received(
     path: str | os.PathLike[str], *, max_inflated_bytes: int | None = None
 ) -> tuple[Dataset, PixelSpan | None, Layout | None]:
-    """:func:`read_header`, and the layout of the header as received (None for a file read
-    whole, or whose bytes do not agree with what pydicom decoded): give it to
-    :func:`write_spliced` to write only what changed."""
+    """:func:`read_header`, and the transfer syntax its elements were received in (None for a
+    file read whole): give it to :func:`write_spliced` to write only what changed."""
     source = Path(path)
     try:
         with source.open("rb") as handle:
@@ -167,7 +166,7 @@ def read_received(
                 span = _pixel_span(handle, source, syntax.is_implicit_VR, syntax.is_little_endian)
             except _NotSpliceable:
                 return read_instance(source), None, None
-            layout = _layout(handle, ds, span, syntax)
+            layout = Layout(syntax)  # its raw elements are the received bytes
             if span is not None:
                 _read_trailing(handle, ds, span, syntax.is_implicit_VR, syntax.is_little_endian)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
@@ -175,16 +174,6 @@ def read_received(
     except _DECODE_ERRORS:
         raise DecodeError("source is not a readable DICOM file") from None
     return ds, span, layout
-
-
-def _layout(handle: BinaryIO, ds: Dataset, span: PixelSpan | None, syntax: UID) -> Layout | None:
-    """The layout of the data set's elements before the pixel data (to the end of the file
-    without it); None without preamble and file meta."""
-    start = data_set_offset(handle)
-    if not start:
-        return None
-    end = span.offset if span is not None else os.fstat(handle.fileno()).st_size
-    return Layout.read(handle, ds, start, end, syntax)
 
 
 def _pixel_span(handle: BinaryIO, source: Path, implicit: bool, little: bool) -> PixelSpan | None:
@@ -270,7 +259,7 @@ def write_spliced(
     data element of *span* copied unchanged from its source file in its place.
 
     With *layout* (from :func:`read_received`, for the data set read with *span*), the
-    elements the engine left alone are copied from the received bytes and only the others are
+    elements the engine left alone are copied as received and only the others are
     encoded (:func:`~anonproxy.deid.layout.encode_changed`); without it, or when the transfer
     syntax or character set changed, pydicom encodes the whole header. The bytes are the same.
 

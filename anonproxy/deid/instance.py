@@ -5,7 +5,7 @@
 names attributes, limits and policies, never a value of the data set:
 
 1. read the header (:func:`~anonproxy.deid.files.read_received`: the pixel data stays on disk,
-   the received encoding of the header is recorded):
+   the transfer syntax its elements were received in is recorded):
    :class:`~anonproxy.errors.InputUnreadable` when the file cannot be read at all,
    :class:`~anonproxy.errors.DecodeError` when it is not DICOM,
    :class:`~anonproxy.errors.LimitExceeded` when a deflated data set inflates past
@@ -20,8 +20,8 @@ names attributes, limits and policies, never a value of the data set:
 4. de-identify (:meth:`Deidentifier.deidentify_with_check`):
    :class:`~anonproxy.errors.DeidentificationError`;
 5. write the de-identified header with the pixel data copied from the source
-   (:func:`~anonproxy.deid.files.write_spliced`: the elements the engine left alone copied from
-   the received bytes, the others encoded), the self-check reading the encoded bytes
+   (:func:`~anonproxy.deid.files.write_spliced`: the elements the engine left alone copied as
+   received, the others encoded), the self-check reading the encoded bytes
    before they are written: DeidentificationError when an identifying value survived (nothing
    is written), :class:`~anonproxy.errors.EncodeError` when the data set cannot be encoded,
    OSError when the file cannot be written.
@@ -313,8 +313,8 @@ def _refusing(self_check: SelfCheck) -> Check:
 def _read(
     source: str | os.PathLike[str], limits: Limits
 ) -> tuple[Dataset, PixelSpan | None, Layout | None, str]:
-    """Steps 1 and 2: the header, the span of the pixel data, the header's layout as received
-    and the Modality."""
+    """Steps 1 and 2: the header, the span of the pixel data, the transfer syntax it was
+    received in (:class:`~anonproxy.deid.layout.Layout`) and the Modality."""
     try:
         dataset, pixels, layout = read_received(
             source, max_inflated_bytes=limits.max_inflated_bytes

@@ -3,34 +3,32 @@ the engine left alone and new encodings of the others.
 
 Encoding a whole header with pydicom's writer (every element through the generic writer, the
 file meta deep-copied and validated) costs more than the de-identification decisions. The
-engine leaves most elements of an image untouched, so :func:`encode_changed` copies those from
-the received bytes and encodes only the rest. Its output is the bytes the full writer
-(``dcmwrite``) gives for the same data set; the layout decisions:
+engine leaves most elements of an image untouched, so :func:`encode_changed` copies those and
+encodes only the rest. Its output is the bytes the full writer (``dcmwrite``) gives for the
+same data set; the layout decisions:
 
-* **What is recorded.** :meth:`Layout.read` runs right after pydicom decoded the received header,
-  before anything converts an element: it walks the top-level element headers (tag, VR, length)
-  from the first byte of the data set to the pixel data element (or the end of the file) and
-  records, for each element pydicom left undecoded (a :class:`RawDataElement`), that object and
-  the byte range of its encoding (header and value). pydicom's value positions anchor the walk:
-  an element of undefined length (a sequence, or an undefined-length UN) ends with the Sequence
-  Delimitation Item just before the next element's header. A gap, an overlap, elements out of
-  tag order or in disagreement with pydicom give no layout, and the file goes to the full
-  writer.
-* **What is unchanged.** An element is copied when the data set still holds the very
-  :class:`RawDataElement` recorded: raw elements are immutable, and the engine converts an
-  element to read or change it, or replaces it. pydicom's writer writes a raw element's value
-  as read, behind a header of the same tag, VR and length, so the copy is byte for byte what
-  it would write. Everything else — converted (read, perhaps changed), replaced or inserted
-  elements, sequences with or without changes inside — is encoded, in the character set of the
-  data set: a single value or a list of plain values of the VRs the engine writes most (text,
-  codes, dates, UIDs, numbers; :func:`_encode_plain`) the way pydicom's writers encode them;
-  anything else (person names, sequences, tags, bytes but OB, values pydicom stores in its own
-  types) by pydicom's ``write_data_element``, as the full writer does. A sequence is encoded
-  whole, its items and itself keeping the defined or undefined lengths pydicom recorded. Any
-  doubt is an encoding, never a copy.
-* **The encoding stays.** Elements are copied in the received transfer syntax (implicit or
-  explicit VR, little or big endian): the writer only runs when the data set is still in that
-  transfer syntax and character set (pydicom's own test of whether it must re-encode every
+* **What is copied.** pydicom keeps every element nobody has accessed as the bytes it read (a
+  :class:`RawDataElement`: tag, VR, length and value as received, immutable); the engine
+  converts an element to read or change it, or replaces it. So a raw element still in the data
+  set is unchanged, and its received encoding is its header — tag, VR and length, 8 or 12
+  bytes, re-packed from the raw element — followed by the value bytes pydicom already holds:
+  neither a second copy of the header nor any decoding is needed. pydicom's writer writes a
+  raw element the same way, so the copy is byte for byte what it would write. (Recording the
+  byte ranges of the received elements instead costs a walk of the header and a second copy of
+  it in memory, for the same bytes.)
+* **What is encoded.** Everything else — converted (read, perhaps changed), replaced or
+  inserted elements, sequences — in the character set of the data set: a single value or a
+  list of plain values of the VRs the engine writes most (text, codes, dates, UIDs, numbers;
+  :func:`_encode_plain`) the way pydicom's writers encode them; a sequence item by item when
+  pydicom would write its items element by element as they are (:func:`_encode_item`), its
+  items and itself keeping the defined or undefined lengths pydicom recorded; anything else
+  (person names, tags, most binary values, values pydicom stores in its own types, an item it
+  would re-encode) by pydicom's ``write_data_element``, as the full writer does. Any doubt is
+  pydicom's encoding.
+* **The encoding stays.** :class:`Layout` records the transfer syntax a file was read in by
+  :func:`~anonproxy.deid.files.read_received` (with preamble and file meta, not deflated, its
+  elements encoded as the syntax says). The writer only runs while the data set is still in
+  that transfer syntax and character set (pydicom's own test of whether it must re-encode every
   element). Otherwise :func:`encode_changed` returns None and the caller writes the whole
   header (e.g. pixels decoded and stored losslessly by
   :func:`~anonproxy.deid.pixels.blank_decoded`, or a rewritten Specific Character Set).
@@ -40,17 +38,15 @@ the received bytes and encodes only the rest. Its output is the bytes the full w
   the data set's file meta with the changes ``dcmwrite(..., enforce_file_format=True)`` makes
   (Media Storage SOP Class and Instance UIDs from the data set, File Meta Information Version
   and Implementation Class UID when missing, a new group length), checked and completed by
-  pydicom's ``validate_file_meta`` and :func:`_encode_plain`, behind the received preamble
+  pydicom's ``validate_file_meta``, encoded element by element behind the received preamble
   (128 zero bytes without one). The data set's own file meta elements are never modified.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import BinaryIO
 
 from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.dataelem import DataElement, RawDataElement
@@ -95,104 +91,29 @@ _SOP_INSTANCE_UID = 0x00080018
 
 @dataclass(frozen=True)
 class Layout:
-    """The received encoding of a data set's top-level elements before its pixel data.
+    """The transfer syntax a data set's elements were received in, recorded by
+    :func:`~anonproxy.deid.files.read_received` when pydicom read them as that syntax says:
+    its raw elements are then the received bytes."""
 
-    ``data`` holds those bytes; ``ranges`` maps the tag of each element pydicom left undecoded
-    to that :class:`RawDataElement` and the ``[start, end)`` of its encoding in ``data``.
-    """
-
-    data: bytes
-    ranges: Mapping[int, tuple[RawDataElement, int, int]]
     syntax: UID
-    implicit: bool
-    little: bool
 
-    @classmethod
-    def read(
-        cls, handle: BinaryIO, ds: Dataset, start: int, end: int, syntax: UID
-    ) -> Layout | None:
-        """The layout of ``[start, end)`` of the file *handle*, where *ds* (just decoded by
-        pydicom from it, nothing converted since) found its top-level elements; None when the
-        bytes and *ds* do not agree element by element."""
-        implicit, little = bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
-        handle.seek(start)
-        data = handle.read(end - start)
-        if len(data) != end - start:
-            return None
-        endian = "<" if little else ">"
-        read = sorted(((int(t), e) for t, e in ds.items()), key=itemgetter(0))
-        tags = [tag for tag, _ in read]
-        elements: list[DataElement | RawDataElement] = [element for _, element in read]
-        ranges: dict[int, tuple[RawDataElement, int, int]] = {}
-        at = 0
-        for index, (tag, element) in enumerate(read):
-            header = _header(data, at, implicit, endian)
-            value_at = _value_tell(element)
-            if header is None or header[0] != tag or value_at != start + at + header[1]:
-                return None
-            _, size, length = header
-            if length != _UNDEFINED_LENGTH:
-                stop = at + size + length
-            elif index + 1 < len(tags):
-                next_at = _value_tell(elements[index + 1])
-                if next_at is None:
-                    return None
-                stop = _start_before(data, next_at - start, tags[index + 1], implicit, endian)
-            else:
-                stop = len(data)
-            if stop > len(data) or (
-                length == _UNDEFINED_LENGTH
-                and data[stop - 8 : stop] != _delimiter(_SEQUENCE_DELIMITER, endian)
-            ):
-                return None
-            if isinstance(element, RawDataElement):
-                ranges[tag] = (element, at, stop)
-            at = stop
-        if at != len(data):
-            return None
-        return cls(data, ranges, syntax, implicit, little)
+    @property
+    def implicit(self) -> bool:
+        return bool(self.syntax.is_implicit_VR)
+
+    @property
+    def little(self) -> bool:
+        return bool(self.syntax.is_little_endian)
 
 
-def _header(data: bytes, at: int, implicit: bool, endian: str) -> tuple[int, int, int] | None:
-    """``(tag, header size, value length)`` of the element header at *at*; None past the end
-    of *data* or for an explicit VR that is not two capital letters."""
-    if at + 8 > len(data):
-        return None
-    group, element = struct.unpack_from(endian + "HH", data, at)
-    tag = group << 16 | element
-    if implicit:
-        return tag, 8, struct.unpack_from(endian + "L", data, at + 4)[0]
-    vr = data[at + 4 : at + 6]
-    if not (vr.isalpha() and vr.isupper()):
-        return None
-    if vr in LONG_VRS:
-        if at + 12 > len(data):
-            return None
-        return tag, 12, struct.unpack_from(endian + "L", data, at + 8)[0]
-    return tag, 8, struct.unpack_from(endian + "H", data, at + 6)[0]
-
-
-def _start_before(data: bytes, value_at: int, tag: int, implicit: bool, endian: str) -> int:
-    """Where the element *tag* whose value starts at *value_at* starts (its header is 8 or 12
-    bytes long); past the end of *data* when neither agrees with the bytes."""
-    for size in (8, 12):
-        header = _header(data, value_at - size, implicit, endian)
-        if value_at - size >= 0 and header is not None and header[:2] == (tag, size):
-            return value_at - size
-    return len(data) + 1
-
-
-def _value_tell(element: DataElement | RawDataElement | None) -> int | None:
-    """Where pydicom found the element's value in the file."""
-    if isinstance(element, RawDataElement):
-        return element.value_tell
-    return getattr(element, "file_tell", None)
+def _delimiter(tag: tuple[int, int], endian: str) -> bytes:
+    return struct.pack(f"{endian}HHL", *tag, 0)
 
 
 def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> bytes | None:
     """The preamble, file meta and top-level elements of *ds* (those with a tag below *below*
-    only, with a pixel data element copied separately), the elements *layout* recorded and
-    *ds* still holds copied, the others encoded; None when *ds* is no longer in the transfer
+    only, with a pixel data element copied separately): the elements the engine left alone
+    copied as received, the others encoded; None when *ds* is no longer in the transfer
     syntax and character set of *layout* (the caller writes the whole header instead).
     Raises as pydicom's writer does for what cannot be encoded (ValueError, TypeError...)."""
     meta = getattr(ds, "file_meta", None)
@@ -201,31 +122,21 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
         or meta.get("TransferSyntaxUID") != layout.syntax
         or ds.original_encoding != (layout.implicit, layout.little)
         or ds.original_character_set != ds._character_set  # pydicom's own test
+        or meta.original_encoding != (False, True)  # else pydicom re-encodes the meta too
+        or meta.original_character_set != meta._character_set
     ):
         return None
-    pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
+    implicit, little = layout.implicit, layout.little
     encodings = ds.get("SpecificCharacterSet", default_encoding)
     codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
-    data, ranges = layout.data, layout.ranges
-    run_start = run_end = 0  # received bytes to copy, written when the run breaks
+    pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
     for tag, element in sorted(((int(t), e) for t, e in ds.items()), key=itemgetter(0)):
         if below is not None and tag >= below:
             break
         if tag >> 16 in (0, 2):
             raise ValueError("command or file meta element in the data set")
-        if not tag & 0xFFFF and tag >> 16 > 6:
-            continue  # a retired group length: pydicom does not write it
-        recorded = ranges.get(tag)
-        if recorded is not None and recorded[0] is element:
-            if recorded[1] != run_end:
-                pieces.append(data[run_start:run_end])
-                run_start = recorded[1]
-            run_end = recorded[2]
-            continue
-        pieces.append(data[run_start:run_end])
-        run_start = run_end = 0
-        pieces.append(_encode_element(element, layout.implicit, layout.little, codecs, encodings))
-    pieces.append(data[run_start:run_end])
+        if tag & 0xFFFF or tag >> 16 <= 6:  # pydicom writes no retired group length
+            pieces.append(_encode_element(element, implicit, little, codecs, encodings))
     return b"".join(pieces)
 
 
@@ -381,10 +292,6 @@ def _element_header(tag: int, vr: str, length: int, implicit: bool, endian: str)
     if length <= 0xFFFF:
         return struct.pack(f"{endian}HH2sH", group, number, vr.encode(), length)
     return None
-
-
-def _delimiter(tag: tuple[int, int], endian: str) -> bytes:
-    return struct.pack(f"{endian}HHL", *tag, 0)
 
 
 def _encode_plain(

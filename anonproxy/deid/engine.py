@@ -449,6 +449,11 @@ class Deidentifier:
             if meta is not None:
                 self._file_meta(meta, new_sop, run)
             self._update(ds)
+            if getattr(ds, "preamble", None) is not None:
+                # PS3.10 7.1: the 128-byte File Preamble is the application's, outside the data
+                # set and Table E.1-1 (a sender may put a TIFF header or any text there): the
+                # output's is zeros.
+                ds.preamble = None
         except (DeidentificationError, TransientError):
             raise
         except Exception:  # noqa: BLE001 - any failure must become a rejection, without values

@@ -180,3 +180,24 @@ def test_big_endian_pixel_data_is_spliced(tmp_path: Path) -> None:
     raw = source.read_bytes()[span.offset : span.offset + 4]
     assert struct.unpack(">HH", raw) == (0x7FE0, 0x0010)
     assert _spliced(source, tmp_path / "out.dcm") == _whole(source)
+
+
+def test_the_file_preamble_is_never_copied(tmp_path: Path) -> None:
+    """A sender's 128-byte preamble (free for the application: a TIFF header, or text) is not
+    the data set's and is written as zeros, by the engine's API and by the file path."""
+    from anonproxy.deid.instance import deidentify_file
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.preamble = b"SMITH^JOHN MRN 12345678".ljust(128, b"\0")
+    source = tmp_path / "in.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    assert source.read_bytes()[:5] == b"SMITH"
+    deidentify_file(ENGINE, source, tmp_path / "out.dcm")
+    written = (tmp_path / "out.dcm").read_bytes()
+    assert written[:132] == bytes(128) + b"DICM"
+    assert b"SMITH" not in written
+    again = dcmread(source)
+    ENGINE.deidentify(again)
+    out = io.BytesIO()
+    dcmwrite(out, again, enforce_file_format=True)
+    assert out.getvalue()[:128] == bytes(128)

@@ -183,6 +183,12 @@ class Metrics:
             "anonproxy_refusals", "Instances refused (not forwarded), by stage and DIMSE status",
             ["stage", "status"], registry=registry,
         )  # fmt: skip
+        self.receive_seconds = Histogram(
+            "anonproxy_receive_seconds",
+            "Receiving one C-STORE data set: from its first fragment to the whole data set "
+            "(the sender's and the network's pace)",
+            registry=registry, buckets=DURATION_BUCKETS,
+        )  # fmt: skip
         self.deidentify_seconds = Histogram(
             "anonproxy_deidentify_seconds",
             "From the start of processing to the de-identified data set (parse, checks, engine)",
@@ -220,6 +226,10 @@ class Metrics:
     def watch(self, source: StateSource) -> None:
         """Read the gauges from *source* on every scrape."""
         self.registry.register(_StateCollector(source))
+
+    def data_set_received(self, seconds: float) -> None:
+        """A C-STORE data set was received whole, *seconds* after its first fragment."""
+        self.receive_seconds.observe(seconds)
 
     def store_answered(self, status: int) -> None:
         """A C-STORE response was sent with *status*."""

@@ -37,6 +37,7 @@ import os
 import queue
 import re
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -134,6 +135,7 @@ class ReceivedFile:
     *durable*: the files are to be kept durably (``storage.fsync``)."""
 
     def __init__(self, directory: Path, key: bytes | None = None, durable: bool = True) -> None:
+        self.started = time.monotonic()  # the data set's first fragment arrived
         self._ahead = _for(directory, durable)
         self.path, self._fd, self._entry_on_disk = self._ahead.take()
         self.kept = False

@@ -344,6 +344,8 @@ class StorageSCP:
         received = cast("ReceivedFile | None", getattr(event.request, "_dataset_file", None))
         if not isinstance(received, ReceivedFile):  # a C-STORE request without a data set
             return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, "no data set")
+        if self.metrics is not None:
+            self.metrics.data_set_received(time.monotonic() - received.started)
         try:
             received.finish()
             refusal = self._refusal_by_limits(event, received.path)

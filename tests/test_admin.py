@@ -115,6 +115,8 @@ def test_metrics_move_with_stores_refusals_rejections_and_forwarding(
     assert sum(refusals.values()) == 1
     [(labels, _)] = refusals.items()
     assert dict(labels)["status"] == REFUSED
+    assert value(scraped, "anonproxy_receive_seconds_count") == 3  # the refused one too
+    assert value(scraped, "anonproxy_receive_seconds_sum") > 0
     assert value(scraped, "anonproxy_deidentify_seconds_count") == 2
     assert value(scraped, "anonproxy_deidentify_seconds_sum") > 0
     assert value(scraped, "anonproxy_store_seconds_count") == 2

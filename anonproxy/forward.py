@@ -641,16 +641,23 @@ class ProcessSender:
         if admitted is None:
             return False
         self._further = admitted
-        conn = self._conn or self._start()
-        if not self._started:  # no instance waits for an interpreter to start
-            try:
-                if not conn.poll(timeout):
-                    return False  # still admitted next time, unless no longer wanted
-                self._started = isinstance(conn.recv(), _Started)
-            except (EOFError, OSError):
-                self._failed("sender process failed")
-                return False
-        return True
+        if self._conn is None:
+            self._start()
+        # No instance waits for an interpreter to start; until then, admitted again next time
+        # (unless no longer wanted).
+        return self.started(timeout)
+
+    def started(self, timeout: float) -> bool:
+        """Whether the child has started and takes requests, waiting up to *timeout* seconds
+        for it (False also when there is no child, or it failed)."""
+        if self._started or self._conn is None:
+            return self._started
+        try:
+            if self._conn.poll(timeout):
+                self._started = isinstance(self._conn.recv(), _Started)
+        except (EOFError, OSError):
+            self._failed("sender process failed")
+        return self._started
 
     def _associated(self, held: bool) -> None:
         """Record whether the child holds an association (and tell the gate)."""

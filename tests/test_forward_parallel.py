@@ -81,6 +81,12 @@ class Forwarding:
 
     def start(self) -> None:
         for worker in self.workers:
+            assert isinstance(worker.sender, ProcessSender)
+            worker.sender.prepare()
+        for worker in self.workers:
+            assert isinstance(worker.sender, ProcessSender)
+            assert worker.sender.started(60)
+        for worker in self.workers:
             worker.start()
 
     def drained(self) -> bool:
@@ -142,7 +148,7 @@ def test_a_destination_taking_one_association_gets_every_instance_without_quaran
         scp = StoreSCP(tmp_path / "research").start()
         config = _destination(scp.port, "RESEARCH", max_associations=4)
     forwarding = Forwarding(tmp_path, config)
-    uids = forwarding.put(builders.make_series(tmp_path / "series", 40, rows=32))
+    uids = forwarding.put(builders.make_series(tmp_path / "series", 80, rows=32))
     try:
         forwarding.start()
         assert wait_for(forwarding.drained, timeout=90)
@@ -152,7 +158,7 @@ def test_a_destination_taking_one_association_gets_every_instance_without_quaran
         if scp is not None:
             scp.stop()
     if scp is not None:
-        assert len(scp.files()) == 40
+        assert len(scp.files()) == 80
     else:
         assert sorted(uid for _, uid in peers[0].stored) == sorted(uids)
     forwarded = forwarding.events("instance.forwarded")

@@ -38,8 +38,9 @@ same data set; the layout decisions:
   the data set's file meta with the changes ``dcmwrite(..., enforce_file_format=True)`` makes
   (Media Storage SOP Class and Instance UIDs from the data set, File Meta Information Version
   and Implementation Class UID when missing, a new group length), checked and completed by
-  pydicom's ``validate_file_meta``, encoded element by element behind the received preamble
-  (128 zero bytes without one). The data set's own file meta elements are never modified.
+  pydicom's ``validate_file_meta``, encoded element by element behind the data set's preamble
+  (as dcmwrite: 128 zero bytes without one, which the engine sees to). The data set's own file
+  meta elements are never modified.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -170,14 +169,3 @@ def test_concurrent_use_of_one_engine_gives_identical_results() -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(run, range(64)))
     assert all(o == outcomes[0] for o in outcomes)
-
-
-def test_ct_small_is_fast() -> None:
-    raw = _path("CT_small.dcm").read_bytes()
-    deid = Deidentifier(Profile(), secret=SECRET)
-    datasets = [dcmread(BytesIO(raw)) for _ in range(100)]
-    started = time.perf_counter()
-    for ds in datasets:
-        deid.deidentify(ds)
-    per_file_ms = (time.perf_counter() - started) * 1000 / len(datasets)
-    assert per_file_ms < 15  # typically ~2 ms; generous for slow CI machines

@@ -25,10 +25,13 @@ RUN python -m venv /opt/anonproxy
 WORKDIR /src
 
 # Dependencies first, in their own layer (rebuilt only when the lock changes): exactly the
-# versions of requirements.lock, each file checked against its sha256 there (pip refuses any
-# package that is not in the lock or does not match). tools/lock-requirements makes the lock
-# from pyproject.toml; it includes setuptools, which builds anonproxy below.
-COPY requirements.lock ./
+# versions of the lock, each file checked against its sha256 there (pip refuses any package
+# that is not in the lock or does not match). tools/lock-requirements makes the locks from
+# pyproject.toml; they include setuptools, which builds anonproxy below.
+# requirements-postgresql.lock adds the postgresql extra (psycopg, LGPL-3.0) for
+# state.backend: postgresql: --build-arg LOCK=requirements-postgresql.lock.
+ARG LOCK=requirements.lock
+COPY ${LOCK} requirements.lock
 RUN /opt/anonproxy/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
         -r requirements.lock
 

@@ -490,7 +490,7 @@ def test_the_dockerfile_build_stage_runs_in_a_clean_venv(tmp_path: Path) -> None
             workdir = tmp_path / args.lstrip("/")
             workdir.mkdir(parents=True, exist_ok=True)
         elif keyword == "COPY":
-            source, target = shlex.split(args)
+            source, target = shlex.split(_resolve_args(DOCKERFILE, args))
             destination = workdir / target
             if (ROOT / source).is_dir():
                 shutil.copytree(
@@ -512,10 +512,10 @@ def test_the_dockerfile_build_stage_runs_in_a_clean_venv(tmp_path: Path) -> None
     assert ran[-1].strip().endswith(f"anonproxy {metadata('anonproxy')['Version']}")
 
 
-def _lock() -> dict[str, tuple[str, int]]:
-    """requirements.lock: each pinned package's version and number of sha256 hashes."""
+def _lock(name: str) -> dict[str, tuple[str, int]]:
+    """A lock file: each pinned package's version and number of sha256 hashes."""
     pins: dict[str, tuple[str, int]] = {}
-    text = (ROOT / "requirements.lock").read_text("utf-8")
+    text = (ROOT / name).read_text("utf-8")
     for block in re.split(r"\n(?=[A-Za-z0-9])", text):
         match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", block)
         if match:
@@ -524,26 +524,33 @@ def _lock() -> dict[str, tuple[str, int]]:
     return pins
 
 
-def test_the_lock_pins_every_dependency_with_hashes() -> None:
-    """Every dependency of pyproject.toml, and the build backend, is in requirements.lock at a
-    version its specifier allows, with at least one hash (run tools/lock-requirements after
-    changing the dependencies)."""
+@pytest.mark.parametrize(
+    ("lock", "extras"),
+    [("requirements.lock", []), ("requirements-postgresql.lock", ["postgresql"])],
+)
+def test_the_locks_pin_every_dependency_with_hashes(lock: str, extras: list[str]) -> None:
+    """Every dependency of pyproject.toml (and of the lock's extras), and the build backend, is
+    in the lock at a version its specifier allows, with at least one hash (run
+    tools/lock-requirements after changing the dependencies)."""
     from packaging.requirements import Requirement
 
-    pins = _lock()
+    pins = _lock(lock)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
     wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    wanted += [r for extra in extras for r in project["project"]["optional-dependencies"][extra]]
     problems = []
     for text in wanted:
         requirement = Requirement(text)
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
         if name not in pins:
-            problems.append(f"{name}: not in requirements.lock")
+            problems.append(f"{name}: not in {lock}")
         elif not requirement.specifier.contains(pins[name][0], prereleases=True):
             problems.append(f"{name}: {pins[name][0]} outside {requirement.specifier}")
     assert problems == []
     assert all(hashes >= 1 for _, hashes in pins.values())
     assert len(pins) >= len(wanted)
+    if not extras:
+        assert not any(name.startswith("psycopg") for name in pins)  # LGPL: not by default
 
 
 def test_dockerfile_config_state_and_healthcheck_agree_with_the_example() -> None:
@@ -570,7 +577,7 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     assert {".git", ".venv", "var", "**/__pycache__", ".pytest_cache"} <= ignored
     # What the Dockerfile copies from the context must not be ignored.
     for _, args in [i for i in _instructions(DOCKERFILE) if i[0] == "COPY"]:
-        parts = shlex.split(args)
+        parts = shlex.split(_resolve_args(DOCKERFILE, args))
         if any(part.startswith("--from") for part in parts):
             continue
         for source in parts[:-1]:

@@ -365,6 +365,53 @@ def test_compose_publishes_the_admin_endpoint_on_loopback_with_a_token() -> None
     assert token.group(1) in (compose.get("secrets") or {})
 
 
+def test_compose_ha_profile_runs_haproxy_before_two_nodes_sharing_postgresql() -> None:
+    """`docker compose --profile ha up`: HAProxy with the shipped haproxy.cfg, whose servers
+    are the node services on their DICOM port, checked on the admin port the nodes open; the
+    nodes run the image with the postgresql extra, the image's command with --set overrides
+    that validate to state.backend postgresql with a compose secret as dsn_file, and share the
+    pseudonym secret and the map key; each has its own storage volume."""
+    compose = _compose()
+    services = compose["services"]
+    ha = sorted(name for name, service in services.items() if "ha" in service.get("profiles", []))
+    assert ha == ["anon1", "anon2", "haproxy", "postgres"]
+    config = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text("utf-8")
+    assert ("./deploy/haproxy/haproxy.cfg", "/usr/local/etc/haproxy/haproxy.cfg") in _mounts(
+        services["haproxy"]
+    )
+    servers = re.findall(r"^\s*server \S+ (\S+):(\d+)", config, re.MULTILINE)
+    (check_port,) = re.findall(r"check port (\d+)", config)
+    (cmd,) = _args_of(_final_stage(DOCKERFILE), "CMD")
+    image_command = _exec_form(cmd)
+    secrets = compose.get("secrets") or {}
+    states = set()
+    for node in ("anon1", "anon2"):
+        service = services[node]
+        assert service["build"]["args"]["LOCK"] == "requirements-postgresql.lock"
+        command = [str(part) for part in service["command"]]
+        assert command[: len(image_command)] == image_command
+        extra = command[len(image_command) :]
+        settings = load_settings(_bind_source(service, _cmd_config_path()), extra[1::2])
+        assert settings.state.backend == "postgresql"
+        assert str(settings.state.dsn_file).removeprefix("/run/secrets/") in secrets
+        assert settings.admin.host == "0.0.0.0"
+        assert str(settings.admin.port) == check_port
+        assert (node, str(settings.listen.port)) in servers
+        environment = _environment(service)
+        for variable in ("ANONPROXY_SECRET_FILE", "ANONPROXY_MAP_KEY_FILE"):
+            assert environment[variable].removeprefix("/run/secrets/") in secrets
+        states.update(
+            source for source, target in _mounts(service) if target == "/var/lib/anonproxy"
+        )
+    assert len(states) == 2, "each node has its own storage volume"
+    assert len(servers) == 2
+    postgres = _environment(services["postgres"])
+    assert postgres["POSTGRES_PASSWORD_FILE"].removeprefix("/run/secrets/") in secrets
+    assert f"dbname={postgres['POSTGRES_DB']} user={postgres['POSTGRES_USER']}" in (
+        COMPOSE_FILE.read_text("utf-8")
+    )
+
+
 # --- (c) the example configuration ----------------------------------------------------------
 
 

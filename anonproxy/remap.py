@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from anonproxy.audit import get_logger
 from anonproxy.deid.identity import StudyIdentity, StudyValues
 from anonproxy.errors import ConfigError, StateUnavailable
+from anonproxy.sealed import load_key
 from anonproxy.state import MapRow, StateStore
 
 log = get_logger(__name__)
@@ -147,22 +148,9 @@ class MapKey:
 
 def _read_key(path: Path, setting: str) -> bytes:
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as exc:
-        msg = f"{setting}: cannot read the map key {path}: {exc.strerror or type(exc).__name__}"
-        raise MapKeyError(msg) from None
-    if mode & 0o077:
-        msg = f"{setting}: the map key {path} must be readable by its owner only (chmod 600)"
-        raise MapKeyError(msg)
-    text = data.strip()
-    if len(text) == 2 * _KEY_BYTES:
-        with contextlib.suppress(ValueError):
-            return bytes.fromhex(text.decode("ascii"))
-    if len(data) == _KEY_BYTES:
-        return data
-    msg = f"{setting}: the map key {path} must hold 32 random bytes (openssl rand -hex 32)"
-    raise MapKeyError(msg)
+        return load_key(path, setting)  # the same rules as the incoming spool's key
+    except ConfigError as exc:
+        raise MapKeyError(str(exc)) from None
 
 
 def create_key_file(path: Path) -> bool:

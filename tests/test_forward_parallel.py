@@ -61,11 +61,6 @@ class Forwarding:
             for i in range(config.max_associations)
         ]
         self.gate = gate_of(self.spool.queues["research"], config.max_associations)
-        for worker in self.workers:
-            # Every child from the start, as worker 0's: the further associations are tried
-            # while the first instances are sent, not after the queue is drained.
-            assert isinstance(worker.sender, ProcessSender)
-            worker.sender.prestart = True
 
     def put(self, paths: list[Path]) -> list[str]:
         """Commit *paths* to the queue as the pipeline does; returns their SOP Instance UIDs."""

@@ -428,21 +428,12 @@ class StateStore:
         pseudonym either way (the first writer wins, across processes and nodes).
         LookupConflict when *pseudonym* is another patient's."""
         with self._backend.transaction(write=True, lock=True) as cur:
-            row = cur.execute(
-                "SELECT original_key, pseudonym FROM patient_pseudonyms"
-                " WHERE original_key = ? OR pseudonym = ?",
-                (original_key, pseudonym),
-            ).fetchall()
-            mine = [r for r in row if bytes(r[0]) == original_key]
-            if mine:
-                return str(mine[0][1])
-            if row:
+            recorded, taken = _recorded(cur, original_key, pseudonym)
+            if recorded is not None:
+                return recorded
+            if taken:
                 raise LookupConflict(0, "the pseudonym is another patient's")
-            cur.execute(
-                "INSERT INTO patient_pseudonyms (original_key, pseudonym, source, recorded_at)"
-                " VALUES (?, ?, ?, ?)",
-                (original_key, pseudonym, source, time.time()),
-            )
+            _insert_patient(cur, original_key, pseudonym, source, time.time())
         return pseudonym
 
     def import_patients(self, rows: Sequence[tuple[bytes, str]]) -> tuple[int, int]:
@@ -453,24 +444,15 @@ class StateStore:
         now = time.time()
         with self._backend.transaction(write=True, lock=True) as cur:
             for index, (key, pseudonym) in enumerate(rows):
-                found = cur.execute(
-                    "SELECT original_key, pseudonym FROM patient_pseudonyms"
-                    " WHERE original_key = ? OR pseudonym = ?",
-                    (key, pseudonym),
-                ).fetchall()
-                same = [r for r in found if bytes(r[0]) == key]
-                if same and str(same[0][1]) == pseudonym:
+                recorded, taken = _recorded(cur, key, pseudonym)
+                if recorded == pseudonym:
                     present += 1
                     continue
-                if same:
+                if recorded is not None:
                     raise LookupConflict(index, "this patient already has another pseudonym")
-                if found:
+                if taken:
                     raise LookupConflict(index, "this pseudonym is already another patient's")
-                cur.execute(
-                    "INSERT INTO patient_pseudonyms (original_key, pseudonym, source, recorded_at)"
-                    " VALUES (?, ?, 'import', ?)",
-                    (key, pseudonym, now),
-                )
+                _insert_patient(cur, key, pseudonym, "import", now)
                 added += 1
         return added, present
 
@@ -532,4 +514,26 @@ def _map_row(r: Sequence[Any]) -> MapRow:
         str(r[5]),
         bytes(r[6]),
         float(r[7]),
+    )
+
+
+def _recorded(cur: _Cursor, original_key: bytes, pseudonym: str) -> tuple[str | None, bool]:
+    """The patient's recorded pseudonym (None: none yet), and whether *pseudonym* is recorded
+    for another patient."""
+    rows = cur.execute(
+        "SELECT original_key, pseudonym FROM patient_pseudonyms"
+        " WHERE original_key = ? OR pseudonym = ?",
+        (original_key, pseudonym),
+    ).fetchall()
+    mine = [str(r[1]) for r in rows if bytes(r[0]) == original_key]
+    return (mine[0] if mine else None), len(rows) > len(mine)
+
+
+def _insert_patient(
+    cur: _Cursor, original_key: bytes, pseudonym: str, source: str, when: float
+) -> None:
+    cur.execute(
+        "INSERT INTO patient_pseudonyms (original_key, pseudonym, source, recorded_at)"
+        " VALUES (?, ?, ?, ?)",
+        (original_key, pseudonym, source, when),
     )

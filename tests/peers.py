@@ -33,7 +33,7 @@ def tool(name: str) -> str:
     return found
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+def stop_process(process: subprocess.Popen[Any] | None, timeout: float) -> None:
     """Terminate a peer, killing it when it does not stop within *timeout* seconds."""
     if process is None:
         return

@@ -16,7 +16,7 @@ from pydicom import dcmread
 
 from builders import make_series
 from conftest import audit_records, serve
-from peers import StoreSCP, free_port, storescu, wait_for, wait_port
+from peers import StoreSCP, free_port, stop_process, storescu, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -126,12 +126,7 @@ def test_sigkill_with_acknowledged_instances_waiting_delivers_each_once_after_re
                    if e["event"] == "service.started"]  # fmt: skip
         assert started[-1]["recovered_deferred"] == waiting
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(60)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop_process(proxy, 60)
         research.stop()
 
 

@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from builders import make_series
 from conftest import TEST_SECRET, audit_records, serve
-from peers import StoreSCP, free_port, storescu, wait_for, wait_port
+from peers import StoreSCP, free_port, stop_process, storescu, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -40,15 +40,6 @@ def anonproxy(args: list[str], cwd: Path, key: Path | None) -> subprocess.Comple
         [sys.executable, "-m", "anonproxy", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-
-
-def _stop(proxy: subprocess.Popen[str]) -> None:
-    proxy.send_signal(signal.SIGTERM)
-    try:
-        proxy.wait(60)
-    except subprocess.TimeoutExpired:
-        proxy.kill()
-        proxy.wait()
 
 
 def test_the_map_survives_sigkill_and_the_honest_broker_reads_it(
@@ -99,7 +90,7 @@ def test_the_map_survives_sigkill_and_the_honest_broker_reads_it(
         proxy = serve(config, tmp_path)  # restart: the spool is forwarded
         assert wait_for(lambda: len(research.files()) == 24, timeout=90)
     finally:
-        _stop(proxy)
+        stop_process(proxy, 60)
         research.stop()
     delivered = [dcmread(p, stop_before_pixels=True) for p in research.files()]
     by_patient: dict[str, set[str]] = {}

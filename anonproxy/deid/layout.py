@@ -58,6 +58,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from anonproxy.deid.structure import held_elements
+
 #: Explicit VRs whose header has two reserved bytes and a 4-byte length (PS3.5 7.1.2): OB, OD,
 #: OF, OL, OV, OW, SQ, SV, UC, UN, UR, UT, UV.
 LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
@@ -131,7 +133,7 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     encodings = ds.get("SpecificCharacterSet", default_encoding)
     codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
     pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
-    for tag, element in sorted(((int(t), e) for t, e in ds.items()), key=itemgetter(0)):
+    for tag, element in sorted(((int(t), e) for t, e in held_elements(ds)), key=itemgetter(0)):
         if below is not None and tag >= below:
             break
         if tag >> 16 in (0, 2):
@@ -263,9 +265,10 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
     engine made of decoded elements with no ambiguous VR and no sequence (pydicom's
     ambiguous-VR correction changes nothing in it). None for any other item: pydicom decodes
     and corrects every element, and so does the caller."""
+    elements = held_elements(item)  # as pydicom's writer takes them (get_item)
     if item.original_encoding == (None, None):  # made by the engine
         if any(
-            isinstance(e, RawDataElement) or e.VR == "SQ" or " or " in e.VR for _, e in item.items()
+            isinstance(e, RawDataElement) or e.VR == "SQ" or " or " in e.VR for _, e in elements
         ):
             return None
     elif (
@@ -277,7 +280,7 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
     inner = convert_encodings(encodings or [default_encoding])
     return b"".join(
         _encode_element(element, implicit, little, inner, encodings)
-        for tag, element in sorted(((int(t), e) for t, e in item.items()), key=itemgetter(0))
+        for tag, element in sorted(((int(t), e) for t, e in elements), key=itemgetter(0))
         if tag & 0xFFFF or tag >> 16 <= 6  # pydicom writes no retired group length
     )
 

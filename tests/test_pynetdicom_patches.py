@@ -549,9 +549,13 @@ def test_a_pdu_longer_than_advertised_is_refused_before_its_body_is_read(patched
         server.stop()
 
 
-def test_an_undecodable_command_set_aborts_the_association(patched: bool) -> None:
+def test_an_undecodable_command_set_aborts_the_association(
+    patched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pynetdicom's DIMSE decoder raises in the DUL thread, which stops: the peer is told
     nothing and EVT_ABORTED never comes. Guarded, it is an A-ABORT like any other, audited."""
+    raised: list[str] = []  # exceptions that ended a thread (pynetdicom's DUL thread)
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type.__name__))
     server = _GuardedServer(patched)
     peer = server.associated_peer(timeout=5)
     try:
@@ -562,6 +566,7 @@ def test_an_undecodable_command_set_aborts_the_association(patched: bool) -> Non
         assert server.aborted.wait(3) is patched
         reasons = [reason for reason, _ in server.violations]
         assert reasons == (["invalid_dimse_message"] if patched else [])
+        assert raised == ([] if patched else ["AttributeError"])  # no Command Field
     finally:
         peer.close()
         server.stop()

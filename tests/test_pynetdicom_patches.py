@@ -683,6 +683,8 @@ def test_a_tls_handshake_is_bounded_by_its_time_out(patched: bool, pki: Pki) -> 
         except TimeoutError:
             closed = False
         assert closed is patched
+        # The handler records the failure once the hook has closed the connection.
+        assert wait_for(lambda: len(failures) == int(patched), timeout=5, interval=0.01)
         assert [type(f).__name__ for f in failures] == (["TimeoutError"] if patched else [])
     finally:
         silent.close()

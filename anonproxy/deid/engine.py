@@ -29,6 +29,11 @@ Order of work for one instance:
      inside one whose action is C text is cleaned; elsewhere the IOD of the SOP Class decides
      (text, names and binary values it does not define at that nesting position are removed);
      unknown and retired attributes are removed everywhere;
+
+   the table's decision for a public attribute (the last two rules) is a function of the
+   profile, the SOP Class, the parent sequences, the mode, the tag and the VR the element is
+   held with, so the engine makes it once per position and keeps it (bounded); an element
+   the table leaves as received with an explicit VR is never decoded;
 4. file meta: Media Storage SOP Instance UID := the new SOP Instance UID; Source, Sending and
    Receiving AE Titles and the private information removed; Implementation Class UID and
    Version Name set to anonproxy's;
@@ -219,9 +224,10 @@ class DeidResult:
 
 
 #: Bounds of the decisions an engine keeps (:meth:`Deidentifier._decisions_at`): positions
-#: (SOP Class, parent sequences, mode) and decisions per position.
-_MAX_POSITIONS = 4096
-_MAX_DECISIONS = 4096
+#: (SOP Class, parent sequences, mode), and decisions per position (tags and VRs; also the
+#: bound of the per-tag memos); at most their product, some 40 MB, whatever the senders send.
+_MAX_POSITIONS = 512
+_MAX_DECISIONS = 512
 
 
 class _Kept(Enum):

@@ -10,6 +10,7 @@ Messages name the element's tag and the limit, never a value.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pydicom.charset import python_encoding
@@ -33,14 +34,20 @@ def _is_sequence(raw: RawDataElement | DataElement) -> bool:
         return raw.VR == "SQ"
     if raw.length == 0xFFFFFFFF and raw.VR in {None, "UN"}:
         return True  # undefined length, VR unknown: pydicom reads it as a sequence
-    if raw.VR is not None:
+    if raw.VR is not None and raw.VR != "UN":
         return raw.VR == "SQ"
-    if raw.tag.is_private:
-        return False
+    # implicit VR, or a sequence sent as UN (by a node that did not know it): pydicom decodes
+    # it by the dictionary (replace_un_with_known_vr), items and all
+    return not raw.tag.is_private and dictionary_sequence(raw.tag)
+
+
+@lru_cache(maxsize=4096)
+def dictionary_sequence(tag: int) -> bool:
+    """True if the data dictionary says public attribute *tag* is a sequence."""
     try:
-        return dictionary_VR(raw.tag) == "SQ"
+        return dictionary_VR(tag) == "SQ"
     except KeyError:
-        return raw.length == 0xFFFFFFFF
+        return False
 
 
 def held_elements(dataset: Dataset) -> list[tuple[BaseTag, RawDataElement | DataElement]]:

@@ -27,7 +27,11 @@ starts in about a second, dicognito's in half of one), so each round also times 
 one file (CT_small.dcm), and a second table gives the start and the ms per file without it
 (the best round's seconds minus the best one-file run, over the files but one), with the
 ratio of those. Every figure is also given in CPU seconds (user and system, the tool and its
-worker processes): on a shared machine they vary much less than the time.
+worker processes): on a shared machine they vary less than the time (they still grow with the
+load of the other core).
+
+The anonproxy measured is the one ``python -m anonproxy`` imports in the current folder (its
+package there comes before PYTHONPATH): to time another checkout, run the script from it.
 """
 
 from __future__ import annotations

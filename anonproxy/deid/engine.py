@@ -124,6 +124,9 @@ _SERIES_INSTANCE_UID = 0x0020000E
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
 _BURNED_IN_ANNOTATION = 0x00280301
+_CODE_VALUE = 0x00080100
+_CODING_SCHEME_DESIGNATOR = 0x00080102
+_CODE_MEANING = 0x00080104
 
 #: File meta attributes removed: AE titles of the peers and the private information.
 _META_REMOVED = frozenset(
@@ -1019,10 +1022,10 @@ class Deidentifier:
         ds.DeidentificationMethod = list(self._method)
         items = []
         for code in self._method_codes:
-            item = Dataset()
-            item.CodeValue = code.value
-            item.CodingSchemeDesignator = code.scheme_designator
-            item.CodeMeaning = code.meaning
+            item = Dataset()  # the elements setattr would make, without its keyword lookups
+            item.add_new(_CODE_VALUE, VR.SH, code.value)
+            item.add_new(_CODING_SCHEME_DESIGNATOR, VR.SH, code.scheme_designator)
+            item.add_new(_CODE_MEANING, VR.LO, code.meaning)
             items.append(item)
         ds.DeidentificationMethodCodeSequence = Sequence(items)
         ds.LongitudinalTemporalInformationModified = self._longitudinal

@@ -27,6 +27,8 @@ from anonproxy.errors import LimitExceeded, StructureError
 DEFAULT_MAX_SEQUENCE_DEPTH = 16
 
 _VRS = frozenset(str(vr) for vr in VR_)
+#: The VRs an element still as received may be a sequence with: none (implicit VR), SQ, UN.
+_MAYBE_SEQUENCE = frozenset({None, "SQ", "UN"})
 
 
 def _is_sequence(raw: RawDataElement | DataElement) -> bool:
@@ -105,6 +107,8 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
                         raise StructureError(f"element {raw.tag} has an odd value length")
                     if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
                         raise StructureError(f"element {raw.tag} is truncated")
+                if raw.VR not in _MAYBE_SEQUENCE:  # most elements: an explicit VR, not SQ
+                    continue
             if not _is_sequence(raw):
                 continue
             element = current[tag]

@@ -466,6 +466,8 @@ def test_received_data_sets_are_written_into_the_hooked_file(patched: bool, tmp_
         patches.receive_data_sets_into(
             lambda: tempfile.NamedTemporaryFile(dir=tmp_path, delete=False)  # noqa: SIM115
         )
+    else:  # pynetdicom's own, whatever a proxy started earlier in this process hooked
+        pynetdicom.dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore[attr-defined]
     header = dcmread(CT, stop_before_pixels=True)
     acceptor = AE("PATCHES")
     acceptor.add_supported_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)

@@ -120,6 +120,8 @@ def test_per_peer_and_global_association_limits(make_proxy, tmp_path: Path) -> N
     assert held[0].is_established
     try:
         assert echo(proxy.port).returncode == 0  # one from 127.0.0.1, one from 127.0.0.2
+        # echoscu is done once released; the proxy's association thread ends just after
+        assert wait_for(lambda: proxy.scp.active_associations() == 1, timeout=10)
         held.append(_hold(proxy.port, "127.0.0.1"))
         assert held[1].is_established
         # A second association from 127.0.0.1: over the per-peer limit.

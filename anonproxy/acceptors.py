@@ -342,7 +342,11 @@ class AcceptorSupervisor:
             counters=self.counters,
             events=events_w,
             requests=requests_child,
-            map_key=None if self.map_recorder is None else self.map_recorder.key,
+            map_key=(  # a fresh one: the recorder's caches what pickle cannot take
+                None
+                if self.map_recorder is None
+                else MapKey(self.map_recorder.key.value, self.map_recorder.key.source)
+            ),
         )
         process = self._context.Process(
             target=self.target, args=(spec,), name=f"anonproxy-acceptor-{slot.index}", daemon=True

@@ -4,6 +4,7 @@
         [--deidentify-workers N] [--acknowledge after_deidentification|after_receipt|both]
         [--no-ocr] [--senders 1,4] [--destination storescp|storescp-fork|orthanc]
         [--max-associations N] [--peer-max-pdu N] [--incoming-key off|on|both]
+        [--processes N]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts the research PACS (``--destination``: DCMTK storescp, which serves one association at a
@@ -24,8 +25,10 @@ Prints, per run, the delivery rate (instances/s and MB/s until the last arrival 
 research PACS) and the acknowledgement rate (storescu's own elapsed time: how long the sender
 is held), each with its ratio to the direct run and to the receive-only floor; forwarding
 latency p50/p95/p99 (from the audit trail: spool commit to the destination's answer), the
-proxy's peak RSS (alone, and summed with its child processes). DCMTK and Orthanc run with
-TCP_NODELAY=1.
+proxy's peak RSS (alone, and summed with its child processes) and the CPU time of the proxy
+and all its processes per instance (``--processes N``: ``listen.processes``, the acceptor
+processes; on C cores the rate cannot pass C / that CPU time, the peers' CPU aside). DCMTK and
+Orthanc run with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -152,6 +155,19 @@ def peak_rss_mib(pid: int) -> tuple[float, float]:
     return (peaks[0], sum(peaks)) if peaks else (float("nan"), float("nan"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) of the process, of its running child processes and of the
+    children it has waited for (Linux /proc)."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def make_large(directory: Path, mib: int) -> int:
     """One multi-frame instance of about *mib* MiB (512x512 16-bit frames), written in chunks
     so that the benchmark itself never holds it."""
@@ -249,6 +265,9 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
     )
     try:
         wait_port(port, 30)
+        while not any(e["event"] == "service.started" for e in audit(root)):
+            time.sleep(0.05)  # every acceptor process listens
+        idle_cpu = cpu_seconds(proxy.pid)  # start-up (spawned interpreters) not counted
         started = time.perf_counter()
         acknowledged = run_senders(port, folders, "ANONPROXY")
         while scp.count() < expected:
@@ -260,6 +279,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
             time.sleep(0.05)
         arrived = time.perf_counter() - started
         rss, tree_rss = peak_rss_mib(proxy.pid)
+        cpu = cpu_seconds(proxy.pid) - idle_cpu
     finally:
         proxy.terminate()
         proxy.wait(60)
@@ -276,6 +296,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         "p99_ms": quantiles[98],
         "peak_rss_mib": rss,
         "tree_rss_mib": tree_rss,
+        "cpu_s": cpu,
     }
 
 
@@ -311,6 +332,7 @@ def report(
             f"  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
             f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
+            f"  CPU {1000 * result['cpu_s'] / count:.1f} ms/instance"
         )
         print(
             f"  {label + ', acknowledged':44s} {ack:8.1f} inst/s"
@@ -393,7 +415,12 @@ def main() -> None:
     parser.add_argument(
         "--peer-max-pdu", type=int, help="the research PACS's Maximum Length (4096..131072)"
     )
+    parser.add_argument(
+        "--processes", type=int, help="the proxy's listen.processes (acceptor processes)"
+    )
     args = parser.parse_args()
+    if args.processes is not None:
+        LISTEN["processes"] = args.processes
     PEER.update(kind=args.destination, max_pdu=args.peer_max_pdu)
     if args.max_associations is not None:
         value = args.max_associations

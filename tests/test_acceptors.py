@@ -250,3 +250,45 @@ def test_a_port_another_program_holds_stops_the_start(make_proxy, tmp_path: Path
             preflight(settings)
         with pytest.raises(ConfigError, match=f"listen: cannot listen on 127.0.0.1:{port}"):
             make_proxy(listen={"host": "127.0.0.1", "port": port, "processes": 2})
+
+
+def test_after_receipt_a_killed_acceptors_deferred_data_sets_are_recovered(
+    make_proxy, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """Acknowledged on receipt, not yet de-identified when its acceptor is killed: the service
+    de-identifies and delivers them (its deferred data sets are named after its run)."""
+    proxy = make_proxy([_dicom(storescp)], listen={"processes": 2, "acknowledge": "after_receipt"})
+    audit = tmp_path / "var" / "audit.jsonl"
+    batches = [_files(tmp_path / f"in{n}", 10) for n in range(4)]
+    running = [_storescu_background(proxy.port, batch) for batch in batches]
+    assert wait_for(
+        lambda: sum(r["event"] == "instance.received" for r in audit_records(audit)) >= 4,
+        timeout=60,
+        interval=0.01,
+    )
+    received = [r for r in audit_records(audit) if r["event"] == "instance.received"]
+    victim_index = received[0]["acceptor"]
+    victim = proxy.acceptors.pids()[victim_index]
+    os.kill(victim, signal.SIGKILL)
+    for process in running:
+        process.communicate(timeout=120)
+    assert wait_for(
+        lambda: any(r["event"] == "acceptor.restarted" for r in audit_records(audit)), timeout=30
+    )
+    for batch in batches:  # what was not acknowledged is sent again
+        done = storescu(proxy.port, batch)
+        assert done.returncode == 0, done.stderr
+        assert "Store Failed" not in done.stderr
+    assert wait_for(lambda: len(storescp.files()) == 40, timeout=90)
+    assert wait_for(lambda: not list((tmp_path / "var" / "spool" / "deferred").glob("*.dcm")))
+    records = _audit_lines(audit)
+    kept_by_victim = {
+        r["deferred_as"]
+        for r in records
+        if r["event"] == "instance.received" and r.get("acceptor") == victim_index
+        and r["deferred_as"] < proxy.acceptors.slots[victim_index].run  # before the restart
+    }  # fmt: skip
+    assert kept_by_victim
+    committed = {r.get("deferred_as") for r in records if r["event"] == "instance.spooled"}
+    assert kept_by_victim <= committed
+    assert not [r for r in records if r["event"] == "instance.failed"]

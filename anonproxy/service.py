@@ -492,9 +492,10 @@ class Proxy:
         recovered = self.spool.recover()
         if self.map_recorder is not None:  # entries a previous run journaled, shipped now
             self.map_recorder.open()
-        if self.settings.listen.acknowledge == "after_receipt":
+        if self.settings.listen.acknowledge == "after_receipt" and self.acceptors is None:
             # The worker processes de-identify every instance: spawned now, not during the
-            # first study (two interpreters starting cost a 2-core machine a second of receiving)
+            # first study (two interpreters starting cost a 2-core machine a second of receiving;
+            # with acceptor processes, they de-identify and these start only to recover)
             self.deidentifiers.start()
         deferred = self.deferred.recover()
         for worker in self.workers:

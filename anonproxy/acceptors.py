@@ -109,8 +109,8 @@ class Channel:
         try:
             with self._send_lock:
                 self._events.send(message)
-        except (OSError, ValueError):
-            log.warning("acceptor.supervisor_unreachable", message=message[0])
+        except Exception:  # an audit record never fails its caller (AuditLog's contract)
+            log.warning("acceptor.relay_failed", message=message[0], exc_info=True)
 
     def wait_for_stop(self) -> float:
         """Block until the supervisor asks this acceptor to stop; the seconds its associations

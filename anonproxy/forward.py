@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
@@ -62,13 +62,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
-from pynetdicom.pdu_primitives import MaximumLengthNotification
-from pynetdicom.presentation import build_context
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from anonproxy import codecs, reactor
+from anonproxy import codecs, pynetdicom_patches
 from anonproxy.audit import AuditLog, configure_logging, get_logger
 from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.durable import make_directories, sync_data, sync_directory
@@ -79,8 +79,6 @@ from anonproxy.tls import client_context
 
 log = get_logger(__name__)
 
-_config.STORE_SEND_CHUNKED_DATASET = True  # stream spool files; never load pixel data twice
-
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 _RETRY_BASE_S = 0.5
 _STATUS_CATEGORY_DELIVERED = {"Success", "Warning"}
@@ -88,7 +86,7 @@ _REPLY_MARGIN_S = 30.0  # start-up of the sender process, transfer syntax conver
 _MIN_THROUGHPUT_BYTES_S = 1_000_000  # the reply time-out grows by 1 s per MB of the instance
 _CLOSE_WAIT_S = 5.0  # for the sender process to release its association and exit
 # PDU length sent to a peer that takes any (Maximum Length 0): pynetdicom would send, and read,
-# a whole instance as one PDU.
+# a whole instance as one PDU (see pynetdicom_patches.bound_peer_max_length).
 UNLIMITED_PEER_PDU = 1 << 20
 # The Maximum Length we propose: what the destination may send us, C-STORE responses only.
 # 0 (no limit) costs nothing; what we send is cut to the destination's own Maximum Length.
@@ -195,7 +193,7 @@ class DicomSender:
     :class:`ProcessSender`)."""
 
     def __init__(self, config: DicomDestinationConfig, calling_ae_title: str) -> None:
-        reactor.install()
+        pynetdicom_patches.install()  # spool files streamed, never loaded: chunked_data_sets
         self.config = config
         self.ae = AE(ae_title=config.calling_ae_title or calling_ae_title)
         self.ae.acse_timeout = config.acse_timeout
@@ -205,11 +203,11 @@ class DicomSender:
         if config.tls is not None:  # DICOM TLS; a certificate that cannot be read: ConfigError
             key = f"destinations.{config.name}.tls"
             self._tls_args = (client_context(config.tls, key), config.host)
-        self._assoc: Any = None
+        self._assoc: Association | None = None
         self._last_used = 0.0
         self._wanted: dict[tuple[str, str], None] = {}
 
-    def _contexts(self) -> list[Any]:
+    def _contexts(self) -> list[PresentationContext]:
         """One context per (SOP Class, transfer syntax) seen, plus an uncompressed fallback
         per SOP Class, so that the accepted contexts tell exactly what the peer takes."""
         # Verification is always proposed, so that the association is established even when a
@@ -237,10 +235,10 @@ class DicomSender:
         """Whether an association is held (it may since have been ended by the peer)."""
         return self._assoc is not None
 
-    def _associate(self, *, further: bool = False) -> None:
-        """Open the association; *further*: another to this destination is open, so wait
-        :data:`PROBE_ACSE_TIMEOUT_S` at most and raise :class:`DestinationBusy` if it is not
-        established."""
+    def _associate(self, *, further: bool = False) -> Association:
+        """Open the association (and return it); *further*: another to this destination is
+        open, so wait :data:`PROBE_ACSE_TIMEOUT_S` at most and raise :class:`DestinationBusy` if
+        it is not established."""
         self.close()
         self.ae.acse_timeout = (
             min(self.config.acse_timeout, PROBE_ACSE_TIMEOUT_S)
@@ -263,10 +261,9 @@ class DicomSender:
             if self._tls_args is not None and not assoc.is_rejected:
                 reason += " (TLS)"
             raise ForwardError(f"association {reason}")
-        for item in assoc.acceptor.user_information:
-            if isinstance(item, MaximumLengthNotification) and not item.maximum_length_received:
-                item.maximum_length_received = UNLIMITED_PEER_PDU
+        pynetdicom_patches.bound_peer_max_length(assoc, UNLIMITED_PEER_PDU)
         self._assoc = assoc
+        return assoc
 
     def send(self, path: Path, *, further: bool = False) -> int:
         """C-STORE the file at *path*; *further*: if an association must be opened, another
@@ -287,8 +284,7 @@ class DicomSender:
             if len(self._wanted) > _MAX_CONTEXTS // 2:
                 self._wanted.pop(next(iter(self._wanted)))
             self.close()  # negotiate again, now with a context for this pair
-        if self._assoc is None:
-            self._associate(further=further)
+        assoc = self._assoc if self._assoc is not None else self._associate(further=further)
         accepted = self._accepted_syntaxes(sop_class)
         if not accepted:
             self.close()
@@ -297,7 +293,7 @@ class DicomSender:
         if syntax not in accepted:
             dataset = self._convert(path, syntax, accepted)
         try:
-            status = self._assoc.send_c_store(dataset)
+            status = assoc.send_c_store(dataset)
         except (RuntimeError, ValueError, OSError) as exc:
             self.close()
             raise ForwardError(f"C-STORE not sent: {type(exc).__name__}") from None

@@ -4,8 +4,9 @@ Four bounds protect the SCP from a hostile or broken peer (issue 5, item 3):
 
 * **PDU length.** pynetdicom reads the 6-byte PDU header, then reads (and accumulates) as many
   bytes as the header declares, up to 4 GiB, before it looks at them. :class:`PduGuard` sits
-  between pynetdicom's upper layer and its socket (installed on EVT_CONN_OPEN, before the first
-  read) and checks each header as it passes: a P-DATA-TF PDU longer than the maximum PDU
+  between pynetdicom's upper layer and its socket (hooked in by
+  :func:`anonproxy.pynetdicom_patches.guard_pdus` on EVT_CONN_OPEN, before the first read) and
+  checks each header as it passes: a P-DATA-TF PDU longer than the maximum PDU
   length anonproxy advertised (``listen.max_pdu_size``), or any other PDU longer than
   :data:`MAX_CONTROL_PDU_BYTES`, is refused *before its body is read*: the guard sends an
   A-ABORT (service-provider, invalid-PDU-parameter-value) and closes the connection. The guard
@@ -31,11 +32,11 @@ Messages and audit fields carry lengths and limits only, never a value of the da
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from pynetdicom.pdu_primitives import P_DATA
 
 from anonproxy.deid.files import data_set_offset, inflated_size
 from anonproxy.deid.structure import check_structure as check_structure  # noqa: PLC0414 - re-export
@@ -88,7 +89,7 @@ class DataSetBound:
         self._received = 0  # bytes of the data set being received
         self._dropping = False
 
-    def take(self, primitive: Any) -> None:  # noqa: ANN401 - a pynetdicom P_DATA primitive
+    def take(self, primitive: P_DATA) -> None:
         """Count the data set fragments of *primitive*; past the bound, keep only their
         message control header (PS3.8 E.2)."""
         if self.max_bytes is None:
@@ -101,7 +102,7 @@ class DataSetBound:
             self._received += len(value) - 1
             self._dropping = self._dropping or self._received > self.max_bytes
             if self._dropping:
-                items[index] = [context_id, value[:1]]
+                items[index] = (context_id, value[:1])
             if control & 0x02:  # the last fragment: the next data set starts afresh
                 self.oversized, self._dropping, self._received = self._dropping, False, 0
 
@@ -109,86 +110,41 @@ class DataSetBound:
 class PduGuard:
     """Checks every PDU header a pynetdicom acceptor reads, before the body is read.
 
-    :meth:`install` replaces the ``recv`` of the association's
-    :class:`pynetdicom.transport.AssociationSocket` (the only reader is the upper layer's
-    ``_read_pdu_data``, which reads a 6-byte header, then the body in one call), and keeps the
-    upper layer from reading while the association request is being decided (state Sta3).
+    The policy only: :func:`anonproxy.pynetdicom_patches.guard_pdus` puts it between the
+    association's upper layer and its socket (on EVT_CONN_OPEN, before the first read), hands
+    it the socket's own read (:meth:`attach`) and shows it each received P-DATA
+    (:meth:`take`) and each message the DIMSE layer cannot decode (:meth:`undecodable`).
     """
 
     def __init__(
         self,
-        assoc: Any,  # noqa: ANN401 - pynetdicom Association
         max_pdu_size: int,
         on_violation: Violation,
         max_data_set_bytes: int | None = None,
     ) -> None:
-        self.assoc = assoc
         self.max_pdu_size = max_pdu_size
         self.on_violation = on_violation
         self.data_sets = DataSetBound(max_data_set_bytes)
         self.tripped = False
         self.release_requested = False  # an A-RELEASE-RQ was read (the peer ends normally)
         self._body_type: int | None = None  # the type of the PDU whose body comes next
-        self._recv: Callable[[int], bytearray] = assoc.dul.socket.recv
+        self._recv: Callable[[int], bytearray] = lambda _: bytearray()
+        self._abort: Callable[[bytes], None] = lambda _: None
 
-    @classmethod
-    def install(
-        cls,
-        assoc: Any,  # noqa: ANN401 - pynetdicom Association
-        max_pdu_size: int,
-        on_violation: Violation,
-        read_timeout: float | None = None,
-        max_data_set_bytes: int | None = None,
-    ) -> PduGuard:
-        """Guard the socket of *assoc* (call on EVT_CONN_OPEN, before its first read).
+    def attach(self, read: Callable[[int], bytearray], abort: Callable[[bytes], None]) -> None:
+        """*read*: the socket's own ``recv``; *abort*: sends an A-ABORT PDU and closes the
+        connection (the upper layer then sees it closed)."""
+        self._recv, self._abort = read, abort
 
-        With *read_timeout*, a read that waits longer (a peer that stops in the middle of a
-        PDU) fails, and the upper layer sees the connection closed: pynetdicom reads a PDU in a
-        blocking loop, where its own idle time-out is never checked.
+    def take(self, primitive: P_DATA) -> None:
+        """A received P-DATA, before it is decoded: bounded by :attr:`data_sets`."""
+        self.data_sets.take(primitive)
 
-        With *max_data_set_bytes*, data sets are bounded as they arrive (see
-        :class:`DataSetBound`, the guard's ``data_sets``).
-        """
-        guard = cls(assoc, max_pdu_size, on_violation, max_data_set_bytes)
-        assoc.anonproxy_guard = guard
-        raw = getattr(assoc.dul.socket, "socket", None)
-        if raw is not None and read_timeout is not None:
-            raw.settimeout(read_timeout)
-        assoc.dul.socket.recv = guard.recv
-        transport_event: Callable[[], bool] = assoc.dul._is_transport_event
-
-        def hold_while_deciding() -> bool:
-            # Sta3: the A-ASSOCIATE-RQ is being decided. pynetdicom's state machine has no
-            # transition for the local answer (Evt7/Evt8) once anything read here has moved it
-            # on (garbage or an A-ABORT: Sta13 or Sta1), and its reactor thread then dies with
-            # InvalidEventError. Read nothing until the answer is sent, nor while an event
-            # read earlier waits (the A-ASSOCIATE-RQ's own Evt6, behind Evt5).
-            dul = assoc.dul
-            if dul.state_machine.current_state == "Sta3" or not dul.event_queue.empty():
-                return False
-            return transport_event()
-
-        assoc.dul._is_transport_event = hold_while_deciding
-
-        # A P-DATA-TF whose command set lacks Command Field (or is otherwise undecodable)
-        # raises in pynetdicom's DIMSE decoder inside the reactor thread, which dies and leaves
-        # the association (and its slot) behind. Turn that into Evt19 (A-ABORT), as pynetdicom
-        # does itself for messages that fail later.
-        dimse = assoc.dimse
-        receive: Callable[[Any], None] = dimse.receive_primitive
-
-        def receive_or_abort(primitive: Any) -> None:  # noqa: ANN401 - a P_DATA primitive
-            try:
-                guard.data_sets.take(primitive)
-                receive(primitive)
-            except Exception:  # noqa: BLE001 - any decoding failure is a protocol violation
-                dimse.message = None
-                if not guard.tripped:
-                    guard.on_violation("invalid_dimse_message", {"pdu_type": _P_DATA_TF})
-                assoc.dul.event_queue.put("Evt19")
-
-        dimse.receive_primitive = receive_or_abort
-        return guard
+    def undecodable(self) -> None:
+        """The DIMSE layer cannot decode a received message: it is aborted (unless a refusal
+        of this guard's came first)."""
+        if not self.tripped:
+            self.on_violation("invalid_dimse_message", {"pdu_type": _P_DATA_TF})
 
     def limit(self, pdu_type: int) -> int:
         """The longest body accepted for a PDU of *pdu_type*."""
@@ -237,14 +193,7 @@ class PduGuard:
         """A-ABORT the peer and close the connection; the upper layer then sees it closed."""
         self.tripped = True
         self.on_violation(reason, details)
-        raw = getattr(self.assoc.dul.socket, "socket", None)
-        if raw is None:
-            return
-        try:
-            raw.sendall(abort_pdu(abort_reason))
-            raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # the peer is gone already
+        self._abort(abort_pdu(abort_reason))
 
 
 def check_received_file(path: Path, *, deflated: bool, max_bytes: int) -> None:

@@ -33,16 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
-from anonproxy import limits, reactor, sop_classes, tls
+from anonproxy import limits, pynetdicom_patches, sop_classes, tls
 from anonproxy.access import AccessPolicy, Rejection, SharedAssociations
 from anonproxy.audit import AuditLog, silence_pynetdicom_identifiers
 from anonproxy.config import ListenConfig
@@ -56,22 +56,17 @@ from anonproxy.sealed import SealError, opened
 from anonproxy.status import EchoStatus, StoreStatus
 
 silence_pynetdicom_identifiers()  # whether or not logging is configured
-# C-STORE data sets are written to a file as they arrive (see receive_into), never held whole.
-_config.STORE_RECV_CHUNKED_DATASET = True
 
 
 def receive_into(directory: Path, key: bytes | None = None, *, durable: bool = True) -> None:
-    """Make pynetdicom write received C-STORE data sets into *directory* (the spool's
-    owner-only ``deferred`` folder, under hidden names: see :mod:`anonproxy.received`), sealed
-    with *key* when one is configured, rather than the system's temporary folder: they hold
-    PHI. The handler removes each file once answered, unless it was kept (deferred); with
-    *durable*, the files are created ahead with their entries on disk (see
-    :mod:`anonproxy.received`)."""
-
-    def create(**_: object) -> ReceivedFile:
-        return ReceivedFile(directory, key, durable)
-
-    pynetdicom.dimse_messages.NamedTemporaryFile = create  # type: ignore[attr-defined,assignment]
+    """Make pynetdicom write received C-STORE data sets, as they arrive, into *directory*
+    (the spool's owner-only ``deferred`` folder, under hidden names: see
+    :mod:`anonproxy.received`), sealed with *key* when one is configured, rather than the
+    system's temporary folder: they hold PHI (the hook:
+    :func:`anonproxy.pynetdicom_patches.receive_data_sets_into`). The handler removes each file
+    once answered, unless it was kept (deferred); with *durable*, the files are created ahead
+    with their entries on disk (see :mod:`anonproxy.received`)."""
+    pynetdicom_patches.receive_data_sets_into(lambda: ReceivedFile(directory, key, durable))
 
 
 class _SharedContext(PresentationContext):
@@ -150,7 +145,7 @@ class StorageSCP:
         shared: SharedAssociations | None = None,
         acceptor_index: int = 0,
     ) -> None:
-        reactor.install()
+        pynetdicom_patches.install()  # UnsupportedPynetdicom (a ConfigError) on another version
         self.incoming_key = pipeline.runner.incoming_key
         receive_into(pipeline.spool.deferred_dir, self.incoming_key, durable=pipeline.spool.fsync)
         self.config = config
@@ -267,7 +262,7 @@ class StorageSCP:
     # -- association events ---------------------------------------------------------------
 
     @staticmethod
-    def _describe(assoc: Any) -> dict[str, Any]:  # noqa: ANN401 - pynetdicom Association
+    def _describe(assoc: Association) -> dict[str, Any]:
         return {
             "calling_ae_title": str(assoc.requestor.ae_title).strip(),
             "called_ae_title": str(assoc.acceptor.ae_title).strip(),
@@ -275,38 +270,27 @@ class StorageSCP:
             "peer_port": assoc.requestor.port,
         }
 
-    @staticmethod
-    def _tls_socket(assoc: Any) -> ssl.SSLSocket | None:  # noqa: ANN401 - pynetdicom Association
-        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-        return sock if isinstance(sock, ssl.SSLSocket) else None
-
     def handle_connection_opened(self, event: evt.Event) -> None:
         """EVT_CONN_OPEN (TLS only): shake hands in the connection's own thread, within the
         ACSE time-out. A failed handshake closes the connection and is audited as
         ``association.rejected`` (reason ``tls_handshake_failed``)."""
-        assoc: Any = event.assoc
-        sock = self._tls_socket(assoc)
-        if sock is None:
-            return
-        try:
-            tls.handshake(sock, self.config.acse_timeout)
-        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+        assoc = event.assoc
+        failure = pynetdicom_patches.finish_tls_handshake(assoc, self.config.acse_timeout)
+        if failure is not None:
             self.audit.event(
                 "association.rejected",
                 reason="tls_handshake_failed",
-                detail=tls.failure_reason(exc),
+                detail=tls.failure_reason(failure),
                 peer_address=assoc.requestor.address,
                 peer_port=assoc.requestor.port,
             )
-            # Nothing to negotiate on this connection: let the acceptor give up at once.
-            assoc.acse_timeout = 0.001
-            assoc.dul.socket.close()
 
     def handle_requested(self, event: evt.Event) -> None:
         """EVT_REQUESTED: apply the access policy to the A-ASSOCIATE-RQ (see
         :mod:`anonproxy.access`); a refusal is an A-ASSOCIATE-RJ and EVT_REJECTED."""
-        assoc: Any = event.assoc
+        assoc = event.assoc
         request = assoc.requestor.primitive
+        assert request is not None  # noqa: S101 - EVT_REQUESTED follows the A-ASSOCIATE-RQ
         address = assoc.requestor.address
         if self.shared is None:
             acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
@@ -345,7 +329,7 @@ class StorageSCP:
         record = AssociationRecord(**self._describe(event.assoc))
         with self._lock:
             self._records[id(event.assoc)] = record
-        sock = self._tls_socket(event.assoc)
+        sock = pynetdicom_patches.tls_socket(event.assoc)
         self.audit.event(
             "association.accepted",
             assoc_id=id(event.assoc),
@@ -356,15 +340,17 @@ class StorageSCP:
 
     def handle_rejected(self, event: evt.Event) -> None:
         """EVT_REJECTED: audit the rejection, with its reason, result, source and diagnostic."""
-        assoc: Any = event.assoc
+        assoc = event.assoc
         with self._lock:
             rejection = self._rejections.pop(id(assoc), None)
         if rejection is None:  # decided by pynetdicom itself
             answer = assoc.acceptor.primitive
+            assert answer is not None  # noqa: S101 - pynetdicom has sent its A-ASSOCIATE-RJ
             rejection = Rejection.from_primitive(
                 int(answer.result or 0), int(answer.result_source or 0), int(answer.diagnostic or 0)
             )
         request = assoc.requestor.primitive
+        assert request is not None  # noqa: S101 - a rejection answers an A-ASSOCIATE-RQ
         self.audit.event(
             "association.rejected",
             calling_ae_title=str(request.calling_ae_title).strip(),
@@ -395,7 +381,7 @@ class StorageSCP:
         if event.event is evt.EVT_CONN_CLOSE:
             # The reactor thread triggers EVT_RELEASED after queueing the A-RELEASE-RP; the peer
             # can close first, and pynetdicom then triggers EVT_CONN_CLOSE before it.
-            guard = getattr(event.assoc, "anonproxy_guard", None)
+            guard = self._guard(event.assoc)
             released = guard is not None and guard.release_requested
             name = "association.released" if released else "association.closed"
         self.audit.event(
@@ -413,9 +399,10 @@ class StorageSCP:
 
     def handle_guard_pdus(self, event: evt.Event) -> None:
         """EVT_CONN_OPEN: check every PDU header before its body is read (see
-        :class:`anonproxy.limits.PduGuard`); a refusal is an A-ABORT, audited as
+        :class:`anonproxy.limits.PduGuard`, hooked in by
+        :func:`anonproxy.pynetdicom_patches.guard_pdus`); a refusal is an A-ABORT, audited as
         ``association.protocol_violation`` with the reason and the declared length."""
-        assoc: Any = event.assoc
+        assoc = event.assoc
 
         def violation(reason: str, details: dict[str, object]) -> None:
             self.audit.event(
@@ -427,13 +414,15 @@ class StorageSCP:
                 **details,
             )
 
-        limits.PduGuard.install(
-            assoc,
-            self.config.max_pdu_size,
-            violation,
-            read_timeout=self.config.network_timeout,
-            max_data_set_bytes=self.config.max_instance_bytes,
+        guard = limits.PduGuard(
+            self.config.max_pdu_size, violation, max_data_set_bytes=self.config.max_instance_bytes
         )
+        pynetdicom_patches.guard_pdus(assoc, guard, read_timeout=self.config.network_timeout)
+
+    @staticmethod
+    def _guard(assoc: Association) -> limits.PduGuard | None:
+        guard = pynetdicom_patches.pdu_guard(assoc)
+        return guard if isinstance(guard, limits.PduGuard) else None
 
     def _refuse_store(self, event: evt.Event, status: StoreStatus, reason: str) -> Dataset | int:
         """Answer a C-STORE refused by a limit, audited as ``instance.failed``."""
@@ -454,7 +443,7 @@ class StorageSCP:
         * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
         * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream, or no data set.
         """
-        received = cast("ReceivedFile | None", getattr(event.request, "_dataset_file", None))
+        received = pynetdicom_patches.received_file(event)
         if not isinstance(received, ReceivedFile):  # a C-STORE request without a data set
             return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, "no data set")
         if self.metrics is not None:
@@ -469,7 +458,7 @@ class StorageSCP:
     def _refusal_by_limits(self, event: evt.Event, received: Path) -> Dataset | int | None:
         """The answer to a data set over ``max_instance_bytes``, or None. The PDU guard bounded
         its bytes as they arrived; only a deflated one is read again, to bound its inflation."""
-        guard: limits.PduGuard | None = getattr(event.assoc, "anonproxy_guard", None)
+        guard = self._guard(event.assoc)
         if guard is not None and guard.data_sets.oversized:  # the excess was never kept
             guard.data_sets.oversized = False
             return self._refuse_store(

@@ -673,7 +673,8 @@ class Spool:
             os.fsync(directory)
         self.counters.add(deferred_bytes=-size, deferred_count=-1)
 
-    def _check_space(self) -> None:
+    def check_space(self) -> None:
+        """Raise :class:`SpoolFullError` when the spool cannot take one more instance."""
         if self.max_bytes is not None and self.queued_bytes >= self.max_bytes:
             msg = "spool quota reached"
             raise SpoolFullError(msg)
@@ -699,7 +700,7 @@ class Spool:
 
     def stage(self) -> Path:
         """:meth:`staging` for a caller that removes the path itself (:meth:`unstage`)."""
-        self._check_space()
+        self.check_space()
         return self.tmp_dir / f"{_unique()}{SUFFIX}"
 
     @staticmethod

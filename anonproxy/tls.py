@@ -6,7 +6,9 @@ Compression and renegotiation are off.
 
 The SCP's context does not shake hands in the thread that accepts connections (pynetdicom wraps
 accepted sockets there, and one silent client would stall every other): the handshake runs in
-the connection's own thread, bounded by a time-out, see :func:`handshake`.
+the connection's own thread, bounded by a time-out (:func:`handshake`, called for pynetdicom's
+associations by :func:`anonproxy.pynetdicom_patches.finish_tls_handshake`, and by the admin
+endpoint for its own connections).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Each C-STORE data set is received to disk as it arrives (as anonproxy does, for 
 target), its header decoded and re-encoded with pydicom (pixel data copied as bytes, as
 anonproxy does), then answered Success. No de-identification, no fsync, no forwarding, no audit.
 With ``--receive-only`` the handler only removes the received file. The SCP uses anonproxy's
-reactor fix and default maximum PDU size, so it is pynetdicom at its best here.
+changes to pynetdicom (:mod:`anonproxy.pynetdicom_patches`) and default maximum PDU size, so it
+is pynetdicom at its best here.
 
 ``benchmarks/throughput.py`` starts it to print the ceiling next to the direct DCMTK rate: a
 proxy on this stack cannot answer one association faster than this.
@@ -21,11 +22,11 @@ import tempfile
 from pathlib import Path
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from anonproxy import reactor
+from anonproxy import pynetdicom_patches
 from anonproxy.config import ListenConfig
 from anonproxy.deid.files import read_header, write_spliced
 from anonproxy.status import StoreStatus
@@ -38,8 +39,7 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--receive-only", action="store_true")
     args = parser.parse_args()
-    reactor.install()
-    _config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom_patches.install()  # received data sets written to a file as they arrive
     output = Path(tempfile.mkdtemp(prefix="anonproxy-floor-")) / "out.dcm"
 
     def handle_store(event: Event) -> int:

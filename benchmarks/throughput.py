@@ -25,10 +25,11 @@ Prints, per run, the delivery rate (instances/s and MB/s until the last arrival 
 research PACS) and the acknowledgement rate (storescu's own elapsed time: how long the sender
 is held), each with its ratio to the direct run and to the receive-only floor; forwarding
 latency p50/p95/p99 (from the audit trail: spool commit to the destination's answer), the
-proxy's peak RSS (alone, and summed with its child processes) and the CPU time of the proxy
-and all its processes per instance (``--processes N``: ``listen.processes``, the acceptor
-processes; on C cores the rate cannot pass C / that CPU time, the peers' CPU aside). DCMTK and
-Orthanc run with TCP_NODELAY=1.
+proxy's peak RSS (alone, and summed with its child processes), and the CPU time per
+instance of the proxy (all its processes), of storescu and of the research PACS, with the
+ceiling that sum sets on this machine (cores / CPU per instance: how fast the whole chain could
+go on these cores if nothing ever waited). ``--processes N`` sets the proxy's
+``listen.processes`` (acceptor processes). DCMTK and Orthanc run with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import struct
@@ -93,6 +95,10 @@ class Peer:
             return int(self.server.get("/statistics")["CountInstances"])
         return count_files(self.directory)
 
+    def cpu_s(self) -> float:
+        process = self.server.process
+        return cpu_seconds(process.pid) if process is not None else 0.0
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -103,6 +109,24 @@ def make_series(directory: Path, template: str, count: int, rows: int, frames: i
         directory, count, template=template, patient_name="Bench^Mark", rows=rows, frames=frames
     )
     return sum(path.stat().st_size for path in paths)
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of the child processes of this one that have ended (the storescu runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) of a process and its child processes so far."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_senders(port: int, folders: list[Path], called: str) -> float:
@@ -153,19 +177,6 @@ def peak_rss_mib(pid: int) -> tuple[float, float]:
             if line.startswith("VmHWM:"):
                 peaks.append(int(line.split()[1]) / 1024)
     return (peaks[0], sum(peaks)) if peaks else (float("nan"), float("nan"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user and system) of the process, of its running child processes and of the
-    children it has waited for (Linux /proc)."""
-    total = 0
-    for member in [pid, *descendants(pid)]:
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def make_large(directory: Path, mib: int) -> int:
@@ -267,7 +278,8 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         wait_port(port, 30)
         while not any(e["event"] == "service.started" for e in audit(root)):
             time.sleep(0.05)  # every acceptor process listens
-        idle_cpu = cpu_seconds(proxy.pid)  # start-up (spawned interpreters) not counted
+        time.sleep(1.0)  # the worker and sender processes finish starting
+        cpu = (cpu_seconds(proxy.pid), children_cpu_s(), scp.cpu_s())
         started = time.perf_counter()
         acknowledged = run_senders(port, folders, "ANONPROXY")
         while scp.count() < expected:
@@ -278,8 +290,8 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
                 raise RuntimeError(f"the proxy refused an instance: {failed[0]['reason']}")
             time.sleep(0.05)
         arrived = time.perf_counter() - started
+        cpu = (cpu_seconds(proxy.pid) - cpu[0], children_cpu_s() - cpu[1], scp.cpu_s() - cpu[2])
         rss, tree_rss = peak_rss_mib(proxy.pid)
-        cpu = cpu_seconds(proxy.pid) - idle_cpu
     finally:
         proxy.terminate()
         proxy.wait(60)
@@ -296,7 +308,9 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         "p99_ms": quantiles[98],
         "peak_rss_mib": rss,
         "tree_rss_mib": tree_rss,
-        "cpu_s": cpu,
+        "cpu_proxy_s": cpu[0],
+        "cpu_senders_s": cpu[1],
+        "cpu_peer_s": cpu[2],
     }
 
 
@@ -332,13 +346,19 @@ def report(
             f"  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
             f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
-            f"  CPU {1000 * result['cpu_s'] / count:.1f} ms/instance"
         )
         print(
             f"  {label + ', acknowledged':44s} {ack:8.1f} inst/s"
             f" {size / 1e6 / result['acknowledged_s']:8.1f} MB/s"
             f"  sender held {result['acknowledged_s']:.2f} s  ratio {ack / rate:.2f}"
             + (f" ({ack / receive_only:.2f} of receive-only)" if receive_only else "")
+        )
+        shares = [result[f"cpu_{part}_s"] * 1000 / count for part in ("proxy", "senders", "peer")]
+        cores = os.cpu_count() or 1
+        print(
+            f"  {'':44s} CPU per instance: proxy {shares[0]:.1f} ms (all its processes),"
+            f" storescu {shares[1]:.1f} ms, research PACS {shares[2]:.1f} ms;"
+            f" ceiling on {cores} cores {cores * 1000 / sum(shares):.0f} inst/s"
         )
 
 

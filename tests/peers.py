@@ -566,7 +566,9 @@ def send_body(port: int, sop_class: str, transfer_syntax: str, body: bytes, dire
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom import AE
 
-    import anonproxy.forward  # noqa: F401 - sets pynetdicom's chunked sending
+    from anonproxy import pynetdicom_patches
+
+    pynetdicom_patches.install()  # chunked sending, as the proxy's forwarding does
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class

@@ -297,6 +297,46 @@ def test_a_burst_is_acknowledged_before_any_of_it_is_deidentified(
     assert first_spooled > last_received  # the sender first, de-identification behind
 
 
+def test_the_engine_runs_ahead_while_the_commits_wait_for_the_end_of_the_burst(
+    tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 5.0)  # "sending" for 5 s more
+    node = _node(nodes, tmp_path / "var")
+    for source in series:
+        assert node.receive(source, 1) == StoreStatus.SUCCESS
+    staged = node.spool.tmp_dir
+    assert wait_for(lambda: len(list(staged.iterdir())) == len(series), timeout=4.5)
+    assert node.events("instance.spooled") == []  # nothing committed, nothing forwarded yet
+    assert len(node.spool.deferred()) == len(series)
+    assert wait_for(lambda: node.settled(len(series)), timeout=30)
+    spooled = [str(e["deferred_as"]) for e in node.events("instance.spooled")]
+    assert spooled == sorted(spooled)  # committed in arrival order
+    assert list(staged.iterdir()) == []
+
+
+def test_a_stop_during_a_burst_leaves_what_was_not_committed_for_the_next_start(
+    tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 60.0)  # always "sending"
+    monkeypatch.setattr("anonproxy.deferred._MAX_HOLD_S", 60.0)
+    root = tmp_path / "var"
+    node = _node(nodes, root)
+    for source in series:
+        assert node.receive(source, 1) == StoreStatus.SUCCESS
+    assert wait_for(lambda: len(list(node.spool.tmp_dir.iterdir())) >= 1, timeout=30)
+    node.close()  # what the engine finished is committed, what it had not started is not
+    assert node.events("instance.failed") == []  # stopping quarantines nothing
+    committed = len(node.events("instance.spooled"))
+    left = len(node.spool.deferred())
+    assert committed + left == len(series)
+    monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 0.0)
+    again = _node(nodes, root)
+    assert again.processor.recover() == left
+    assert wait_for(lambda: not again.spool.deferred(), timeout=30)
+    assert wait_for(lambda: len(again.queued()) == len(series), timeout=30)
+    assert len(set(again.queued())) == len(series)  # each once
+
+
 def test_a_sender_that_never_pauses_is_followed_at_most_max_hold_behind(
     tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

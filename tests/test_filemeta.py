@@ -1,18 +1,16 @@
-"""The file meta reader of the forwarding path (anonproxy.filemeta) against pydicom's, and
-pynetdicom's ``send_c_store(path)`` using it (anonproxy.reactor)."""
+"""The file meta reader of the forwarding path (anonproxy.filemeta) against pydicom's
+(pynetdicom's ``send_c_store(path)`` using it: tests/test_pynetdicom_patches.py)."""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
-import pynetdicom.association
 import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pynetdicom.dsutils import split_dataset
 
-from anonproxy import reactor
 from anonproxy.filemeta import FileMeta, _parse, read_file_meta
 
 
@@ -76,8 +74,3 @@ def test_no_preamble_is_left_to_pydicom(tmp_path: Path) -> None:
     assert _parse(path.read_bytes()) is None
     with pytest.raises(Exception):  # noqa: B017, PT011 - pydicom's own error for such a file
         read_file_meta(path)
-
-
-def test_pynetdicom_sends_files_with_this_reader() -> None:
-    reactor.install()
-    assert pynetdicom.association.split_dataset is reactor._split_dataset

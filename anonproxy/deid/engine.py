@@ -29,6 +29,11 @@ Order of work for one instance:
      inside one whose action is C text is cleaned; elsewhere the IOD of the SOP Class decides
      (text, names and binary values it does not define at that nesting position are removed);
      unknown and retired attributes are removed everywhere;
+
+   the table's decision for a public attribute (the last two rules) is a function of the
+   profile, the SOP Class, the parent sequences, the mode, the tag and the VR the element is
+   held with, so the engine makes it once per position and keeps it (bounded); an element
+   the table leaves as received with an explicit VR is never decoded;
 4. file meta: Media Storage SOP Instance UID := the new SOP Instance UID; Source, Sending and
    Receiving AE Titles and the private information removed; Implementation Class UID and
    Version Name set to anonproxy's;
@@ -96,6 +101,7 @@ from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
+from anonproxy.deid.structure import held_elements
 from anonproxy.deid.tables import (
     any_iod_paths,
     iod_types,
@@ -217,6 +223,20 @@ class DeidResult:
     identity: StudyIdentity | None = field(default=None, repr=False, compare=False)
 
 
+#: Bounds of the decisions an engine keeps (:meth:`Deidentifier._decisions_at`): positions
+#: (SOP Class, parent sequences, mode), and decisions per position (tags and VRs; also the
+#: bound of the per-tag memos); at most their product, some 40 MB, whatever the senders send.
+_MAX_POSITIONS = 512
+_MAX_DECISIONS = 512
+
+
+class _Kept(Enum):
+    """A public attribute the table leaves as it is (no action counted)."""
+
+    AS_RECEIVED = "as received"  # explicit VR, not a sequence: never decoded
+    WALKED = "walked"  # a sequence, or implicit VR: decoded, items walked
+
+
 class _Mode(Enum):
     """How the attributes that Table E.1-1 does not name are treated at a position."""
 
@@ -232,6 +252,7 @@ class _Run:
     iod: dict[str, str] | None
     ids: IdentifyingValues
     date_offset: int
+    sop_class: str = ""
     pseudonyms: tuple[str, str] | None = None
     counts: Counter[str] = field(default_factory=Counter)
     where: int = 0
@@ -261,11 +282,10 @@ def _unknown_or_retired(tag: int) -> bool:
         return True
 
 
-def _vr_of(ds: Dataset, tag: int) -> str:
-    """The VR of an element as received (explicit VR), else from the dictionary; UN if
+def _vr_of(held_vr: str | None, tag: int) -> str:
+    """The VR of an element as held (received, explicit VR), else from the dictionary; UN if
     unknown. The first VR of an ambiguous one."""
-    raw_vr = ds.get_item(tag).VR
-    return _first_vr(str(raw_vr)) if raw_vr else (_first_vr(_dictionary_vr(tag)) or VR.UN)
+    return _first_vr(str(held_vr)) if held_vr else (_first_vr(_dictionary_vr(tag)) or VR.UN)
 
 
 @lru_cache(maxsize=4096)
@@ -306,6 +326,16 @@ class Deidentifier:
         self._allow = strict_allowlist() if profile.strict else None
         self._rules = profile.rules
         self._private_rules = any(r.is_private for r in profile.rules)
+        #: first public rule per tag (None: no rule), filled as tags are met; None: no rules
+        self._public_rules: dict[int, Rule | None] | None = (
+            {} if any(not r.is_private for r in profile.rules) else None
+        )
+        #: _kept_by_profile per tag, filled as tags are met (bounded)
+        self._kept: dict[int, bool] = {}
+        #: table decisions per position, filled by _walk (bounded; see _decisions_at)
+        self._decisions: dict[
+            tuple[str, tuple[str, ...], _Mode], dict[tuple[int, str | None], ActionCode | _Kept]
+        ] = {}
         self._hasher = RuleHasher(secret)
         self._pseudonyms = (
             Pseudonymizer(profile.patient_ids, secret) if profile.patient_ids else None
@@ -337,10 +367,16 @@ class Deidentifier:
 
     def _kept_by_profile(self, tag: int) -> bool:
         """True if the profile keeps ``tag`` as received (K, or a ``keep`` user rule)."""
-        rule = first_match(self._rules, tag, None)
-        if rule is not None:
-            return rule.action is RuleAction.KEEP
-        return self._tag_codes.get(tag) == ActionCode.K
+        kept = self._kept.get(tag)
+        if kept is None:
+            rule = first_match(self._rules, tag, None)
+            if rule is not None:
+                kept = rule.action is RuleAction.KEEP
+            else:
+                kept = self._tag_codes.get(tag) == ActionCode.K
+            if len(self._kept) < _MAX_DECISIONS:
+                self._kept[tag] = kept
+        return kept
 
     def _rule_dates(self) -> str:
         """Longitudinal Temporal Information Modified without a longitudinal option."""
@@ -434,6 +470,7 @@ class Deidentifier:
                 iod=iod_types(sop_class),
                 ids=ids,
                 date_offset=self._dates.offset_days(original_id),
+                sop_class=sop_class,
             )
             original_id = original_id.strip("\x00 ")
             if self._pseudonyms is not None and original_id:
@@ -504,45 +541,87 @@ class Deidentifier:
         return value.strip("\x00 ")
 
     def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run, mode: _Mode) -> None:
-        keys = list(ds.keys())
-        rules = self._rules
+        # The elements as held (none decoded); each key is the Dataset's own tag object, which
+        # pydicom finds without comparing tags, and its int for the engine's own tables.
+        elements = [(key, int(key), elem.VR) for key, elem in held_elements(ds)]
         private_rules: dict[int, Rule] = {}
         kept_private: frozenset[int] = frozenset()
-        if (self._retain_safe_private or self._private_rules) and any((t >> 16) & 1 for t in keys):
-            kept_private, private_rules = self._private_plan(ds, keys)
-        tag_codes = self._tag_codes
-        for tag in keys:
+        if (self._retain_safe_private or self._private_rules) and any(
+            (t >> 16) & 1 for _, t, _ in elements
+        ):
+            kept_private, private_rules = self._private_plan(ds, [t for _, t, _ in elements])
+        rules = self._public_rules
+        decisions = self._decisions_at(run.sop_class, parents, mode)
+        for key, tag, held_vr in elements:
             run.where = tag
-            group = tag >> 16
-            if group & 1:
+            if (tag >> 16) & 1:
                 self._private(
-                    ds, tag, private_rules.get(tag), parents, run, kept=tag in kept_private
+                    ds, key, private_rules.get(tag), parents, run, kept=tag in kept_private
                 )
                 continue
             if not tag & 0xFFFF:  # group length
-                del ds[tag]
+                del ds[key]
                 run.counts[ActionCode.X] += 1
                 continue
-            if rules and (rule := first_match(rules, tag, None)) is not None:
-                self._apply_rule(ds, tag, rule, parents, run, mode=mode)
+            if rules is not None and (rule := self._public_rule(tag)) is not None:
+                self._apply_rule(ds, key, rule, parents, run, mode=mode)
                 continue
             if run.pseudonyms is not None and not parents and tag in (_PATIENT_ID, _PATIENT_NAME):
-                self._pseudonym(ds[tag], run)
+                self._pseudonym(ds[key], run)
                 continue
-            code = tag_codes.get(tag)
-            if code is None and 0x5000 <= group <= 0x60FF:
-                code = self._profile.mask_code(tag)
-            if code is None:
-                code = self._code_outside_table(ds, tag, parents, run, mode)
-                if code is None:  # kept as received, undecoded when its VR was explicit
-                    raw_vr = ds.get_item(tag).VR
-                    if not raw_vr or raw_vr == VR.SQ:
-                        self._keep(ds, tag, parents, run, mode)  # decoded, items walked
-                    continue
-            action = self._resolve(code, tag, parents, run)
-            self._apply(ds, tag, action, parents, run, mode=mode)
+            decision = decisions.get((tag, held_vr))
+            if decision is None:
+                decision = self._decide(tag, held_vr, parents, run, mode)
+                if len(decisions) < _MAX_DECISIONS:
+                    decisions[(tag, held_vr)] = decision
+            if decision is _Kept.AS_RECEIVED:
+                continue
+            if decision is _Kept.WALKED:
+                self._keep(ds, key, parents, run, mode)  # decoded, items walked
+                continue
+            self._apply(ds, key, decision, parents, run, mode=mode)
         if not parents:  # the Overlay Plane module is at the top level of a data set
             self._drop_incomplete_overlays(ds, run)
+
+    def _decisions_at(
+        self, sop_class: str, parents: tuple[str, ...], mode: _Mode
+    ) -> dict[tuple[int, str | None], ActionCode | _Kept]:
+        """The table decisions already made at one position (SOP Class, parent sequences,
+        mode) of this engine's profile, by tag and VR as held: filled by :meth:`_decide`."""
+        key = (sop_class, parents, mode)
+        decisions = self._decisions.get(key)
+        if decisions is None:
+            if len(self._decisions) >= _MAX_POSITIONS:
+                self._decisions.clear()  # bounded: a sender cannot grow it without limit
+            decisions = self._decisions.setdefault(key, {})
+        return decisions
+
+    def _decide(
+        self, tag: int, held_vr: str | None, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> ActionCode | _Kept:
+        """What the table (Table E.1-1, its masks, then :meth:`_code_outside_table`) does with
+        public attribute *tag* held with VR *held_vr* (None: implicit VR, undecoded) at this
+        position: a function of the profile, the SOP Class, the parents, the mode, the tag
+        and the VR only, so :meth:`_walk` keeps it per position."""
+        code = self._tag_codes.get(tag)
+        if code is None and 0x5000 <= tag >> 16 <= 0x60FF:
+            code = self._profile.mask_code(tag)
+        if code is None:
+            code = self._code_outside_table(held_vr, tag, parents, run, mode)
+            if code is None:  # kept as received, undecoded when its VR was explicit
+                return _Kept.WALKED if not held_vr or held_vr == VR.SQ else _Kept.AS_RECEIVED
+        return self._resolve(code, tag, parents, run)
+
+    def _public_rule(self, tag: int) -> Rule | None:
+        """The first user rule that selects public attribute *tag* (None: no rule does)."""
+        rules = self._public_rules
+        assert rules is not None  # noqa: S101 - checked by the caller
+        if tag in rules:
+            return rules[tag]
+        rule = first_match(self._rules, tag, None)
+        if len(rules) < _MAX_DECISIONS:
+            rules[tag] = rule
+        return rule
 
     def _private(
         self,
@@ -608,10 +687,12 @@ class Deidentifier:
             del ds[tag]
             run.counts[action] += 1
             return
-        elem = ds[tag]
         if action is ActionCode.K:
             self._keep(ds, tag, parents, run, mode)
-        elif action is ActionCode.Z:
+            run.counts[action] += 1
+            return
+        elem = ds[tag]
+        if action is ActionCode.Z:
             elem.value = Sequence() if elem.VR == VR.SQ else empty_value_for_VR(elem.VR)
         elif action is ActionCode.D:
             self._dummy(elem, parents, run)
@@ -634,6 +715,8 @@ class Deidentifier:
     def _keep(
         self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run, mode: _Mode
     ) -> None:
+        """K: the value stays, decoded (the writer encodes it as pydicom would: trailing
+        padding normalised); a sequence's items are walked."""
         elem = ds[tag]
         if elem.VR == VR.SQ:
             self._walk_items(elem, parents, run, mode)
@@ -647,7 +730,7 @@ class Deidentifier:
         run.where = elem.tag
 
     def _code_outside_table(  # noqa: PLR0911 - one return per rule of the docstring
-        self, ds: Dataset, tag: int, parents: tuple[str, ...], run: _Run, mode: _Mode
+        self, held_vr: str | None, tag: int, parents: tuple[str, ...], run: _Run, mode: _Mode
     ) -> str | None:
         """The action code of a public attribute that Table E.1-1 does not name, or None when
         it stays as received without being decoded.
@@ -669,7 +752,7 @@ class Deidentifier:
           modified-dates option, kept under the full-dates option); ``strict`` removes, at the
           top level, what its allow-list does not name.
         """
-        vr = _vr_of(ds, tag)
+        vr = _vr_of(held_vr, tag)
         keyword = _keyword(tag)
         if not keyword or (_unknown_or_retired(tag) and tag not in self._retired_kept):
             return ActionCode.X

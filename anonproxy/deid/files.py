@@ -375,12 +375,13 @@ def write_instance(
     after: Callable[[int, int | None], None] | None = None,
     *,
     layout: Layout | None = None,
-) -> None:
-    """Write a DICOM file atomically: parent folders created, a temporary name renamed, so
-    *path* never holds a partial file. With *pixels* (from :func:`read_header`), that pixel
-    data element is copied from its source file; *check* as for :func:`write_spliced`; *after*
-    is called, before the rename, with the file descriptor and where the copied pixel data
-    value starts (see :func:`write_spliced`); *layout* as for :func:`write_spliced`."""
+) -> int:
+    """Write a DICOM file atomically and return its size: parent folders created, a temporary
+    name renamed, so *path* never holds a partial file. With *pixels* (from
+    :func:`read_header`), that pixel data element is copied from its source file; *check* as
+    for :func:`write_spliced`; *after* is called, before the rename, with the file descriptor
+    and where the copied pixel data value starts (see :func:`write_spliced`); *layout* as for
+    :func:`write_spliced`."""
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
@@ -390,10 +391,12 @@ def write_instance(
             if after is not None:
                 fh.flush()
                 after(fh.fileno(), value_at)
+            size = fh.seek(0, os.SEEK_END)
         os.replace(tmp_name, dst)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    return size
 
 
 def read_instance(path: str | os.PathLike[str]) -> Dataset:

@@ -344,8 +344,7 @@ def _write(
     of a rule blanked after (only what changed encoded, with *layout*); the size."""
     try:
         if not in_place:
-            write_instance(dataset, path, pixels, check, blank, layout=layout)
-            return path.stat().st_size
+            return write_instance(dataset, path, pixels, check, blank, layout=layout)
         with path.open("wb") as handle:
             value_at = write_spliced(dataset, pixels, handle, check, layout)
             if blank is not None:

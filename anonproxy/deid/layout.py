@@ -58,6 +58,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from anonproxy.deid.structure import held_elements
+
 #: Explicit VRs whose header has two reserved bytes and a 4-byte length (PS3.5 7.1.2): OB, OD,
 #: OF, OL, OV, OW, SQ, SV, UC, UN, UR, UT, UV.
 LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
@@ -131,14 +133,52 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     encodings = ds.get("SpecificCharacterSet", default_encoding)
     codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
     pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
-    for tag, element in sorted(((int(t), e) for t, e in ds.items()), key=itemgetter(0)):
-        if below is not None and tag >= below:
+    elements = sorted(((int(t), e) for t, e in held_elements(ds)), key=itemgetter(0))
+    for tag, _ in elements:  # sorted: only the first few can be below group 3
+        if tag >= 0x00030000:
             break
         if tag >> 16 in (0, 2):
             raise ValueError("command or file meta element in the data set")
-        if tag & 0xFFFF or tag >> 16 <= 6:  # pydicom writes no retired group length
-            pieces.append(_encode_element(element, implicit, little, codecs, encodings))
+    if below is not None:
+        elements = [(tag, element) for tag, element in elements if tag < below]
+    _encode_elements(elements, implicit, little, codecs, encodings, pieces)
     return b"".join(pieces)
+
+
+def _encode_elements(  # noqa: PLR0917 - _encode_element's arguments, and where to put them
+    elements: list[tuple[int, DataElement | RawDataElement]],
+    implicit: bool,
+    little: bool,
+    codecs: list[str],
+    encodings: str | list[str] | None,
+    pieces: list[bytes],
+) -> None:
+    """Append to *pieces* the encodings of *elements* (sorted by tag), as
+    :func:`_encode_element` encodes them; the elements still as received, most of them, are
+    their value as read behind a new header, packed here."""
+    endian = "<" if little else ">"
+    header = _IMPLICIT_HEADER[endian] if implicit else None
+    long_header, short_header = _LONG_HEADER[endian], _SHORT_HEADER[endian]
+    append = pieces.append
+    for tag, element in elements:
+        if not tag & 0xFFFF and tag >> 16 > 6:  # pydicom writes no retired group length
+            continue
+        if element.__class__ is RawDataElement:  # as _encode_raw, inline
+            value, vr = element.value, element.VR
+            if value is not None and element.length != _UNDEFINED_LENGTH:
+                if header is not None:
+                    append(header.pack(tag >> 16, tag & 0xFFFF, len(value)))
+                    append(value)
+                    continue
+                if vr in EXPLICIT_VR_LENGTH_32:
+                    append(long_header.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)))
+                    append(value)
+                    continue
+                if vr and len(value) <= 0xFFFF:
+                    append(short_header.pack(tag >> 16, tag & 0xFFFF, vr.encode(), len(value)))
+                    append(value)
+                    continue
+        append(_encode_element(element, implicit, little, codecs, encodings))
 
 
 def _preamble(ds: Dataset) -> bytes:
@@ -263,9 +303,10 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
     engine made of decoded elements with no ambiguous VR and no sequence (pydicom's
     ambiguous-VR correction changes nothing in it). None for any other item: pydicom decodes
     and corrects every element, and so does the caller."""
+    elements = held_elements(item)  # as pydicom's writer takes them (get_item)
     if item.original_encoding == (None, None):  # made by the engine
         if any(
-            isinstance(e, RawDataElement) or e.VR == "SQ" or " or " in e.VR for _, e in item.items()
+            isinstance(e, RawDataElement) or e.VR == "SQ" or " or " in e.VR for _, e in elements
         ):
             return None
     elif (
@@ -275,11 +316,23 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
         return None
     encodings = item.get("SpecificCharacterSet", codecs)
     inner = convert_encodings(encodings or [default_encoding])
-    return b"".join(
-        _encode_element(element, implicit, little, inner, encodings)
-        for tag, element in sorted(((int(t), e) for t, e in item.items()), key=itemgetter(0))
-        if tag & 0xFFFF or tag >> 16 <= 6  # pydicom writes no retired group length
+    pieces: list[bytes] = []
+    _encode_elements(
+        sorted(((int(t), e) for t, e in elements), key=itemgetter(0)),
+        implicit,
+        little,
+        inner,
+        encodings,
+        pieces,
     )
+    return b"".join(pieces)
+
+
+#: Element headers by byte order ("<", ">"): implicit VR, explicit VR with a 4-byte length,
+#: explicit VR with a 2-byte length.
+_IMPLICIT_HEADER = {endian: struct.Struct(f"{endian}HHL") for endian in "<>"}
+_LONG_HEADER = {endian: struct.Struct(f"{endian}HH2sHL") for endian in "<>"}
+_SHORT_HEADER = {endian: struct.Struct(f"{endian}HH2sH") for endian in "<>"}
 
 
 def _element_header(tag: int, vr: str, length: int, implicit: bool, endian: str) -> bytes | None:
@@ -287,11 +340,11 @@ def _element_header(tag: int, vr: str, length: int, implicit: bool, endian: str)
     (pydicom writes that element as UN)."""
     group, number = tag >> 16, tag & 0xFFFF
     if implicit:
-        return struct.pack(f"{endian}HHL", group, number, length)
+        return _IMPLICIT_HEADER[endian].pack(group, number, length)
     if vr in EXPLICIT_VR_LENGTH_32:
-        return struct.pack(f"{endian}HH2sHL", group, number, vr.encode(), 0, length)
+        return _LONG_HEADER[endian].pack(group, number, vr.encode(), 0, length)
     if length <= 0xFFFF:
-        return struct.pack(f"{endian}HH2sH", group, number, vr.encode(), length)
+        return _SHORT_HEADER[endian].pack(group, number, vr.encode(), length)
     return None
 
 
@@ -322,6 +375,15 @@ def _plain_value(  # noqa: PLR0911 - one return per family of VRs
     text in the character set *codecs* padded with a space, binary numbers (not SS, whose
     LUT descriptors pydicom writes apart), OB bytes padded with a NUL; None for a value or VR
     it does not mirror."""
+    if value.__class__ is str or value.__class__ is UID:  # most values: one string
+        if not value:
+            return b""
+        if vr in _ASCII_VRS:
+            encoded = value.encode(default_encoding)
+            return encoded + _ASCII_VRS[vr] if len(encoded) % 2 else encoded
+        if vr in _TEXT_VRS and value.__class__ is str:
+            encoded = encode_string(value, codecs)
+            return encoded + b" " if len(encoded) % 2 else encoded
     values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
     if value is None or value == "":
         return b""

@@ -49,6 +49,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
 
 from anonproxy.deid.actions import STRING_DUMMIES
+from anonproxy.deid.structure import held_elements
 
 MIN_LENGTH = 3
 #: Marks a telephone number among the identifying values (its digits follow): a character no
@@ -159,10 +160,6 @@ def _dictionary_vr(tag: int) -> str:
         return VR.UN
 
 
-def _vr(ds: Dataset, tag: int) -> str:
-    return str(ds.get_item(tag).VR or _dictionary_vr(tag))
-
-
 def _parts(kind: str, value: object) -> Iterator[str]:
     """The searchable pieces of one identifying value of ``kind``."""
     if kind == "name":
@@ -191,12 +188,13 @@ def _collect(
 ) -> None:
     """Add to *found* ``value → (keyword, kind)`` for the identifying values of *ds* (and its
     items), and to *codes* the coding-scheme words of its codes."""
-    for tag in ds.keys():  # noqa: SIM118 - a Dataset iterates its elements, not its tags
+    for key, held in held_elements(ds):  # only what is read below is decoded
+        tag = int(key)
         if tag >> 16 & 1 or not tag & 0xFFFF:  # private data elements, group lengths
             continue
-        vr = _vr(ds, tag)
+        vr = held.VR or _dictionary_vr(tag)
         if vr == VR.SQ:
-            elem = ds[tag]
+            elem = ds[key]  # the key as held: pydicom finds it without comparing tags
             if elem.VR == VR.SQ and not kept(tag):
                 person = tag == _PERSON_IDENTIFICATION_CODE_SEQUENCE
                 for item in elem.value or ():
@@ -205,14 +203,14 @@ def _collect(
         if in_person_code and tag == _CODE_VALUE:
             kind: str | None = "identifier"
         elif tag in _VOCABULARY_TAGS:
-            codes.extend(_strings(ds[tag].value))
+            codes.extend(_strings(ds[key].value))
             continue
         else:
             kind = _KINDS.get(tag, "name" if vr == VR.PN else None)
         if kind is None or kept(tag):
             continue
         keyword = keyword_for_tag(tag) or "person identification code"
-        for part in _parts(kind, ds[tag].value):
+        for part in _parts(kind, ds[key].value):
             phone = kind in {"address", "phone"} and part.startswith(PHONE)
             if kind == "birth" or phone or (PHONE not in part and _searchable(part)):
                 found.setdefault(part.casefold(), (keyword, kind))

@@ -16,6 +16,7 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.valuerep import VR as VR_
 
 from anonproxy.errors import LimitExceeded, StructureError
@@ -40,6 +41,21 @@ def _is_sequence(raw: RawDataElement | DataElement) -> bool:
         return dictionary_VR(raw.tag) == "SQ"
     except KeyError:
         return raw.length == 0xFFFFFFFF
+
+
+def held_elements(dataset: Dataset) -> list[tuple[BaseTag, RawDataElement | DataElement]]:
+    """The elements of *dataset* as it holds them, each with the Dataset's own tag object (a
+    key pydicom finds without comparing tags): raw, undecoded, as long as nobody read them.
+    As :meth:`~pydicom.dataset.Dataset.get_item` gives them, an element read without a value
+    (zero length in most VRs, or a deferred read) is converted on the way: every caller sees
+    what pydicom's writer writes."""
+    held: list[tuple[BaseTag, RawDataElement | DataElement]] = []
+    for key, element in dataset.items():
+        if element.__class__ is RawDataElement and element.value is None:
+            held.append((key, dataset[key]))  # noqa: PLR1733 - indexing converts it
+        else:
+            held.append((key, element))
+    return held
 
 
 def _known_character_sets(dataset: Dataset) -> bool:
@@ -73,15 +89,15 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
         current, depth = stack.pop()
         if not _known_character_sets(current):
             raise StructureError("unknown Specific Character Set (0008,0005)")
-        for tag in list(current.keys()):
-            raw: Any = current.get_item(tag)
-            if isinstance(raw, RawDataElement) and raw.VR is not None and raw.VR not in _VRS:
-                raise StructureError(f"element {raw.tag} has an unknown VR")
-            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
-                if raw.length % 2 and not tag >> 16 & 1:  # vendors' private quirks: removed
-                    raise StructureError(f"element {raw.tag} has an odd value length")
-                if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
-                    raise StructureError(f"element {raw.tag} is truncated")
+        for tag, raw in held_elements(current):
+            if isinstance(raw, RawDataElement):
+                if raw.VR is not None and raw.VR not in _VRS:
+                    raise StructureError(f"element {raw.tag} has an unknown VR")
+                if raw.length != 0xFFFFFFFF:
+                    if raw.length % 2 and not tag >> 16 & 1:  # vendors' private quirks: removed
+                        raise StructureError(f"element {raw.tag} has an odd value length")
+                    if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
+                        raise StructureError(f"element {raw.tag} is truncated")
             if not _is_sequence(raw):
                 continue
             element = current[tag]

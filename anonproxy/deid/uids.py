@@ -42,20 +42,23 @@ class UidRemapper:
     Immutable after construction, so one instance can be shared by any number of threads.
     """
 
-    __slots__ = ("_hash_key", "_secret")
+    __slots__ = ("_hash_key", "_keyed", "_secret")
 
     def __init__(self, secret: bytes) -> None:
         if not isinstance(secret, bytes | bytearray) or not secret:
             raise ValueError("secret must be non-empty bytes")
         self._secret = bytes(secret)
         self._hash_key = hmac.new(self._secret, _HASH_KEY_LABEL, hashlib.sha256).digest()
+        #: HMAC-SHA256 keyed and fed the prefix once; each UID continues a copy of it
+        self._keyed = hmac.new(self._secret, _UID_PREFIX, hashlib.sha256)
 
     def __call__(self, uid: str) -> str:
         """The replacement of ``uid`` (trailing NUL/space padding is ignored)."""
         uid = uid.strip("\x00 ")
         if not uid or is_well_known(uid):
             return uid
-        digest = hmac.new(self._secret, _UID_PREFIX + uid.encode("ascii", "replace"), "sha256")
+        digest = self._keyed.copy()
+        digest.update(uid.encode("ascii", "replace"))
         return f"2.25.{int.from_bytes(digest.digest()[:16], 'big')}"
 
     def original_hash(self, uid: str) -> str:

@@ -1,0 +1,627 @@
+"""Every change anonproxy makes to pynetdicom's behaviour, in one place.
+
+anonproxy uses pynetdicom for its Storage SCP (:mod:`anonproxy.scp`) and for the C-STORE SCU of
+its forwarding (:mod:`anonproxy.forward`). Where pynetdicom's behaviour is not what anonproxy
+needs, the change is made here and nowhere else, on pynetdicom's internals as they are in the
+pinned version, :data:`PINNED_VERSION`. Each change names the upstream behaviour it corrects
+and has a test that fails without it (``tests/test_pynetdicom_patches.py``).
+
+**Version gate.** :func:`install` refuses to run against any other pynetdicom version: it
+raises :class:`UnsupportedPynetdicom` (a :class:`~anonproxy.errors.ConfigError`: the service
+does not start, ``anonproxy: ...`` on one line, exit status 2). Starting with the patches off
+instead was rejected: several of them are correctness or security fixes, not speed-ups (the
+response race loses C-STORE responses, the PDU guard bounds what a hostile peer can make the
+SCP buffer), and others reach into private names that a new version may rename, so "off" could
+not be trusted to mean "pynetdicom's own behaviour" either. Upgrading pynetdicom means
+re-reading each patch against the new source, adapting it, and moving the pin and
+:data:`PINNED_VERSION` together (a test keeps them equal).
+
+Process-wide patches, applied by :func:`install` (idempotent, thread-safe); each has a name,
+and the tests use ``install(without={name})`` and :func:`uninstall` to show it is needed:
+
+``reactor_waits``
+    pynetdicom 3.0.4 runs two polling loops per association: the upper layer (DUL) thread
+    sleeps ``_run_loop_delay`` (1 ms) whenever its event queue is empty
+    (``DULServiceProvider.run_reactor``), and the association thread sleeps 1 ms before every
+    look at the DIMSE message queue (``Association._run_reactor``). A sender waits for each
+    C-STORE response before it sends the next request, so these sleeps are on the critical
+    path of every instance (on average half a loop at each of three hand-offs). Here the loops
+    and their delays stay, but their sleeps become waits that end as soon as there is
+    something to do: the DUL thread waits with ``select`` on its socket and on a pipe that
+    ``send_pdu`` writes to when another thread hands it a primitive (forwarding to storescp:
+    210 C-STOREs/s before, 270-290 after); the association thread of an acceptor waits on its
+    DIMSE message queue's condition. With nothing to do, each still wakes once per delay.
+``response_race``
+    The association thread of a requestor takes any message off the DIMSE queue, and the
+    pause handshake (``_reactor_checkpoint`` / ``_is_paused``) that ``send_c_store`` uses to
+    keep it away from the response can let it run one more loop: now and then it took the
+    C-STORE response that the sending thread waits for, and dropped it (the send then waited
+    ``dimse_timeout``). The association thread of a requestor now leaves responses (messages
+    with a Status) to the sending thread. Written up for upstream in
+    ``docs/upstream/pynetdicom-response-race.md``.
+``send_backpressure``
+    pynetdicom's DIMSE layer queues every P-DATA fragment of a message at once, so a data set
+    sent from a file would sit whole in the DUL's queue, in memory. The thread sending waits
+    until the DUL thread has taken all but :data:`MAX_QUEUED_PDUS` (:func:`_wait_for_room`).
+``idle_timer_latch``
+    The association thread aborts when the DUL's idle timer (``network_timeout``) has expired,
+    but the peer closing the connection in answer to the A-ABORT is a transport event that
+    restarts that timer, sometimes before the EVT_ABORTED handlers ask whether the time-out was
+    the cause. Once seen expired, ``idle_timer_expired`` stays true.
+``file_meta``
+    ``send_c_store(path)`` finds the three UIDs it needs with ``split_dataset``, which decodes
+    the whole group 0002 with pydicom; :func:`anonproxy.filemeta.read_file_meta` reads them
+    (:func:`_split_dataset`).
+``chunked_data_sets``
+    pynetdicom's documented switches ``STORE_RECV_CHUNKED_DATASET`` (a received C-STORE data
+    set is written to a file as it arrives, never held whole) and
+    ``STORE_SEND_CHUNKED_DATASET`` (a data set sent from a file is streamed from it).
+
+Hooks, applied where they are needed (each documented at its function):
+
+* :func:`receive_data_sets_into`: the file a received data set is written into (pynetdicom
+  uses ``tempfile.NamedTemporaryFile`` in the system's temporary folder; the data sets hold
+  PHI), and :func:`received_file`, the object it returned for a C-STORE request;
+* :func:`guard_pdus`: per association of the SCP, every PDU header checked before its body is
+  read, nothing read while the association request is decided, and an undecodable DIMSE
+  message turned into an A-ABORT (the policy: :class:`anonproxy.limits.PduGuard`);
+* :func:`finish_tls_handshake`: the TLS handshake in the association's own thread, bounded,
+  instead of in the accept loop (with :func:`anonproxy.tls.server_context`'s sockets, which do
+  not shake hands when pynetdicom wraps them);
+* :func:`bound_peer_max_length`: a destination that accepts any PDU length (Maximum Length 0)
+  is sent PDUs of a bounded length, not a whole instance as one PDU.
+
+Not here: :func:`anonproxy.audit.silence_pynetdicom_identifiers` sets pynetdicom's documented
+logging switches (``_config.LOG_*``), a choice of what is logged rather than a change of
+behaviour, and :func:`anonproxy.sop_classes.register_storage` uses the public
+``register_uid``. Only :mod:`anonproxy.scp`, :mod:`anonproxy.forward` and the benchmarks import
+this module (an import-linter contract).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import pynetdicom
+import pynetdicom.association
+import pynetdicom.dimse_messages
+import pynetdicom.dul
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
+from pynetdicom import _config
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
+
+from anonproxy.errors import ConfigError
+from anonproxy.filemeta import read_file_meta
+from anonproxy.tls import handshake
+
+PINNED_VERSION = "3.0.4"
+"""The pynetdicom version these patches are written for (pyproject.toml pins the same)."""
+
+MAX_QUEUED_PDUS = 16
+"""P-DATA PDUs a sending thread may queue ahead of the DUL thread (each at most the peer's
+maximum PDU length)."""
+
+PATCHES = (
+    "reactor_waits",
+    "response_race",
+    "send_backpressure",
+    "idle_timer_latch",
+    "file_meta",
+    "chunked_data_sets",
+)
+"""The names of the process-wide patches, in the order :func:`install` applies them."""
+
+
+class UnsupportedPynetdicom(ConfigError):
+    """The installed pynetdicom is not the version the patches are written for."""
+
+
+_lock = threading.Lock()
+_applied: dict[str, list[tuple[object, str, object]]] = {}  # name -> (owner, attribute, original)
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedPynetdicom` unless *version* (default: the installed one) is
+    :data:`PINNED_VERSION`."""
+    found = pynetdicom.__version__ if version is None else version
+    if found != PINNED_VERSION:
+        msg = (
+            f"pynetdicom {found} is installed, but anonproxy's changes to pynetdicom are "
+            f"written for {PINNED_VERSION} (the pinned version): install "
+            f"pynetdicom=={PINNED_VERSION}"
+        )
+        raise UnsupportedPynetdicom(msg)
+
+
+def install(*, without: Iterable[str] = ()) -> None:
+    """Apply every process-wide patch not named in *without* and not applied yet (idempotent,
+    thread-safe). Raises :class:`UnsupportedPynetdicom` on another pynetdicom version."""
+    skipped = set(without)
+    unknown = skipped.difference(PATCHES)
+    if unknown:
+        raise ValueError(f"unknown patches: {sorted(unknown)}")
+    check_version()
+    with _lock:
+        for name in PATCHES:
+            if name not in skipped and name not in _applied:
+                changes: list[tuple[object, str, object]] = []
+                _APPLY[name](functools.partial(_set, changes))
+                _applied[name] = changes
+
+
+def uninstall() -> None:
+    """Undo every patch (tests: to run pynetdicom's own behaviour as the control)."""
+    with _lock:
+        for name in reversed(list(_applied)):  # the reverse of the order applied (they stack)
+            for owner, attribute, original in reversed(_applied.pop(name)):
+                setattr(owner, attribute, original)
+
+
+def installed() -> frozenset[str]:
+    """The names of the process-wide patches applied now."""
+    with _lock:
+        return frozenset(_applied)
+
+
+_Setter = Callable[[object, str, object], None]
+
+
+def _set(
+    changes: list[tuple[object, str, object]], owner: object, attribute: str, value: object
+) -> None:
+    changes.append((owner, attribute, getattr(owner, attribute)))
+    setattr(owner, attribute, value)
+
+
+# --- reactor_waits ------------------------------------------------------------------------------
+
+_waiter = threading.local()  # .wait: how this reactor thread waits; .leave_responses: requestor
+
+
+def _sleep(seconds: float) -> None:
+    wait: Callable[[float], None] | None = getattr(_waiter, "wait", None)
+    if wait is None:
+        time.sleep(seconds)
+    else:
+        wait(seconds)
+
+
+class _ReactorTime(types.ModuleType):
+    """The :mod:`time` module as pynetdicom's reactors see it: only ``sleep`` differs."""
+
+    sleep = staticmethod(_sleep)
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - mirrors the time module
+        return getattr(time, name)
+
+
+class _Wakeup:
+    """A pipe that another thread writes to, to end a DUL thread's wait early.
+
+    One byte at a time: while one is unread, :meth:`set` writes no other (a data set sent as
+    many PDUs would otherwise cost one system call per PDU)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._closed = False
+        self._signalled = False
+
+    def set(self) -> None:
+        with self._lock:  # never write to a closed (and perhaps reused) descriptor
+            if not self._closed and not self._signalled:
+                self._signalled = True
+                with contextlib.suppress(BlockingIOError):  # already full: already set
+                    os.write(self._write_fd, b"\0")
+
+    def clear(self) -> None:
+        with self._lock:  # before reading: a set() from now on writes again
+            self._signalled = False
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read_fd, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self._write_fd)
+        os.close(self.read_fd)
+
+
+# The wake-up pipe of each running DUL thread, beside pynetdicom's objects rather than in them.
+_wakeups: weakref.WeakKeyDictionary[DULServiceProvider, _Wakeup] = weakref.WeakKeyDictionary()
+
+
+def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], None]:
+    reads_at_socket_wake: int | None = None  # set when the socket ended the last wait
+
+    def wait(seconds: float) -> None:
+        nonlocal reads_at_socket_wake
+        sock = dul.socket.socket if dul.socket is not None else None
+        reads: int = _waiter.reads  # PDUs this DUL thread has read
+        if sock is None or sock.fileno() < 0 or reads_at_socket_wake == reads:
+            # No socket, or readable data that this state does not read: sleep, not spin.
+            reads_at_socket_wake = None
+            time.sleep(seconds)
+            return
+        reads_at_socket_wake = None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted data waiting in the SSL buffer: select cannot see it
+        try:
+            ready, _, _ = select.select([sock.fileno(), wakeup.read_fd], [], [], seconds)
+        except (OSError, ValueError):  # the socket was closed meanwhile: the loop will see it
+            return
+        if wakeup.read_fd in ready:
+            wakeup.clear()
+        elif ready:
+            reads_at_socket_wake = reads
+
+    return wait
+
+
+def _apply_reactor_waits(set_: _Setter) -> None:
+    read_pdu_data = DULServiceProvider._read_pdu_data
+    run_dul_reactor = DULServiceProvider.run_reactor
+    send_pdu = DULServiceProvider.send_pdu
+    run_association_reactor = Association._run_reactor
+
+    def counted_read_pdu_data(self: DULServiceProvider) -> None:
+        _waiter.reads = getattr(_waiter, "reads", 0) + 1  # in the DUL thread
+        read_pdu_data(self)
+
+    def waiting_dul_reactor(self: DULServiceProvider) -> None:
+        wakeup = _Wakeup()
+        _wakeups[self] = wakeup
+        _waiter.reads = 0
+        _waiter.wait = _dul_wait(self, wakeup)
+        try:
+            run_dul_reactor(self)
+        finally:
+            _waiter.wait = None
+            _wakeups.pop(self, None)
+            wakeup.close()
+
+    def waking_send_pdu(self: DULServiceProvider, primitive: Any) -> None:  # noqa: ANN401
+        send_pdu(self, primitive)
+        wakeup = _wakeups.get(self)
+        if wakeup is not None:
+            wakeup.set()
+
+    def waiting_association_reactor(self: Association) -> None:
+        if self.is_requestor:
+            run_association_reactor(self)
+            return
+        messages = self.dimse.msg_queue
+
+        def wait(seconds: float) -> None:
+            with messages.not_empty:  # the queue's mutex: use its unlocked _qsize
+                if not messages._qsize():
+                    messages.not_empty.wait(seconds)
+                if messages._qsize():
+                    # put() wakes one waiter: pass it on, in case it was meant for a thread
+                    # blocked in get() (a requestor waiting for its C-STORE response).
+                    messages.not_empty.notify()
+
+        _waiter.wait = wait
+        try:
+            run_association_reactor(self)
+        finally:
+            _waiter.wait = None
+
+    reactor_time = _ReactorTime("time")
+    set_(pynetdicom.dul, "time", reactor_time)
+    set_(pynetdicom.association, "time", reactor_time)
+    set_(DULServiceProvider, "_read_pdu_data", counted_read_pdu_data)
+    set_(DULServiceProvider, "run_reactor", waiting_dul_reactor)
+    set_(DULServiceProvider, "send_pdu", waking_send_pdu)
+    set_(Association, "_run_reactor", waiting_association_reactor)
+
+
+# --- response_race ------------------------------------------------------------------------------
+
+
+def _apply_response_race(set_: _Setter) -> None:
+    run_association_reactor = Association._run_reactor
+    get_msg = DIMSEServiceProvider.get_msg
+
+    def requestor_reactor(self: Association) -> None:
+        if not self.is_requestor:
+            run_association_reactor(self)
+            return
+        _waiter.leave_responses = True
+        try:
+            run_association_reactor(self)
+        finally:
+            _waiter.leave_responses = False
+
+    def get_request(self: DIMSEServiceProvider, block: bool = False) -> Any:  # noqa: ANN401 - pynetdicom's signature
+        if block or not getattr(_waiter, "leave_responses", False):
+            return get_msg(self, block)
+        messages = self.msg_queue
+        with messages.mutex:  # look and take at once: the sending thread takes from the head
+            if not messages.queue or getattr(messages.queue[0][1], "Status", None) is not None:
+                return None, None  # nothing, or a response: the sending thread's
+            item = messages._get()
+            messages.not_full.notify()
+            return item
+
+    set_(Association, "_run_reactor", requestor_reactor)
+    set_(DIMSEServiceProvider, "get_msg", get_request)
+
+
+# --- send_backpressure --------------------------------------------------------------------------
+
+
+def _wait_for_room(dul: DULServiceProvider) -> None:
+    """Back-pressure: the thread queuing a P-DATA waits until the DUL thread has taken all but
+    :data:`MAX_QUEUED_PDUS` (or is gone)."""
+    queued = dul.to_provider_queue
+    with queued.not_full:  # get() notifies it
+        while queued._qsize() > MAX_QUEUED_PDUS and dul.is_alive() and not dul._kill_thread:
+            queued.not_full.wait(0.05)
+
+
+def _apply_send_backpressure(set_: _Setter) -> None:
+    send_pdu = DULServiceProvider.send_pdu
+
+    def bounded_send_pdu(self: DULServiceProvider, primitive: Any) -> None:  # noqa: ANN401
+        send_pdu(self, primitive)
+        if isinstance(primitive, P_DATA) and threading.current_thread() is not self:
+            _wait_for_room(self)
+
+    set_(DULServiceProvider, "send_pdu", bounded_send_pdu)
+
+
+# --- idle_timer_latch ---------------------------------------------------------------------------
+
+_idle_expired: weakref.WeakSet[DULServiceProvider] = weakref.WeakSet()
+
+
+def _apply_idle_timer_latch(set_: _Setter) -> None:
+    idle_timer_expired = DULServiceProvider.idle_timer_expired
+
+    def latched(self: DULServiceProvider) -> bool:
+        if self in _idle_expired:
+            return True
+        expired = idle_timer_expired(self)
+        if expired:
+            _idle_expired.add(self)
+        return expired
+
+    set_(DULServiceProvider, "idle_timer_expired", latched)
+
+
+# --- file_meta ----------------------------------------------------------------------------------
+
+
+def _split_dataset(path: str | Path) -> tuple[FileMetaDataset, int]:
+    """pynetdicom's ``split_dataset`` (the file meta elements that ``send_c_store`` needs, and
+    where the data set starts), from :func:`~anonproxy.filemeta.read_file_meta`."""
+    meta = read_file_meta(Path(path))
+    elements = FileMetaDataset()
+    elements.MediaStorageSOPClassUID = UID(meta.sop_class)
+    elements.MediaStorageSOPInstanceUID = UID(meta.sop_instance)
+    elements.TransferSyntaxUID = UID(meta.transfer_syntax)
+    return elements, meta.offset
+
+
+def _apply_file_meta(set_: _Setter) -> None:
+    set_(pynetdicom.association, "split_dataset", _split_dataset)
+
+
+# --- chunked_data_sets --------------------------------------------------------------------------
+
+
+def _apply_chunked_data_sets(set_: _Setter) -> None:
+    set_(_config, "STORE_RECV_CHUNKED_DATASET", True)  # received: to a file as it arrives
+    set_(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sent from a file: streamed from it
+
+
+_APPLY: dict[str, Callable[[_Setter], None]] = {
+    "reactor_waits": _apply_reactor_waits,
+    "response_race": _apply_response_race,
+    "send_backpressure": _apply_send_backpressure,
+    "idle_timer_latch": _apply_idle_timer_latch,
+    "file_meta": _apply_file_meta,
+    "chunked_data_sets": _apply_chunked_data_sets,
+}
+
+
+# --- the file a received data set is written into -----------------------------------------------
+
+
+class _Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class ReceiveFile(Protocol):
+    """What pynetdicom uses of the file it writes a received data set into."""
+
+    @property
+    def name(self) -> str:
+        """Its path (``event.dataset_path``; pynetdicom removes it after the handler)."""
+
+    def write(self, data: bytes) -> int:
+        """Write preamble, file meta and fragments, in order."""
+
+    @property
+    def file(self) -> _Flushable:
+        """What pynetdicom flushes after each fragment."""
+
+    def close(self) -> None:
+        """Called once the handler has answered."""
+
+
+def receive_data_sets_into(create: Callable[[], ReceiveFile]) -> None:
+    """Make pynetdicom write each received C-STORE data set (with ``chunked_data_sets``) into
+    the file object that *create* returns, instead of ``tempfile.NamedTemporaryFile`` in the
+    system's temporary folder. pynetdicom calls it as ``NamedTemporaryFile(delete=False,
+    mode="wb", suffix=".dcm")``, writes the preamble, the file meta and each fragment, and
+    reports its ``name`` as ``event.dataset_path``."""
+
+    def named_temporary_file(**_: object) -> ReceiveFile:
+        return create()
+
+    # pynetdicom imports the name without exporting it, and it is a class, not this factory.
+    pynetdicom.dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[attr-defined,assignment]
+
+
+def received_file(event: Event) -> object | None:
+    """The file object that the ``receive_data_sets_into`` factory returned for the data set of
+    an EVT_C_STORE *event* (pynetdicom keeps it on the request), or None when there is none."""
+    return getattr(event.request, "_dataset_file", None)
+
+
+# --- the PDU guard ------------------------------------------------------------------------------
+
+
+class PduFilter(Protocol):
+    """What :func:`guard_pdus` needs of a guard (:class:`anonproxy.limits.PduGuard`)."""
+
+    def attach(self, read: Callable[[int], bytearray], abort: Callable[[bytes], None]) -> None:
+        """Receive the socket's own ``recv`` and a way to send an A-ABORT and close."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read as ``AssociationSocket.recv`` does (an empty read: the connection is closed)."""
+
+    def take(self, primitive: P_DATA) -> None:
+        """See each received P-DATA before the DIMSE layer decodes it (may cut it)."""
+
+    def undecodable(self) -> None:
+        """The DIMSE layer could not decode a received message (the association is aborted)."""
+
+
+_guards: weakref.WeakKeyDictionary[Association, PduFilter] = weakref.WeakKeyDictionary()
+
+
+def guard_pdus(assoc: Association, guard: PduFilter, *, read_timeout: float | None) -> None:
+    """Put *guard* between the upper layer of *assoc* (an acceptor) and its socket; call on
+    EVT_CONN_OPEN, before the first read.
+
+    pynetdicom 3.0.4 reads the 6-byte PDU header, then reads (and accumulates) as many bytes
+    as the header declares, up to 4 GiB, before it looks at them (``_read_pdu_data``). Here:
+
+    * the ``recv`` of the :class:`~pynetdicom.transport.AssociationSocket` (whose only reader
+      is ``_read_pdu_data``: a header, then the body in one call) is the guard's, so that a
+      header is checked before its body is read;
+    * with *read_timeout*, a read that waits longer (a peer that stops in the middle of a PDU)
+      fails and the upper layer sees the connection closed: pynetdicom reads a PDU in a
+      blocking loop, where its own idle time-out is never checked;
+    * nothing is read while the A-ASSOCIATE-RQ is being decided (state Sta3), nor while an
+      event read earlier waits: pynetdicom's state machine has no transition for the local
+      answer (Evt7/Evt8) once anything read here has moved it on (garbage or an A-ABORT: Sta13
+      or Sta1), and its reactor thread then dies with InvalidEventError;
+    * a P-DATA-TF whose command set pynetdicom cannot decode (no Command Field, say) raises in
+      the DIMSE decoder inside the DUL thread, which stops without an A-ABORT to the peer and
+      without EVT_ABORTED: it becomes Evt19 (A-ABORT), as pynetdicom does for messages that
+      fail later.
+    """
+    dul = assoc.dul
+    transport = dul.socket
+    if transport is None:
+        return
+    raw = transport.socket
+    if raw is not None and read_timeout is not None:
+        raw.settimeout(read_timeout)
+
+    def abort(pdu: bytes) -> None:
+        if raw is None:
+            return
+        try:
+            raw.sendall(pdu)
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer is gone already
+
+    guard.attach(transport.recv, abort)
+    _guards[assoc] = guard
+    transport.recv = guard.recv  # type: ignore[method-assign] # the hook itself
+    transport_event = dul._is_transport_event
+
+    def hold_while_deciding() -> bool:
+        if dul.state_machine.current_state == "Sta3" or not dul.event_queue.empty():
+            return False
+        return transport_event()
+
+    dul._is_transport_event = hold_while_deciding  # type: ignore[method-assign] # the hook itself
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+
+    def receive_or_abort(primitive: P_DATA) -> None:
+        try:
+            guard.take(primitive)
+            receive(primitive)
+        except Exception:  # noqa: BLE001 - any decoding failure is a protocol violation
+            dimse.message = None
+            guard.undecodable()
+            dul.event_queue.put("Evt19")
+
+    dimse.receive_primitive = receive_or_abort  # type: ignore[method-assign] # the hook itself
+
+
+def pdu_guard(assoc: Association) -> PduFilter | None:
+    """The guard :func:`guard_pdus` put on *assoc*, if any."""
+    return _guards.get(assoc)
+
+
+# --- the TLS handshake, in the association's thread ---------------------------------------------
+
+
+def tls_socket(assoc: Association) -> ssl.SSLSocket | None:
+    """The TLS socket of *assoc*, or None for a plain TCP association."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    return sock if isinstance(sock, ssl.SSLSocket) else None
+
+
+def finish_tls_handshake(assoc: Association, timeout: float) -> OSError | ValueError | None:
+    """EVT_CONN_OPEN of a TLS acceptor: complete the handshake within *timeout* seconds.
+
+    pynetdicom 3.0.4 wraps an accepted socket in ``AssociationServer.get_request``, in the
+    thread that accepts connections, with the context's default ``do_handshake_on_connect``:
+    one client that connects and stays silent stalls every other. The contexts of
+    :func:`anonproxy.tls.server_context` defer the handshake; this completes it in the
+    association's own thread. On failure the connection is closed, the acceptor gives up at
+    once (nothing to negotiate) and the exception is returned, for the audit trail; None when
+    the handshake succeeded or *assoc* is not TLS.
+    """
+    sock = tls_socket(assoc)
+    if sock is None:
+        return None
+    try:
+        handshake(sock, timeout)
+    except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+        assoc.acse_timeout = 0.001  # nothing to negotiate: let the acceptor give up at once
+        if assoc.dul.socket is not None:
+            assoc.dul.socket.close()
+        return exc
+    return None
+
+
+# --- Maximum Length -----------------------------------------------------------------------------
+
+
+def bound_peer_max_length(assoc: Association, limit: int) -> None:
+    """A requestor's *assoc*, just established: when the acceptor takes PDUs of any length
+    (Maximum Length 0, PS3.8 D.1), send at most *limit* bytes per PDU. pynetdicom 3.0.4 reads
+    0 as "no limit" and sends, and its peer must read, a whole data set as one PDU."""
+    for item in assoc.acceptor.user_information:
+        if isinstance(item, MaximumLengthNotification) and not item.maximum_length_received:
+            item.maximum_length_received = limit

@@ -1,0 +1,717 @@
+"""Each change anonproxy makes to pynetdicom (anonproxy.pynetdicom_patches), shown needed.
+
+Every test runs twice on real pynetdicom objects on loopback: ``patched`` asserts the behaviour
+anonproxy needs, ``unpatched`` (the control: the process-wide patch left out with
+``install(without=...)``, or the per-association hook not called) asserts that pynetdicom
+3.0.4 on its own does not have it. When a pynetdicom upgrade fixes one upstream, its control
+fails, and the patch can go.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pynetdicom.association
+import pynetdicom.dsutils
+import pynetdicom.dul
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from anonproxy import pynetdicom_patches as patches
+from anonproxy.config import TlsServerConfig
+from anonproxy.errors import ConfigError
+from anonproxy.limits import PduGuard
+from anonproxy.tls import server_context
+
+from conftest import corpus_paths
+from peers import (
+    PEER_ENV,
+    Pki,
+    RawPeer,
+    RefusingSCP,
+    StoreSCP,
+    associate_rq,
+    free_port,
+    p_data_tf,
+    tool,
+    wait_for,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CT = next(p for p in corpus_paths() if p.name == "CT_small.dcm")
+
+
+@pytest.fixture(autouse=True)
+def _all_installed() -> None:
+    patches.install()
+
+
+@pytest.fixture(params=["patched", "unpatched"])
+def patched(request: pytest.FixtureRequest) -> bool:
+    """For a hook: True, called; False, the control (not called)."""
+    return bool(request.param == "patched")
+
+
+def _without(name: str) -> Any:
+    """A fixture for the process-wide patch *name*: True, every patch installed; False, the
+    control (every patch but *name*)."""
+
+    @pytest.fixture(params=["patched", "unpatched"], name=name)
+    def fixture(request: pytest.FixtureRequest) -> Iterator[bool]:
+        patched = request.param == "patched"
+        patches.uninstall()
+        patches.install(without=() if patched else {name})
+        try:
+            yield patched
+        finally:
+            patches.uninstall()
+            patches.install()
+
+    return fixture
+
+
+reactor_waits = _without("reactor_waits")
+response_race = _without("response_race")
+send_backpressure = _without("send_backpressure")
+idle_timer_latch = _without("idle_timer_latch")
+file_meta = _without("file_meta")
+chunked_data_sets = _without("chunked_data_sets")
+
+
+# --- the version gate ---------------------------------------------------------------------------
+
+
+def test_the_pinned_version_is_the_one_in_pyproject() -> None:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"pynetdicom=={patches.PINNED_VERSION}" in dependencies
+    assert pynetdicom.__version__ == patches.PINNED_VERSION
+
+
+def test_another_pynetdicom_version_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")
+    before = patches.installed()
+    patches.uninstall()
+    try:
+        with pytest.raises(patches.UnsupportedPynetdicom) as raised:
+            patches.install()
+        assert isinstance(raised.value, ConfigError)  # the CLI: one line, exit status 2
+        message = str(raised.value)
+        assert "\n" not in message
+        assert "pynetdicom 3.0.5 is installed" in message
+        assert "pynetdicom==3.0.4" in message
+        assert patches.installed() == frozenset()  # nothing applied
+    finally:
+        monkeypatch.undo()
+        patches.install()
+    assert patches.installed() == before
+
+
+def test_anonproxy_serve_refuses_another_pynetdicom_with_exit_status_2(tmp_path: Path) -> None:
+    program = (
+        "import sys, pynetdicom\n"
+        "pynetdicom.__version__ = '3.0.5'\n"
+        "from anonproxy.cli import main\n"
+        "sys.exit(main(['serve']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("anonproxy: pynetdicom 3.0.5 is installed")
+    assert last.endswith("install pynetdicom==3.0.4")
+
+
+def test_install_is_idempotent_thread_safe_and_undone_by_uninstall() -> None:
+    patches.uninstall()
+    originals = (
+        Association._run_reactor,
+        pynetdicom.dul.DULServiceProvider.send_pdu,
+        pynetdicom.dul.time,
+        _config.STORE_RECV_CHUNKED_DATASET,
+    )
+    try:
+        threads = [threading.Thread(target=patches.install) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        once = (Association._run_reactor, pynetdicom.dul.DULServiceProvider.send_pdu)
+        patches.install()
+        assert (Association._run_reactor, pynetdicom.dul.DULServiceProvider.send_pdu) == once
+        assert patches.installed() == frozenset(patches.PATCHES)
+        assert pynetdicom.dul.time.monotonic is time.monotonic  # only sleep differs
+        patches.uninstall()
+        assert (
+            Association._run_reactor,
+            pynetdicom.dul.DULServiceProvider.send_pdu,
+            pynetdicom.dul.time,
+            _config.STORE_RECV_CHUNKED_DATASET,
+        ) == originals
+        # Applied in another order, they are still undone exactly.
+        patches.install(without={"reactor_waits"})
+        patches.install()
+        patches.uninstall()
+        assert Association._run_reactor is originals[0]
+    finally:
+        patches.install()
+
+
+# --- reactor_waits ------------------------------------------------------------------------------
+
+
+def _echo_server() -> tuple[AE, Any, int]:
+    ae = AE("PATCHES")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    return ae, server, port
+
+
+def test_reactors_wait_for_work_not_for_their_loop_delay(reactor_waits: bool) -> None:
+    """With both DULs' loop delay at 5 s, C-ECHOs are answered within a 1 s DIMSE time-out:
+    the reactors wake when there is something to do. pynetdicom's sleep the whole delay."""
+    _, server, port = _echo_server()
+    requestor = AE("CALLER")
+    requestor.add_requested_context(Verification)
+    requestor.dimse_timeout = 1.0
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.is_established
+        assert wait_for(lambda: len(server.active_associations) == 1, timeout=5, interval=0.01)
+        duls = [assoc.dul, server.active_associations[0].dul]
+        for dul in duls:
+            dul._run_loop_delay = 5.0
+        answered = 0
+        for _ in range(5):
+            status = assoc.send_c_echo() if assoc.is_established else Dataset()
+            answered += status.get("Status") == 0x0000
+        for dul in duls:
+            dul._run_loop_delay = 0.001
+        assert answered == (5 if reactor_waits else 0)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+
+
+def test_an_acceptor_serves_every_request_and_leaves_no_descriptor(reactor_waits: bool) -> None:
+    """Three DCMTK associations of 50 C-ECHOs each; the wake-up pipe of each DUL thread is
+    closed when it ends (this one holds in both runs: it guards the patch's own cost)."""
+    served: list[int] = []
+    ae = AE("PATCHES")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    before = len(os.listdir("/proc/self/fd"))
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_ECHO, lambda _: served.append(1) or 0x0000)],
+    )
+    try:
+        for _ in range(3):
+            done = subprocess.run(
+                [tool("echoscu"), "-aec", "PATCHES", "--repeat", "50", "127.0.0.1", str(port)],
+                env=PEER_ENV,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+    assert len(served) == 150
+    assert wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before, timeout=5, interval=0.05)
+    assert not patches._wakeups  # every DUL thread's pipe closed and forgotten
+
+
+def test_a_wake_up_pending_is_written_once() -> None:
+    """A data set of many PDUs: one byte in the pipe until the DUL thread reads it."""
+    wakeup = patches._Wakeup()
+    try:
+        for _ in range(5):
+            wakeup.set()
+        assert os.read(wakeup.read_fd, 4096) == b"\0"
+        wakeup.clear()
+        wakeup.set()  # after a read, the next one is written again
+        assert os.read(wakeup.read_fd, 4096) == b"\0"
+    finally:
+        wakeup.close()
+
+
+# --- response_race ------------------------------------------------------------------------------
+
+
+def test_a_requestor_reactor_leaves_responses_to_the_sending_thread(
+    response_race: bool, storescp: StoreSCP
+) -> None:
+    """A response that reaches the DIMSE queue while the requestor's association thread is not
+    paused (see docs/upstream/pynetdicom-response-race.md) stays for the thread waiting for it;
+    pynetdicom's association thread takes it and drops it ("unexpected ... service message")."""
+    ae = AE("PATCHES")
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 1.0
+    assoc = ae.associate("127.0.0.1", storescp.port, ae_title=storescp.ae_title)
+    assert assoc.is_established
+    response = C_ECHO()
+    response.MessageIDBeingRespondedTo, response.Status = 7, 0x0000
+    try:
+        assert not assoc._is_paused or wait_for(lambda: not assoc._is_paused, timeout=2)
+        assoc.dimse.msg_queue.put((1, response))
+        time.sleep(0.2)  # 200 loops of the association thread, unpaused
+        taken = assoc.dimse.get_msg(block=True)
+        assert taken == ((1, response) if response_race else (None, None))
+        assert assoc.is_established
+    finally:
+        assoc.release()
+
+
+# --- send_backpressure --------------------------------------------------------------------------
+
+
+def _large_file(directory: Path, pixel_bytes: int) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Rows, dataset.Columns, dataset.BitsAllocated = 1024, pixel_bytes // 1024, 8
+    dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 7, 0
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.PixelData = bytes(pixel_bytes)
+    path = directory / "large.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_data_set_sent_from_a_file_is_not_queued_whole(
+    send_backpressure: bool, tmp_path: Path
+) -> None:
+    """A receiver that stops reading: the sending thread queues at most MAX_QUEUED_PDUS P-DATA
+    ahead of the DUL thread. pynetdicom queues every fragment of the data set at once."""
+    path = _large_file(tmp_path, 16 << 20)
+    reading = threading.Event()
+
+    def hold(event: evt.Event) -> None:
+        if event.pdu.__class__.__name__ == "P_DATA_TF":
+            reading.wait(10)  # the acceptor's DUL thread stops reading
+
+    acceptor = AE("PATCHES")
+    acceptor.maximum_pdu_size = 16384
+    acceptor.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = acceptor.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_PDU_RECV, hold), (evt.EVT_C_STORE, lambda _: 0x0000)],
+    )
+    requestor = AE("CALLER")
+    requestor.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    statuses: list[Dataset] = []
+    try:
+        assert assoc.is_established
+        sender = threading.Thread(target=lambda: statuses.append(assoc.send_c_store(path)))
+        sender.start()
+        most = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            most = max(most, assoc.dul.to_provider_queue.qsize())
+            time.sleep(0.005)
+        reading.set()
+        sender.join(60)
+        assert statuses
+        assert statuses[0].Status == 0x0000
+        if send_backpressure:
+            assert most <= patches.MAX_QUEUED_PDUS + 1
+        else:
+            assert most > 200  # of 1024 fragments of 16 KiB
+    finally:
+        reading.set()
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+
+
+# --- idle_timer_latch ---------------------------------------------------------------------------
+
+
+class _FakeAssoc:
+    """What DULServiceProvider's constructor reads of its association."""
+
+    def __init__(self) -> None:
+        self.ae = AE()
+        self.network_timeout = self.ae.network_timeout
+        self.is_requestor = False
+
+
+def test_an_expired_network_time_out_stays_expired_once_seen(idle_timer_latch: bool) -> None:
+    """The peer's answer to the A-ABORT restarts pynetdicom's idle timer: the cause of the
+    abort must still read as the time-out (the SCP audits association.idle_timeout by it)."""
+    dul = pynetdicom.dul.DULServiceProvider(_FakeAssoc())  # type: ignore[arg-type]
+    dul._idle_timer.timeout = 0.01
+    dul._idle_timer.start()
+    assert wait_for(dul.idle_timer_expired, timeout=2, interval=0.01)
+    dul._idle_timer.restart()  # a transport event after the abort
+    assert not dul._idle_timer.expired
+    assert dul.idle_timer_expired() is idle_timer_latch
+
+
+# --- file_meta ----------------------------------------------------------------------------------
+
+
+def test_a_file_is_sent_without_decoding_its_file_meta_with_pydicom(
+    file_meta: bool, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's split_dataset reads the preamble and decodes group 0002 with pydicom."""
+    decoded: list[int] = []
+    read_preamble = pynetdicom.dsutils.read_preamble  # only split_dataset uses it
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        decoded.append(1)
+        return read_preamble(*args, **kwargs)
+
+    monkeypatch.setattr(pynetdicom.dsutils, "read_preamble", counted)
+    ae = AE("PATCHES")
+    ae.add_requested_context(dcmread(CT).SOPClassUID, dcmread(CT).file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", storescp.port, ae_title=storescp.ae_title)
+    try:
+        assert assoc.send_c_store(CT).Status == 0x0000
+    finally:
+        assoc.release()
+    assert wait_for(lambda: len(storescp.files()) == 1, timeout=10)
+    assert bool(decoded) is not file_meta
+
+
+# --- chunked_data_sets --------------------------------------------------------------------------
+
+
+def test_data_sets_are_streamed_from_and_into_files(
+    chunked_data_sets: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent from a file without reading it whole (no dcmread); received into a file as it
+    arrives (``event.dataset_path``). pynetdicom decodes both in memory."""
+    read_whole: list[int] = []
+    dcmread_ = pynetdicom.association.dcmread
+    monkeypatch.setattr(
+        pynetdicom.association, "dcmread", lambda *a, **k: read_whole.append(1) or dcmread_(*a, **k)
+    )
+    received: list[bool] = []
+
+    def on_store(event: evt.Event) -> int:
+        path = event.dataset_path  # None: pynetdicom decoded the data set in memory
+        received.append(path is not None and Path(path).is_file())
+        return 0x0000
+
+    header = dcmread(CT, stop_before_pixels=True)
+    acceptor = AE("PATCHES")
+    acceptor.add_supported_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    port = free_port()
+    server = acceptor.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    requestor = AE("CALLER")
+    requestor.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.send_c_store(CT).Status == 0x0000
+    finally:
+        assoc.release()
+        server.shutdown()
+    assert received == [chunked_data_sets]
+    assert bool(read_whole) is not chunked_data_sets
+
+
+# --- the file a received data set is written into -----------------------------------------------
+
+
+def test_received_data_sets_are_written_into_the_hooked_file(patched: bool, tmp_path: Path) -> None:
+    """pynetdicom writes a received data set under the system's temporary folder; hooked, into
+    the file object anonproxy gives it (the spool's owner-only folder)."""
+    seen: list[tuple[Path, object]] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append((Path(event.dataset_path), patches.received_file(event)))
+        return 0x0000
+
+    original = pynetdicom.dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+    if patched:
+        patches.receive_data_sets_into(
+            lambda: tempfile.NamedTemporaryFile(dir=tmp_path, delete=False)  # noqa: SIM115
+        )
+    header = dcmread(CT, stop_before_pixels=True)
+    acceptor = AE("PATCHES")
+    acceptor.add_supported_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    port = free_port()
+    server = acceptor.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    requestor = AE("CALLER")
+    requestor.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.send_c_store(CT).Status == 0x0000
+    finally:
+        assoc.release()
+        server.shutdown()
+        pynetdicom.dimse_messages.NamedTemporaryFile = original  # type: ignore[attr-defined]
+    ((path, file),) = seen
+    assert getattr(file, "name", None) == str(path)
+    if patched:
+        assert path.parent == tmp_path
+    else:
+        assert path.parent == Path(tempfile.gettempdir())
+
+
+# --- the PDU guard ------------------------------------------------------------------------------
+
+
+class _GuardedServer:
+    """A pynetdicom acceptor; with *guarded*, each association behind a PduGuard."""
+
+    def __init__(self, guarded: bool, on_requested: Any = None) -> None:
+        self.violations: list[tuple[str, dict[str, object]]] = []
+        self.aborted = threading.Event()
+        ae = AE("ANONPROXY")
+        ae.maximum_pdu_size = 16384
+        ae.add_supported_context(Verification)
+        self.port = free_port()
+
+        def guard(event: evt.Event) -> None:
+            if guarded:
+                pdu_guard = PduGuard(16384, lambda r, d: self.violations.append((r, d)))
+                patches.guard_pdus(event.assoc, pdu_guard, read_timeout=10)
+
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, guard),
+            (evt.EVT_ABORTED, lambda _: self.aborted.set()),
+        ]
+        if on_requested is not None:
+            handlers.append((evt.EVT_REQUESTED, on_requested))
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def associated_peer(self, timeout: float) -> RawPeer:
+        peer = RawPeer(self.port, timeout=timeout)
+        peer.send(associate_rq())
+        accepted = peer.read_pdu()
+        assert accepted is not None
+        assert accepted[0] == 0x02
+        return peer
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_pdu_longer_than_advertised_is_refused_before_its_body_is_read(patched: bool) -> None:
+    server = _GuardedServer(patched)
+    peer = server.associated_peer(timeout=2 if not patched else 10)
+    try:
+        peer.send(struct.pack(">BBL", 0x04, 0, 0x7FFFFFF0) + bytes(1024))  # P-DATA-TF, 2 GiB
+        answer = peer.read_pdu()
+        if patched:
+            assert answer is not None
+            assert answer[0] == 0x07
+            assert answer[1][-1] == 0x06  # invalid-PDU-parameter-value
+            assert server.violations[0][0] == "pdu_too_long"
+            assert server.violations[0][1]["declared_length"] == 0x7FFFFFF0
+        else:  # pynetdicom waits for the 2 GiB body
+            assert answer is None
+            assert server.violations == []
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_an_undecodable_command_set_aborts_the_association(
+    patched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's DIMSE decoder raises in the DUL thread, which stops: the peer is told
+    nothing and EVT_ABORTED never comes. Guarded, it is an A-ABORT like any other, audited."""
+    raised: list[str] = []  # exceptions that ended a thread (pynetdicom's DUL thread)
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type.__name__))
+    server = _GuardedServer(patched)
+    peer = server.associated_peer(timeout=5)
+    try:
+        no_command_field = struct.pack("<HHL", 0x0000, 0x0000, 4) + struct.pack("<L", 0)
+        peer.send(p_data_tf([(1, 0x03, no_command_field)]))  # last command fragment
+        answer = peer.read_pdu()
+        assert (answer is not None and answer[0] == 0x07) is patched  # A-ABORT
+        assert server.aborted.wait(3) is patched
+        reasons = [reason for reason, _ in server.violations]
+        assert reasons == (["invalid_dimse_message"] if patched else [])
+        assert raised == ([] if patched else ["AttributeError"])  # no Command Field
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_nothing_is_read_while_the_association_request_is_decided(
+    patched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that sends a P-DATA right behind its A-ASSOCIATE-RQ, in one write: pynetdicom's
+    DUL thread reads it while the acceptor decides (Sta3), answers it with an A-ABORT (Sta13),
+    and the acceptor's A-ASSOCIATE-AC is then an event its state machine has no transition for
+    (InvalidEventError, now and then: a race, so the control tries up to 40 times). Guarded,
+    the answer goes out first, every time."""
+    raised: list[str] = []  # exceptions that ended a thread (pynetdicom's DUL thread)
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type.__name__))
+    server = _GuardedServer(patched)
+    try:
+        for _ in range(40 if not patched else 10):
+            peer = RawPeer(server.port, timeout=5)
+            try:
+                peer.send(associate_rq() + p_data_tf([(1, 0x03, bytes(8))]))
+                pdus = [pdu_type for pdu_type, _ in peer.pdus_until_closed()]
+            finally:
+                peer.close()
+            if patched:
+                assert pdus == [0x02, 0x07]  # A-ASSOCIATE-AC, then A-ABORT
+            assert wait_for(lambda: not server.server.active_associations, timeout=5)
+            if raised:
+                break
+        assert ("InvalidEventError" in raised) is not patched
+    finally:
+        server.stop()
+
+
+# --- the TLS handshake in the association's thread ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki")).create()
+
+
+def test_a_silent_tls_client_does_not_stall_the_others(patched: bool, pki: Pki) -> None:
+    """pynetdicom shakes hands in its accept loop: one client that connects and says nothing
+    holds up every other until it goes. Deferred, each handshake runs in its association's
+    thread: the next client is served while the silent one is still connected."""
+    config = TlsServerConfig(certificate=pki.server_cert, private_key=pki.server_key)
+    if patched:
+        context = server_context(config)
+        handlers = [
+            (evt.EVT_CONN_OPEN, lambda e: patches.finish_tls_handshake(e.assoc, 5.0)),
+        ]
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        handlers = []
+    ae = AE("PATCHES")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, ssl_context=context, evt_handlers=handlers
+    )
+    silent = socket.create_connection(("127.0.0.1", port))
+    gone = threading.Event()
+
+    def leave() -> None:
+        gone.set()
+        silent.close()
+
+    timer = threading.Timer(3.0, leave)
+    timer.start()
+    try:
+        client = ssl.create_default_context(cafile=str(pki.ca))
+        requestor = AE("CALLER")
+        requestor.add_requested_context(Verification)
+        assoc = requestor.associate(
+            "127.0.0.1", port, ae_title="PATCHES", tls_args=(client, "localhost")
+        )
+        served_while_silent_connected = not gone.is_set()
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert served_while_silent_connected is patched
+    finally:
+        timer.join()
+        server.shutdown()
+
+
+def test_a_tls_handshake_is_bounded_by_its_time_out(patched: bool, pki: Pki) -> None:
+    """A client that connects and never shakes hands is cut off once the handshake time-out
+    passes. Without the hook, the deferred handshake happens on the upper layer's first read,
+    unbounded, and the connection stays open until the ACSE time-out (here 30 s)."""
+    config = TlsServerConfig(certificate=pki.server_cert, private_key=pki.server_key)
+    failures: list[OSError | ValueError | None] = []
+
+    def on_open(event: evt.Event) -> None:
+        if patched:
+            failures.append(patches.finish_tls_handshake(event.assoc, 0.5))
+
+    ae = AE("PATCHES")
+    ae.add_supported_context(Verification)
+    ae.acse_timeout = 30
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=server_context(config),
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+    )
+    silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        try:
+            closed = silent.recv(1) == b""  # the server closed the connection
+        except TimeoutError:
+            closed = False
+        assert closed is patched
+        # The handler records the failure once the hook has closed the connection.
+        assert wait_for(lambda: len(failures) == int(patched), timeout=5, interval=0.01)
+        assert [type(f).__name__ for f in failures] == (["TimeoutError"] if patched else [])
+    finally:
+        silent.close()
+        server.shutdown()
+
+
+# --- Maximum Length 0 ---------------------------------------------------------------------------
+
+
+def test_a_peer_that_takes_any_pdu_length_is_sent_bounded_pdus(
+    patched: bool, tmp_path: Path
+) -> None:
+    peer = RefusingSCP(0x0000, max_pdu=0).start()
+    path = _large_file(tmp_path, 3 << 20)
+    ae = AE("PATCHES")
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", peer.port, ae_title=peer.ae_title)
+    try:
+        assert assoc.is_established
+        if patched:
+            patches.bound_peer_max_length(assoc, 1 << 20)
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+        peer.stop()
+    assert sum(peer.pdv_lengths) > 3 << 20
+    if patched:
+        assert max(peer.pdv_lengths) <= 1 << 20
+    else:
+        assert max(peer.pdv_lengths) > 3 << 20  # the whole data set as one PDU

@@ -26,13 +26,19 @@ processes), spread over the files: it is not the same for both tools (anonproxy'
 starts in about a second, dicognito's in half of one), so each round also times every tool on
 one file (CT_small.dcm), and a second table gives the start and the ms per file without it
 (the best round's seconds minus the best one-file run, over the files but one), with the
-ratio of those.
+ratio of those. Every figure is also given in CPU seconds (user and system, the tool and its
+worker processes): on a shared machine they vary less than the time (they still grow with the
+load of the other core).
+
+The anonproxy measured is the one ``python -m anonproxy`` imports in the current folder (its
+package there comes before PYTHONPATH): to time another checkout, run the script from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -76,17 +82,22 @@ def distinct_copy(path: Path, number: int) -> bytes:
     return data.replace(uid.encode("ascii"), ".".join(parts).encode("ascii"))
 
 
-def timed(label: str, command: list[str], env: dict[str, str]) -> float:
-    """Seconds *command* took. Exit status 1 is accepted: `anonproxy deidentify` exits 1 when it
-    refused some files (the corpus holds files that cannot be de-identified), and prints why."""
+def timed(label: str, command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Seconds *command* took, and the CPU seconds (user and system) it and its processes used:
+    on a shared machine the CPU time varies much less than the time. Exit status 1 is
+    accepted: `anonproxy deidentify` exits 1 when it refused some files (the corpus holds
+    files that cannot be de-identified), and prints why."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, check=False, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if done.returncode not in (0, 1):
         raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
     if done.returncode == 1:
         print(f"  ({label}: {done.stdout.strip()})")
-    return elapsed
+    return elapsed, cpu
 
 
 NO_OCR = ["--set", 'profile.clean_pixel_data="off"']
@@ -135,8 +146,8 @@ def main() -> None:
         single = work / "one"
         single.mkdir()
         shutil.copyfile(str(get_testdata_file("CT_small.dcm")), single / "CT_small.dcm")
-        runs: dict[str, list[float]] = {label: [] for label in tools}
-        starts: dict[str, list[float]] = {label: [] for label in tools}
+        runs: dict[str, list[tuple[float, float]]] = {label: [] for label in tools}
+        starts: dict[str, list[tuple[float, float]]] = {label: [] for label in tools}
         for round_ in range(args.rounds):
             for index, (label, command) in enumerate(tools.items()):
                 for inputs, times in ((source, runs), (single, starts)):
@@ -151,31 +162,51 @@ def main() -> None:
     report(runs, starts, count)
 
 
-def report(runs: dict[str, list[float]], starts: dict[str, list[float]], count: int) -> None:
-    """The two tables: with the start of each process, and without it."""
-    baseline = min(runs["dicognito"], default=None)
-    for label, seconds in runs.items():
-        if not seconds:
+def report(
+    runs: dict[str, list[tuple[float, float]]],
+    starts: dict[str, list[tuple[float, float]]],
+    count: int,
+) -> None:
+    """The two tables: with the start of each process, and without it; each in seconds and
+    in CPU seconds (the best round of each)."""
+    best = {
+        label: tuple(min(r[i] for r in rounds) for i in (0, 1))
+        for label, rounds in runs.items()
+        if rounds
+    }
+    base = best.get("dicognito")
+    for label, rounds in runs.items():
+        if label not in best:
             continue
-        best = min(seconds)
-        ratio = f"  {best / baseline:5.2f} x dicognito's ms/file" if baseline else ""
-        rounds = ", ".join(f"{s:.2f}" for s in seconds)
+        wall, cpu = best[label]
+        ratio = f"  {wall / base[0]:5.2f} x dicognito's" if base else ""
+        cpu_ratio = f" ({cpu / base[1]:4.2f} x)" if base else ""
+        times = ", ".join(f"{r[0]:.2f}" for r in rounds)
         print(
-            f"  {label:38s} {count / best:8.1f} files/s {best / count * 1000:7.2f} ms/file"
-            f"{ratio}  (rounds: {rounds} s)"
+            f"  {label:38s} {count / wall:8.1f} files/s {wall / count * 1000:7.2f} ms/file"
+            f"{ratio}  CPU {cpu / count * 1000:5.2f} ms/file{cpu_ratio}  (rounds: {times} s)"
         )
-    baseline_start = min(starts["dicognito"], default=None)
+    first = {
+        label: tuple(min(r[i] for r in rounds) for i in (0, 1))
+        for label, rounds in starts.items()
+        if rounds
+    }
     print("without the start of the process (the best one-file run):")
-    for label, seconds in runs.items():
-        if not seconds or not starts[label]:
-            continue
-        start = min(starts[label])
-        per_file = (min(seconds) - start) / (count - 1)
-        ratio = ""
-        if baseline is not None and baseline_start is not None:
-            dicognito_per_file = (baseline - baseline_start) / (count - 1)
-            ratio = f"  {per_file / dicognito_per_file:5.2f} x dicognito's ms/file"
-        print(f"  {label:38s} start {start:5.2f} s {per_file * 1000:7.2f} ms/file{ratio}")
+    per_file = {
+        label: tuple((best[label][i] - first[label][i]) / (count - 1) for i in (0, 1))
+        for label in best
+        if label in first
+    }
+    base_per_file = per_file.get("dicognito")
+    for label, (wall, cpu) in per_file.items():
+        ratio = cpu_ratio = ""
+        if base_per_file is not None:
+            ratio = f"  {wall / base_per_file[0]:5.2f} x dicognito's"
+            cpu_ratio = f" ({cpu / base_per_file[1]:4.2f} x)"
+        print(
+            f"  {label:38s} start {first[label][0]:5.2f} s {wall * 1000:7.2f} ms/file{ratio}"
+            f"  CPU {cpu * 1000:5.2f} ms/file{cpu_ratio}"
+        )
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
-from anonproxy.deid.structure import held_elements
+from anonproxy.deid.structure import dictionary_sequence, held_elements
 from anonproxy.deid.tables import (
     any_iod_paths,
     iod_types,
@@ -124,6 +124,9 @@ _SERIES_INSTANCE_UID = 0x0020000E
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
 _BURNED_IN_ANNOTATION = 0x00280301
+_CODE_VALUE = 0x00080100
+_CODING_SCHEME_DESIGNATOR = 0x00080102
+_CODE_MEANING = 0x00080104
 
 #: File meta attributes removed: AE titles of the peers and the private information.
 _META_REMOVED = frozenset(
@@ -284,7 +287,10 @@ def _unknown_or_retired(tag: int) -> bool:
 
 def _vr_of(held_vr: str | None, tag: int) -> str:
     """The VR of an element as held (received, explicit VR), else from the dictionary; UN if
-    unknown. The first VR of an ambiguous one."""
+    unknown. The first VR of an ambiguous one. A sequence received as UN is SQ: pydicom
+    decodes it by the dictionary, items and all."""
+    if held_vr == VR.UN and dictionary_sequence(tag):
+        return VR.SQ
     return _first_vr(str(held_vr)) if held_vr else (_first_vr(_dictionary_vr(tag)) or VR.UN)
 
 
@@ -609,7 +615,8 @@ class Deidentifier:
         if code is None:
             code = self._code_outside_table(held_vr, tag, parents, run, mode)
             if code is None:  # kept as received, undecoded when its VR was explicit
-                return _Kept.WALKED if not held_vr or held_vr == VR.SQ else _Kept.AS_RECEIVED
+                walked = not held_vr or _vr_of(held_vr, tag) == VR.SQ
+                return _Kept.WALKED if walked else _Kept.AS_RECEIVED
         return self._resolve(code, tag, parents, run)
 
     def _public_rule(self, tag: int) -> Rule | None:
@@ -1015,10 +1022,10 @@ class Deidentifier:
         ds.DeidentificationMethod = list(self._method)
         items = []
         for code in self._method_codes:
-            item = Dataset()
-            item.CodeValue = code.value
-            item.CodingSchemeDesignator = code.scheme_designator
-            item.CodeMeaning = code.meaning
+            item = Dataset()  # the elements setattr would make, without its keyword lookups
+            item.add_new(_CODE_VALUE, VR.SH, code.value)
+            item.add_new(_CODING_SCHEME_DESIGNATOR, VR.SH, code.scheme_designator)
+            item.add_new(_CODE_MEANING, VR.LO, code.meaning)
             items.append(item)
         ds.DeidentificationMethodCodeSequence = Sequence(items)
         ds.LongitudinalTemporalInformationModified = self._longitudinal

@@ -49,7 +49,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
 
 from anonproxy.deid.actions import STRING_DUMMIES
-from anonproxy.deid.structure import held_elements
+from anonproxy.deid.structure import dictionary_sequence, held_elements
 
 MIN_LENGTH = 3
 #: Marks a telephone number among the identifying values (its digits follow): a character no
@@ -193,7 +193,7 @@ def _collect(
         if tag >> 16 & 1 or not tag & 0xFFFF:  # private data elements, group lengths
             continue
         vr = held.VR or _dictionary_vr(tag)
-        if vr == VR.SQ:
+        if vr == VR.SQ or (vr == VR.UN and dictionary_sequence(tag)):  # UN: decoded as SQ
             elem = ds[key]  # the key as held: pydicom finds it without comparing tags
             if elem.VR == VR.SQ and not kept(tag):
                 person = tag == _PERSON_IDENTIFICATION_CODE_SEQUENCE

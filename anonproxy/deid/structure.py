@@ -10,6 +10,7 @@ Messages name the element's tag and the limit, never a value.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pydicom.charset import python_encoding
@@ -26,6 +27,8 @@ from anonproxy.errors import LimitExceeded, StructureError
 DEFAULT_MAX_SEQUENCE_DEPTH = 16
 
 _VRS = frozenset(str(vr) for vr in VR_)
+#: The VRs an element still as received may be a sequence with: none (implicit VR), SQ, UN.
+_MAYBE_SEQUENCE = frozenset({None, "SQ", "UN"})
 
 
 def _is_sequence(raw: RawDataElement | DataElement) -> bool:
@@ -33,14 +36,20 @@ def _is_sequence(raw: RawDataElement | DataElement) -> bool:
         return raw.VR == "SQ"
     if raw.length == 0xFFFFFFFF and raw.VR in {None, "UN"}:
         return True  # undefined length, VR unknown: pydicom reads it as a sequence
-    if raw.VR is not None:
+    if raw.VR is not None and raw.VR != "UN":
         return raw.VR == "SQ"
-    if raw.tag.is_private:
-        return False
+    # implicit VR, or a sequence sent as UN (by a node that did not know it): pydicom decodes
+    # it by the dictionary (replace_un_with_known_vr), items and all
+    return not raw.tag.is_private and dictionary_sequence(raw.tag)
+
+
+@lru_cache(maxsize=4096)
+def dictionary_sequence(tag: int) -> bool:
+    """True if the data dictionary says public attribute *tag* is a sequence."""
     try:
-        return dictionary_VR(raw.tag) == "SQ"
+        return dictionary_VR(tag) == "SQ"
     except KeyError:
-        return raw.length == 0xFFFFFFFF
+        return False
 
 
 def held_elements(dataset: Dataset) -> list[tuple[BaseTag, RawDataElement | DataElement]]:
@@ -98,6 +107,8 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
                         raise StructureError(f"element {raw.tag} has an odd value length")
                     if isinstance(raw.value, bytes) and len(raw.value) != raw.length:
                         raise StructureError(f"element {raw.tag} is truncated")
+                if raw.VR not in _MAYBE_SEQUENCE:  # most elements: an explicit VR, not SQ
+                    continue
             if not _is_sequence(raw):
                 continue
             element = current[tag]

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pydicom import Dataset
+import io
+import struct
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.uid import CTImageStorage
 
 from anonproxy.deid import Deidentifier, Profile
+from anonproxy.deid.files import encode_without_pixels
+from anonproxy.deid.instance import deidentify_file
 
-from .helpers import PATIENT_NAME, SECRET, item, minimal, seq, walk_strings
+from .helpers import PATIENT_NAME, SECRET, item, minimal, seq, walk_strings, with_meta
 
 
 def _deep(depth: int) -> Dataset:
@@ -124,3 +132,38 @@ def test_safe_private_element_in_another_block() -> None:
     Deidentifier(Profile.from_options(["retain_safe_private"]), secret=SECRET).deidentify(ds)
     assert ds[0x70531100].value == 2.5
     assert 0x70530011 in ds
+
+
+def _sequence_sent_as_un(tmp_path: Path) -> tuple[Path, str]:
+    """A CT file (Explicit VR Little Endian) whose Clinical Trial Time Point Type Code
+    Sequence (outside Table E.1-1, in the CT IOD) was sent as UN by a node that did not know
+    it, its item naming someone the rest of the instance does not name."""
+    ds = with_meta(minimal(CTImageStorage))
+    ds.ClinicalTrialTimePointTypeCodeSequence = seq(
+        item(CodeValue="X1", CodingSchemeDesignator="99X", PatientName="Smithers^Alicia")
+    )
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    tag = tag_for_keyword("ClinicalTrialTimePointTypeCodeSequence") or 0
+    header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ"
+    data = encoded.getvalue()
+    assert data.count(header) == 1
+    path = tmp_path / "un.dcm"
+    path.write_bytes(data.replace(header, header[:4] + b"UN"))
+    assert dcmread(path).get_item(tag).VR == "UN"
+    return path, "Smithers"
+
+
+def test_a_sequence_received_as_un_is_walked_in_the_file_path(tmp_path: Path) -> None:
+    source, name = _sequence_sent_as_un(tmp_path)
+    deidentify_file(Deidentifier(Profile(), SECRET), source, tmp_path / "out.dcm")
+    written = (tmp_path / "out.dcm").read_bytes()
+    assert name.encode() not in written
+    assert dcmread(tmp_path / "out.dcm").ClinicalTrialTimePointTypeCodeSequence[0].PatientName == ""
+
+
+def test_a_sequence_received_as_un_is_walked_by_the_engine_alone(tmp_path: Path) -> None:
+    source, name = _sequence_sent_as_un(tmp_path)
+    ds = dcmread(source)
+    Deidentifier(Profile(), SECRET).deidentify(ds)
+    assert name.encode() not in encode_without_pixels(ds)

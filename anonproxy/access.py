@@ -9,13 +9,23 @@ negotiated. A refusal is an A-ASSOCIATE-RJ with the result, source and reason of
 * more associations from this address than ``max_associations_per_peer``, or more in all than
   ``max_associations``: rejected-transient, service-provider (presentation), reason 2
   (local-limit-exceeded).
+
+With several acceptor processes (``listen.processes``, :mod:`anonproxy.acceptors`) the two
+limits stay global: the associations running are counted in :class:`SharedAssociations`, a
+small table in shared memory that the service creates and hands to each acceptor process. Each
+process counts its own associations in a region of its own (total, and per peer: a keyed
+hash of the address beside a count), under one lock; a request reads the sum over every
+region. A process that dies leaves its region to the service, which clears it before
+starting its replacement, so that a killed process never holds the limits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from anonproxy.config import AllowedPeer, ListenConfig
 
@@ -131,3 +141,80 @@ class AccessPolicy:
     def _from(address: str, networks: Sequence[_Network]) -> bool:
         parsed = parse_address(address)
         return parsed is not None and any(parsed in network for network in networks)
+
+
+#: Slots of a process's region beyond ``max_associations`` (requests being rejected are counted
+#: until their A-ASSOCIATE-RJ is sent).
+_SPARE_SLOTS = 8
+
+
+def _peer_key(address: str) -> int:
+    """A 63-bit key of a peer address (its table slot; never the address itself)."""
+    digest = hashlib.blake2b(address.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+class SharedAssociations:
+    """The incoming associations of every acceptor process, in shared memory (see the
+    module's docstring). Made by the service with a multiprocessing *context* (spawn) and
+    handed to the processes when they are started."""
+
+    def __init__(self, context: Any, processes: int, max_associations: int) -> None:  # noqa: ANN401
+        self.processes = processes
+        self.slots = max_associations + _SPARE_SLOTS
+        self._size = 1 + 2 * self.slots  # [total, (key, count) * slots] per process
+        self._table = context.RawArray("q", processes * self._size)
+        self._lock = context.Lock()
+
+    def enter(self, index: int, address: str) -> tuple[int, int, bool]:
+        """Count an association request from *address* in process *index*: the associations
+        running (this one included) in all and from that address, and whether it was counted
+        (a full region counts it as over both limits; then :meth:`leave` must not be called)."""
+        key = _peer_key(address)
+        table = self._table
+        total = from_peer = 0
+        own: int | None = None
+        free: int | None = None
+        with self._lock:
+            for process in range(self.processes):
+                base = process * self._size
+                total += table[base]
+                for at in range(base + 1, base + self._size, 2):
+                    count = table[at + 1]
+                    if count and table[at] == key:
+                        from_peer += count
+                        if process == index:
+                            own = at
+                    elif not count and process == index and free is None:
+                        free = at
+            slot = own if own is not None else free
+            if slot is None:
+                return total + 1 + self.slots, from_peer + 1 + self.slots, False
+            table[slot] = key
+            table[slot + 1] += 1
+            table[index * self._size] += 1
+        return total + 1, from_peer + 1, True
+
+    def leave(self, index: int, address: str) -> None:
+        """An association counted by :meth:`enter` in process *index* ended."""
+        key = _peer_key(address)
+        table = self._table
+        base = index * self._size
+        with self._lock:
+            for at in range(base + 1, base + self._size, 2):
+                if table[at + 1] and table[at] == key:
+                    table[at + 1] -= 1
+                    table[base] = max(0, table[base] - 1)
+                    return
+
+    def active(self) -> int:
+        """Associations running now, in every process."""
+        with self._lock:
+            return sum(self._table[p * self._size] for p in range(self.processes))
+
+    def clear(self, index: int) -> None:
+        """Forget what process *index* counted (it ended: its associations ended with it)."""
+        base = index * self._size
+        with self._lock:
+            for at in range(base, base + self._size):
+                self._table[at] = 0

@@ -101,6 +101,11 @@ class TlsClientConfig(_Section):
         return self
 
 
+#: ``listen.processes`` when not configured: 1 is one receiving process (no supervisor); None
+#: is one acceptor process per core (see anonproxy.acceptors).
+DEFAULT_LISTEN_PROCESSES: int | None = 1
+
+
 class ListenConfig(_Section):
     """The SCP: where anonproxy receives instances."""
 
@@ -110,6 +115,8 @@ class ListenConfig(_Section):
     allowed_calling_ae_titles: list[AllowedCallingEntry] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
     deidentify_workers: int | None = Field(default=None, ge=0, le=64)
+    # Receiving processes on the one port (SO_REUSEPORT); null: one per core (at most 8)
+    processes: int | None = Field(default=DEFAULT_LISTEN_PROCESSES, ge=1, le=64)
     max_associations_per_peer: int | None = Field(default=None, ge=1)
     tls: TlsServerConfig | None = None
     max_pdu_size: int = Field(default=262144, ge=0)
@@ -500,6 +507,12 @@ class Settings(_Section):
             unknown = sorted(set(route.destinations) - known)
             if unknown:
                 msg = f"routes.{index}.destinations: unknown destination(s) {unknown}"
+                raise ValueError(msg)
+            if route.transparent and (self.listen.processes or 1) > 1:
+                msg = (
+                    f"routes.{index}.transparent: a transparent route relays the destination's"
+                    " answer to the receiving process, which needs listen.processes: 1"
+                )
                 raise ValueError(msg)
             if route.transparent and self.listen.acknowledge == "after_receipt":
                 msg = (

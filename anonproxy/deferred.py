@@ -156,12 +156,16 @@ class _Prepared:
 class DeferredProcessor:
     """Acknowledges on receipt and de-identifies behind. Thread-safe."""
 
-    def __init__(self, pipeline: InstancePipeline, *, window: int = 1) -> None:
+    def __init__(
+        self, pipeline: InstancePipeline, *, window: int = 1, run: str | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.spool = pipeline.spool
         self.audit = pipeline.audit
         self.window = max(1, window)
-        self._run = f"{time.time_ns():016x}"
+        # an acceptor process is given its run (unique among the processes, see
+        # anonproxy.acceptors); its name is what recovers its data sets when it dies
+        self._run = run or f"{time.time_ns():016x}"
         self._sequence = itertools.count()
         self._lanes: dict[str, deque[DeferredInstance]] = {}
         self._threads: set[threading.Thread] = set()
@@ -205,11 +209,14 @@ class DeferredProcessor:
         self._queue(DeferredInstance(path, lane, calling_ae_title, sop_class_uid, arrived))
         return StoreOutcome(StoreStatus.SUCCESS)
 
-    def recover(self) -> int:
-        """Queue the deferred data sets a previous run left (in arrival order per lane);
-        returns how many."""
+    def recover(self, run: str | None = None) -> int:
+        """Queue the deferred data sets a previous run left (in arrival order per lane), or
+        only those of *run* (an acceptor process that ended); returns how many."""
         key = self.pipeline.runner.incoming_key
-        found = [DeferredInstance.from_path(path) for path in self.spool.deferred()]
+        paths = self.spool.deferred()
+        if run is not None:
+            paths = [path for path in paths if path.name.startswith(run + "-")]
+        found = [DeferredInstance.from_path(path) for path in paths]
         for instance in found:
             instance = dataclasses.replace(  # noqa: PLW2901
                 instance, sop_class_uid=_sop_class_uid(instance.path, key)

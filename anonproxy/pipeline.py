@@ -23,7 +23,7 @@ from anonproxy.audit import AuditLog
 from anonproxy.config import RouteConfig
 from anonproxy.deid.pixels import read_by_sop_class
 from anonproxy.errors import SpoolFullError, TransientError
-from anonproxy.remap import MapRecorder
+from anonproxy.remap import MapRecording
 from anonproxy.spool import Delivery, Spool
 from anonproxy.status import StoreStatus
 from anonproxy.workers import Deidentified, DeidentifierPool, Refusal
@@ -59,7 +59,7 @@ class InstancePipeline:
         keep_rejected_inputs: bool = False,
         acknowledge: str = "after_deidentification",
         read_pixels: bool = False,
-        map_recorder: MapRecorder | None = None,
+        map_recorder: MapRecording | None = None,
     ) -> None:
         self.runner = runner
         self.spool = spool

@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -253,6 +254,15 @@ def _decode(line: bytes) -> MapRow:
         base64.b64decode(fields["o"]),
         float(fields["t"]),
     )
+
+
+class MapRecording(Protocol):
+    """What the pipeline records in the map with: :class:`MapRecorder`, or in an acceptor
+    process :class:`~anonproxy.acceptors.RelayedMapRecorder`."""
+
+    def record(self, identity: StudyIdentity) -> bool:
+        """Make sure *identity*'s entry is journaled and in the store; True when it was new."""
+        ...
 
 
 class MapRecorder:

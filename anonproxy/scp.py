@@ -9,26 +9,41 @@ when the list is not empty.
 Handlers are thin: they read the event, call the :class:`~anonproxy.pipeline.InstancePipeline`
 and return a named status. Every association is audited when it is accepted, rejected,
 released or aborted, with its counts and duration.
+
+The presentation contexts the SCP supports (about 200 SOP Classes, each with every transfer
+syntax) are built once, with the AE, and shared by every association read-only
+(:func:`shared_contexts`): pynetdicom would otherwise deep-copy them for each association
+(65 ms of CPU on the 2-core benchmark machine under load: what a sender that opens one
+association per instance pays per instance).
+
+In an acceptor process (``listen.processes`` > 1, :mod:`anonproxy.acceptors`) the SCP listens
+with ``SO_REUSEPORT`` (:class:`ReusePortServer`, through pynetdicom's ``server_class``) on
+the port the other acceptor processes listen on, and counts its associations in the table
+shared by every process (:class:`~anonproxy.access.SharedAssociations`).
 """
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
+from pynetdicom.transport import ThreadedAssociationServer
 
 from anonproxy import limits, pynetdicom_patches, sop_classes, tls
-from anonproxy.access import AccessPolicy, Rejection
+from anonproxy.access import AccessPolicy, Rejection, SharedAssociations
 from anonproxy.audit import AuditLog, silence_pynetdicom_identifiers
 from anonproxy.config import ListenConfig
 from anonproxy.deferred import DeferredProcessor
@@ -52,6 +67,54 @@ def receive_into(directory: Path, key: bytes | None = None, *, durable: bool = T
     once answered, unless it was kept (deferred); with *durable*, the files are created ahead
     with their entries on disk (see :mod:`anonproxy.received`)."""
     pynetdicom_patches.receive_data_sets_into(lambda: ReceivedFile(directory, key, durable))
+
+
+class _SharedContext(PresentationContext):
+    """A supported presentation context that every association reads and none copies."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _SharedContext:
+        return self
+
+
+def shared_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    """*contexts* (an AE's supported ones) as contexts that a deep copy returns unchanged.
+
+    **Belongs to the pynetdicom patches module** (it changes what pynetdicom does, through its
+    public ``contexts`` argument of ``start_server``/``make_server``): pynetdicom 3.0's
+    ``RequestHandler._create_association`` gives each association acceptor
+    ``deepcopy(server.contexts)``, which for every Storage SOP Class with every transfer
+    syntax costs tens of milliseconds of CPU per association. The acceptor only reads them
+    (``presentation.negotiate_as_acceptor`` builds new contexts for its answer, and the roles
+    are read), so one set is shared. Test: ``tests/test_acceptors.py`` checks that an
+    association's supported contexts are these very objects and that negotiation still
+    accepts and rejects as before.
+    """
+    shared: list[PresentationContext] = []
+    for context in contexts:
+        copy = _SharedContext()
+        copy.abstract_syntax = context.abstract_syntax
+        copy.transfer_syntax = list(context.transfer_syntax)
+        copy.scu_role = context.scu_role
+        copy.scp_role = context.scp_role
+        shared.append(copy)
+    return shared
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server, its socket bound with ``SO_REUSEPORT``: the
+    acceptor processes listen on one port and the kernel spreads the connections over them.
+    (Only sockets of the same user that all set it share a port: a port another program holds
+    still fails to bind.)"""
+
+    def server_bind(self) -> None:
+        cast("socket.socket", self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (the server was made with ``make_server``: it is
+        not in the AE's list of servers that pynetdicom's ``shutdown`` removes it from)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 @dataclass
@@ -79,6 +142,8 @@ class StorageSCP:
         deferred: DeferredProcessor | None = None,
         *,
         metrics: Metrics | None = None,
+        shared: SharedAssociations | None = None,
+        acceptor_index: int = 0,
     ) -> None:
         pynetdicom_patches.install()  # UnsupportedPynetdicom (a ConfigError) on another version
         self.incoming_key = pipeline.runner.incoming_key
@@ -90,6 +155,10 @@ class StorageSCP:
         self.deferred = deferred if deferred is not None else DeferredProcessor(pipeline)
         self._records: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
+        # acceptor processes: the associations of every process, and this one's region
+        self.shared = shared
+        self.acceptor_index = acceptor_index
+        self._counted: dict[int, str] = {}  # association -> peer address, counted in shared
         self.ae = self._build_ae()
         self.server: Any = None
 
@@ -115,6 +184,7 @@ class StorageSCP:
         for sop_class in accepted:
             ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification, syntaxes)
+        self.contexts = shared_contexts(ae.supported_contexts)  # built once
         return ae
 
     @property
@@ -133,16 +203,41 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self.handle_closed),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store_within_limits),
-        ]
+            *(
+                []
+                if self.shared is None
+                else [
+                    (event, self.handle_uncount)
+                    for event in (
+                        evt.EVT_REJECTED, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE
+                    )
+                ]
+            ),
+        ]  # fmt: skip
 
-    def start(self) -> None:
-        """Listen in the background."""
-        self.server = self.ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
+    def start(self, *, reuse_port: bool = False) -> None:
+        """Listen in the background; with *reuse_port*, on a port other processes listen on
+        (:class:`ReusePortServer`)."""
+        address = (self.config.host, self.config.port)
+        if not reuse_port:
+            self.server = self.ae.start_server(
+                address,
+                block=False,
+                evt_handlers=self.handlers,
+                ssl_context=self.ssl_context,
+                contexts=self.contexts,
+            )
+            return
+        self.server = self.ae.make_server(
+            address,
             evt_handlers=self.handlers,
             ssl_context=self.ssl_context,
+            contexts=self.contexts,
+            server_class=ReusePortServer,
         )
+        threading.Thread(
+            target=self.server.serve_forever, name="acceptor-server", daemon=True
+        ).start()
 
     @property
     def port(self) -> int:
@@ -161,6 +256,8 @@ class StorageSCP:
     def shutdown(self) -> None:
         """Abort whatever is still running."""
         self.ae.shutdown()
+        if isinstance(self.server, ReusePortServer):
+            self.server.server_close()
 
     # -- association events ---------------------------------------------------------------
 
@@ -195,13 +292,21 @@ class StorageSCP:
         request = assoc.requestor.primitive
         assert request is not None  # noqa: S101 - EVT_REQUESTED follows the A-ASSOCIATE-RQ
         address = assoc.requestor.address
-        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+        if self.shared is None:
+            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+            active = len(acceptors)
+            from_peer = sum(a.requestor.address == address for a in acceptors)
+        else:  # every acceptor process's
+            active, from_peer, counted = self.shared.enter(self.acceptor_index, address)
+            if counted:
+                with self._lock:
+                    self._counted[id(assoc)] = address
         rejection = self.access.check(
             called_ae_title=str(request.called_ae_title),
             calling_ae_title=str(request.calling_ae_title),
             address=address,
-            active=len(acceptors),
-            active_from_peer=sum(a.requestor.address == address for a in acceptors),
+            active=active,
+            active_from_peer=from_peer,
         )
         if rejection is None:
             return
@@ -210,6 +315,14 @@ class StorageSCP:
         evt.trigger(assoc, evt.EVT_REJECTED, {})  # audited before the peer hears of it
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
         assoc.kill()  # returns once the A-ASSOCIATE-RJ is sent and the connection closed
+
+    def handle_uncount(self, event: evt.Event) -> None:
+        """EVT_REJECTED, EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE (acceptor processes): the
+        association no longer counts in the shared limits (once)."""
+        with self._lock:
+            address = self._counted.pop(id(event.assoc), None)
+        if address is not None and self.shared is not None:
+            self.shared.leave(self.acceptor_index, address)
 
     def handle_accepted(self, event: evt.Event) -> None:
         """EVT_ACCEPTED: start the association's record."""

@@ -4,6 +4,10 @@ Lifecycle: :meth:`Proxy.start` opens the spool (recovering what a previous run l
 the forward workers and then the SCP; :meth:`Proxy.run` waits for SIGINT/SIGTERM;
 :meth:`Proxy.stop` stops accepting, lets running associations finish (up to a time-out), stops
 the workers after their current instance and keeps the rest of the spool for the next start.
+
+With ``listen.processes`` > 1 the SCP runs in acceptor processes (:mod:`anonproxy.acceptors`):
+this process supervises them and keeps everything else; :func:`run_acceptor` is an acceptor
+process's main function (:class:`Acceptor`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,23 @@ from contextlib import contextmanager
 from types import FrameType
 
 from anonproxy import __version__, codecs
+from anonproxy.acceptors import (
+    AcceptorSpec,
+    AcceptorSupervisor,
+    Channel,
+    RelayedAudit,
+    RelayedMapRecorder,
+    RelayedMetrics,
+    process_count,
+)
 from anonproxy.admin import AdminServer, Probe
-from anonproxy.audit import AuditLog, get_logger, reopen_log_file, silence_value_reports
+from anonproxy.audit import (
+    AuditLog,
+    configure_logging,
+    get_logger,
+    reopen_log_file,
+    silence_value_reports,
+)
 from anonproxy.config import DicomDestinationConfig, ProfileConfig, Settings
 from anonproxy.deferred import DeferredProcessor
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
@@ -36,6 +55,7 @@ from anonproxy.metrics import Metrics
 from anonproxy.overview import gather
 from anonproxy.patients import PatientDirectory, import_csv
 from anonproxy.pipeline import InstancePipeline
+from anonproxy.received import PREFIX as RECEIVING
 from anonproxy.remap import MapRecorder, load_map_key, verify_key
 from anonproxy.scp import StorageSCP
 from anonproxy.sealed import check_waiting, load_key
@@ -132,6 +152,15 @@ def deidentify_workers(settings: Settings) -> int:
     (at most 4) when not set; 0 runs it in the association threads."""
     configured = settings.listen.deidentify_workers
     return min(os.cpu_count() or 1, 4) if configured is None else configured
+
+
+def acceptor_processes(settings: Settings) -> int:
+    """Receiving processes: ``listen.processes``, or one per core when not set (see
+    :func:`~anonproxy.acceptors.process_count`); 1 with a transparent route (the answer it
+    relays reaches the process that forwards)."""
+    if any(route.transparent for route in settings.routes):
+        return 1
+    return process_count(settings.listen.processes)
 
 
 def build_profile(config: ProfileConfig, patients: PatientLookup | None = None) -> Profile:
@@ -284,6 +313,8 @@ class Proxy:
         )
         destinations = settings.effective_destinations
         storage = settings.storage
+        self.processes = acceptor_processes(settings)
+        counters = AcceptorSupervisor.make_counters() if self.processes > 1 else None
         self.spool = Spool(
             storage.path,
             [d.name for d in destinations],
@@ -291,6 +322,7 @@ class Proxy:
             min_free_bytes=storage.min_free_bytes,
             fsync=storage.fsync,
             incoming_max_bytes=storage.incoming_max_bytes,
+            counters=counters,
         )
         incoming_key = (
             None if storage.incoming_key_file is None else load_key(storage.incoming_key_file)
@@ -324,9 +356,29 @@ class Proxy:
         )
         # Deferred instances keep every worker process busy, one association alone included.
         self.deferred = DeferredProcessor(self.pipeline, window=self.deidentifiers.workers)
-        self.scp = StorageSCP(
-            settings.listen, self.pipeline, self.audit, self.deferred, metrics=self.metrics
-        )
+        # one process: the SCP is here; several: in the acceptor processes, supervised here
+        self.scp: StorageSCP | None = None
+        self.acceptors: AcceptorSupervisor | None = None
+        if counters is None:
+            self.scp = StorageSCP(
+                settings.listen, self.pipeline, self.audit, self.deferred, metrics=self.metrics
+            )
+        else:
+            self.acceptors = AcceptorSupervisor(
+                settings.model_dump(mode="json"),
+                self.secret.value,
+                self.processes,
+                host=settings.listen.host,
+                port=settings.listen.port,
+                max_associations=settings.listen.max_associations,
+                target=run_acceptor,
+                audit=self.audit,
+                metrics=self.metrics,
+                spool=self.spool,
+                counters=counters,
+                map_recorder=self.map_recorder,
+                ended=self._acceptor_ended,
+            )
         self.workers: list[ForwardWorker] = []
         for destination in destinations:
             for index in range(getattr(destination, "max_associations", 1)):
@@ -344,9 +396,11 @@ class Proxy:
             self.spool,
             settings.audit.path,
             max_queue_age_s=settings.admin.max_queue_age_s,
-            active_associations=self.scp.active_associations,
+            active_associations=self._active_associations,
             deferred_waiting=lambda: self.spool.deferred_count,
-            deferred_oldest_age_s=self.deferred.oldest_age_s,
+            deferred_oldest_age_s=(
+                self.deferred.oldest_age_s if self.acceptors is None else self._oldest_deferred_s
+            ),
         )
         self.metrics.watch(self.probe)
         self.admin = (
@@ -393,7 +447,34 @@ class Proxy:
     @property
     def port(self) -> int:
         """The port the SCP listens on."""
+        if self.acceptors is not None:
+            return self.acceptors.port
+        assert self.scp is not None  # noqa: S101 - one of the two
         return self.scp.port
+
+    def _active_associations(self) -> int:
+        if self.acceptors is not None:
+            return self.acceptors.active_associations()
+        assert self.scp is not None  # noqa: S101 - one of the two
+        return self.scp.active_associations()
+
+    def _oldest_deferred_s(self) -> float:
+        """Age of the oldest deferred data set of any process (the names sort by arrival)."""
+        waiting = self.spool.deferred()
+        if not waiting:
+            return 0.0
+        with contextlib.suppress(OSError):
+            return max(0.0, time.time() - waiting[0].stat().st_mtime)
+        return 0.0
+
+    def _acceptor_ended(self, run: str, pid: int) -> None:
+        """An acceptor process ended (the supervisor starts another): remove the files it
+        created ahead to receive into (never answered), settle the deferred commits it left
+        half-done and queue its deferred data sets here."""
+        for path in self.spool.deferred_dir.glob(f"{RECEIVING}{pid}-*"):
+            path.unlink(missing_ok=True)
+        self.spool.settle_run(run)
+        self.deferred.recover(run)
 
     def start(self) -> None:
         """Recover the spool, start forwarding, then start listening. Data sets a previous
@@ -411,20 +492,25 @@ class Proxy:
         recovered = self.spool.recover()
         if self.map_recorder is not None:  # entries a previous run journaled, shipped now
             self.map_recorder.open()
-        if self.settings.listen.acknowledge == "after_receipt":
+        if self.settings.listen.acknowledge == "after_receipt" and self.acceptors is None:
             # The worker processes de-identify every instance: spawned now, not during the
-            # first study (two interpreters starting cost a 2-core machine a second of receiving)
+            # first study (two interpreters starting cost a 2-core machine a second of receiving;
+            # with acceptor processes, they de-identify and these start only to recover)
             self.deidentifiers.start()
         deferred = self.deferred.recover()
         for worker in self.workers:
             worker.start()
         self._housekeeping.start()
         listen = self.settings.listen
-        try:
-            self.scp.start()
-        except OSError as exc:
-            msg = f"listen: cannot listen on {listen.host}:{listen.port}: {_reason(exc)}"
-            raise ConfigError(msg) from None
+        if self.acceptors is not None:
+            self.acceptors.start()  # ConfigError when one cannot listen
+        else:
+            assert self.scp is not None  # noqa: S101 - one of the two
+            try:
+                self.scp.start()
+            except OSError as exc:
+                msg = f"listen: cannot listen on {listen.host}:{listen.port}: {_reason(exc)}"
+                raise ConfigError(msg) from None
         dicom = [
             d for d in self.settings.effective_destinations if isinstance(d, DicomDestinationConfig)
         ]
@@ -441,6 +527,11 @@ class Proxy:
             recovered=recovered,
             recovered_deferred=deferred,
             acknowledge=self.settings.listen.acknowledge,
+            **(
+                {}
+                if self.acceptors is None
+                else {"processes": self.processes, "acceptors": self.acceptors.pids()}
+            ),
         )
         if self._map_key_created is not None:
             self.audit.event("map.key_created", path=self._map_key_created)
@@ -464,9 +555,11 @@ class Proxy:
         time-out, after which an association that stopped sending has been aborted)."""
         max_age = self.settings.storage.rejected_inputs_max_age_days * 86400
         abandoned = 2 * self.settings.listen.network_timeout + HOUSEKEEPING_INTERVAL_S
+        # files the acceptor processes are committing are theirs to announce (see spool)
+        settle_s = 0.0 if self.acceptors is None else 2 * HOUSEKEEPING_INTERVAL_S
         while not self._stopped.wait(HOUSEKEEPING_INTERVAL_S):
             try:
-                self.spool.rescan()
+                self.spool.rescan(settle_s)
                 self.spool.write_state()
                 self.spool.purge_rejected(max_age)
                 self.spool.purge_incoming(abandoned)
@@ -481,12 +574,8 @@ class Proxy:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.scp.stop_accepting()
-        if self.admin is not None:
-            self.admin.stop()  # probes now fail: a load balancer stops sending here
         deadline = time.monotonic() + timeout
-        while self.scp.active_associations() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._stop_receiving(deadline)
         self.deferred.stop(max(0.1, deadline - time.monotonic()))
         for worker in self.workers:
             worker.stop()
@@ -494,7 +583,8 @@ class Proxy:
         for worker in self.workers:
             if worker.ident is not None:  # started (a failed start may stop before)
                 worker.join(max(0.1, deadline - time.monotonic()))
-        self.scp.shutdown()
+        if self.scp is not None:
+            self.scp.shutdown()
         self.deidentifiers.shutdown()
         if self.map_recorder is not None:
             self.map_recorder.close()
@@ -513,6 +603,22 @@ class Proxy:
         if self.audit_syslog is not None:
             self.audit_syslog.close(timeout=2.0)
         self.audit.close()
+
+    def _stop_receiving(self, deadline: float) -> None:
+        """Stop accepting (the admin endpoint's probes fail from then on) and let the running
+        associations finish until *deadline* (acceptor processes: until they exit)."""
+        if self.acceptors is not None:
+            self.acceptors.request_stop(max(0.1, deadline - time.monotonic() - 1.0))
+        elif self.scp is not None:
+            self.scp.stop_accepting()
+        if self.admin is not None:
+            self.admin.stop()  # probes now fail: a load balancer stops sending here
+        if self.acceptors is not None:
+            self.acceptors.join(max(0.1, deadline - time.monotonic()))
+        while self.scp is not None and self.scp.active_associations():
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
 
     def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Start, call *on_started* once the SCP listens, serve until SIGINT or SIGTERM, then
@@ -541,6 +647,8 @@ class Proxy:
         try:
             reopen_log_file()
             self.audit.reopen()
+            if self.acceptors is not None:
+                self.acceptors.reopen_logs()
         except OSError as exc:
             log.error("service.reopen_failed", error=exc.strerror or type(exc).__name__)
             return
@@ -561,3 +669,110 @@ def _capture_signals(
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class Acceptor:
+    """What an acceptor process runs (:mod:`anonproxy.acceptors`): its own SCP, pipeline and
+    engine (and deferred processor) built from the settings, committing into the service's
+    spool, reporting to the service over *channel*."""
+
+    def __init__(self, settings: Settings, spec: AcceptorSpec, channel: Channel) -> None:
+        silence_value_reports()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        storage = settings.storage
+        listen = settings.listen
+        destinations = [d.name for d in settings.effective_destinations]
+        self.spool = Spool(
+            storage.path,
+            destinations,
+            max_bytes=storage.max_bytes,
+            min_free_bytes=storage.min_free_bytes,
+            fsync=storage.fsync,
+            incoming_max_bytes=storage.incoming_max_bytes,
+            counters=spec.counters,
+            announce=lambda destination, file: channel.send(("committed", destination, file)),
+        )
+        incoming_key = (
+            None if storage.incoming_key_file is None else load_key(storage.incoming_key_file)
+        )
+        audit = RelayedAudit(channel, spec.index)
+        # The acceptor processes are the parallelism: the engine runs in the association
+        # threads unless listen.deidentify_workers asks for worker processes (per acceptor).
+        workers = 0 if listen.deidentify_workers is None else listen.deidentify_workers
+        self.deidentifiers = DeidentifierPool(
+            build_deidentifier(
+                settings.profile, spec.secret, patient_lookup(settings, spec.secret)
+            ),
+            deidentifier_factory(settings.profile, spec.secret, settings),
+            workers=workers,
+            limits=Limits(max_sequence_depth=listen.max_sequence_depth),
+            nice=DEFERRED_NICE if listen.acknowledge == "after_receipt" else 0,
+            incoming_key=incoming_key,
+        )
+        pipeline = InstancePipeline(
+            self.deidentifiers,
+            self.spool,
+            destinations,
+            audit,
+            routes=settings.routes,
+            keep_rejected_inputs=storage.keep_rejected_inputs,
+            acknowledge=listen.acknowledge,
+            read_pixels=settings.profile.clean_pixel_data != "off",
+            map_recorder=(
+                None if spec.map_key is None else RelayedMapRecorder(spec.map_key, channel)
+            ),
+        )
+        self.deferred = DeferredProcessor(pipeline, window=self.deidentifiers.workers, run=spec.run)
+        self.scp = StorageSCP(
+            listen.model_copy(update={"port": spec.port}),
+            pipeline,
+            audit,
+            self.deferred,
+            metrics=RelayedMetrics(channel),
+            shared=spec.shared,
+            acceptor_index=spec.index,
+        )
+        if listen.acknowledge == "after_receipt":
+            self.deidentifiers.start()
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let the associations finish within *grace_s* seconds (then abort
+        them), finish the deferred instances in the engine."""
+        self.scp.stop_accepting()
+        deadline = time.monotonic() + grace_s
+        while self.scp.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.deferred.stop(max(0.1, deadline - time.monotonic()))
+        self.scp.shutdown()
+        self.deidentifiers.shutdown()
+
+
+def run_acceptor(spec: AcceptorSpec) -> None:
+    """The main function of an acceptor process (spawned by the service's
+    :class:`~anonproxy.acceptors.AcceptorSupervisor`): build, listen, report ready, serve
+    until the service asks it to stop (or ends), stop. SIGINT and SIGTERM are the service's to
+    act on (a terminal or systemd signals every process of the group); SIGHUP reopens the log
+    file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = Channel(spec.events, spec.requests)
+    settings = Settings.model_validate(spec.settings)
+    configure_logging(settings.log.level, format=settings.log.format, path=settings.log.path)
+    try:
+        acceptor = Acceptor(settings, spec, channel)
+        acceptor.scp.start(reuse_port=True)
+    except ConfigError as exc:
+        channel.send(("failed", str(exc)))
+        raise SystemExit(2) from None
+    except OSError as exc:
+        listen = settings.listen
+        channel.send(
+            ("failed", f"listen: cannot listen on {listen.host}:{spec.port}: {_reason(exc)}")
+        )
+        raise SystemExit(2) from None
+    signal.signal(
+        signal.SIGHUP,
+        lambda signum, frame: threading.Thread(target=reopen_log_file, daemon=True).start(),
+    )
+    channel.send(("ready",))
+    acceptor.stop(channel.wait_for_stop())

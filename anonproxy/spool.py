@@ -51,6 +51,20 @@ the names made visible. A crash before the original's removal leaves hidden link
 :meth:`Spool.recover` discards (the original is processed again); a crash after it leaves
 hidden links that recovery makes visible. Either way a forward worker never sees an instance
 whose original is still there, so processing it again never delivers it twice.
+
+**Several processes** (``listen.processes``, :mod:`anonproxy.acceptors`) commit into one spool:
+the service process, which owns the queues and the forward workers, and the acceptor
+processes, whose :class:`Spool` is built with ``announce``: a commit tells the service of each
+new queue file (:meth:`DestinationQueue.push` runs there) instead of indexing it in a queue
+nobody takes from. What makes a commit durable is per file and per folder, so two processes
+committing at once are as safe as two threads (each process groups its own folder syncs).
+The byte and file counts that the quotas read (``storage.max_bytes``,
+``storage.incoming_max_bytes``) are one :class:`SpoolCounters` in shared memory, counted up by
+whichever process commits or keeps and down by whichever removes. A file another process is
+committing is linked before it is synced: the rescan of the queue folders
+(:meth:`DestinationQueue.load` with ``settle_s``) leaves files linked in the last seconds to
+that process's announcement, so that a rescan never lets an unsynced newer version replace an
+acknowledged older one.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from anonproxy.durable import DirectorySync, make_directories, sync_data, sync_directory
 from anonproxy.errors import SpoolFullError
@@ -156,6 +171,49 @@ def _private_directory(path: Path) -> None:
     path.chmod(0o700)
 
 
+class SpoolCounters:
+    """The spool's counts that its quotas read: bytes in the queues, bytes and number of the
+    deferred data sets. In this process only (the default), or in shared memory for the
+    acceptor processes (:meth:`shared`, handed to them when they are started); the first
+    :class:`Spool` built on them measures the folders (``ready`` is then set)."""
+
+    _BYTES, _DEFERRED_BYTES, _DEFERRED_COUNT, _READY = range(4)
+
+    def __init__(self, values: Any = None, lock: Any = None) -> None:  # noqa: ANN401
+        self.values = values if values is not None else [0, 0, 0, 0]
+        self.lock = lock if lock is not None else threading.Lock()
+
+    @classmethod
+    def shared(cls, context: Any) -> SpoolCounters:  # noqa: ANN401 - a multiprocessing context
+        """Counters in shared memory, with a lock of *context* (spawn)."""
+        return cls(context.RawArray("q", 4), context.Lock())
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.values[self._READY])
+
+    def set(self, queued: int, deferred_bytes: int, deferred_count: int) -> None:
+        with self.lock:
+            self.values[self._BYTES] = queued
+            self.values[self._DEFERRED_BYTES] = deferred_bytes
+            self.values[self._DEFERRED_COUNT] = deferred_count
+            self.values[self._READY] = 1
+
+    def add(self, queued: int = 0, deferred_bytes: int = 0, deferred_count: int = 0) -> None:
+        """Add to the counts (a negative value removes; none goes below zero)."""
+        with self.lock:
+            for index, delta in (
+                (self._BYTES, queued),
+                (self._DEFERRED_BYTES, deferred_bytes),
+                (self._DEFERRED_COUNT, deferred_count),
+            ):
+                if delta:
+                    self.values[index] = max(0, self.values[index] + delta)
+
+    def get(self, index: int) -> int:
+        return int(self.values[index])
+
+
 def _check_name(name: str) -> str:
     if not _NAME.match(name):
         msg = "not a valid spool file name"
@@ -210,14 +268,20 @@ class DestinationQueue:
         """The spool file of *item*."""
         return self.directory / item.file
 
-    def load(self) -> int:
+    def load(self, settle_s: float = 0.0) -> int:
         """Index the files in the directory (start-up recovery, files an operator put there),
-        oldest first; returns how many there were. An older version of a UID is removed."""
+        oldest first; returns how many there were. An older version of a UID is removed. A
+        file linked less than *settle_s* seconds ago (its inode changed) is left alone: another
+        process may be committing it (see the module's docstring)."""
         entries = []
+        recent = time.time() - settle_s
         for entry in os.scandir(self.directory):
             if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
                 with contextlib.suppress(FileNotFoundError):  # delivered meanwhile
-                    entries.append((entry.stat().st_mtime, entry.name))
+                    stat = entry.stat()
+                    if settle_s and stat.st_ctime > recent:
+                        continue
+                    entries.append((stat.st_mtime, entry.name))
         entries.sort()
         for mtime, file in entries:
             self._index(file, mtime, found=True)
@@ -393,6 +457,8 @@ class Spool:
         min_free_bytes: int = 0,
         fsync: bool = True,
         incoming_max_bytes: int | None = None,
+        counters: SpoolCounters | None = None,
+        announce: Callable[[str, str], None] | None = None,
     ) -> None:
         self.root = root
         self.spool_dir = root / "spool"
@@ -405,7 +471,9 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
         self.queues: dict[str, DestinationQueue] = {}
-        self._bytes_lock = threading.Lock()
+        self.counters = counters if counters is not None else SpoolCounters()
+        # (destination, file) of each commit, told to the process that owns the queues
+        self._announce = announce
         self.state_file = root / "state" / "queues.json"
         self.retry_request = root / "control" / "retry-now"
         self.rejected_dir = self.quarantine_dir / "rejected"
@@ -416,9 +484,8 @@ class Spool:
             directory = self.spool_dir / name
             make_directories(directory, sync=fsync)
             self.queues[name] = DestinationQueue(directory, self._forget)
-        self._bytes = sum(_measure(queue.directory) for queue in self.queues.values())
-        self.deferred_bytes = _measure(self.deferred_dir)
-        self.deferred_count = sum(1 for _ in self.deferred_dir.glob("*" + SUFFIX))
+        if not self.counters.ready:
+            self._measure()
         # the deferred folder, open to flush it (a rename or removal in it) without opening it
         self._deferred_fd = (
             os.open(self.deferred_dir, os.O_RDONLY | os.O_DIRECTORY) if fsync else None
@@ -434,19 +501,46 @@ class Spool:
             stale.unlink()
         settle_received(self.deferred_dir)  # kept, not yet renamed: renamed; the rest removed
         self.purge_incoming(0.0)
-        self.deferred_bytes = _measure(self.deferred_dir)
-        self.deferred_count = sum(1 for _ in self.deferred_dir.glob("*" + SUFFIX))
+        self._measure()
         for queue in self.queues.values():
             self._settle_hidden(queue.directory)
         return {name: queue.load() for name, queue in self.queues.items()}
 
-    def _settle_hidden(self, directory: Path) -> None:
+    def _measure(self) -> None:
+        self.counters.set(
+            sum(_measure(queue.directory) for queue in self.queues.values()),
+            _measure(self.deferred_dir),
+            sum(1 for _ in self.deferred_dir.glob("*" + SUFFIX)),
+        )
+
+    @property
+    def deferred_bytes(self) -> int:
+        """Bytes of the deferred data sets (every process's)."""
+        return self.counters.get(SpoolCounters._DEFERRED_BYTES)
+
+    @property
+    def deferred_count(self) -> int:
+        """How many deferred data sets there are (every process's)."""
+        return self.counters.get(SpoolCounters._DEFERRED_COUNT)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes in the destinations' queues (``storage.max_bytes``)."""
+        return self.counters.get(SpoolCounters._BYTES)
+
+    def settle_run(self, run: str) -> None:
+        """Finish or undo the deferred commits of the acceptor process whose deferred data sets
+        are named ``<run>-*`` (it ended while committing; see :meth:`_settle_hidden`)."""
+        for queue in self.queues.values():
+            self._settle_hidden(queue.directory, run)
+
+    def _settle_hidden(self, directory: Path, run: str = "") -> None:
         """Finish or undo the commits of deferred instances a crash interrupted (see the
         module's docstring): a hidden link whose original is gone is made visible, one whose
         original is still there is removed (the original will be processed again)."""
         changed = False
         for entry in os.scandir(directory):
-            if not (entry.name.startswith(".") and entry.name.endswith(_HIDDEN)):
+            if not (entry.name.startswith("." + run) and entry.name.endswith(_HIDDEN)):
                 continue
             original, _, stem = entry.name[1 : -len(_HIDDEN)].partition(".")
             if (self.deferred_dir / (original + SUFFIX)).exists():
@@ -458,10 +552,12 @@ class Spool:
         if changed and self.fsync:
             fsync_directory(directory)
 
-    def rescan(self) -> None:
-        """Pick up files put in the queue directories by an operator (quarantine release)."""
+    def rescan(self, settle_s: float = 0.0) -> None:
+        """Pick up files put in the queue directories by an operator (quarantine release);
+        files linked less than *settle_s* seconds ago are left to the process committing them
+        (see the module's docstring)."""
         for queue in self.queues.values():
-            queue.load()
+            queue.load(settle_s)
         if self.retry_request.exists():
             with contextlib.suppress(FileNotFoundError):
                 self.retry_request.unlink()
@@ -560,9 +656,7 @@ class Spool:
             target.unlink(missing_ok=True)  # not acknowledged: the sender sends it again
             msg = f"incoming spool write failed: {exc.strerror or type(exc).__name__}"
             raise SpoolFullError(msg) from None
-        with self._bytes_lock:
-            self.deferred_bytes += size
-            self.deferred_count += 1
+        self.counters.add(deferred_bytes=size, deferred_count=1)
         return target
 
     def deferred(self) -> list[Path]:
@@ -577,13 +671,11 @@ class Spool:
         directory = self._deferred_directory_fd()
         if directory is not None:
             os.fsync(directory)
-        with self._bytes_lock:
-            self.deferred_bytes = max(0, self.deferred_bytes - size)
-            self.deferred_count = max(0, self.deferred_count - 1)
+        self.counters.add(deferred_bytes=-size, deferred_count=-1)
 
     def check_space(self) -> None:
         """Raise :class:`SpoolFullError` when the spool cannot take one more instance."""
-        if self.max_bytes is not None and self._bytes >= self.max_bytes:
+        if self.max_bytes is not None and self.queued_bytes >= self.max_bytes:
             msg = "spool quota reached"
             raise SpoolFullError(msg)
         self._check_free_space()
@@ -625,6 +717,7 @@ class Spool:
         error (nothing committed). With *consume*, the deferred data set that *tmp*
         de-identifies is removed in the same commit (see the module's docstring)."""
         file = queue_file(name)  # raises ValueError for a name that is no UID
+        destinations = list(destinations)
         targets = [self.queues[d] for d in destinations]
         link = file if consume is None else f".{consume.stem}.{file[: -len(SUFFIX)]}{_HIDDEN}"
         linked: list[Path] = []
@@ -656,16 +749,25 @@ class Spool:
             for queue in targets:  # not synced: recovery makes them visible after a crash
                 with contextlib.suppress(OSError):
                     os.replace(queue.directory / link, queue.directory / file)
-        with self._bytes_lock:
-            self._bytes += size * len(targets)
-        for queue in targets:
-            queue.push(file)
+        self.counters.add(queued=size * len(targets))
+        self._publish(destinations, file)
         return size
+
+    def _publish(self, destinations: list[str], file: str) -> None:
+        """A committed file becomes its destinations' to send: indexed in their queues, or in
+        an acceptor process announced to the service process, which indexes it (the queues of
+        an acceptor are not read)."""
+        for destination in destinations:
+            queue = self.queues[destination]
+            if self._announce is None:
+                queue.push(file)
+            else:
+                queue.abandon(file)
+                self._announce(destination, file)
 
     def _forget(self, size: int) -> None:
         """A queue removed a file of *size* bytes."""
-        with self._bytes_lock:
-            self._bytes = max(0, self._bytes - size)
+        self.counters.add(queued=-size)
 
     def release(
         self,

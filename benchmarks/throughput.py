@@ -4,6 +4,7 @@
         [--deidentify-workers N] [--acknowledge after_deidentification|after_receipt|both]
         [--no-ocr] [--senders 1,4] [--destination storescp|storescp-fork|orthanc]
         [--max-associations N] [--peer-max-pdu N] [--incoming-key off|on|both]
+        [--processes N]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts the research PACS (``--destination``: DCMTK storescp, which serves one association at a
@@ -27,7 +28,8 @@ latency p50/p95/p99 (from the audit trail: spool commit to the destination's ans
 proxy's peak RSS (alone, and summed with its child processes), and the CPU time per
 instance of the proxy (all its processes), of storescu and of the research PACS, with the
 ceiling that sum sets on this machine (cores / CPU per instance: how fast the whole chain could
-go on these cores if nothing ever waited). DCMTK and Orthanc run with TCP_NODELAY=1.
+go on these cores if nothing ever waited). ``--processes N`` sets the proxy's
+``listen.processes`` (acceptor processes). DCMTK and Orthanc run with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
     )
     try:
         wait_port(port, 30)
+        while not any(e["event"] == "service.started" for e in audit(root)):
+            time.sleep(0.05)  # every acceptor process listens
         time.sleep(1.0)  # the worker and sender processes finish starting
         cpu = (cpu_seconds(proxy.pid), children_cpu_s(), scp.cpu_s())
         main_cpu = cpu_seconds(proxy.pid, children=False)
@@ -435,7 +439,12 @@ def main() -> None:
     parser.add_argument(
         "--peer-max-pdu", type=int, help="the research PACS's Maximum Length (4096..131072)"
     )
+    parser.add_argument(
+        "--processes", type=int, help="the proxy's listen.processes (acceptor processes)"
+    )
     args = parser.parse_args()
+    if args.processes is not None:
+        LISTEN["processes"] = args.processes
     PEER.update(kind=args.destination, max_pdu=args.peer_max_pdu)
     if args.max_associations is not None:
         value = args.max_associations

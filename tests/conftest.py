@@ -120,6 +120,13 @@ def corpus_identifying_values(paths: list[Path]) -> set[str]:
     return {v for v in values if not any(v in maker for maker in makers)}
 
 
+_TEST_PROCESSES = (
+    {"processes": int(os.environ["ANONPROXY_TEST_PROCESSES"])}
+    if os.environ.get("ANONPROXY_TEST_PROCESSES")
+    else {}
+)
+
+
 @pytest.fixture
 def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Start in-process proxies on free ports; every one is stopped at the end."""
@@ -129,7 +136,13 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         data: dict[str, Any] = {
             # de-identification in the association threads: no worker processes to spawn per
             # test (tests that want them set deidentify_workers)
-            "listen": {"port": 0, "deidentify_workers": 0, **sections.pop("listen", {})},
+            "listen": {
+                "port": 0,
+                "deidentify_workers": 0,
+                # the suite with several receiving processes: ANONPROXY_TEST_PROCESSES=2
+                **_TEST_PROCESSES,
+                **sections.pop("listen", {}),
+            },
             "destinations": destinations or [],
             "storage": {"path": str(tmp_path / "var"), "min_free_bytes": 0},
             "audit": {"path": str(tmp_path / "var" / "audit.jsonl")},

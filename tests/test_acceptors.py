@@ -1,0 +1,294 @@
+"""Several receiving processes (listen.processes, anonproxy.acceptors): acceptor processes on one
+port, global association limits, the audit relayed whole, a killed acceptor restarted with
+nothing acknowledged lost, a port held by another program, presentation contexts built once.
+
+Real peers: DCMTK storescu into the proxy, DCMTK storescp as the research PACS; pynetdicom as
+the association requestor where an association must be held open."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from anonproxy.acceptors import process_count
+from anonproxy.access import SharedAssociations
+from anonproxy.config import parse_settings
+from anonproxy.errors import ConfigError
+from anonproxy.service import preflight
+
+from builders import make_series
+from conftest import audit_records
+from peers import PEER_ENV, StoreSCP, storescu, tool, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _files(directory: Path, count: int) -> list[Path]:
+    """*count* small MR instances of one study, each with a fresh SOP Instance UID."""
+    return make_series(directory, count, rows=16)
+
+
+def _dicom(scp: StoreSCP) -> dict[str, Any]:
+    return {"name": "research", "type": "dicom", "host": "127.0.0.1", "port": scp.port,
+            "ae_title": "RESEARCH"}  # fmt: skip
+
+
+def _storescu_background(port: int, paths: list[Path]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [tool("storescu"), "-aet", "MODALITY", "-aec", "ANONPROXY", "127.0.0.1", str(port),
+         *map(str, paths)],
+        env=PEER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _audit_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of the audit file, each a whole JSON object (fails on a broken line)."""
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
+def test_shared_associations_count_across_processes_and_forget_a_dead_one() -> None:
+    import multiprocessing
+
+    shared = SharedAssociations(multiprocessing.get_context("spawn"), 2, max_associations=2)
+    assert shared.enter(0, "10.0.0.1") == (1, 1, True)
+    assert shared.enter(1, "10.0.0.1") == (2, 2, True)  # the other process sees the first
+    assert shared.enter(1, "10.0.0.2") == (3, 1, True)
+    shared.leave(1, "10.0.0.1")
+    assert shared.active() == 2
+    shared.clear(0)  # process 0 ended
+    assert shared.active() == 1
+    assert shared.enter(0, "10.0.0.2")[:2] == (2, 2)
+    assert process_count(None) == min(os.cpu_count() or 1, 8)
+    assert process_count(3) == 3
+
+
+def test_presentation_contexts_are_built_once_and_shared(make_proxy) -> None:
+    """pynetdicom deep-copies the server's contexts for every association; the shared ones come
+    back as themselves, and negotiation still accepts a supported context and refuses others."""
+    proxy = make_proxy()
+    contexts = proxy.scp.contexts
+    assert len(contexts) > 150
+    copied = copy.deepcopy(contexts)
+    assert all(a is b for a, b in zip(copied, contexts, strict=True))
+    assert proxy.scp.server.contexts is contexts
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.3.4.5.6.7")  # no such SOP Class: refused
+    assoc = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
+    try:
+        assert assoc.is_established
+        assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [Verification]
+        assert [str(cx.abstract_syntax) for cx in assoc.rejected_contexts] == ["1.2.3.4.5.6.7"]
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+
+
+def test_several_acceptors_receive_in_parallel_and_audit_every_record_whole(
+    make_proxy, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    proxy = make_proxy([_dicom(storescp)], listen={"processes": 2})
+    assert len(proxy.acceptors.pids()) == 2
+    senders = 4
+    batches = [_files(tmp_path / f"in{n}", 5) for n in range(senders)]
+    running = [_storescu_background(proxy.port, batch) for batch in batches]
+    for process in running:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert "Store Failed" not in stderr
+    expected = senders * 5
+    assert wait_for(lambda: len(storescp.files()) == expected, timeout=60)
+    audit = tmp_path / "var" / "audit.jsonl"
+    assert wait_for(
+        lambda: sum(r["event"] == "instance.forwarded" for r in audit_records(audit)) == expected
+    )
+    records = _audit_lines(audit)  # every line whole
+    events = Counter(r["event"] for r in records)
+    assert events["instance.received"] == events["instance.spooled"] == expected
+    accepted = {
+        (r["acceptor"], r["assoc_id"]) for r in records if r["event"] == "association.accepted"
+    }
+    closed = [
+        (r["acceptor"], r["assoc_id"])
+        for r in records
+        if r["event"] in {"association.released", "association.closed"}
+    ]
+    assert len(accepted) == senders
+    assert sorted(closed) == sorted(accepted)  # one pair per association
+    forwarded = Counter(
+        r["deid_sop_instance_uid"] for r in records if r["event"] == "instance.forwarded"
+    )
+    assert len(forwarded) == expected
+    assert set(forwarded.values()) == {1}
+    assert {r["acceptor"] for r in records if r["event"] == "instance.spooled"} <= {0, 1}
+    assert not list((tmp_path / "var" / "spool" / "research").glob("*.dcm"))
+
+
+def test_a_killed_acceptor_is_restarted_and_nothing_acknowledged_is_lost(
+    make_proxy, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    proxy = make_proxy([_dicom(storescp)], listen={"processes": 2})
+    audit = tmp_path / "var" / "audit.jsonl"
+    batches = [_files(tmp_path / f"in{n}", 12) for n in range(4)]
+    running = [_storescu_background(proxy.port, batch) for batch in batches]
+    assert wait_for(
+        lambda: sum(r["event"] == "instance.spooled" for r in audit_records(audit)) >= 3,
+        timeout=60,
+        interval=0.01,
+    )
+    victim = proxy.acceptors.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    for process in running:
+        process.communicate(timeout=120)
+    assert wait_for(
+        lambda: any(r["event"] == "acceptor.restarted" for r in audit_records(audit)), timeout=30
+    )
+    restarted = next(r for r in audit_records(audit) if r["event"] == "acceptor.restarted")
+    assert restarted["exit_code"] == -signal.SIGKILL
+    assert restarted["pid"] == victim
+    assert wait_for(
+        lambda: len(proxy.acceptors.pids()) == 2 and victim not in proxy.acceptors.pids(),
+        timeout=60,
+    )
+    # what the senders did not get acknowledged, they send again: all of it now
+    for batch in batches:
+        done = storescu(proxy.port, batch)
+        assert done.returncode == 0, done.stderr
+        assert "Store Failed" not in done.stderr
+    acknowledged = {
+        r["deid_sop_instance_uid"] for r in audit_records(audit) if r["event"] == "instance.spooled"
+    }
+    assert len(acknowledged) == 48
+    assert wait_for(
+        lambda: (
+            {
+                r["deid_sop_instance_uid"]
+                for r in audit_records(audit)
+                if r["event"] == "instance.forwarded"
+            }
+            == acknowledged
+        ),
+        timeout=60,
+    )
+    records = _audit_lines(audit)
+    spooled = Counter(
+        r["deid_sop_instance_uid"] for r in records if r["event"] == "instance.spooled"
+    )
+    forwarded = Counter(
+        r["deid_sop_instance_uid"] for r in records if r["event"] == "instance.forwarded"
+    )
+    assert all(forwarded[uid] <= spooled[uid] for uid in spooled)  # never more than committed
+    assert len(storescp.files()) == 48
+    assert wait_for(lambda: not list((tmp_path / "var" / "spool" / "research").glob("*.dcm")))
+
+
+def test_the_per_peer_limit_holds_across_acceptors(make_proxy, tmp_path: Path) -> None:
+    proxy = make_proxy(listen={"processes": 2, "max_associations_per_peer": 1})
+    audit = tmp_path / "var" / "audit.jsonl"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
+    assert held.is_established
+    try:
+        assert wait_for(
+            lambda: any(r["event"] == "association.accepted" for r in audit_records(audit))
+        )
+        holder = next(
+            r["acceptor"] for r in audit_records(audit) if r["event"] == "association.accepted"
+        )
+        rejected_by: set[int] = set()
+        for attempt in range(40):  # the kernel picks the acceptor: until both have refused
+            assoc = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
+            assert assoc.is_rejected
+            answer = assoc.acceptor.primitive
+            assert (answer.result, answer.result_source, answer.diagnostic) == (2, 3, 2)
+            assert wait_for(
+                lambda n=attempt + 1: (
+                    sum(r["event"] == "association.rejected" for r in audit_records(audit)) == n
+                )
+            )
+            rejected_by = {
+                r["acceptor"] for r in audit_records(audit) if r["event"] == "association.rejected"
+            }
+            if rejected_by - {holder}:
+                break
+        assert rejected_by - {holder}, "every request reached the acceptor holding the first"
+        rejections = [r for r in audit_records(audit) if r["event"] == "association.rejected"]
+        assert {r["reason"] for r in rejections} == {"peer_association_limit_exceeded"}
+        assert {(r["result"], r["source"], r["diagnostic"]) for r in rejections} == {
+            ("rejected-transient", "service-provider-presentation", 2)
+        }
+    finally:
+        held.release()
+    assert wait_for(lambda: proxy.acceptors.active_associations() == 0)
+    again = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
+    assert again.is_established
+    again.release()
+
+
+def test_a_port_another_program_holds_stops_the_start(make_proxy, tmp_path: Path) -> None:
+    with socket.socket() as foreign:  # no SO_REUSEPORT: our sockets cannot share it
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        port = foreign.getsockname()[1]
+        settings = parse_settings(
+            {"listen": {"host": "127.0.0.1", "port": port, "processes": 2},
+             "storage": {"path": str(tmp_path / "pre"), "min_free_bytes": 0}}
+        )  # fmt: skip
+        with pytest.raises(ConfigError, match=f"listen: cannot listen on 127.0.0.1:{port}"):
+            preflight(settings)
+        with pytest.raises(ConfigError, match=f"listen: cannot listen on 127.0.0.1:{port}"):
+            make_proxy(listen={"host": "127.0.0.1", "port": port, "processes": 2})
+
+
+def test_after_receipt_a_killed_acceptors_deferred_data_sets_are_recovered(
+    make_proxy, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """Acknowledged on receipt, not yet de-identified when its acceptor is killed: the service
+    de-identifies and delivers them (its deferred data sets are named after its run)."""
+    proxy = make_proxy([_dicom(storescp)], listen={"processes": 2, "acknowledge": "after_receipt"})
+    audit = tmp_path / "var" / "audit.jsonl"
+    batches = [_files(tmp_path / f"in{n}", 10) for n in range(4)]
+    running = [_storescu_background(proxy.port, batch) for batch in batches]
+    assert wait_for(
+        lambda: sum(r["event"] == "instance.received" for r in audit_records(audit)) >= 4,
+        timeout=60,
+        interval=0.01,
+    )
+    received = [r for r in audit_records(audit) if r["event"] == "instance.received"]
+    victim_index = received[0]["acceptor"]
+    victim = proxy.acceptors.pids()[victim_index]
+    os.kill(victim, signal.SIGKILL)
+    for process in running:
+        process.communicate(timeout=120)
+    assert wait_for(
+        lambda: any(r["event"] == "acceptor.restarted" for r in audit_records(audit)), timeout=30
+    )
+    for batch in batches:  # what was not acknowledged is sent again
+        done = storescu(proxy.port, batch)
+        assert done.returncode == 0, done.stderr
+        assert "Store Failed" not in done.stderr
+    assert wait_for(lambda: len(storescp.files()) == 40, timeout=90)
+    assert wait_for(lambda: not list((tmp_path / "var" / "spool" / "deferred").glob("*.dcm")))
+    records = _audit_lines(audit)
+    kept_by_victim = {
+        r["deferred_as"]
+        for r in records
+        if r["event"] == "instance.received" and r.get("acceptor") == victim_index
+        and r["deferred_as"] < proxy.acceptors.slots[victim_index].run  # before the restart
+    }  # fmt: skip
+    assert kept_by_victim
+    committed = {r.get("deferred_as") for r in records if r["event"] == "instance.spooled"}
+    assert kept_by_victim <= committed
+    assert not [r for r in records if r["event"] == "instance.failed"]

@@ -69,7 +69,9 @@ Hooks, applied where they are needed (each documented at its function):
   instead of in the accept loop (with :func:`anonproxy.tls.server_context`'s sockets, which do
   not shake hands when pynetdicom wraps them);
 * :func:`bound_peer_max_length`: a destination that accepts any PDU length (Maximum Length 0)
-  is sent PDUs of a bounded length, not a whole instance as one PDU.
+  is sent PDUs of a bounded length, not a whole instance as one PDU;
+* :func:`shared_contexts`: the SCP's supported presentation contexts built once and shared
+  by every association, not deep-copied for each.
 
 Not here: :func:`anonproxy.audit.silence_pynetdicom_identifiers` sets pynetdicom's documented
 logging switches (``_config.LOG_*``), a choice of what is logged rather than a change of
@@ -106,6 +108,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
 
 from anonproxy.errors import ConfigError
 from anonproxy.filemeta import read_file_meta
@@ -625,3 +628,37 @@ def bound_peer_max_length(assoc: Association, limit: int) -> None:
     for item in assoc.acceptor.user_information:
         if isinstance(item, MaximumLengthNotification) and not item.maximum_length_received:
             item.maximum_length_received = limit
+
+
+# --- supported presentation contexts, shared ----------------------------------------------------
+
+
+class _SharedContext(PresentationContext):
+    """A supported presentation context that every association reads and none copies."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _SharedContext:
+        return self
+
+
+def shared_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    """*contexts* (an AE's supported ones) as contexts that a deep copy returns unchanged.
+
+    It changes what pynetdicom does, through its public ``contexts`` argument of
+    ``start_server``/``make_server``: pynetdicom 3.0's
+    ``RequestHandler._create_association`` gives each association acceptor
+    ``deepcopy(server.contexts)``, which for every Storage SOP Class with every transfer
+    syntax costs tens of milliseconds of CPU per association. The acceptor only reads them
+    (``presentation.negotiate_as_acceptor`` builds new contexts for its answer, and the roles
+    are read), so one set is shared. Test: ``tests/test_acceptors.py`` checks that an
+    association's supported contexts are these very objects and that negotiation still
+    accepts and rejects as before.
+    """
+    shared: list[PresentationContext] = []
+    for context in contexts:
+        copy = _SharedContext()
+        copy.abstract_syntax = context.abstract_syntax
+        copy.transfer_syntax = list(context.transfer_syntax)
+        copy.scu_role = context.scu_role
+        copy.scp_role = context.scp_role
+        shared.append(copy)
+    return shared

@@ -12,9 +12,9 @@ released or aborted, with its counts and duration.
 
 The presentation contexts the SCP supports (about 200 SOP Classes, each with every transfer
 syntax) are built once, with the AE, and shared by every association read-only
-(:func:`shared_contexts`): pynetdicom would otherwise deep-copy them for each association
-(65 ms of CPU on the 2-core benchmark machine under load: what a sender that opens one
-association per instance pays per instance).
+(:func:`anonproxy.pynetdicom_patches.shared_contexts`): pynetdicom would otherwise deep-copy
+them for each association (65 ms of CPU on the 2-core benchmark machine under load: what a
+sender that opens one association per instance pays per instance).
 
 In an acceptor process (``listen.processes`` > 1, :mod:`anonproxy.acceptors`) the SCP listens
 with ``SO_REUSEPORT`` (:class:`ReusePortServer`, through pynetdicom's ``server_class``) on
@@ -37,7 +37,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
@@ -67,37 +66,6 @@ def receive_into(directory: Path, key: bytes | None = None, *, durable: bool = T
     once answered, unless it was kept (deferred); with *durable*, the files are created ahead
     with their entries on disk (see :mod:`anonproxy.received`)."""
     pynetdicom_patches.receive_data_sets_into(lambda: ReceivedFile(directory, key, durable))
-
-
-class _SharedContext(PresentationContext):
-    """A supported presentation context that every association reads and none copies."""
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _SharedContext:
-        return self
-
-
-def shared_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
-    """*contexts* (an AE's supported ones) as contexts that a deep copy returns unchanged.
-
-    **Belongs to the pynetdicom patches module** (it changes what pynetdicom does, through its
-    public ``contexts`` argument of ``start_server``/``make_server``): pynetdicom 3.0's
-    ``RequestHandler._create_association`` gives each association acceptor
-    ``deepcopy(server.contexts)``, which for every Storage SOP Class with every transfer
-    syntax costs tens of milliseconds of CPU per association. The acceptor only reads them
-    (``presentation.negotiate_as_acceptor`` builds new contexts for its answer, and the roles
-    are read), so one set is shared. Test: ``tests/test_acceptors.py`` checks that an
-    association's supported contexts are these very objects and that negotiation still
-    accepts and rejects as before.
-    """
-    shared: list[PresentationContext] = []
-    for context in contexts:
-        copy = _SharedContext()
-        copy.abstract_syntax = context.abstract_syntax
-        copy.transfer_syntax = list(context.transfer_syntax)
-        copy.scu_role = context.scu_role
-        copy.scp_role = context.scp_role
-        shared.append(copy)
-    return shared
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -184,7 +152,7 @@ class StorageSCP:
         for sop_class in accepted:
             ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification, syntaxes)
-        self.contexts = shared_contexts(ae.supported_contexts)  # built once
+        self.contexts = pynetdicom_patches.shared_contexts(ae.supported_contexts)  # built once
         return ae
 
     @property

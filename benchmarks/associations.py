@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from throughput import SECRET, Peer, audit, cpu_seconds, make_series
+from throughput import Peer, cpu_seconds, make_series, serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from peers import PEER_ENV, free_port, tool, wait_port
+from peers import PEER_ENV, free_port, tool
 
 
 def send_each(port: int, files: list[Path], called: str) -> float:
@@ -71,16 +70,8 @@ def via_proxy(work: Path, files: list[Path], processes: int) -> tuple[float, flo
         ),
         "utf-8",
     )  # fmt: skip
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
-        cwd=root,
-        env={**os.environ, "ANONPROXY_SECRET": SECRET},
-        stderr=subprocess.DEVNULL,
-    )
+    proxy = serve(config, root, port)
     try:
-        wait_port(port, 60)
-        while not any(e["event"] == "service.started" for e in audit(root)):
-            time.sleep(0.05)
         idle = cpu_seconds(proxy.pid)
         started = time.perf_counter()
         send_each(port, files, "ANONPROXY")

@@ -236,6 +236,25 @@ def audit(root: Path) -> list[dict]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
+def serve(config: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
+    """``anonproxy serve`` of *config* in *root*, once it has started (every acceptor process
+    listens on *port*)."""
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
+        cwd=root,
+        env={**os.environ, "ANONPROXY_SECRET": SECRET},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, 60)
+        while not any(e["event"] == "service.started" for e in audit(root)):
+            time.sleep(0.05)
+    except BaseException:
+        proxy.kill()
+        raise
+    return proxy
+
+
 def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) -> dict[str, float]:
     """One run; *acknowledge* is a listen.acknowledge mode, with ``+sealed`` for an incoming
     spool sealed with storage.incoming_key_file."""
@@ -268,16 +287,8 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         ),
         "utf-8",
     )  # fmt: skip
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
-        cwd=root,
-        env={**os.environ, "ANONPROXY_SECRET": SECRET},
-        stderr=subprocess.DEVNULL,
-    )
+    proxy = serve(config, root, port)
     try:
-        wait_port(port, 30)
-        while not any(e["event"] == "service.started" for e in audit(root)):
-            time.sleep(0.05)  # every acceptor process listens
         time.sleep(1.0)  # the worker and sender processes finish starting
         cpu = (cpu_seconds(proxy.pid), children_cpu_s(), scp.cpu_s())
         main_cpu = cpu_seconds(proxy.pid, children=False)

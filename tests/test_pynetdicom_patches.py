@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -430,6 +430,13 @@ def test_data_sets_are_streamed_from_and_into_files(
         received.append(path is not None and Path(path).is_file())
         return 0x0000
 
+    _store_ct(on_store)
+    assert received == [chunked_data_sets]
+    assert bool(read_whole) is not chunked_data_sets
+
+
+def _store_ct(on_store: Callable[[evt.Event], int]) -> None:
+    """C-STORE the CT test file once to a bare pynetdicom acceptor that calls *on_store*."""
     header = dcmread(CT, stop_before_pixels=True)
     acceptor = AE("PATCHES")
     acceptor.add_supported_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
@@ -445,8 +452,6 @@ def test_data_sets_are_streamed_from_and_into_files(
     finally:
         assoc.release()
         server.shutdown()
-    assert received == [chunked_data_sets]
-    assert bool(read_whole) is not chunked_data_sets
 
 
 # --- the file a received data set is written into -----------------------------------------------
@@ -468,21 +473,9 @@ def test_received_data_sets_are_written_into_the_hooked_file(patched: bool, tmp_
         )
     else:  # pynetdicom's own, whatever a proxy started earlier in this process hooked
         pynetdicom.dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore[attr-defined]
-    header = dcmread(CT, stop_before_pixels=True)
-    acceptor = AE("PATCHES")
-    acceptor.add_supported_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
-    port = free_port()
-    server = acceptor.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    requestor = AE("CALLER")
-    requestor.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
-    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
     try:
-        assert assoc.send_c_store(CT).Status == 0x0000
+        _store_ct(on_store)
     finally:
-        assoc.release()
-        server.shutdown()
         pynetdicom.dimse_messages.NamedTemporaryFile = original  # type: ignore[attr-defined]
     ((path, file),) = seen
     assert getattr(file, "name", None) == str(path)

@@ -34,6 +34,23 @@ from peers import PEER_ENV, StoreSCP, storescu, tool, wait_for
 pytestmark = pytest.mark.integration
 
 
+def _records(audit: Path, event: str) -> list[dict[str, Any]]:
+    """The audit records of one *event*, in the order written."""
+    return [r for r in audit_records(audit) if r["event"] == event]
+
+
+def _four_senders_until(
+    port: int, tmp_path: Path, each: int, until: tuple[Path, str, int]
+) -> tuple[list[list[Path]], list[subprocess.Popen[str]]]:
+    """Four storescu sending *each* instances at once, running once the audit trail *until*
+    names holds at least that many records of that event; their files and processes."""
+    audit, event, count = until
+    batches = [_files(tmp_path / f"in{n}", each) for n in range(4)]
+    running = [_storescu_background(port, batch) for batch in batches]
+    assert wait_for(lambda: len(_records(audit, event)) >= count, timeout=60, interval=0.01)
+    return batches, running
+
+
 def _files(directory: Path, count: int) -> list[Path]:
     """*count* small MR instances of one study, each with a fresh SOP Instance UID."""
     return make_series(directory, count, rows=16)
@@ -110,9 +127,7 @@ def test_several_acceptors_receive_in_parallel_and_audit_every_record_whole(
     expected = senders * 5
     assert wait_for(lambda: len(storescp.files()) == expected, timeout=60)
     audit = tmp_path / "var" / "audit.jsonl"
-    assert wait_for(
-        lambda: sum(r["event"] == "instance.forwarded" for r in audit_records(audit)) == expected
-    )
+    assert wait_for(lambda: len(_records(audit, "instance.forwarded")) == expected)
     records = _audit_lines(audit)  # every line whole
     events = Counter(r["event"] for r in records)
     assert events["instance.received"] == events["instance.spooled"] == expected
@@ -140,21 +155,13 @@ def test_a_killed_acceptor_is_restarted_and_nothing_acknowledged_is_lost(
 ) -> None:
     proxy = make_proxy([_dicom(storescp)], listen={"processes": 2})
     audit = tmp_path / "var" / "audit.jsonl"
-    batches = [_files(tmp_path / f"in{n}", 12) for n in range(4)]
-    running = [_storescu_background(proxy.port, batch) for batch in batches]
-    assert wait_for(
-        lambda: sum(r["event"] == "instance.spooled" for r in audit_records(audit)) >= 3,
-        timeout=60,
-        interval=0.01,
-    )
+    batches, running = _four_senders_until(proxy.port, tmp_path, 12, (audit, "instance.spooled", 3))
     victim = proxy.acceptors.pids()[0]
     os.kill(victim, signal.SIGKILL)
     for process in running:
         process.communicate(timeout=120)
-    assert wait_for(
-        lambda: any(r["event"] == "acceptor.restarted" for r in audit_records(audit)), timeout=30
-    )
-    restarted = next(r for r in audit_records(audit) if r["event"] == "acceptor.restarted")
+    assert wait_for(lambda: _records(audit, "acceptor.restarted"), timeout=30)
+    restarted = _records(audit, "acceptor.restarted")[0]
     assert restarted["exit_code"] == -signal.SIGKILL
     assert restarted["pid"] == victim
     assert wait_for(
@@ -166,17 +173,11 @@ def test_a_killed_acceptor_is_restarted_and_nothing_acknowledged_is_lost(
         done = storescu(proxy.port, batch)
         assert done.returncode == 0, done.stderr
         assert "Store Failed" not in done.stderr
-    acknowledged = {
-        r["deid_sop_instance_uid"] for r in audit_records(audit) if r["event"] == "instance.spooled"
-    }
+    acknowledged = {r["deid_sop_instance_uid"] for r in _records(audit, "instance.spooled")}
     assert len(acknowledged) == 48
     assert wait_for(
         lambda: (
-            {
-                r["deid_sop_instance_uid"]
-                for r in audit_records(audit)
-                if r["event"] == "instance.forwarded"
-            }
+            {r["deid_sop_instance_uid"] for r in _records(audit, "instance.forwarded")}
             == acknowledged
         ),
         timeout=60,
@@ -201,30 +202,20 @@ def test_the_per_peer_limit_holds_across_acceptors(make_proxy, tmp_path: Path) -
     held = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
     assert held.is_established
     try:
-        assert wait_for(
-            lambda: any(r["event"] == "association.accepted" for r in audit_records(audit))
-        )
-        holder = next(
-            r["acceptor"] for r in audit_records(audit) if r["event"] == "association.accepted"
-        )
+        assert wait_for(lambda: _records(audit, "association.accepted"))
+        holder = _records(audit, "association.accepted")[0]["acceptor"]
         rejected_by: set[int] = set()
         for attempt in range(40):  # the kernel picks the acceptor: until both have refused
             assoc = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
             assert assoc.is_rejected
             answer = assoc.acceptor.primitive
             assert (answer.result, answer.result_source, answer.diagnostic) == (2, 3, 2)
-            assert wait_for(
-                lambda n=attempt + 1: (
-                    sum(r["event"] == "association.rejected" for r in audit_records(audit)) == n
-                )
-            )
-            rejected_by = {
-                r["acceptor"] for r in audit_records(audit) if r["event"] == "association.rejected"
-            }
+            assert wait_for(lambda n=attempt + 1: len(_records(audit, "association.rejected")) == n)
+            rejected_by = {r["acceptor"] for r in _records(audit, "association.rejected")}
             if rejected_by - {holder}:
                 break
         assert rejected_by - {holder}, "every request reached the acceptor holding the first"
-        rejections = [r for r in audit_records(audit) if r["event"] == "association.rejected"]
+        rejections = _records(audit, "association.rejected")
         assert {r["reason"] for r in rejections} == {"peer_association_limit_exceeded"}
         assert {(r["result"], r["source"], r["diagnostic"]) for r in rejections} == {
             ("rejected-transient", "service-provider-presentation", 2)
@@ -259,22 +250,16 @@ def test_after_receipt_a_killed_acceptors_deferred_data_sets_are_recovered(
     de-identifies and delivers them (its deferred data sets are named after its run)."""
     proxy = make_proxy([_dicom(storescp)], listen={"processes": 2, "acknowledge": "after_receipt"})
     audit = tmp_path / "var" / "audit.jsonl"
-    batches = [_files(tmp_path / f"in{n}", 10) for n in range(4)]
-    running = [_storescu_background(proxy.port, batch) for batch in batches]
-    assert wait_for(
-        lambda: sum(r["event"] == "instance.received" for r in audit_records(audit)) >= 4,
-        timeout=60,
-        interval=0.01,
+    batches, running = _four_senders_until(
+        proxy.port, tmp_path, 10, (audit, "instance.received", 4)
     )
-    received = [r for r in audit_records(audit) if r["event"] == "instance.received"]
+    received = _records(audit, "instance.received")
     victim_index = received[0]["acceptor"]
     victim = proxy.acceptors.pids()[victim_index]
     os.kill(victim, signal.SIGKILL)
     for process in running:
         process.communicate(timeout=120)
-    assert wait_for(
-        lambda: any(r["event"] == "acceptor.restarted" for r in audit_records(audit)), timeout=30
-    )
+    assert wait_for(lambda: _records(audit, "acceptor.restarted"), timeout=30)
     for batch in batches:  # what was not acknowledged is sent again
         done = storescu(proxy.port, batch)
         assert done.returncode == 0, done.stderr

@@ -6,7 +6,8 @@ file and/or standard output. Event names are dotted ``noun.past_verb``:
 ``association.accepted``, ``association.rejected``, ``association.released``,
 ``association.aborted``, ``association.closed``, ``association.idle_timeout``,
 ``instance.received``, ``instance.deidentified``, ``instance.spooled``, ``instance.failed``,
-``instance.forwarded``, ``instance.forward_retry``, ``instance.quarantined``,
+``instance.found`` (a queue file no commit of this run announced), ``instance.forwarded``,
+``instance.forward_retry``, ``instance.quarantined``,
 ``instance.transparent_timeout``, ``service.started``, ``service.stopped``.
 
 No field ever carries a value of a received dataset: instances are named by their

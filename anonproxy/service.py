@@ -60,7 +60,7 @@ from anonproxy.remap import MapRecorder, load_map_key, verify_key
 from anonproxy.scp import StorageSCP
 from anonproxy.sealed import check_waiting, load_key
 from anonproxy.secret import Secret, load_secret
-from anonproxy.spool import Spool
+from anonproxy.spool import Spool, split_queue_file
 from anonproxy.state import StateStore
 from anonproxy.syslog import SyslogSender
 from anonproxy.tls import client_context
@@ -549,17 +549,24 @@ class Proxy:
             raise ConfigError(msg) from None
 
     def _housekeep(self) -> None:
-        """Every few seconds: pick up released instances and retry requests, publish the
-        queue state, purge kept rejected inputs past their age and the data sets of aborted
-        associations (received in part, never processed: no write for twice the network
-        time-out, after which an association that stopped sending has been aborted)."""
+        """Every few seconds: pick up released instances (and those an acceptor process that
+        ended committed and did not announce: audited ``instance.found``) and retry requests,
+        publish the queue state, purge kept rejected inputs past their age and the data sets
+        of aborted associations (received in part, never processed: no write for twice the
+        network time-out, after which an association that stopped sending has been aborted)."""
         max_age = self.settings.storage.rejected_inputs_max_age_days * 86400
         abandoned = 2 * self.settings.listen.network_timeout + HOUSEKEEPING_INTERVAL_S
         # files the acceptor processes are committing are theirs to announce (see spool)
         settle_s = 0.0 if self.acceptors is None else 2 * HOUSEKEEPING_INTERVAL_S
         while not self._stopped.wait(HOUSEKEEPING_INTERVAL_S):
             try:
-                self.spool.rescan(settle_s)
+                for destination, files in self.spool.rescan(settle_s).items():
+                    for file in files:  # released by an operator, or announced by nobody
+                        self.audit.event(
+                            "instance.found",
+                            destination=destination,
+                            deid_sop_instance_uid=split_queue_file(file)[0],
+                        )
                 self.spool.write_state()
                 self.spool.purge_rejected(max_age)
                 self.spool.purge_incoming(abandoned)

@@ -268,9 +268,10 @@ class DestinationQueue:
         """The spool file of *item*."""
         return self.directory / item.file
 
-    def load(self, settle_s: float = 0.0) -> int:
+    def load(self, settle_s: float = 0.0) -> list[str]:
         """Index the files in the directory (start-up recovery, files an operator put there),
-        oldest first; returns how many there were. An older version of a UID is removed. A
+        oldest first; returns those that were not indexed yet. An older version of a UID is
+        removed. A
         file linked less than *settle_s* seconds ago (its inode changed) is left alone: another
         process may be committing it (see the module's docstring)."""
         entries = []
@@ -283,9 +284,7 @@ class DestinationQueue:
                         continue
                     entries.append((stat.st_mtime, entry.name))
         entries.sort()
-        for mtime, file in entries:
-            self._index(file, mtime, found=True)
-        return len(entries)
+        return [file for mtime, file in entries if self._index(file, mtime, found=True)]
 
     def expect(self, file: str) -> None:
         """A commit is about to link *file*: :meth:`load` leaves it alone until it is pushed
@@ -305,13 +304,14 @@ class DestinationQueue:
         An older version than the one known is removed at once."""
         self._index(file, time.time())
 
-    def _index(self, file: str, first_seen: float, *, found: bool = False) -> None:
+    def _index(self, file: str, first_seen: float, *, found: bool = False) -> bool:
+        """Index *file*; whether it was not known (nor being committed) before."""
         name = split_queue_file(file)[0]
         item = QueueItem(name, file, first_seen=first_seen)
         obsolete = None
         with self._cond:
             if found and file in self._committing:
-                return
+                return False
             self._committing.discard(file)
             current = self._pending.get(name)
             if current is None:
@@ -319,14 +319,14 @@ class DestinationQueue:
             elif name in self._in_flight:  # never removed here: it is being sent
                 waiting = self._newer.get(name)
                 if file in (current.file, getattr(waiting, "file", None)):
-                    return
+                    return False
                 if _newer(file, current.file) and (waiting is None or _newer(file, waiting.file)):
                     self._newer[name] = item
                     obsolete = None if waiting is None else waiting.file
                 else:
                     obsolete = file
             elif file == current.file:
-                return
+                return False
             elif _newer(file, current.file):
                 self._pending[name] = replace(current, file=file)  # its back-off stays
                 obsolete = current.file
@@ -335,6 +335,7 @@ class DestinationQueue:
             self._cond.notify()
         if obsolete is not None:
             self._discard(obsolete)
+        return obsolete != file
 
     def _discard(self, file: str) -> None:
         """Remove the file *file* of this queue (never one being sent)."""
@@ -504,7 +505,7 @@ class Spool:
         self._measure()
         for queue in self.queues.values():
             self._settle_hidden(queue.directory)
-        return {name: queue.load() for name, queue in self.queues.items()}
+        return {name: len(queue.load()) for name, queue in self.queues.items()}
 
     def _measure(self) -> None:
         self.counters.set(
@@ -552,17 +553,18 @@ class Spool:
         if changed and self.fsync:
             fsync_directory(directory)
 
-    def rescan(self, settle_s: float = 0.0) -> None:
-        """Pick up files put in the queue directories by an operator (quarantine release);
-        files linked less than *settle_s* seconds ago are left to the process committing them
-        (see the module's docstring)."""
-        for queue in self.queues.values():
-            queue.load(settle_s)
+    def rescan(self, settle_s: float = 0.0) -> dict[str, list[str]]:
+        """Pick up files put in the queue directories by an operator (quarantine release) or
+        committed by a process that ended before it announced them; returns them per
+        destination. Files linked less than *settle_s* seconds ago are left to the process
+        committing them (see the module's docstring)."""
+        found = {name: queue.load(settle_s) for name, queue in self.queues.items()}
         if self.retry_request.exists():
             with contextlib.suppress(FileNotFoundError):
                 self.retry_request.unlink()
             for queue in self.queues.values():
                 queue.retry_now()
+        return found
 
     def write_state(self) -> None:
         """Publish the queue statistics for ``anonproxy queue status``."""

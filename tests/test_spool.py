@@ -285,3 +285,18 @@ def test_a_rescan_during_a_commit_never_removes_the_acknowledged_copy(
     put(spool, UID, b"later", ["a"])  # the failed commit left nothing that blocks a later one
     [file] = _files(spool)
     assert (queue.directory / file).read_bytes() == b"later"
+
+
+def test_a_rescan_reports_only_the_files_no_commit_announced(tmp_path: Path) -> None:
+    """What an acceptor process committed and never announced (it was killed in between) is
+    found by the service's rescan, once; what was announced is never reported."""
+    service = Spool(tmp_path, ["a"])
+    announced: list[tuple[str, str]] = []
+    acceptor = Spool(tmp_path, ["a"], announce=lambda *message: announced.append(message))
+    put(acceptor, UID, b"announced", ["a"])
+    service.queues["a"].push(announced[0][1])
+    put(acceptor, "2.25.42", b"killed before its announcement", ["a"])
+    [(_, unannounced)] = announced[1:]
+    assert service.rescan() == {"a": [unannounced]}
+    assert service.rescan() == {"a": []}
+    assert len(service.queues["a"]) == 2

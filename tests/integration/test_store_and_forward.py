@@ -341,6 +341,8 @@ def test_operator_commands_list_release_and_purge_quarantine(make_proxy, tmp_pat
         uid = listing[0].split("\t")[1]
         assert "released 1 of 1" in anonproxy("quarantine", "release", "pacs", uid)
         assert wait_for(lambda: len(_events(root, "instance.forwarded")) == 1, timeout=30)
+        [found] = _events(root, "instance.found")  # the housekeeping picked it up
+        assert (found["destination"], found["deid_sop_instance_uid"]) == ("pacs", uid)
         assert "purged 2" in anonproxy("quarantine", "purge")
         assert anonproxy("quarantine", "list").splitlines()[1:] == []
         assert "retry requested" in anonproxy("queue", "retry")

@@ -1,12 +1,14 @@
 """The floor of the stack: a pynetdicom Storage SCP that does the least any de-identifying
 proxy built on pynetdicom and pydicom must do, and nothing else.
 
-    .venv/bin/python benchmarks/stack_floor.py PORT [--receive-only]
+    .venv/bin/python benchmarks/stack_floor.py PORT [--receive-only] [--durable]
 
 Each C-STORE data set is received to disk as it arrives (as anonproxy does, for the memory
 target), its header decoded and re-encoded with pydicom (pixel data copied as bytes, as
 anonproxy does), then answered Success. No de-identification, no fsync, no forwarding, no audit.
-With ``--receive-only`` the handler only removes the received file. The SCP uses anonproxy's
+With ``--receive-only`` the handler only removes the received file; with ``--durable`` it
+first flushes it to disk (one fsync: the least a receiver that answers Success only for what
+is on disk pays per data set; anonproxy's ``after_receipt`` pays one too). The SCP uses anonproxy's
 changes to pynetdicom (:mod:`anonproxy.pynetdicom_patches`) and default maximum PDU size, so it
 is pynetdicom at its best here.
 
@@ -38,12 +40,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--receive-only", action="store_true")
+    parser.add_argument("--durable", action="store_true")
     args = parser.parse_args()
     pynetdicom_patches.install()  # received data sets written to a file as they arrive
     output = Path(tempfile.mkdtemp(prefix="anonproxy-floor-")) / "out.dcm"
 
     def handle_store(event: Event) -> int:
         received = event.dataset_path
+        if args.durable:
+            fd = os.open(received, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if not args.receive_only:
             dataset, pixels = read_header(received)
             with output.open("wb") as handle:

@@ -4,7 +4,7 @@
         [--deidentify-workers N] [--acknowledge after_deidentification|after_receipt|both]
         [--no-ocr] [--senders 1,4] [--destination storescp|storescp-fork|orthanc]
         [--max-associations N] [--peer-max-pdu N] [--incoming-key off|on|both]
-        [--processes N]
+        [--processes N] [--repeat K]
 
 Generates synthetic series (MR 256x256, CT 512x512, one multi-frame instance of about 1 GiB),
 starts the research PACS (``--destination``: DCMTK storescp, which serves one association at a
@@ -18,14 +18,19 @@ the same run:
 * proxy with N parallel storescu senders (``--senders``, default 1 and 4), the destination's
   ``max_associations`` as configured (``--max-associations``) or its default;
 * the floor of the stack (series only): storescu -> benchmarks/stack_floor.py, a pynetdicom SCP
-  that only receives (``receive-only``), or receives, decodes the header and re-encodes with
-  pydicom (``floor``): what one association through any proxy on this stack cannot beat.
+  that only receives (``receive-only``; ``receive-only, one fsync``: and flushes each data set
+  to disk before it answers), or receives, decodes the header and re-encodes with pydicom
+  (``floor``): what one association through any proxy on this stack cannot beat.
 
 Prints, per run, the delivery rate (instances/s and MB/s until the last arrival at the
 research PACS) and the acknowledgement rate (storescu's own elapsed time: how long the sender
-is held), each with its ratio to the direct run and to the receive-only floor; forwarding
+is held), each with its ratio to the direct run and to the receive-only floors; with
+``--repeat K``, K rounds of all runs one after the other, and the medians (of the rates, and
+of the ratios taken within each round, each round's ratio in brackets); forwarding
 latency p50/p95/p99 (from the audit trail: spool commit to the destination's answer), the
-proxy's peak RSS (alone, and summed with its child processes), and the CPU time per
+proxy's peak RSS (alone; summed with its child processes; the part of that sum the run added
+over each process's RSS before it; and the PSS of all of them before the run: shared pages
+counted once), and the CPU time per
 instance of the proxy (all its processes), of storescu and of the research PACS, with the
 ceiling that sum sets on this machine (cores / CPU per instance: how fast the whole chain could
 go on these cores if nothing ever waited). ``--processes N`` sets the proxy's
@@ -35,6 +40,7 @@ go on these cores if nothing ever waited). ``--processes N`` sets the proxy's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -45,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -56,6 +63,7 @@ from peers import PEER_ENV, Orthanc, StoreSCP, descendants, free_port, tool, wai
 SECRET = "benchmark-secret-0123456789abcdef"
 FLOOR = "pynetdicom+pydicom floor"  # receive to disk, decode the header, re-encode: no more
 RECEIVE_ONLY = "pynetdicom receive-only"
+DURABLE = "pynetdicom receive-only, one fsync"  # the least an acknowledgement on disk costs
 MODES = ("after_deidentification", "after_receipt")
 LISTEN: dict[str, int] = {}  # listen options of the proxy under test (--deidentify-workers)
 PROFILE: dict[str, str] = {}  # profile options of the proxy under test (--no-ocr)
@@ -164,19 +172,53 @@ def count_files(directory: Path) -> int:
     return sum(1 for _ in directory.rglob("*.dcm"))
 
 
-def peak_rss_mib(pid: int) -> tuple[float, float]:
-    """Peak RSS of the process, and the sum of the peaks of it and its child processes
-    (de-identification workers, forwarding senders): an upper bound of the whole."""
-    peaks = []
+def _status_kib(pid: int, *keys: str) -> list[int]:
+    """Fields of /proc/PID/status in KiB (0 when the process has ended)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return [0] * len(keys)
+    values = dict(line.split(":", 1) for line in lines if ":" in line)
+    return [int(values.get(key, "0 kB").split()[0]) for key in keys]
+
+
+def reset_peaks(pid: int) -> dict[int, int]:
+    """Reset the peak RSS (VmHWM) of the process and its child processes to their current RSS
+    (``/proc/PID/clear_refs``: 5); returns their current RSS in KiB, per process."""
+    current = {}
     for member in [pid, *descendants(pid)]:
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) / 1024)
-    return (peaks[0], sum(peaks)) if peaks else (float("nan"), float("nan"))
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{member}/clear_refs").write_text("5")
+        current[member] = _status_kib(member, "VmRSS")[0]
+    return current
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size of the process and its child processes (shared pages counted
+    once in all): what they take of the machine's memory together."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def peak_rss_mib(pid: int, before: dict[int, int]) -> tuple[float, float, float]:
+    """Peak RSS of the process, the sum of the peaks of it and its child processes (an upper
+    bound of the whole: shared pages are counted in each), and the sum over them of the peak
+    above the RSS each had when the peaks were reset (:func:`reset_peaks`): what the run
+    added."""
+    peaks, added = [], 0
+    for member in [pid, *descendants(pid)]:
+        peak, rss = _status_kib(member, "VmHWM", "VmRSS")
+        if peak:
+            peaks.append(peak)
+            added += max(0, peak - before.get(member, rss))
+    if not peaks:
+        return float("nan"), float("nan"), float("nan")
+    return peaks[0] / 1024, sum(peaks) / 1024, added / 1024
 
 
 def make_large(directory: Path, mib: int) -> int:
@@ -290,6 +332,8 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
     proxy = serve(config, root, port)
     try:
         time.sleep(1.0)  # the worker and sender processes finish starting
+        idle_pss = pss_mib(proxy.pid)
+        before = reset_peaks(proxy.pid)
         cpu = (cpu_seconds(proxy.pid), children_cpu_s(), scp.cpu_s())
         main_cpu = cpu_seconds(proxy.pid, children=False)
         started = time.perf_counter()
@@ -304,7 +348,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         arrived = time.perf_counter() - started
         cpu = (cpu_seconds(proxy.pid) - cpu[0], children_cpu_s() - cpu[1], scp.cpu_s() - cpu[2])
         main_cpu = cpu_seconds(proxy.pid, children=False) - main_cpu
-        rss, tree_rss = peak_rss_mib(proxy.pid)
+        rss, tree_rss, added_rss = peak_rss_mib(proxy.pid, before)
     finally:
         proxy.terminate()
         proxy.wait(60)
@@ -321,6 +365,8 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         "p99_ms": quantiles[98],
         "peak_rss_mib": rss,
         "tree_rss_mib": tree_rss,
+        "added_rss_mib": added_rss,
+        "idle_pss_mib": idle_pss,
         "cpu_proxy_s": cpu[0],
         "cpu_proxy_main_s": main_cpu,
         "cpu_senders_s": cpu[1],
@@ -328,44 +374,62 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
     }
 
 
-def report(
-    name: str,
-    count: int,
-    size: int,
-    base: dict[str, float],
-    floors: dict[str, dict[str, float]],
-    runs: dict[str, dict],
-) -> None:
-    rate = count / base["seconds"]
-    print(f"\n== {name}: {count} instances, {size / 1e6:.1f} MB")
-    print(
-        f"  {'direct storescu->storescp':44s} {rate:8.1f} inst/s"
-        f" {size / 1e6 / base['seconds']:8.1f} MB/s"
-    )
-    for label, result in floors.items():
-        r = count / result["seconds"]
-        print(f"  {label:44s} {r:8.1f} inst/s {size / 1e6 / result['seconds']:8.1f} MB/s"
-              f"  ratio {r / rate:.2f}")  # fmt: skip
-    floor = count / floors[FLOOR]["seconds"] if FLOOR in floors else None
-    receive_only = count / floors[RECEIVE_ONLY]["seconds"] if RECEIVE_ONLY in floors else None
-    for label, result in runs.items():
-        r = count / result["seconds"]
-        ack = count / result["acknowledged_s"]
+DIRECT = "direct storescu->storescp"
+
+
+def _median(rounds: list[dict[str, dict]], label: str, value: Callable[[dict], float]) -> float:
+    return statistics.median(value(results[label]) for results in rounds)
+
+
+def _ratio(rounds: list[dict[str, dict]], label: str, key: str, base: str) -> tuple[float, str]:
+    """The median over *rounds* of the rate of *label* (from its *key* seconds) over that of
+    *base* in the same round; and the ratios of each round, when there are several."""
+    ratios = [results[base]["seconds"] / results[label][key] for results in rounds]
+    each = "" if len(ratios) == 1 else " [" + " ".join(f"{r:.2f}" for r in ratios) + "]"
+    return statistics.median(ratios), each
+
+
+def report(name: str, count: int, size: int, rounds: list[dict[str, dict]]) -> None:
+    """Medians over the rounds: rates, and ratios taken within each round."""
+    mb = size / 1e6
+    print(f"\n== {name}: {count} instances, {mb:.1f} MB, {len(rounds)} round(s), medians")
+    seconds = _median(rounds, DIRECT, lambda r: r["seconds"])
+    print(f"  {DIRECT:44s} {count / seconds:8.1f} inst/s {mb / seconds:8.1f} MB/s")
+    labels = list(rounds[0])
+    for label in [label for label in labels if label in (RECEIVE_ONLY, DURABLE, FLOOR)]:
+        seconds = _median(rounds, label, lambda r: r["seconds"])
+        ratio, each = _ratio(rounds, label, "seconds", DIRECT)
+        print(f"  {label:44s} {count / seconds:8.1f} inst/s {mb / seconds:8.1f} MB/s"
+              f"  ratio {ratio:.2f}{each}")  # fmt: skip
+    for label in [label for label in labels if label.startswith("anonproxy")]:
+        result = {key: _median(rounds, label, lambda r, k=key: r[k]) for key in rounds[0][label]}
+        ratio, each = _ratio(rounds, label, "seconds", DIRECT)
+        floor = _ratio(rounds, label, "seconds", FLOOR) if FLOOR in labels else None
         print(
-            f"  {label + ', delivered':44s} {r:8.1f} inst/s"
-            f" {size / 1e6 / result['seconds']:8.1f} MB/s"
-            f"  last arrival {result['seconds']:.2f} s  ratio {r / rate:.2f}"
-            + (f" ({r / floor:.2f} of the floor)" if floor else "")
+            f"  {label + ', delivered':44s} {count / result['seconds']:8.1f} inst/s"
+            f" {mb / result['seconds']:8.1f} MB/s"
+            f"  last arrival {result['seconds']:.2f} s  ratio {ratio:.2f}{each}"
+            + (f" ({floor[0]:.2f}{floor[1]} of the floor)" if floor else "")
             + f"  p50 {result['p50_ms']:.0f} ms  p95 {result['p95_ms']:.0f} ms"
             f"  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
-            f" (with child processes {result['tree_rss_mib']:.0f} MiB)"
+            f" (with child processes {result['tree_rss_mib']:.0f} MiB, of which the run added"
+            f" {result['added_rss_mib']:.0f}; idle PSS of all {result['idle_pss_mib']:.0f} MiB)"
         )
+        ratio, each = _ratio(rounds, label, "acknowledged_s", DIRECT)
+        receive_only = (
+            _ratio(rounds, label, "acknowledged_s", RECEIVE_ONLY)
+            if RECEIVE_ONLY in labels
+            else None
+        )
+        durable = _ratio(rounds, label, "acknowledged_s", DURABLE)[0] if DURABLE in labels else None
         print(
-            f"  {label + ', acknowledged':44s} {ack:8.1f} inst/s"
-            f" {size / 1e6 / result['acknowledged_s']:8.1f} MB/s"
-            f"  sender held {result['acknowledged_s']:.2f} s  ratio {ack / rate:.2f}"
-            + (f" ({ack / receive_only:.2f} of receive-only)" if receive_only else "")
+            f"  {label + ', acknowledged':44s} {count / result['acknowledged_s']:8.1f} inst/s"
+            f" {mb / result['acknowledged_s']:8.1f} MB/s"
+            f"  sender held {result['acknowledged_s']:.2f} s  ratio {ratio:.2f}{each}"
+            + (f" ({receive_only[0]:.2f}{receive_only[1]} of receive-only" if receive_only else "")
+            + (f", {durable:.2f} of receive-only with one fsync" if durable else "")
+            + (")" if receive_only else "")
         )
         shares = [result[f"cpu_{part}_s"] * 1000 / count for part in ("proxy", "senders", "peer")]
         cores = os.cpu_count() or 1
@@ -385,27 +449,32 @@ def bench(
     size: int,
     modes: tuple[str, ...],
     senders: tuple[int, ...] = (1, 4),
+    repeat: int = 1,
 ) -> None:
-    base = direct(work, [series], count)
-    floors = {}
-    if count > 1:  # one association of many instances: the stack's per-instance ceiling
-        floors[RECEIVE_ONLY] = stack_floor([series], "--receive-only")
-        floors[FLOOR] = stack_floor([series])
-    runs = {}
+    """*repeat* rounds, each of every run one after the other (interleaved: a machine that
+    slows down in one round slows down all runs of that round)."""
+    folders: dict[int, list[Path]] = {1: [series]}
     for number in senders:
-        if number == 1:
+        if number > 1 and count >= number:
+            parts = [work / f"{name}-{number}-part{i}" for i in range(number)]
+            for i, path in enumerate(sorted(series.glob("*.dcm"))):
+                parts[i % number].mkdir(exist_ok=True)
+                os.link(path, parts[i % number] / path.name)
+            folders[number] = parts
+    rounds = []
+    for _ in range(repeat):
+        results = {DIRECT: direct(work, [series], count)}
+        if count > 1:  # one association of many instances: the stack's per-instance ceiling
+            results[RECEIVE_ONLY] = stack_floor([series], "--receive-only")
+            results[DURABLE] = stack_floor([series], "--receive-only", "--durable")
+            results[FLOOR] = stack_floor([series])
+        for number, parts in folders.items():
+            plural = "sender" if number == 1 else "senders"
             for mode in modes:
-                runs[f"anonproxy {mode}, 1 sender"] = via_proxy(work, [series], count, mode)
-            continue
-        if count < number:
-            continue
-        parts = [work / f"{name}-{number}-part{i}" for i in range(number)]
-        for i, path in enumerate(sorted(series.glob("*.dcm"))):
-            parts[i % number].mkdir(exist_ok=True)
-            os.link(path, parts[i % number] / path.name)
-        for mode in modes:
-            runs[f"anonproxy {mode}, {number} senders"] = via_proxy(work, parts, count, mode)
-    report(name, count, size, base, floors, runs)
+                label = f"anonproxy {mode}, {number} {plural}"
+                results[label] = via_proxy(work, parts, count, mode)
+        rounds.append(results)
+    report(name, count, size, rounds)
 
 
 def main() -> None:
@@ -453,6 +522,12 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, help="the proxy's listen.processes (acceptor processes)"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every run, interleaved; medians printed (ratios within each round)",
+    )
     args = parser.parse_args()
     if args.processes is not None:
         LISTEN["processes"] = args.processes
@@ -473,15 +548,17 @@ def main() -> None:
         if args.mr:
             series = work / "MR-256"
             size = make_series(series, "MR_small.dcm", args.mr, 256)
-            bench(work, "MR-256", series, args.mr, size, modes, senders)
+            bench(work, "MR-256", series, args.mr, size, modes, senders, args.repeat)
         if args.ct:
             series = work / "CT-512"
             size = make_series(series, "CT_small.dcm", args.ct, 512)
-            bench(work, "CT-512", series, args.ct, size, modes, senders)
+            bench(work, "CT-512", series, args.ct, size, modes, senders, args.repeat)
         if args.large_mib:
             series = work / "multiframe"
             size = make_large(series, args.large_mib)
-            bench(work, f"multi-frame {args.large_mib} MiB", series, 1, size, modes)
+            bench(
+                work, f"multi-frame {args.large_mib} MiB", series, 1, size, modes, (1,), args.repeat
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""``python -m anonproxy`` runs the command-line interface."""
+"""``python -m anonproxy`` runs the command-line interface.
 
-from anonproxy.cli import main
+Nothing is imported at module level: a process started with ``spawn`` (de-identification
+workers, forwarding senders, acceptor processes) imports this module again as its main
+module, and needs none of the command line's imports (each would cost it memory and time).
+"""
 
-if __name__ == "__main__":  # not when a worker process re-imports the main module (spawn)
+if __name__ == "__main__":
+    from anonproxy.cli import main
+
     raise SystemExit(main())

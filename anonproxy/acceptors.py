@@ -348,8 +348,12 @@ class AcceptorSupervisor:
                 else MapKey(self.map_recorder.key.value, self.map_recorder.key.source)
             ),
         )
+        # Not daemonic: a daemonic process may not start children, and an acceptor starts its
+        # de-identification worker processes (listen.deidentify_workers). Every exit of the
+        # supervisor that runs Python stops them first (Proxy.stop: join, then kill); one
+        # killed leaves them to notice that their parent ended.
         process = self._context.Process(
-            target=self.target, args=(spec,), name=f"anonproxy-acceptor-{slot.index}", daemon=True
+            target=self.target, args=(spec,), name=f"anonproxy-acceptor-{slot.index}"
         )
         process.start()
         events_w.close()  # the child's ends: closed here, so that its end is seen as EOF

@@ -157,10 +157,13 @@ def deidentify_workers(settings: Settings) -> int:
 def acceptor_processes(settings: Settings) -> int:
     """Receiving processes: ``listen.processes``, or one per core when not set (see
     :func:`~anonproxy.acceptors.process_count`); 1 with a transparent route (the answer it
-    relays reaches the process that forwards)."""
-    if any(route.transparent for route in settings.routes):
+    relays reaches the process that forwards; a configured number above 1 is a ConfigError)."""
+    configured = settings.listen.processes
+    if configured is None and any(route.transparent for route in settings.routes):
+        if process_count(None) > 1:
+            log.info("listen.processes_single", processes=1, reason="transparent route")
         return 1
-    return process_count(settings.listen.processes)
+    return process_count(configured)
 
 
 def build_profile(config: ProfileConfig, patients: PatientLookup | None = None) -> Profile:
@@ -396,7 +399,7 @@ class Proxy:
             self.spool,
             settings.audit.path,
             max_queue_age_s=settings.admin.max_queue_age_s,
-            active_associations=self._active_associations,
+            active_associations=self.active_associations,
             deferred_waiting=lambda: self.spool.deferred_count,
             deferred_oldest_age_s=(
                 self.deferred.oldest_age_s if self.acceptors is None else self._oldest_deferred_s
@@ -452,7 +455,8 @@ class Proxy:
         assert self.scp is not None  # noqa: S101 - one of the two
         return self.scp.port
 
-    def _active_associations(self) -> int:
+    def active_associations(self) -> int:
+        """Associations running now, in this process or in the acceptor processes."""
         if self.acceptors is not None:
             return self.acceptors.active_associations()
         assert self.scp is not None  # noqa: S101 - one of the two

@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from structlog.testing import capture_logs
 
 from anonproxy.acceptors import process_count
 from anonproxy.access import SharedAssociations
 from anonproxy.config import parse_settings
 from anonproxy.errors import ConfigError
-from anonproxy.service import preflight
+from anonproxy.service import acceptor_processes, preflight
 
 from builders import make_series
 from conftest import audit_records
@@ -90,10 +91,37 @@ def test_shared_associations_count_across_processes_and_forget_a_dead_one() -> N
     assert process_count(3) == 3
 
 
+def test_a_transparent_route_makes_auto_processes_one_and_refuses_a_configured_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transparent route relays the answer to the process that forwards: left to one per
+    core, the service receives in one process and logs why; a number above 1 is refused."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    routes = [{"destinations": ["pacs"], "transparent": True}]
+    pacs = [{"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}]
+    auto = parse_settings({"listen": {"processes": None}, "destinations": pacs, "routes": routes})
+    with capture_logs() as logs:
+        assert acceptor_processes(auto) == 1
+    assert [e for e in logs if e["event"] == "listen.processes_single"] == [
+        {
+            "event": "listen.processes_single",
+            "processes": 1,
+            "reason": "transparent route",
+            "log_level": "info",
+        }
+    ]
+    without = auto.model_copy(update={"routes": []})
+    assert acceptor_processes(without) == 4
+    pinned = parse_settings({"listen": {"processes": 1}, "destinations": pacs, "routes": routes})
+    assert acceptor_processes(pinned) == 1
+    with pytest.raises(ConfigError, match=r"routes\.0\.transparent.*listen\.processes: 1"):
+        parse_settings({"listen": {"processes": 2}, "destinations": pacs, "routes": routes})
+
+
 def test_presentation_contexts_are_built_once_and_shared(make_proxy) -> None:
     """pynetdicom deep-copies the server's contexts for every association; the shared ones come
     back as themselves, and negotiation still accepts a supported context and refuses others."""
-    proxy = make_proxy()
+    proxy = make_proxy(listen={"processes": 1})  # the SCP object of the one process
     contexts = proxy.scp.contexts
     assert len(contexts) > 150
     copied = copy.deepcopy(contexts)
@@ -148,6 +176,20 @@ def test_several_acceptors_receive_in_parallel_and_audit_every_record_whole(
     assert set(forwarded.values()) == {1}
     assert {r["acceptor"] for r in records if r["event"] == "instance.spooled"} <= {0, 1}
     assert not list((tmp_path / "var" / "spool" / "research").glob("*.dcm"))
+
+
+def test_acceptors_with_their_own_worker_processes_receive_and_deliver(
+    make_proxy, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """listen.deidentify_workers with several processes: each acceptor starts its worker
+    processes (as a daemonic process it could not: under after_receipt, which starts them with
+    the acceptor, the acceptor ended at start)."""
+    listen = {"processes": 2, "deidentify_workers": 1, "acknowledge": "after_receipt"}
+    proxy = make_proxy([_dicom(storescp)], listen=listen)
+    assert len(proxy.acceptors.pids()) == 2
+    sent = storescu(proxy.port, _files(tmp_path / "in", 4))
+    assert sent.returncode == 0, sent.stderr
+    assert wait_for(lambda: len(storescp.files()) == 4, timeout=60)
 
 
 def test_a_killed_acceptor_is_restarted_and_nothing_acknowledged_is_lost(

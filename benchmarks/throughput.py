@@ -29,8 +29,8 @@ is held), each with its ratio to the direct run and to the receive-only floors; 
 of the ratios taken within each round, each round's ratio in brackets); forwarding
 latency p50/p95/p99 (from the audit trail: spool commit to the destination's answer), the
 proxy's peak RSS (alone; summed with its child processes; the part of that sum the run added
-over each process's RSS before it; and the PSS of all of them before the run: shared pages
-counted once), and the CPU time per
+over each process's RSS before it; and the PSS of all of them, shared pages counted once,
+before the run and at most during it, sampled every 0.1 s), and the CPU time per
 instance of the proxy (all its processes), of storescu and of the research PACS, with the
 ceiling that sum sets on this machine (cores / CPU per instance: how fast the whole chain could
 go on these cores if nothing ever waited). ``--processes N`` sets the proxy's
@@ -50,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -205,6 +206,26 @@ def pss_mib(pid: int) -> float:
     return total / 1024
 
 
+class PssSampler:
+    """The largest PSS of a process tree (:func:`pss_mib`), sampled every 0.1 s until stopped:
+    the memory it takes at its peak, shared pages counted once."""
+
+    def __init__(self, pid: int) -> None:
+        self.peak = pss_mib(pid)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, pid: int) -> None:
+        while not self._stopped.wait(0.1):
+            self.peak = max(self.peak, pss_mib(pid))
+
+    def stop(self) -> float:
+        self._stopped.set()
+        self._thread.join()
+        return self.peak
+
+
 def peak_rss_mib(pid: int, before: dict[int, int]) -> tuple[float, float, float]:
     """Peak RSS of the process, the sum of the peaks of it and its child processes (an upper
     bound of the whole: shared pages are counted in each), and the sum over them of the peak
@@ -337,6 +358,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         cpu = (cpu_seconds(proxy.pid), children_cpu_s(), scp.cpu_s())
         main_cpu = cpu_seconds(proxy.pid, children=False)
         started = time.perf_counter()
+        sampler = PssSampler(proxy.pid)
         acknowledged = run_senders(port, folders, "ANONPROXY")
         while scp.count() < expected:
             if time.perf_counter() - started > 1800:
@@ -346,6 +368,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
                 raise RuntimeError(f"the proxy refused an instance: {failed[0]['reason']}")
             time.sleep(0.05)
         arrived = time.perf_counter() - started
+        peak_pss = sampler.stop()
         cpu = (cpu_seconds(proxy.pid) - cpu[0], children_cpu_s() - cpu[1], scp.cpu_s() - cpu[2])
         main_cpu = cpu_seconds(proxy.pid, children=False) - main_cpu
         rss, tree_rss, added_rss = peak_rss_mib(proxy.pid, before)
@@ -367,6 +390,7 @@ def via_proxy(work: Path, folders: list[Path], expected: int, acknowledge: str) 
         "tree_rss_mib": tree_rss,
         "added_rss_mib": added_rss,
         "idle_pss_mib": idle_pss,
+        "peak_pss_mib": peak_pss,
         "cpu_proxy_s": cpu[0],
         "cpu_proxy_main_s": main_cpu,
         "cpu_senders_s": cpu[1],
@@ -414,7 +438,8 @@ def report(name: str, count: int, size: int, rounds: list[dict[str, dict]]) -> N
             f"  p99 {result['p99_ms']:.0f} ms"
             f"  peak RSS {result['peak_rss_mib']:.0f} MiB"
             f" (with child processes {result['tree_rss_mib']:.0f} MiB, of which the run added"
-            f" {result['added_rss_mib']:.0f}; idle PSS of all {result['idle_pss_mib']:.0f} MiB)"
+            f" {result['added_rss_mib']:.0f}; PSS of all {result['idle_pss_mib']:.0f} MiB idle,"
+            f" {result['peak_pss_mib']:.0f} MiB at most)"
         )
         ratio, each = _ratio(rounds, label, "acknowledged_s", DIRECT)
         receive_only = (

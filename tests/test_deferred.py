@@ -3,6 +3,7 @@ a crash at every step of the commit, exactly once, quarantine of refused inputs,
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pydicom import dcmread
 
 from anonproxy.audit import AuditLog
 from anonproxy.config import ProfileConfig
-from anonproxy.deferred import DeferredInstance, DeferredProcessor
+from anonproxy.deferred import DeferredInstance, DeferredProcessor, IdleCores
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.service import build_deidentifier, deidentifier_factory
 from anonproxy.spool import Spool, deferred_status, refused_inputs, split_queue_file
@@ -297,10 +298,18 @@ def test_a_burst_is_acknowledged_before_any_of_it_is_deidentified(
     assert first_spooled > last_received  # the sender first, de-identification behind
 
 
-def test_the_engine_runs_ahead_while_the_commits_wait_for_the_end_of_the_burst(
+def _machine(monkeypatch: pytest.MonkeyPatch, idle_cores: float) -> None:
+    """The cores the machine leaves idle, as the deferred processor measures them."""
+    monkeypatch.setattr(
+        "anonproxy.deferred.IdleCores.measure", lambda self: (idle_cores, time.monotonic())
+    )
+
+
+def test_the_engine_runs_ahead_on_idle_cores_while_the_commits_wait_for_the_end_of_the_burst(
     tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 5.0)  # "sending" for 5 s more
+    _machine(monkeypatch, idle_cores=8.0)
     node = _node(nodes, tmp_path / "var")
     for source in series:
         assert node.receive(source, 1) == StoreStatus.SUCCESS
@@ -314,11 +323,44 @@ def test_the_engine_runs_ahead_while_the_commits_wait_for_the_end_of_the_burst(
     assert list(staged.iterdir()) == []
 
 
+def test_on_a_machine_without_an_idle_core_the_engine_waits_for_the_end_of_the_burst(
+    tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 1.5)
+    _machine(monkeypatch, idle_cores=0.5)  # receiving takes the cores
+    node = _node(nodes, tmp_path / "var")
+    for source in series:
+        assert node.receive(source, 1) == StoreStatus.SUCCESS
+    time.sleep(1.0)  # still "sending"
+    assert list(node.spool.tmp_dir.iterdir()) == []  # nothing went into the engine
+    assert wait_for(lambda: node.settled(len(series)), timeout=30)  # all of it once it ended
+
+
+def test_idle_cores_are_measured_from_the_cpu_times_of_the_machine(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def times(idle_s: float, iowait_s: float) -> None:
+        stat.write_text(f"cpu  900 0 300 {int(idle_s * ticks)} {int(iowait_s * ticks)} 0 0 0\n")
+
+    times(100.0, 10.0)
+    cores = IdleCores(stat)
+    times(100.3, 10.1)  # 0.4 s idle or waiting for I/O ...
+    time.sleep(0.25)  # ... in about 0.25 s: 1.6 cores
+    idle, measured_at = cores.measure()
+    assert 0.5 < idle <= 1.6
+    assert measured_at <= time.monotonic()
+    times(200.0, 10.1)
+    assert cores.measure() == (idle, measured_at)  # a window shorter than _IDLE_WINDOW_S: kept
+    assert IdleCores(tmp_path / "absent").measure()[0] == os.cpu_count()  # no figure: all idle
+
+
 def test_a_stop_during_a_burst_leaves_what_was_not_committed_for_the_next_start(
     tmp_path: Path, series: list[Path], nodes: list[Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("anonproxy.deferred._RECEIVING_S", 60.0)  # always "sending"
     monkeypatch.setattr("anonproxy.deferred._MAX_HOLD_S", 60.0)
+    _machine(monkeypatch, idle_cores=8.0)
     root = tmp_path / "var"
     node = _node(nodes, root)
     for source in series:

@@ -413,10 +413,14 @@ class AcceptorSupervisor:
             self._socket.close()
 
     def reopen_logs(self) -> None:
-        """SIGHUP: the acceptors reopen their log files."""
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGHUP)
+        """SIGHUP: the acceptors reopen their log files. Only those that reported ready: one
+        still starting may not handle SIGHUP yet (its default action ends the process); it
+        reopens its log file once ready."""
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.pid and slot.ready.is_set():
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGHUP)
 
     # -- supervision ----------------------------------------------------------------------
 

@@ -763,9 +763,15 @@ def run_acceptor(spec: AcceptorSpec) -> None:
     :class:`~anonproxy.acceptors.AcceptorSupervisor`): build, listen, report ready, serve
     until the service asks it to stop (or ends), stop. SIGINT and SIGTERM are the service's to
     act on (a terminal or systemd signals every process of the group); SIGHUP reopens the log
-    file."""
+    file, from the start (a SIGHUP to the process group would end one still starting)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # First: SIGHUP's default action ends the process (the service sends it to the acceptors
+    # that reported ready, after logrotate renamed the files; see AcceptorSupervisor.reopen_logs)
+    signal.signal(
+        signal.SIGHUP,
+        lambda signum, frame: threading.Thread(target=reopen_log_file, daemon=True).start(),
+    )
     channel = Channel(spec.events, spec.requests)
     settings = Settings.model_validate(spec.settings)
     configure_logging(settings.log.level, format=settings.log.format, path=settings.log.path)
@@ -781,9 +787,6 @@ def run_acceptor(spec: AcceptorSpec) -> None:
             ("failed", f"listen: cannot listen on {listen.host}:{spec.port}: {_reason(exc)}")
         )
         raise SystemExit(2) from None
-    signal.signal(
-        signal.SIGHUP,
-        lambda signum, frame: threading.Thread(target=reopen_log_file, daemon=True).start(),
-    )
     channel.send(("ready",))
+    reopen_log_file()  # a log file renamed while it started (the service's SIGHUP skipped it)
     acceptor.stop(channel.wait_for_stop())

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,26 @@ def test_acceptors_with_their_own_worker_processes_receive_and_deliver(
     sent = storescu(proxy.port, _files(tmp_path / "in", 4))
     assert sent.returncode == 0, sent.stderr
     assert wait_for(lambda: len(storescp.files()) == 4, timeout=60)
+
+
+def test_sighup_while_an_acceptor_restarts_does_not_end_it(make_proxy, tmp_path: Path) -> None:
+    """logrotate's SIGHUP reaches the acceptors that reported ready: one still starting would
+    end on it (SIGHUP's default action) and be restarted again."""
+    proxy = make_proxy(listen={"processes": 2})
+    slot = proxy.acceptors.slots[0]
+    victim = slot.process.pid
+    os.kill(victim, signal.SIGKILL)
+
+    def restarted_and_ready() -> bool:
+        proxy.reopen_logs()  # again and again while it restarts
+        return bool(slot.process.pid != victim and slot.ready.is_set())
+
+    assert wait_for(restarted_and_ready, timeout=60, interval=0.02)
+    proxy.reopen_logs()
+    time.sleep(1.0)  # a restart a SIGHUP caused would be audited by now
+    audit = tmp_path / "var" / "audit.jsonl"
+    assert [r["exit_code"] for r in _records(audit, "acceptor.restarted")] == [-signal.SIGKILL]
+    assert slot.process.is_alive()
 
 
 def test_a_killed_acceptor_is_restarted_and_nothing_acknowledged_is_lost(

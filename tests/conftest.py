@@ -58,14 +58,23 @@ def audit_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
+#: Receiving processes of the suite's proxies (``listen.processes``, unless a test sets it): 1,
+#: the one process (an acceptor process costs an interpreter's start-up per proxy), or
+#: ANONPROXY_TEST_PROCESSES=2 for a pass with several (see anonproxy.acceptors).
+TEST_PROCESSES = int(os.environ.get("ANONPROXY_TEST_PROCESSES") or 1)
+
+
 def serve(config: Path, cwd: Path, *, stdout: int | None = None) -> subprocess.Popen[str]:
     """`anonproxy serve --config CONFIG` as a user runs it, with the test secret; standard
     error is captured (and standard output, with ``stdout=subprocess.PIPE``). A configuration
     without an ``admin`` section gets its endpoint on a free port (``admin.port`` 8080, the
-    default, is taken by whichever test proxy or local service started first)."""
+    default, is taken by whichever test proxy or local service started first); one without
+    ``listen.processes`` gets :data:`TEST_PROCESSES`."""
     data = yaml.safe_load(config.read_text("utf-8")) or {}
-    if "admin" not in data:
-        config.write_text(json.dumps({**data, "admin": {"port": 0}}), "utf-8")
+    listen = data.get("listen") or {}
+    if "admin" not in data or "processes" not in listen:
+        data = {"admin": {"port": 0}, **data, "listen": {"processes": TEST_PROCESSES, **listen}}
+        config.write_text(json.dumps(data), "utf-8")
     return subprocess.Popen(
         [sys.executable, "-m", "anonproxy", "serve", "--config", str(config)],
         cwd=cwd,
@@ -120,13 +129,6 @@ def corpus_identifying_values(paths: list[Path]) -> set[str]:
     return {v for v in values if not any(v in maker for maker in makers)}
 
 
-_TEST_PROCESSES = (
-    {"processes": int(os.environ["ANONPROXY_TEST_PROCESSES"])}
-    if os.environ.get("ANONPROXY_TEST_PROCESSES")
-    else {}
-)
-
-
 @pytest.fixture
 def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Start in-process proxies on free ports; every one is stopped at the end."""
@@ -139,8 +141,7 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             "listen": {
                 "port": 0,
                 "deidentify_workers": 0,
-                # the suite with several receiving processes: ANONPROXY_TEST_PROCESSES=2
-                **_TEST_PROCESSES,
+                "processes": TEST_PROCESSES,
                 **sections.pop("listen", {}),
             },
             "destinations": destinations or [],

@@ -157,8 +157,11 @@ def _send_raw(port: int, meta_from: Path, body: bytes, tmp_path: Path) -> int:
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom import AE
 
-    import anonproxy.forward  # noqa: F401 - sets pynetdicom's chunked sending
+    from anonproxy import pynetdicom_patches
 
+    # files streamed, never parsed (chunked_data_sets): not left to the proxy under test, whose
+    # SCP is in acceptor processes with listen.processes > 1
+    pynetdicom_patches.install()
     meta = read_file_meta_info(meta_from)
     path = tmp_path / "raw.dcm"
     with path.open("wb") as handle:

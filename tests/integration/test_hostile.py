@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,8 @@ def test_hostile_peer_cannot_crash_the_server_and_storescu_follows(
     assert _is_abort(peer.pdus_until_closed())
     peer.close()
 
+    # audited as the abort leaves (relayed to the service by an acceptor process: just after)
+    assert wait_for(lambda: len(_events(tmp_path, "association.protocol_violation")) >= 4, 10)
     violations = _events(tmp_path, "association.protocol_violation")
     assert [(v["reason"], v["pdu_type"]) for v in violations] == [
         ("pdu_too_long", 0x01),
@@ -202,8 +205,9 @@ def test_hostile_peer_cannot_crash_the_server_and_storescu_follows(
         assert code == expected.get(name, code), (name, hex(code))
         assert 0xA700 <= code <= 0xA7FF or 0xC000 <= code <= 0xCFFF, (name, hex(code))
         assert "ErrorComment" in status, name
-    failed = _events(tmp_path, "instance.failed")
-    assert len(failed) == 8
+    assert wait_for(lambda: len(_events(tmp_path, "instance.failed")) >= 8, 10)
+    time.sleep(0.2)  # no ninth record follows
+    assert len(_events(tmp_path, "instance.failed")) == 8
     assert not _received(tmp_path)  # nothing un-de-identified goes anywhere
 
     # The server is still serving: C-ECHO and a normal storescu association succeed.
@@ -241,6 +245,7 @@ def test_a_c_store_without_a_data_set_is_refused_and_the_server_serves_on(
     assert answer is not None
     assert answer[0] == 0x04  # P-DATA-TF: the C-STORE-RSP
     assert struct.pack("<HHLH", 0x0000, 0x0900, 2, 0xC000) in answer[1]  # Status 0xC000
+    assert wait_for(lambda: _events(tmp_path, "instance.failed"), 10)
     failed = _events(tmp_path, "instance.failed")
     assert [e["reason"] for e in failed] == ["no data set"]
     assert echoscu(proxy.port) == 0

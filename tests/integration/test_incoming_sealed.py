@@ -57,7 +57,9 @@ def test_waiting_data_sets_are_sealed_and_the_backlog_gauges_count_them(
     root = tmp_path / "var"
     proxy = make_proxy(
         [_research(research)],
-        listen={"acknowledge": "after_receipt"},
+        # one process: the test stops the service's own deferred processor (acceptor
+        # processes would de-identify with theirs)
+        listen={"acknowledge": "after_receipt", "processes": 1},
         storage={"path": str(root), "min_free_bytes": 0,
                  "incoming_key_file": str(_key(tmp_path / "incoming.key"))},
     )  # fmt: skip
@@ -151,7 +153,9 @@ def test_a_key_that_cannot_open_the_waiting_data_sets_stops_the_start(
     root = tmp_path / "var"
     proxy = make_proxy(
         [_research(StoreSCP(tmp_path / "research"))],
-        listen={"acknowledge": "after_receipt"},
+        # one process: the test stops the service's own deferred processor (acceptor
+        # processes would de-identify with theirs)
+        listen={"acknowledge": "after_receipt", "processes": 1},
         storage={"path": str(root), "min_free_bytes": 0,
                  "incoming_key_file": str(_key(tmp_path / "incoming.key"))},
     )  # fmt: skip

@@ -121,7 +121,7 @@ def test_per_peer_and_global_association_limits(make_proxy, tmp_path: Path) -> N
     try:
         assert echo(proxy.port).returncode == 0  # one from 127.0.0.1, one from 127.0.0.2
         # echoscu is done once released; the proxy's association thread ends just after
-        assert wait_for(lambda: proxy.scp.active_associations() == 1, timeout=10)
+        assert wait_for(lambda: proxy.active_associations() == 1, timeout=10)
         held.append(_hold(proxy.port, "127.0.0.1"))
         assert held[1].is_established
         # A second association from 127.0.0.1: over the per-peer limit.
@@ -137,7 +137,7 @@ def test_per_peer_and_global_association_limits(make_proxy, tmp_path: Path) -> N
     finally:
         for assoc in held:
             assoc.release()
-    assert wait_for(lambda: proxy.scp.active_associations() == 0, timeout=10)
+    assert wait_for(lambda: proxy.active_associations() == 0, timeout=10)
     assert echo(proxy.port).returncode == 0  # slots are given back
     rejected = _rejections(tmp_path)
     assert [(e["peer_address"], e["reason"]) for e in rejected] == [
@@ -183,7 +183,7 @@ def test_idle_association_is_aborted_after_network_timeout_and_audited(
     # first), with its counts.
     closing = {"association.aborted", "association.closed"}
     assert wait_for(lambda: any(e["event"] in closing for e in _audit(tmp_path)), timeout=5)
-    assert wait_for(lambda: proxy.scp.active_associations() == 0, timeout=5)
+    assert wait_for(lambda: proxy.active_associations() == 0, timeout=5)
 
 
 def test_max_pdu_size_is_offered_to_the_peer(make_proxy) -> None:
@@ -249,7 +249,7 @@ def test_plain_tcp_to_a_tls_listener_fails(
     assert all(e["reason"] == "tls_handshake_failed" for e in rejected)
     assert not _received(tmp_path)
     assert echo(proxy.port, extra=pki.dcmtk_client()).returncode == 0  # still serving TLS
-    assert wait_for(lambda: proxy.scp.active_associations() == 0, timeout=5)  # none lingers
+    assert wait_for(lambda: proxy.active_associations() == 0, timeout=5)  # none lingers
 
 
 def test_client_without_trusted_certificate_is_refused_under_mutual_tls(

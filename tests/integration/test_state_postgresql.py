@@ -62,8 +62,15 @@ def test_postgresql_outage_refuses_only_what_needs_the_store(
         finally:
             cluster.resume()
         assert _patients(research.directory) == {"SUBJ-0001": 6}  # nothing of the refused
-        again = storescu(proxy.port, [tmp_path / "unknown"], extra=["-d"])
-        assert "0xa700" not in (again.stdout + again.stderr).lower()
+
+        # Each process's connection pool (several with listen.processes > 1) reconnects after
+        # a delay that doubled with every failed attempt during the outage: sent again until
+        # every process has reconnected
+        def accepted() -> bool:
+            again = storescu(proxy.port, [tmp_path / "unknown"], extra=["-d"])
+            return "0xa700" not in (again.stdout + again.stderr).lower()
+
+        assert wait_for(accepted, timeout=60, interval=1.0)
         assert wait_for(lambda: len(research.files()) == 9, timeout=90)
     finally:
         research.stop()

@@ -262,6 +262,7 @@ def test_transparent_route_relays_the_destination_answer(
                  "port": refuser.port},
                 {"name": "down", "ae_title": "RESEARCH", "host": "127.0.0.1", "port": down},
             ],
+            listen={"processes": 1},  # a transparent route's answer needs the one process
             routes=[
                 {"destinations": ["refuser"], "modalities": ["CT"], "transparent": True},
                 {"destinations": ["down"], "modalities": ["MR"], "transparent": True,

@@ -139,6 +139,7 @@ class ReceivedFile:
         self._ahead = _for(directory, durable)
         self.path, self._fd, self._entry_on_disk = self._ahead.take()
         self.kept = False
+        self._discarded = False
         self._sealer = Sealer(key) if key is not None else None
         self.size = 0  # bytes written to the disk
         self._crc = 0
@@ -146,9 +147,11 @@ class ReceivedFile:
 
     @property
     def name(self) -> str:
-        """The path pynetdicom reports (``event.dataset_path``) and removes after the handler
-        (a kept file was renamed by then)."""
-        return str(self.path)
+        """The path pynetdicom reports (``event.dataset_path``) and removes after the handler;
+        nothing once kept or discarded (a kept file was renamed by then): removing a name that
+        is not there would wait for the lock of the folder, where other data sets are being
+        created and kept."""
+        return "" if self.kept or self._discarded else str(self.path)
 
     @property
     def file(self) -> ReceivedFile:
@@ -222,9 +225,10 @@ class ReceivedFile:
     def discard(self) -> None:
         """Close and remove it (refused, processed, or abandoned), unless it was kept."""
         self.close()
-        if not self.kept:
+        if not self.kept and not self._discarded:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        self._discarded = True
 
 
 def _crc_of(path: Path) -> int:

@@ -149,3 +149,19 @@ def test_a_kept_file_survives_a_crash_before_its_rename_and_a_partial_one_does_n
     assert settle(folder) == 1
     assert sorted(p.name for p in folder.iterdir()) == ["k-1.dcm"]
     assert _open(folder / "k-1.dcm") == b"x" * 5000
+
+
+def test_once_kept_or_discarded_a_received_file_gives_pynetdicom_no_name_to_remove(
+    tmp_path: Path,
+) -> None:
+    """pynetdicom removes ``name`` after the handler: a kept file was renamed and a discarded
+    one removed, so nothing is left to remove (and no lookup waits for the folder's lock)."""
+    folder = tmp_path / "deferred"
+    folder.mkdir()
+    kept, dropped = _received(folder, b"kept"), _received(folder, b"dropped")
+    assert Path(kept.name).is_file()
+    assert Path(dropped.name).is_file()
+    kept.keep(folder / "k.dcm", None)
+    dropped.discard()
+    assert kept.name == dropped.name == ""
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".recv-")] == ["k.dcm"]

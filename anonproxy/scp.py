@@ -57,6 +57,13 @@ from anonproxy.status import EchoStatus, StoreStatus
 silence_pynetdicom_identifiers()  # whether or not logging is configured
 
 
+def check_pynetdicom() -> None:
+    """:class:`~anonproxy.pynetdicom_patches.UnsupportedPynetdicom` (a ConfigError) unless
+    pynetdicom is the pinned version: what building the SCP checks, for a service whose SCPs
+    run in acceptor processes (checked before it starts them)."""
+    pynetdicom_patches.check_version()
+
+
 def receive_into(directory: Path, key: bytes | None = None, *, durable: bool = True) -> None:
     """Make pynetdicom write received C-STORE data sets, as they arrive, into *directory*
     (the spool's owner-only ``deferred`` folder, under hidden names: see

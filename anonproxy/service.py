@@ -57,7 +57,7 @@ from anonproxy.patients import PatientDirectory, import_csv
 from anonproxy.pipeline import InstancePipeline
 from anonproxy.received import PREFIX as RECEIVING
 from anonproxy.remap import MapRecorder, load_map_key, verify_key
-from anonproxy.scp import StorageSCP
+from anonproxy.scp import StorageSCP, check_pynetdicom
 from anonproxy.sealed import check_waiting, load_key
 from anonproxy.secret import Secret, load_secret
 from anonproxy.spool import Spool, split_queue_file
@@ -90,7 +90,9 @@ def preflight(settings: Settings) -> None:
     :class:`~anonproxy.errors.ConfigError` naming the setting: the storage folder is writable,
     the audit and log files can be opened for appending, the DICOM port is free, the
     destinations' TLS files load (``listen.tls`` and the syslog's are loaded when the SCP and
-    the syslog sender are built, with the same kind of error)."""
+    the syslog sender are built, with the same kind of error), pynetdicom is the pinned version
+    (the SCP checks it too; with acceptor processes that is in them, once they start)."""
+    check_pynetdicom()
     storage = settings.storage.path
     try:
         storage.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,9 @@ def test_serve_on_the_default_folder_destination_then_sigterm(
     )
     try:
         wait_port(port, timeout=30)
+        # started: with several processes, one listens before the others (and the audit)
+        audit_file = tmp_path / "var" / "audit.jsonl"
+        assert wait_for(lambda: audit_file.exists() and "map.key_created" in audit_file.read_text())
         files = [p for p in corpus if p.name in {"CT_small.dcm", "rtplan.dcm"}]
         sent = storescu(port, files)
         assert sent.returncode == 0, sent.stderr
@@ -271,6 +274,9 @@ def test_serve_on_the_default_folder_destination_then_sigterm(
     assert str(tmp_path / "var" / "secret.key") in err
     audit = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").open()]
     assert audit[0]["event"] == "service.started"
+    # listen.processes by default: one per core (at most 8); 1 is the one process, unsupervised
+    cores = min(os.cpu_count() or 1, 8)
+    assert audit[0].get("processes", 1) == cores
     assert audit[1] == {
         **audit[1],
         "event": "map.key_created",

@@ -30,7 +30,11 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     something to do: the DUL thread waits with ``select`` on its socket and on a pipe that
     ``send_pdu`` writes to when another thread hands it a primitive (forwarding to storescp:
     210 C-STOREs/s before, 270-290 after); the association thread of an acceptor waits on its
-    DIMSE message queue's condition. With nothing to do, each still wakes once per delay.
+    DIMSE message queue's condition. With nothing to do for :data:`IDLE_AFTER_S`, each wakes
+    every :data:`IDLE_WAIT_S` instead of every delay (the association thread of a requestor
+    sleeps that long: an idle forwarding association cost 7% of a core waking every 1 ms; the
+    first C-STORE after a pause waits up to that long for it to pause); a DUL thread is woken
+    at once when it is told to stop.
 ``response_race``
     The association thread of a requestor takes any message off the DIMSE queue, and the
     pause handshake (``_reactor_checkpoint`` / ``_is_paused``) that ``send_c_store`` uses to
@@ -85,6 +89,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import queue
 import select
 import socket
 import ssl
@@ -196,6 +201,10 @@ def _set(
 # --- reactor_waits ------------------------------------------------------------------------------
 
 _waiter = threading.local()  # .wait: how this reactor thread waits; .leave_responses: requestor
+#: A reactor that had nothing to do for this long ...
+IDLE_AFTER_S = 0.1
+#: ... looks again only this often (instead of every 1 ms).
+IDLE_WAIT_S = 0.02
 
 
 def _sleep(seconds: float) -> None:
@@ -255,9 +264,10 @@ _wakeups: weakref.WeakKeyDictionary[DULServiceProvider, _Wakeup] = weakref.WeakK
 
 def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], None]:
     reads_at_socket_wake: int | None = None  # set when the socket ended the last wait
+    active = time.monotonic()  # when a wait last ended with something to do
 
     def wait(seconds: float) -> None:
-        nonlocal reads_at_socket_wake
+        nonlocal reads_at_socket_wake, active
         sock = dul.socket.socket if dul.socket is not None else None
         reads: int = _waiter.reads  # PDUs this DUL thread has read
         if sock is None or sock.fileno() < 0 or reads_at_socket_wake == reads:
@@ -268,10 +278,14 @@ def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], Non
         reads_at_socket_wake = None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data waiting in the SSL buffer: select cannot see it
+        if time.monotonic() - active >= IDLE_AFTER_S:
+            seconds = max(seconds, IDLE_WAIT_S)
         try:
             ready, _, _ = select.select([sock.fileno(), wakeup.read_fd], [], [], seconds)
         except (OSError, ValueError):  # the socket was closed meanwhile: the loop will see it
             return
+        if ready:
+            active = time.monotonic()
         if wakeup.read_fd in ready:
             wakeup.clear()
         elif ready:
@@ -280,10 +294,47 @@ def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], Non
     return wait
 
 
+def _acceptor_wait(messages: queue.Queue[Any]) -> Callable[[float], None]:
+    """How the association thread of an acceptor sleeps: until a DIMSE message is queued, or
+    for as long as asked (longer once idle: what else it looks at is not urgent)."""
+    active = time.monotonic()  # when a wait last found a message
+
+    def wait(seconds: float) -> None:
+        nonlocal active
+        with messages.not_empty:  # the queue's mutex: use its unlocked _qsize
+            if not messages._qsize():
+                idle = time.monotonic() - active >= IDLE_AFTER_S
+                messages.not_empty.wait(max(seconds, IDLE_WAIT_S) if idle else seconds)
+            if messages._qsize():
+                active = time.monotonic()
+                # put() wakes one waiter: pass it on, in case it was meant for a thread
+                # blocked in get() (a requestor waiting for its C-STORE response).
+                messages.not_empty.notify()
+
+    return wait
+
+
+def _requestor_wait() -> Callable[[float], None]:
+    """How the association thread of a requestor sleeps: as asked while it is in use (a loop
+    that took longer than a few sleeps was paused by a send), longer once idle."""
+    returned = active = time.monotonic()
+
+    def wait(seconds: float) -> None:
+        nonlocal returned, active
+        now = time.monotonic()
+        if now - returned > 5 * seconds:
+            active = now
+        time.sleep(seconds if now - active < IDLE_AFTER_S else max(seconds, IDLE_WAIT_S))
+        returned = time.monotonic()
+
+    return wait
+
+
 def _apply_reactor_waits(set_: _Setter) -> None:
     read_pdu_data = DULServiceProvider._read_pdu_data
     run_dul_reactor = DULServiceProvider.run_reactor
     send_pdu = DULServiceProvider.send_pdu
+    kill_dul = DULServiceProvider.kill_dul
     run_association_reactor = Association._run_reactor
 
     def counted_read_pdu_data(self: DULServiceProvider) -> None:
@@ -308,22 +359,15 @@ def _apply_reactor_waits(set_: _Setter) -> None:
         if wakeup is not None:
             wakeup.set()
 
+    def waking_kill_dul(self: DULServiceProvider) -> None:
+        kill_dul(self)
+        wakeup = _wakeups.get(self)
+        if wakeup is not None:
+            wakeup.set()
+
     def waiting_association_reactor(self: Association) -> None:
-        if self.is_requestor:
-            run_association_reactor(self)
-            return
         messages = self.dimse.msg_queue
-
-        def wait(seconds: float) -> None:
-            with messages.not_empty:  # the queue's mutex: use its unlocked _qsize
-                if not messages._qsize():
-                    messages.not_empty.wait(seconds)
-                if messages._qsize():
-                    # put() wakes one waiter: pass it on, in case it was meant for a thread
-                    # blocked in get() (a requestor waiting for its C-STORE response).
-                    messages.not_empty.notify()
-
-        _waiter.wait = wait
+        _waiter.wait = _requestor_wait() if self.is_requestor else _acceptor_wait(messages)
         try:
             run_association_reactor(self)
         finally:
@@ -335,6 +379,7 @@ def _apply_reactor_waits(set_: _Setter) -> None:
     set_(DULServiceProvider, "_read_pdu_data", counted_read_pdu_data)
     set_(DULServiceProvider, "run_reactor", waiting_dul_reactor)
     set_(DULServiceProvider, "send_pdu", waking_send_pdu)
+    set_(DULServiceProvider, "kill_dul", waking_kill_dul)
     set_(Association, "_run_reactor", waiting_association_reactor)
 
 

@@ -219,6 +219,52 @@ def test_reactors_wait_for_work_not_for_their_loop_delay(reactor_waits: bool) ->
         server.shutdown()
 
 
+def _count_calls(owner: Any, name: str) -> list[int]:
+    """Count the calls of the bound method *name* of *owner* (once per loop of a reactor)."""
+    calls = [0]
+    method = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return method(*args, **kwargs)
+
+    setattr(owner, name, counted)
+    return calls
+
+
+def test_idle_reactors_look_rarely(reactor_waits: bool) -> None:
+    """Once an association has been idle for a while, its four loops (the requestor's and the
+    acceptor's association and DUL threads) each look a few dozen times a second, not every
+    1 ms (an idle forwarding association cost 7% of a core)."""
+    _, server, port = _echo_server()
+    requestor = AE("CALLER")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.is_established
+        assert wait_for(lambda: len(server.active_associations) == 1, timeout=5, interval=0.01)
+        accepted = server.active_associations[0]
+        assert assoc.send_c_echo().Status == 0x0000
+        time.sleep(patches.IDLE_AFTER_S * 2)
+        loops = [
+            _count_calls(assoc.dimse, "get_msg"),
+            _count_calls(accepted.dimse, "get_msg"),
+            _count_calls(assoc.dul, "_is_transport_event"),
+            _count_calls(accepted.dul, "_is_transport_event"),
+        ]
+        time.sleep(0.5)
+        counts = [calls[0] for calls in loops]
+        assert assoc.send_c_echo().Status == 0x0000  # and it still answers at once
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+    if reactor_waits:
+        assert max(counts) <= 0.5 / patches.IDLE_WAIT_S + 5
+    else:
+        assert min(counts) > 100
+
+
 def test_an_acceptor_serves_every_request_and_leaves_no_descriptor(reactor_waits: bool) -> None:
     """Three DCMTK associations of 50 C-ECHOs each; the wake-up pipe of each DUL thread is
     closed when it ends (this one holds in both runs: it guards the patch's own cost)."""

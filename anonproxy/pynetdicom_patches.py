@@ -31,10 +31,10 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     ``send_pdu`` writes to when another thread hands it a primitive (forwarding to storescp:
     210 C-STOREs/s before, 270-290 after); the association thread of an acceptor waits on its
     DIMSE message queue's condition. With nothing to do for :data:`IDLE_AFTER_S`, each wakes
-    every :data:`IDLE_WAIT_S` instead of every delay (the association thread of a requestor
-    sleeps that long: an idle forwarding association cost 7% of a core waking every 1 ms; the
-    first C-STORE after a pause waits up to that long for it to pause); a DUL thread is woken
-    at once when it is told to stop.
+    every :data:`IDLE_WAIT_S` instead of every delay (an idle forwarding association cost 7%
+    of a core waking every 1 ms); a DUL thread is woken at once when it is told to stop, and
+    the association thread of a requestor when a sending thread asks it to pause (which
+    ``send_c_store`` polls for: it waited up to a loop delay per C-STORE).
 ``response_race``
     The association thread of a requestor takes any message off the DIMSE queue, and the
     pause handshake (``_reactor_checkpoint`` / ``_is_paused``) that ``send_c_store`` uses to
@@ -314,9 +314,26 @@ def _acceptor_wait(messages: queue.Queue[Any]) -> Callable[[float], None]:
     return wait
 
 
-def _requestor_wait() -> Callable[[float], None]:
-    """How the association thread of a requestor sleeps: as asked while it is in use (a loop
-    that took longer than a few sleeps was paused by a send), longer once idle."""
+class _Checkpoint(threading.Event):
+    """An association's ``_reactor_checkpoint`` that wakes its reactor when cleared: a sending
+    thread clears it and then polls until the reactor has paused."""
+
+    def __init__(self, *, is_set: bool) -> None:
+        super().__init__()
+        self.cleared = threading.Condition()
+        if is_set:
+            self.set()
+
+    def clear(self) -> None:
+        super().clear()
+        with self.cleared:
+            self.cleared.notify_all()
+
+
+def _requestor_wait(checkpoint: _Checkpoint) -> Callable[[float], None]:
+    """How the association thread of a requestor sleeps: until a sending thread asks it to
+    pause, or for as long as asked (longer once idle: a loop that took longer than a few
+    sleeps was paused by a send, and is active)."""
     returned = active = time.monotonic()
 
     def wait(seconds: float) -> None:
@@ -324,7 +341,10 @@ def _requestor_wait() -> Callable[[float], None]:
         now = time.monotonic()
         if now - returned > 5 * seconds:
             active = now
-        time.sleep(seconds if now - active < IDLE_AFTER_S else max(seconds, IDLE_WAIT_S))
+        with checkpoint.cleared:
+            if checkpoint.is_set():
+                idle = now - active >= IDLE_AFTER_S
+                checkpoint.cleared.wait(max(seconds, IDLE_WAIT_S) if idle else seconds)
         returned = time.monotonic()
 
     return wait
@@ -366,8 +386,12 @@ def _apply_reactor_waits(set_: _Setter) -> None:
             wakeup.set()
 
     def waiting_association_reactor(self: Association) -> None:
-        messages = self.dimse.msg_queue
-        _waiter.wait = _requestor_wait() if self.is_requestor else _acceptor_wait(messages)
+        if self.is_requestor:
+            checkpoint = _Checkpoint(is_set=self._reactor_checkpoint.is_set())
+            self._reactor_checkpoint = checkpoint
+            _waiter.wait = _requestor_wait(checkpoint)
+        else:
+            _waiter.wait = _acceptor_wait(self.dimse.msg_queue)
         try:
             run_association_reactor(self)
         finally:

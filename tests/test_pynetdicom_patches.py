@@ -265,6 +265,27 @@ def test_idle_reactors_look_rarely(reactor_waits: bool) -> None:
         assert min(counts) > 100
 
 
+def test_a_send_wakes_an_idle_requestor_reactor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``send_c_echo`` polls until the association thread has paused; an idle one (here made
+    to look every 5 s) is woken when the send asks, not at its next look."""
+    monkeypatch.setattr(patches, "IDLE_WAIT_S", 5.0)
+    _, server, port = _echo_server()
+    requestor = AE("CALLER")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.is_established
+        started = time.monotonic()
+        for _ in range(3):
+            time.sleep(patches.IDLE_AFTER_S * 2)  # idle: its thread waits 5 s between looks
+            assert assoc.send_c_echo().Status == 0x0000
+        assert time.monotonic() - started < 2.5  # without the wake-up: 5 s or more
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+
+
 def test_an_acceptor_serves_every_request_and_leaves_no_descriptor(reactor_waits: bool) -> None:
     """Three DCMTK associations of 50 C-ECHOs each; the wake-up pipe of each DUL thread is
     closed when it ends (this one holds in both runs: it guards the patch's own cost)."""

@@ -102,7 +102,8 @@ class TlsClientConfig(_Section):
 
 
 #: ``listen.processes`` when not configured: 1 is one receiving process (no supervisor); None
-#: is one acceptor process per core (see anonproxy.acceptors).
+#: is one acceptor process per core, at most 8 (see anonproxy.acceptors), and 1 with a
+#: transparent route.
 DEFAULT_LISTEN_PROCESSES: int | None = 1
 
 
@@ -115,7 +116,8 @@ class ListenConfig(_Section):
     allowed_calling_ae_titles: list[AllowedCallingEntry] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
     deidentify_workers: int | None = Field(default=None, ge=0, le=64)
-    # Receiving processes on the one port (SO_REUSEPORT); null: one per core (at most 8)
+    # Receiving processes on the one port (SO_REUSEPORT); null: one per core (at most 8; 1 with
+    # a transparent route)
     processes: int | None = Field(default=DEFAULT_LISTEN_PROCESSES, ge=1, le=64)
     max_associations_per_peer: int | None = Field(default=None, ge=1)
     tls: TlsServerConfig | None = None

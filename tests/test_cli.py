@@ -14,6 +14,9 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from anonproxy.acceptors import process_count
+from anonproxy.config import DEFAULT_LISTEN_PROCESSES
+
 from conftest import TEST_SECRET, corpus_identifying_values
 from peers import free_port, storescu, wait_for, wait_port
 
@@ -274,9 +277,8 @@ def test_serve_on_the_default_folder_destination_then_sigterm(
     assert str(tmp_path / "var" / "secret.key") in err
     audit = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").open()]
     assert audit[0]["event"] == "service.started"
-    # listen.processes by default: one per core (at most 8); 1 is the one process, unsupervised
-    cores = min(os.cpu_count() or 1, 8)
-    assert audit[0].get("processes", 1) == cores
+    # listen.processes by default (1: the one process, unsupervised; null: one per core)
+    assert audit[0].get("processes", 1) == process_count(DEFAULT_LISTEN_PROCESSES)
     assert audit[1] == {
         **audit[1],
         "event": "map.key_created",

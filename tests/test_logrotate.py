@@ -43,6 +43,8 @@ def test_sighup_reopens_the_audit_file_and_the_log_file_after_a_rename(
     process = serve(config, tmp_path)
     try:
         wait_port(port, timeout=30)
+        # started: with several processes, one listens before the others (and the audit)
+        assert wait_for(lambda: audit.exists() and "service.started" in audit.read_text())
         assert storescu(port, [first]).returncode == 0
         assert wait_for(lambda: forwarded(audit) == 1, timeout=30)
         # logrotate: rename, then signal

@@ -792,3 +792,9 @@ def run_acceptor(spec: AcceptorSpec) -> None:
     channel.send(("ready",))
     reopen_log_file()  # a log file renamed while it started (the service's SIGHUP skipped it)
     acceptor.stop(channel.wait_for_stop())
+    # Ended here, not by multiprocessing's exit, which joins this process's children: an
+    # acceptor orphaned by a SIGKILLed service was seen waiting 16 min there for its idle
+    # de-identification worker process. Its workers end with it (they watch their parent).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

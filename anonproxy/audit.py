@@ -31,14 +31,14 @@ import logging
 import re
 import sys
 import threading
-import warnings
 from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal, TextIO
 
 import structlog
-from pydicom import config as pydicom_config
 from pydicom._uid_dict import UID_dictionary
+
+from anonproxy.pydicom_settings import silence_value_reports
 
 _UID_PATTERN = re.compile(r"\b[0-2](?:\.(?:0|[1-9][0-9]*)){3,}\b")
 
@@ -180,18 +180,6 @@ class AuditLog:
             for handle in self._files:
                 handle.close()
             self._files.clear()
-
-
-def silence_value_reports() -> None:
-    """pydicom reports invalid values by quoting them (warnings and its logger): turn value
-    validation off and keep its logger quiet, so that no received value reaches a log."""
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    logger = logging.getLogger("pydicom")
-    logger.handlers[:] = [logging.NullHandler()]
-    logger.setLevel(logging.CRITICAL)
-    logger.propagate = False
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
 
 
 def silence_pynetdicom_identifiers() -> None:

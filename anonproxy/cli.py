@@ -11,21 +11,15 @@ import argparse
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from anonproxy import __version__
 from anonproxy.config import Settings, dump_settings, load_settings
-from anonproxy.errors import AnonproxyError, ConfigError
+from anonproxy.errors import ConfigError
 from anonproxy.secret import Secret, SecretNotFound, create_secret, load_secret
-
-if TYPE_CHECKING:
-    from anonproxy.deid import Deidentifier, DeidResult
-    from anonproxy.deid.instance import Limits
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -103,8 +97,8 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     """``lookup import FILE``: the patient lookup table into the state store, all rows or
     none; a row that would change a patient's pseudonym is refused (exit status 2)."""
     from anonproxy.audit import AuditLog  # noqa: PLC0415
+    from anonproxy.deidentifiers import open_state  # noqa: PLC0415
     from anonproxy.patients import import_csv  # noqa: PLC0415
-    from anonproxy.service import open_state  # noqa: PLC0415
 
     settings = _settings(args)
     secret = _secret(settings)
@@ -155,8 +149,8 @@ def cmd_map(args: argparse.Namespace) -> int:
     import csv  # noqa: PLC0415
 
     from anonproxy.audit import AuditLog  # noqa: PLC0415
+    from anonproxy.deidentifiers import open_state  # noqa: PLC0415
     from anonproxy.remap import find, load_map_key  # noqa: PLC0415
-    from anonproxy.service import open_state  # noqa: PLC0415
     from anonproxy.syslog import SyslogSender  # noqa: PLC0415
 
     settings = _settings(args)
@@ -210,7 +204,7 @@ ACTION_MEANINGS = {
 
 def cmd_describe_profile(args: argparse.Namespace) -> int:
     """Print the effective action for every attribute of Table E.1-1 (or a summary)."""
-    from anonproxy.service import build_profile  # noqa: PLC0415
+    from anonproxy.deidentifiers import build_profile  # noqa: PLC0415
 
     settings = _settings(args)
     profile = build_profile(settings.profile)
@@ -238,114 +232,23 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(paths: Sequence[Path]) -> Iterator[Path]:
-    """The files under *paths*, folders walked recursively; a dangling symbolic link in a
-    folder is an input too (it is reported unreadable, not left out silently)."""
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())
-            )
-        else:
-            yield path
-
-
-#: The engine of a worker process and its limits (listen.max_sequence_depth, and
-#: listen.max_instance_bytes for the inflated size of a Deflated data set).
-_WORKER: tuple[Deidentifier, Limits] | None = None
-UNREADABLE = "failed (unreadable)"
-
-
-def _init_worker(settings: Settings, secret_value: bytes) -> None:
-    from anonproxy.audit import silence_value_reports  # noqa: PLC0415
-    from anonproxy.deid.instance import Limits  # noqa: PLC0415
-    from anonproxy.service import build_deidentifier, patient_lookup  # noqa: PLC0415
-
-    silence_value_reports()
-    global _WORKER  # noqa: PLW0603 - one engine per worker process
-    limits = Limits(
-        max_sequence_depth=settings.listen.max_sequence_depth,
-        max_inflated_bytes=settings.listen.max_instance_bytes,
-    )
-    patients = patient_lookup(settings, secret_value)  # the state store's table, when used
-    _WORKER = (build_deidentifier(settings.profile, secret_value, patients), limits)
-
-
-def _output_path(out_dir: Path, result: DeidResult) -> Path:
-    """``OUT/<study>/<series>/<instance>.dcm`` from the de-identified UIDs."""
-    from anonproxy.spool import check_uid_name  # noqa: PLC0415
-
-    return (
-        out_dir
-        / check_uid_name(result.study_instance_uid)
-        / check_uid_name(result.series_instance_uid)
-        / (check_uid_name(result.sop_instance_uid) + ".dcm")
-    )
-
-
-def _deidentify_one(task: tuple[Path, Path, bool]) -> str:
-    """De-identify one file by the engine's file path (as the proxy: structure limits and the
-    burned-in annotation policy first) to the output file, or into the output folder when
-    *to_folder*; returns an outcome name (never a value from the file)."""
-    from anonproxy.deid.instance import Target, deidentify_file  # noqa: PLC0415
-
-    source, output, to_folder = task
-    assert _WORKER is not None  # noqa: S101 - set by the pool initializer
-    engine, limits = _WORKER
-    if not source.is_file():  # missing, a dangling link, a FIFO or a device: nothing to read
-        return UNREADABLE
-    target: Target = partial(_output_path, output) if to_folder else output
-    try:
-        deidentify_file(engine, source, target, limits=limits)
-    except Exception as exc:  # noqa: BLE001 - fail closed, report without values
-        return _outcome(exc)
-    return "de-identified"
-
-
-def _outcome(exc: Exception) -> str:
-    """The outcome name of a file that was not de-identified (never a value from the file)."""
-    from anonproxy.errors import (  # noqa: PLC0415
-        DecodeError,
-        InputUnreadable,
-        LimitExceeded,
-        StructureError,
-    )
-
-    if isinstance(exc, InputUnreadable):
-        return UNREADABLE
-    if isinstance(exc, DecodeError) and not isinstance(exc, LimitExceeded | StructureError):
-        return "skipped (not DICOM)"
-    if isinstance(exc, AnonproxyError):  # the message names attributes and limits only
-        return f"failed ({exc})"
-    if isinstance(exc, OSError):
-        return f"failed (cannot write: {exc.strerror or type(exc).__name__})"
-    return f"failed ({type(exc).__name__})"
-
-
 def cmd_deidentify(args: argparse.Namespace) -> int:
     """De-identify files or folders offline, with the same engine as the proxy."""
-    from tqdm import tqdm  # noqa: PLC0415
-
-    from anonproxy.service import prepare_lookup_table  # noqa: PLC0415
+    from anonproxy import offline  # noqa: PLC0415 - keep start-up light
 
     settings = _settings(args)
     secret = _secret(settings)
-    prepare_lookup_table(settings, secret.value)
-    sources = list(_inputs(args.inputs))
-    single_file = len(args.inputs) == 1 and args.inputs[0].is_file() and not args.output.is_dir()
-    tasks = [(source, args.output, not single_file) for source in sources]
-    jobs = args.jobs or os.cpu_count() or 1
-    outcomes: Counter[str] = Counter()
-    with ProcessPoolExecutor(
-        max_workers=jobs, initializer=_init_worker, initargs=(settings, secret.value)
-    ) as pool:
-        results = pool.map(_deidentify_one, tasks, chunksize=8)
-        for outcome in tqdm(
-            results, total=len(tasks), unit="file", disable=args.quiet, file=sys.stderr
-        ):
-            outcomes[outcome] += 1
-    print(f"{len(tasks)} file(s): " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())))
-    return 0 if all(o.startswith(("de-identified", "skipped")) for o in outcomes) else 1
+    work = offline.tasks(args.inputs, args.output)
+    outcomes: Iterable[str] = offline.deidentify(
+        settings, secret.value, work, args.jobs or os.cpu_count() or 1
+    )
+    if not args.quiet:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        outcomes = tqdm(outcomes, total=len(work), unit="file", file=sys.stderr)
+    counts = Counter(outcomes)
+    print(f"{len(work)} file(s): " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
+    return 0 if all(o in (offline.DEIDENTIFIED, offline.NOT_DICOM) for o in counts) else 1
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from anonproxy import __version__, codecs
+from anonproxy import __version__
 from anonproxy.acceptors import (
     AcceptorSpec,
     AcceptorSupervisor,
@@ -42,19 +42,25 @@ from anonproxy.audit import (
     configure_logging,
     get_logger,
     reopen_log_file,
-    silence_value_reports,
 )
-from anonproxy.config import DicomDestinationConfig, ProfileConfig, Settings
+from anonproxy.config import DicomDestinationConfig, Settings
 from anonproxy.deferred import DeferredProcessor
-from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.instance import Limits
-from anonproxy.deid.pseudonyms import PatientLookup
+from anonproxy.deidentifiers import (
+    build_deidentifier,
+    deidentifier_factory,
+    import_configured_table,
+    open_state,
+    patient_lookup,
+    uses_lookup_table,
+)
 from anonproxy.errors import ConfigError, StateUnavailable
 from anonproxy.forward import ForwardWorker, make_worker
 from anonproxy.metrics import Metrics
 from anonproxy.overview import gather
-from anonproxy.patients import PatientDirectory, import_csv
+from anonproxy.patients import PatientDirectory
 from anonproxy.pipeline import InstancePipeline
+from anonproxy.pydicom_settings import silence_value_reports
 from anonproxy.received import PREFIX as RECEIVING
 from anonproxy.remap import MapRecorder, load_map_key, verify_key
 from anonproxy.scp import StorageSCP, check_pynetdicom
@@ -166,130 +172,6 @@ def acceptor_processes(settings: Settings) -> int:
             log.info("listen.processes_single", processes=1, reason="transparent route")
         return 1
     return process_count(configured)
-
-
-def build_profile(config: ProfileConfig, patients: PatientLookup | None = None) -> Profile:
-    """The engine's :class:`~anonproxy.deid.Profile` of a ``profile:`` section: options,
-    presets, strict, user rules, patient pseudonyms and the burned-in annotation policy.
-    ``serve`` and ``deidentify`` give the lookup method its table as *patients* (the state
-    store's, :func:`patient_lookup`); without, a ``lookup_csv`` is read here (embedders), or
-    every patient is unknown (``describe-profile``). ConfigError for a table that cannot be
-    used. ``serve``, ``deidentify`` and ``describe-profile`` all build their profile here."""
-    try:
-        patient_ids = None
-        if config.patient_id is not None:
-            spec = config.patient_id
-            if patients is None and spec.method == "lookup" and spec.lookup_csv is None:
-                patients = _no_table
-            patient_ids = PatientPseudonyms.build(
-                method=spec.method,
-                format=spec.format,
-                patient_name_format=spec.patient_name_format,
-                lookup_csv=spec.lookup_csv,
-                unknown_patient=spec.unknown_patient,
-                lookup=patients,
-            )
-        return Profile.from_options(
-            config.options,
-            strict=config.strict,
-            presets=config.preset,
-            rules=[rule.model_dump(exclude_none=True) for rule in config.rules],
-            patient_ids=patient_ids,
-            burned_in_annotation=config.burned_in_annotation,
-            encapsulated_documents=config.encapsulated_documents,
-            video=config.video,
-            pixel_rules=config.pixel_rules,
-            clean_pixel_data=config.clean_pixel_data,
-            pixel_keep_regions=config.pixel_keep_regions,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"invalid configuration in profile: {exc}") from None
-
-
-def _no_table(original_id: str, fallback: str | None) -> str | None:
-    """No lookup table: every patient is unknown."""
-    return fallback
-
-
-def build_deidentifier(
-    config: ProfileConfig, secret: bytes, patients: PatientLookup | None = None
-) -> Deidentifier:
-    """The engine of a ``profile:`` section keyed by *secret*: :func:`build_profile` with its
-    date shift range and clean patterns (ConfigError as :func:`build_profile`). The decoders
-    the pixel rules may need (:mod:`anonproxy.codecs`) are installed in the process."""
-    codecs.install()
-    return Deidentifier(
-        build_profile(config, patients),
-        secret,
-        date_shift_days=config.date_shift_days,
-        clean_patterns=config.clean_patterns,
-    )
-
-
-def deidentifier_factory(
-    config: ProfileConfig, secret: bytes, settings: Settings | None = None
-) -> Callable[[], Deidentifier]:
-    """A picklable function that builds :func:`build_deidentifier` of *config* and *secret*
-    again, for the worker processes (:class:`~anonproxy.workers.DeidentifierPool`); with
-    *settings* (whose profile is *config*), each worker asks the state store of *settings* for
-    lookup-table pseudonyms through a connection of its own (:func:`patient_lookup`)."""
-    if settings is not None and uses_lookup_table(settings):
-        return functools.partial(
-            _deidentifier_of_settings, settings.model_dump(mode="json"), secret
-        )
-    return functools.partial(_deidentifier_of_section, config.model_dump(mode="json"), secret)
-
-
-def _deidentifier_of_section(section: dict[str, object], secret: bytes) -> Deidentifier:
-    """:func:`build_deidentifier` of a ``profile:`` section in its JSON form."""
-    return build_deidentifier(ProfileConfig.model_validate(section), secret)
-
-
-def _deidentifier_of_settings(section: dict[str, object], secret: bytes) -> Deidentifier:
-    """:func:`build_deidentifier` of whole settings in their JSON form."""
-    settings = Settings.model_validate(section)
-    return build_deidentifier(settings.profile, secret, patient_lookup(settings, secret))
-
-
-def uses_lookup_table(settings: Settings) -> bool:
-    """Whether patient pseudonyms come from the lookup table (the state store)."""
-    spec = settings.profile.patient_id
-    return spec is not None and spec.method == "lookup"
-
-
-def open_state(settings: Settings, *, migrate: bool = True) -> StateStore:
-    """The state store of *settings* (schema migrations applied with *migrate*)."""
-    return StateStore.open(settings.state, settings.storage.path, migrate=migrate)
-
-
-def patient_lookup(settings: Settings, secret: bytes) -> PatientDirectory | None:
-    """The engine's lookup table in the state store, when the profile uses one (a
-    connection of this process; the service applied the migrations)."""
-    if not uses_lookup_table(settings):
-        return None
-    return PatientDirectory(open_state(settings, migrate=False), secret)
-
-
-def prepare_lookup_table(settings: Settings, secret: bytes) -> None:
-    """For an offline run: the state store's schema migrated and the configured lookup CSV
-    imported, when the profile uses the lookup table (ConfigError when it cannot be)."""
-    if uses_lookup_table(settings):
-        try:
-            store = open_state(settings)
-        except StateUnavailable as exc:
-            raise ConfigError(f"state: {exc}") from None
-        try:
-            import_configured_table(settings, store, secret)
-        finally:
-            store.close()
-
-
-def import_configured_table(settings: Settings, store: StateStore, secret: bytes) -> None:
-    """Import ``profile.patient_id.lookup_csv``, when set, into the state store (at start:
-    a row that disagrees with the store stops the start, ConfigError)."""
-    spec = settings.profile.patient_id
-    if spec is not None and spec.method == "lookup" and spec.lookup_csv is not None:
-        import_csv(store, secret, spec.lookup_csv)
 
 
 class Proxy:

@@ -18,9 +18,6 @@ import re
 from collections.abc import Iterable
 
 from pydicom._uid_dict import UID_dictionary
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import register_uid, uid_to_service_class
 
 STORAGE = "storage"  # the word that stands for every Storage SOP Class
 
@@ -31,13 +28,23 @@ _NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
 
 
 @functools.cache
-def storage_sop_classes() -> tuple[str, ...]:
-    """Every Storage SOP Class UID, current and retired, in the order of the standard."""
-    found = {
+def _named_storage() -> frozenset[str]:
+    """The Storage SOP Classes of pydicom's UID dictionary (by their names)."""
+    return frozenset(
         uid
         for uid, (name, kind, *_) in UID_dictionary.items()
         if kind == "SOP Class" and "Storage" in name and not name.startswith(_NOT_STORAGE)
-    }
+    )
+
+
+@functools.cache
+def storage_sop_classes() -> tuple[str, ...]:
+    """Every Storage SOP Class UID, current and retired, in the order of the standard."""
+    # pynetdicom only here and in register_storage (the SCP's): the configuration's check of
+    # listen.sop_classes, which every command runs, imports no network module
+    from pynetdicom.presentation import AllStoragePresentationContexts  # noqa: PLC0415
+
+    found = set(_named_storage())
     found.update(str(context.abstract_syntax) for context in AllStoragePresentationContexts)
     return tuple(sorted(found, key=lambda uid: [int(part) for part in uid.split(".")]))
 
@@ -56,7 +63,9 @@ def check_entry(entry: str) -> str:
         )
         raise ValueError(msg)
     known = UID_dictionary.get(value)
-    if known is not None and value not in storage_sop_classes():
+    # pydicom's names first: pynetdicom's list is read (imported) only for a UID they do not
+    # name a Storage SOP Class
+    if known is not None and value not in _named_storage() and value not in storage_sop_classes():
         name, kind = known[0], known[1]
         msg = f"{value} is {name} ({kind}), not a Storage SOP Class"
         raise ValueError(msg)
@@ -76,6 +85,9 @@ def register_storage(uids: Iterable[str]) -> None:
     """Make pynetdicom serve C-STORE for each of *uids* (retired or private classes it does not
     file under its Storage Service Class). Idempotent; keywords are made from the UID, so no
     name of ``pynetdicom.sop_class`` is ever replaced."""
+    from pynetdicom.service_class import StorageServiceClass  # noqa: PLC0415
+    from pynetdicom.sop_class import register_uid, uid_to_service_class  # noqa: PLC0415
+
     for uid in uids:
         if not issubclass(uid_to_service_class(uid), StorageServiceClass):
             register_uid(uid, "AnonproxyStorage_" + uid.replace(".", "_"), StorageServiceClass)

@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-from anonproxy.audit import get_logger, silence_value_reports
+from anonproxy.audit import get_logger
 from anonproxy.deid import Deidentifier, DeidResult, instance
 from anonproxy.deid.instance import DEFAULT_LIMITS, Limits
 from anonproxy.errors import (
@@ -46,6 +46,7 @@ from anonproxy.errors import (
     StructureError,
     TransientError,
 )
+from anonproxy.pydicom_settings import silence_value_reports
 from anonproxy.sealed import SealError, opened
 from anonproxy.status import StoreStatus
 

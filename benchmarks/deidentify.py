@@ -22,8 +22,9 @@ secondary captures): pixel work dicognito does not do, timed apart.
 Prints, per tool, the best round in files/s and ms per file, every round's seconds, and the
 ratio of anonproxy's ms per file to dicognito's (the target of issue 13: at most 0.5 with one
 core). Each figure includes the start of the process (imports, the engine, the worker
-processes), spread over the files: it is not the same for both tools (anonproxy's command line
-starts in about a second, dicognito's in half of one), so each round also times every tool on
+processes), spread over the files: it is not the same for both tools (one file, the best of 11
+runs: anonproxy's command line ~0.8 s of CPU, dicognito's ~0.57 s, of which importing pydicom
+~0.54 s for both), so each round also times every tool on
 one file (CT_small.dcm), and a second table gives the start and the ms per file without it
 (the best round's seconds minus the best one-file run, over the files but one), with the
 ratio of those. Every figure is also given in CPU seconds (user and system, the tool and its

@@ -144,6 +144,49 @@ def test_deidentify_one_file_to_a_file(tmp_path: Path, corpus: list[Path]) -> No
     assert dcmread(out).PatientIdentityRemoved == "YES"
 
 
+#: What `anonproxy deidentify` must not import (its start-up; pyproject's import-linter
+#: contract "the offline path imports no network module" says the same of the code)
+NETWORK_MODULES = (
+    "pynetdicom",
+    "anonproxy.service",
+    "anonproxy.scp",
+    "anonproxy.forward",
+    "anonproxy.admin",
+    "anonproxy.acceptors",
+)
+
+
+def test_deidentify_imports_no_network_module(tmp_path: Path, corpus: list[Path]) -> None:
+    """The offline command starts without pynetdicom and the service, also with a
+    configuration that sets listen.sop_classes (checked when the configuration loads)."""
+    config = tmp_path / "anonproxy.yaml"
+    config.write_text('listen:\n  sop_classes: ["1.2.840.10008.5.1.4.1.1.2", storage]\n')
+    out = tmp_path / "one.dcm"
+    program = (
+        "import sys\n"
+        "from anonproxy.cli import main\n"
+        "status = main(sys.argv[1:])\n"
+        "print(*sorted(sys.modules), sep='\\n')\n"
+        "sys.exit(status)\n"
+    )
+    args = ["deidentify", "-q", "-j", "1", "-c", str(config), str(corpus[0]), str(out)]
+    result = subprocess.run(
+        [sys.executable, "-c", program, *args],
+        cwd=tmp_path,
+        env={**os.environ, "ANONPROXY_SECRET": TEST_SECRET.value.decode()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert dcmread(out).PatientIdentityRemoved == "YES"
+    modules = result.stdout.splitlines()
+    assert "anonproxy.offline" in modules  # the list is the command's
+    network = [m for m in modules if m in NETWORK_MODULES or m.startswith("pynetdicom.")]
+    assert network == []
+
+
 def test_deidentify_bounds_the_inflation_of_a_deflated_file(tmp_path: Path) -> None:
     """A deflate bomb is refused after inflating max_instance_bytes, piece by piece."""
     ds = dcmread(get_testdata_file("CT_small.dcm"))

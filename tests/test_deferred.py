@@ -15,8 +15,8 @@ from pydicom import dcmread
 from anonproxy.audit import AuditLog
 from anonproxy.config import ProfileConfig
 from anonproxy.deferred import DeferredInstance, DeferredProcessor, IdleCores
+from anonproxy.deidentifiers import build_deidentifier, deidentifier_factory
 from anonproxy.pipeline import InstancePipeline
-from anonproxy.service import build_deidentifier, deidentifier_factory
 from anonproxy.spool import Spool, deferred_status, refused_inputs, split_queue_file
 from anonproxy.status import StoreStatus
 from anonproxy.workers import DeidentifierPool

@@ -13,7 +13,7 @@ from pydicom import Dataset, dcmread
 
 from anonproxy.config import ProfileConfig
 from anonproxy.deid import Limits
-from anonproxy.service import build_deidentifier, deidentifier_factory
+from anonproxy.deidentifiers import build_deidentifier, deidentifier_factory
 from anonproxy.status import StoreStatus
 from anonproxy.workers import (
     Deidentified,

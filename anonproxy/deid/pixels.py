@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
+from anonproxy.deid import codes
+from anonproxy.deid.codes import Code
 from anonproxy.errors import DeidentificationError
 
 #: SOP Class UID prefixes whose pixels often carry burned-in text (PS3.4 Storage SOP Classes).
@@ -135,7 +135,7 @@ class Region:
 
 
 #: CID 7050: added to De-identification Method Code Sequence when a rule blanked the pixels.
-CLEAN_PIXEL_DATA: Code = codes.DCM.CleanPixelDataOption
+CLEAN_PIXEL_DATA: Code = codes.CLEAN_PIXEL_DATA
 
 ALL = "all"
 OUTSIDE_ULTRASOUND_REGIONS = "outside_ultrasound_regions"

@@ -25,10 +25,9 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
-
+from anonproxy.deid import codes
 from anonproxy.deid.burned_in import CleanPixelData, parse_keep_regions
+from anonproxy.deid.codes import Code
 from anonproxy.deid.documents import EncapsulatedDocumentPolicy, VideoPolicy
 from anonproxy.deid.pixels import PixelRule, Region, parse_pixel_rules
 from anonproxy.deid.pseudonyms import PatientPseudonyms
@@ -70,23 +69,23 @@ class ProfileOption(StrEnum):
 
 
 _OPTION_CODES: dict[ProfileOption, Code] = {
-    ProfileOption.RETAIN_SAFE_PRIVATE: codes.DCM.RetainSafePrivateOption,
-    ProfileOption.RETAIN_UIDS: codes.DCM.RetainUidsOption,
-    ProfileOption.RETAIN_DEVICE_IDENTITY: codes.DCM.RetainDeviceIdentityOption,
-    ProfileOption.RETAIN_INSTITUTION_IDENTITY: codes.DCM.RetainInstitutionIdentityOption,
-    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: codes.DCM.RetainPatientCharacteristicsOption,
+    ProfileOption.RETAIN_SAFE_PRIVATE: codes.RETAIN_SAFE_PRIVATE,
+    ProfileOption.RETAIN_UIDS: codes.RETAIN_UIDS,
+    ProfileOption.RETAIN_DEVICE_IDENTITY: codes.RETAIN_DEVICE_IDENTITY,
+    ProfileOption.RETAIN_INSTITUTION_IDENTITY: codes.RETAIN_INSTITUTION_IDENTITY,
+    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: codes.RETAIN_PATIENT_CHARACTERISTICS,
     ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES: (
-        codes.DCM.RetainLongitudinalTemporalInformationFullDatesOption
+        codes.RETAIN_LONGITUDINAL_FULL_DATES
     ),
     ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES: (
-        codes.DCM.RetainLongitudinalTemporalInformationModifiedDatesOption
+        codes.RETAIN_LONGITUDINAL_MODIFIED_DATES
     ),
-    ProfileOption.CLEAN_DESCRIPTORS: codes.DCM.CleanDescriptorsOption,
-    ProfileOption.CLEAN_STRUCTURED_CONTENT: codes.DCM.CleanStructuredContentOption,
-    ProfileOption.CLEAN_GRAPHICS: codes.DCM.CleanGraphicsOption,
+    ProfileOption.CLEAN_DESCRIPTORS: codes.CLEAN_DESCRIPTORS,
+    ProfileOption.CLEAN_STRUCTURED_CONTENT: codes.CLEAN_STRUCTURED_CONTENT,
+    ProfileOption.CLEAN_GRAPHICS: codes.CLEAN_GRAPHICS,
 }
 
-BASIC_PROFILE_CODE: Code = codes.DCM.BasicApplicationConfidentialityProfile
+BASIC_PROFILE_CODE: Code = codes.BASIC_PROFILE
 
 #: Named presets (the option names known from other de-identification tools) → option sets.
 PRESETS: Mapping[str, frozenset[ProfileOption]] = MappingProxyType(

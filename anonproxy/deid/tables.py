@@ -7,10 +7,11 @@ installed package never needs the ``../shared`` sources.
 
 from __future__ import annotations
 
-import gzip
+import io
 import json
+import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Literal
 
@@ -53,10 +54,7 @@ def _read_bytes(name: str) -> bytes:
 
 
 def _read_json(name: str) -> Any:  # noqa: ANN401 - JSON documents are untyped by nature
-    data = _read_bytes(name)
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    return json.loads(data.decode("utf-8"))
+    return json.loads(_read_bytes(name).decode("utf-8"))
 
 
 def _parse_row(row: dict[str, Any]) -> TableRow:
@@ -109,14 +107,29 @@ def safe_private_attributes() -> frozenset[tuple[int, str, int]]:
 
 
 @lru_cache(maxsize=1)
-def _iod_document() -> dict[str, Any]:
-    doc: dict[str, Any] = _read_json("iod_types.json.gz")
+def _iod_archive() -> zipfile.ZipFile:
+    """``iod_types.zip``, in memory (its members are read as they are needed, under the
+    archive's lock)."""
+    return zipfile.ZipFile(io.BytesIO(_read_bytes("iod_types.zip")))
+
+
+@lru_cache(maxsize=1)
+def _iod_index() -> dict[str, Any]:
+    """``index.json`` of ``iod_types.zip``: edition, source, SOP Class → IOD, IOD → modules."""
+    doc: dict[str, Any] = json.loads(_iod_archive().read("index.json"))
     return doc
+
+
+@cache
+def _module_types(module: str) -> dict[str, str]:
+    """Keyword path → Type of the attributes of *module* (PS3.3)."""
+    types: dict[str, str] = json.loads(_iod_archive().read(f"modules/{module}.json"))
+    return types
 
 
 def iod_edition() -> str:
     """Edition of PS3.3 the shipped IOD Types come from."""
-    return str(_iod_document()["edition"])
+    return str(_iod_index()["edition"])
 
 
 @lru_cache(maxsize=256)
@@ -129,13 +142,13 @@ def iod_types(sop_class_uid: str) -> dict[str, str] | None:
     usage). Retired Storage SOP Classes are given the IOD of their current successor. ``None``
     when the SOP Class is not in the data.
     """
-    doc = _iod_document()
-    iod = doc["sop_classes"].get(sop_class_uid)
+    index = _iod_index()
+    iod = index["sop_classes"].get(sop_class_uid)
     if iod is None:
         return None
     types: dict[str, str] = {}
-    for module in doc["iods"][iod]:
-        for path, type_ in doc["modules"][module].items():
+    for module in index["iods"][iod]:
+        for path, type_ in _module_types(module).items():
             if path not in types or _TYPE_RANK[type_] < _TYPE_RANK[types[path]]:
                 types[path] = type_
     return types
@@ -147,7 +160,8 @@ _TYPE_RANK = {"1": 0, "1C": 1, "2": 2, "2C": 3, "3": 4}
 @lru_cache(maxsize=1)
 def any_iod_paths() -> frozenset[str]:
     """The keyword paths that some IOD defines (for instances of a SOP Class not in the data)."""
-    return frozenset(path for module in _iod_document()["modules"].values() for path in module)
+    modules = {module for modules in _iod_index()["iods"].values() for module in modules}
+    return frozenset(path for module in sorted(modules) for path in _module_types(module))
 
 
 @lru_cache(maxsize=1)

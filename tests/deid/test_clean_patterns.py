@@ -7,8 +7,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from anonproxy.config import ProfileConfig
+from anonproxy.deidentifiers import build_deidentifier
 from anonproxy.errors import ConfigError
-from anonproxy.service import build_deidentifier
 
 from .helpers import SECRET
 

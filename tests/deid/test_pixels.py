@@ -233,7 +233,7 @@ def test_the_service_engine_decodes_12_bit_jpeg_to_blank_it(tmp_path: Path) -> N
     """build_deidentifier installs anonproxy.codecs: 12-bit JPEG Extended decodes without the
     GPL codec, and a rule on it is blanked (the engine alone has no such decoder)."""
     from anonproxy.config import ProfileConfig
-    from anonproxy.service import build_deidentifier
+    from anonproxy.deidentifiers import build_deidentifier
 
     engine = build_deidentifier(ProfileConfig(pixel_rules=[{"regions": ["0,0,0,20"]}]), SECRET)
     source = get_testdata_file("JPEG-lossy.dcm")

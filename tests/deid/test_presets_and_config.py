@@ -1,4 +1,4 @@
-"""Presets, date shift range, build_profile/build_deidentifier (service), the API doc."""
+"""Presets, date shift range, build_profile/build_deidentifier (deidentifiers), the API doc."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import anonproxy.deid
 from anonproxy.config import ProfileConfig, parse_settings
 from anonproxy.deid import PRESETS, Profile, ProfileOption
 from anonproxy.deid.dates import DateShifter
+from anonproxy.deidentifiers import build_deidentifier, build_profile, deidentifier_factory
 from anonproxy.errors import ConfigError
-from anonproxy.service import build_deidentifier, build_profile, deidentifier_factory
 
 from .helpers import PATIENT_ID, SECRET, minimal
 

@@ -14,8 +14,8 @@ from pydicom.valuerep import validate_value
 from anonproxy.config import ProfileConfig, parse_settings
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.pseudonyms import Pseudonymizer
+from anonproxy.deidentifiers import build_deidentifier, build_profile
 from anonproxy.errors import ConfigError, DeidentificationError
-from anonproxy.service import build_deidentifier, build_profile
 
 from .helpers import PATIENT_ID, PATIENT_NAME, SECRET, item, minimal, seq, walk_strings
 

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from anonproxy.audit import silence_value_reports
 from anonproxy.deid import Deidentifier, Profile, read_instance
 from anonproxy.errors import DecodeError, DeidentificationError
+from anonproxy.pydicom_settings import silence_value_reports
 
 from conftest import TEST_SECRET
 

@@ -34,7 +34,9 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     every :data:`IDLE_WAIT_S` instead of every delay (an idle forwarding association cost 7%
     of a core waking every 1 ms); a DUL thread is woken at once when it is told to stop, and
     the association thread of a requestor when a sending thread asks it to pause (which
-    ``send_c_store`` polls for: it waited up to a loop delay per C-STORE).
+    ``send_c_store`` polls for: it waited up to a loop delay per C-STORE). An acceptor whose
+    peer closed the connection before its association request ends at once
+    (:func:`_release_waiting_acceptor`), not after ``acse_timeout``.
 ``response_race``
     The association thread of a requestor takes any message off the DIMSE queue, and the
     pause handshake (``_reactor_checkpoint`` / ``_is_paused``) that ``send_c_store`` uses to
@@ -294,6 +296,22 @@ def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], Non
     return wait
 
 
+def _wake(dul: DULServiceProvider) -> None:
+    """End the current wait of *dul*'s thread (it has something to do)."""
+    wakeup = _wakeups.get(dul)
+    if wakeup is not None:
+        wakeup.set()
+
+
+def _release_waiting_acceptor(dul: DULServiceProvider) -> None:
+    """A peer that closes its connection before its A-ASSOCIATE-RQ (a TCP health check, a port
+    scan) ends the DUL thread and leaves pynetdicom's acceptor thread waiting ``acse_timeout``
+    for a request that cannot come, counted as an active association (a stop waited for it):
+    when the DUL thread ends, it is told at once, as that time-out would tell it (``None``)."""
+    if dul.assoc.is_acceptor and dul.assoc.requestor.primitive is None:
+        dul.to_user_queue.put(None)  # what receive_pdu returns then
+
+
 def _acceptor_wait(messages: queue.Queue[Any]) -> Callable[[float], None]:
     """How the association thread of an acceptor sleeps: until a DIMSE message is queued, or
     for as long as asked (longer once idle: what else it looks at is not urgent)."""
@@ -372,18 +390,15 @@ def _apply_reactor_waits(set_: _Setter) -> None:
             _waiter.wait = None
             _wakeups.pop(self, None)
             wakeup.close()
+            _release_waiting_acceptor(self)
 
     def waking_send_pdu(self: DULServiceProvider, primitive: Any) -> None:  # noqa: ANN401
         send_pdu(self, primitive)
-        wakeup = _wakeups.get(self)
-        if wakeup is not None:
-            wakeup.set()
+        _wake(self)
 
     def waking_kill_dul(self: DULServiceProvider) -> None:
         kill_dul(self)
-        wakeup = _wakeups.get(self)
-        if wakeup is not None:
-            wakeup.set()
+        _wake(self)
 
     def waiting_association_reactor(self: Association) -> None:
         if self.is_requestor:

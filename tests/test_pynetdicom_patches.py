@@ -286,6 +286,36 @@ def test_a_send_wakes_an_idle_requestor_reactor_at_once(monkeypatch: pytest.Monk
         server.shutdown()
 
 
+def test_a_connection_closed_before_its_association_request_ends_at_once(
+    reactor_waits: bool,
+) -> None:
+    """A TCP health check (connect, close) leaves no association waiting ``acse_timeout`` (a
+    stop waits for active associations); pynetdicom's own waits the whole 30 s."""
+    opened: list[int] = []
+    ae = AE("PATCHES")
+    ae.add_supported_context(Verification)
+    ae.acse_timeout = 30
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: opened.append(1))],
+    )
+    try:
+        socket.create_connection(("127.0.0.1", port)).close()
+        assert wait_for(lambda: opened, timeout=5, interval=0.01)
+        ended = wait_for(lambda: not server.active_associations, timeout=3, interval=0.05)
+        assert ended == reactor_waits
+        requestor = AE("CALLER")
+        requestor.add_requested_context(Verification)
+        assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+        assert assoc.is_established  # and the next one is served
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+
+
 def test_an_acceptor_serves_every_request_and_leaves_no_descriptor(reactor_waits: bool) -> None:
     """Three DCMTK associations of 50 C-ECHOs each; the wake-up pipe of each DUL thread is
     closed when it ends (this one holds in both runs: it guards the patch's own cost)."""

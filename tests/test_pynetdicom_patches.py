@@ -286,12 +286,9 @@ def test_a_send_wakes_an_idle_requestor_reactor_at_once(monkeypatch: pytest.Monk
         server.shutdown()
 
 
-def test_a_connection_closed_before_its_association_request_ends_at_once(
-    reactor_waits: bool,
-) -> None:
-    """A TCP health check (connect, close) leaves no association waiting ``acse_timeout`` (a
-    stop waits for active associations); pynetdicom's own waits the whole 30 s."""
-    opened: list[int] = []
+def _slow_acse_server(on_open: Callable[[evt.Event], Any], **options: Any) -> tuple[Any, int]:
+    """A Verification SCP that waits 30 s for an association request, calling *on_open* for
+    each connection; the server and its port."""
     ae = AE("PATCHES")
     ae.add_supported_context(Verification)
     ae.acse_timeout = 30
@@ -299,8 +296,19 @@ def test_a_connection_closed_before_its_association_request_ends_at_once(
     server = ae.start_server(
         ("127.0.0.1", port),
         block=False,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: opened.append(1))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        **options,
     )
+    return server, port
+
+
+def test_a_connection_closed_before_its_association_request_ends_at_once(
+    reactor_waits: bool,
+) -> None:
+    """A TCP health check (connect, close) leaves no association waiting ``acse_timeout`` (a
+    stop waits for active associations); pynetdicom's own waits the whole 30 s."""
+    opened: list[int] = []
+    server, port = _slow_acse_server(lambda _: opened.append(1))
     try:
         socket.create_connection(("127.0.0.1", port)).close()
         assert wait_for(lambda: opened, timeout=5, interval=0.01)
@@ -758,16 +766,7 @@ def test_a_tls_handshake_is_bounded_by_its_time_out(patched: bool, pki: Pki) -> 
         if patched:
             failures.append(patches.finish_tls_handshake(event.assoc, 0.5))
 
-    ae = AE("PATCHES")
-    ae.add_supported_context(Verification)
-    ae.acse_timeout = 30
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        ssl_context=server_context(config),
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-    )
+    server, port = _slow_acse_server(on_open, ssl_context=server_context(config))
     silent = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
         try:

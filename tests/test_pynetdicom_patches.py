@@ -9,6 +9,7 @@ fails, and the patch can go.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -219,6 +220,22 @@ def test_reactors_wait_for_work_not_for_their_loop_delay(reactor_waits: bool) ->
         server.shutdown()
 
 
+@contextlib.contextmanager
+def _echo_association() -> Iterator[tuple[Any, Any]]:
+    """A Verification SCP here and an association to it: the server and the association."""
+    _, server, port = _echo_server()
+    requestor = AE("CALLER")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.is_established
+        yield server, assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+
+
 def _count_calls(owner: Any, name: str) -> list[int]:
     """Count the calls of the bound method *name* of *owner* (once per loop of a reactor)."""
     calls = [0]
@@ -236,12 +253,7 @@ def test_idle_reactors_look_rarely(reactor_waits: bool) -> None:
     """Once an association has been idle for a while, its four loops (the requestor's and the
     acceptor's association and DUL threads) each look a few dozen times a second, not every
     1 ms (an idle forwarding association cost 7% of a core)."""
-    _, server, port = _echo_server()
-    requestor = AE("CALLER")
-    requestor.add_requested_context(Verification)
-    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
-    try:
-        assert assoc.is_established
+    with _echo_association() as (server, assoc):
         assert wait_for(lambda: len(server.active_associations) == 1, timeout=5, interval=0.01)
         accepted = server.active_associations[0]
         assert assoc.send_c_echo().Status == 0x0000
@@ -255,10 +267,6 @@ def test_idle_reactors_look_rarely(reactor_waits: bool) -> None:
         time.sleep(0.5)
         counts = [calls[0] for calls in loops]
         assert assoc.send_c_echo().Status == 0x0000  # and it still answers at once
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        server.shutdown()
     if reactor_waits:
         assert max(counts) <= 0.5 / patches.IDLE_WAIT_S + 5
     else:
@@ -269,21 +277,12 @@ def test_a_send_wakes_an_idle_requestor_reactor_at_once(monkeypatch: pytest.Monk
     """``send_c_echo`` polls until the association thread has paused; an idle one (here made
     to look every 5 s) is woken when the send asks, not at its next look."""
     monkeypatch.setattr(patches, "IDLE_WAIT_S", 5.0)
-    _, server, port = _echo_server()
-    requestor = AE("CALLER")
-    requestor.add_requested_context(Verification)
-    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
-    try:
-        assert assoc.is_established
+    with _echo_association() as (_, assoc):
         started = time.monotonic()
         for _ in range(3):
             time.sleep(patches.IDLE_AFTER_S * 2)  # idle: its thread waits 5 s between looks
             assert assoc.send_c_echo().Status == 0x0000
         assert time.monotonic() - started < 2.5  # without the wake-up: 5 s or more
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        server.shutdown()
 
 
 def _slow_acse_server(on_open: Callable[[evt.Event], Any], **options: Any) -> tuple[Any, int]:

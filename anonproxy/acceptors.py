@@ -104,13 +104,17 @@ class Channel:
         self._requests = requests
         self._send_lock = threading.Lock()
         self._ask_lock = threading.Lock()
+        self._broken = False
 
     def send(self, message: tuple[Any, ...]) -> None:
         try:
             with self._send_lock:
+                if self._broken:
+                    return
                 self._events.send(message)
-        except Exception:  # an audit record never fails its caller (AuditLog's contract)
-            log.warning("acceptor.relay_failed", message=message[0], exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - an audit record never fails its caller
+            self._broken = True  # the supervisor ended: said once (each data set sends several)
+            log.warning("acceptor.relay_failed", message=message[0], error=type(exc).__name__)
 
     def wait_for_stop(self) -> float:
         """Block until the supervisor asks this acceptor to stop; the seconds its associations

@@ -30,8 +30,18 @@ from anonproxy.errors import ConfigError
 from anonproxy.service import acceptor_processes, preflight
 
 from builders import make_series
-from conftest import audit_records
-from peers import PEER_ENV, StoreSCP, storescu, tool, wait_for
+from conftest import audit_records, serve
+from peers import (
+    PEER_ENV,
+    StoreSCP,
+    descendants,
+    free_port,
+    running,
+    storescu,
+    tool,
+    wait_for,
+    wait_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -258,6 +268,55 @@ def test_a_killed_acceptor_is_restarted_and_nothing_acknowledged_is_lost(
     assert all(forwarded[uid] <= committed[uid] for uid in forwarded)  # never sent twice
     assert len(storescp.files()) == 48
     assert wait_for(lambda: not list((tmp_path / "var" / "spool" / "research").glob("*.dcm")))
+
+
+def test_acceptors_orphaned_by_a_sigkilled_service_end_within_their_grace_period(
+    storescp: StoreSCP, tmp_path: Path
+) -> None:
+    """The service SIGKILLed while a sender is sending: its acceptor processes (and theirs)
+    end within the orphans' grace period, though the sender goes on sending; the next start
+    delivers what they acknowledged. (An orphan logged a formatted traceback for each message
+    its dead supervisor could not take.)"""
+    port = free_port()
+    config = tmp_path / "anonproxy.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "listen": {"port": port, "processes": 2},
+                "destinations": [_dicom(storescp)],
+                "storage": {"path": str(tmp_path / "var"), "min_free_bytes": 0},
+                "audit": {"path": str(tmp_path / "var" / "audit.jsonl")},
+            }
+        ),
+        "utf-8",
+    )
+    audit = tmp_path / "var" / "audit.jsonl"
+    service = serve(config, tmp_path)
+    sender = None
+    try:
+        wait_port(port, timeout=60)
+        sender = _storescu_background(port, _files(tmp_path / "series", 600))
+        assert wait_for(lambda: len(_records(audit, "instance.spooled")) >= 30, timeout=60)
+        children = descendants(service.pid)
+        service.send_signal(signal.SIGKILL)
+        service.wait(10)
+        assert wait_for(lambda: not any(map(running, children)), timeout=20)
+    finally:
+        if sender is not None:
+            sender.kill()
+            sender.wait()
+        service.kill()
+        service.wait()
+    acknowledged = {r["deid_sop_instance_uid"] for r in _records(audit, "instance.spooled")}
+    service = serve(config, tmp_path)  # the spool is forwarded on start-up
+    try:
+        assert wait_for(
+            lambda: acknowledged <= {p.stem.split(".", 1)[1] for p in storescp.files()},
+            timeout=60,
+        )
+    finally:
+        service.terminate()
+        service.wait(60)
 
 
 def test_the_per_peer_limit_holds_across_acceptors(make_proxy, tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ code. Nothing it acknowledged is lost: an instance is acknowledged once committe
 the processes), and any deferred commit it left half-done are recovered by the supervisor's own
 deferred processor. On stop, each acceptor closes its listening socket, lets its associations
 finish within the grace period, finishes its deferred instances in the engine and exits;
-one that does not is killed.
+one that does not is killed. An acceptor whose supervisor was killed aborts its associations
+at once and exits (:data:`ORPHAN_GRACE_S`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ RESTART_DELAY_S = 0.5
 RESTART_MAX_DELAY_S = 30.0
 #: An acceptor that ran this long before it ended is restarted after the first delay again.
 STABLE_S = 60.0
-#: Seconds an acceptor whose supervisor ended gives its associations before it exits.
-ORPHAN_GRACE_S = 5.0
+#: Seconds an acceptor whose supervisor ended (killed: a stop would have said so) gives its
+#: associations before it aborts them and exits: none. What it acknowledged is on disk for the
+#: next start; what it would go on acknowledging could not be forwarded until then, while the
+#: sender, aborted, sends it again (to another node behind a load balancer).
+ORPHAN_GRACE_S = 0.0
 
 
 def process_count(configured: int | None) -> int:
@@ -118,7 +122,8 @@ class Channel:
 
     def wait_for_stop(self) -> float:
         """Block until the supervisor asks this acceptor to stop; the seconds its associations
-        may take to finish (a few when the supervisor ended: its pipe closed)."""
+        may take to finish (:data:`ORPHAN_GRACE_S` when the supervisor ended: its pipe
+        closed)."""
         while True:
             try:
                 message = self._events.recv()

@@ -111,7 +111,7 @@ def test_mutated_pdus_do_not_break_the_server(make_proxy) -> None:
         sent += 1
     assert sent >= min(COUNT, 100)
     # No fuzzed association lingers past the time-outs, and the server still serves.
-    assert wait_for(lambda: proxy.scp.active_associations() == 0, timeout=15), (
-        proxy.scp.active_associations()
+    assert wait_for(lambda: proxy.active_associations() == 0, timeout=15), (
+        proxy.active_associations()
     )
     assert echoscu(port) == 0

@@ -271,9 +271,8 @@ class DestinationQueue:
     def load(self, settle_s: float = 0.0) -> list[str]:
         """Index the files in the directory (start-up recovery, files an operator put there),
         oldest first; returns those that were not indexed yet. An older version of a UID is
-        removed. A
-        file linked less than *settle_s* seconds ago (its inode changed) is left alone: another
-        process may be committing it (see the module's docstring)."""
+        removed. A file linked less than *settle_s* seconds ago (its inode changed) is left
+        alone: another process may be committing it (see the module's docstring)."""
         entries = []
         recent = time.time() - settle_s
         for entry in os.scandir(self.directory):

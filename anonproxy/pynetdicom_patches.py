@@ -209,6 +209,14 @@ IDLE_AFTER_S = 0.1
 IDLE_WAIT_S = 0.02
 
 
+def _wait_s(seconds: float, active: float) -> float:
+    """How long a reactor asked to wait *seconds* waits: longer once it had nothing to do
+    since *active* (time.monotonic()) for :data:`IDLE_AFTER_S`."""
+    if time.monotonic() - active >= IDLE_AFTER_S:
+        return max(seconds, IDLE_WAIT_S)
+    return seconds
+
+
 def _sleep(seconds: float) -> None:
     wait: Callable[[float], None] | None = getattr(_waiter, "wait", None)
     if wait is None:
@@ -280,10 +288,10 @@ def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], Non
         reads_at_socket_wake = None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data waiting in the SSL buffer: select cannot see it
-        if time.monotonic() - active >= IDLE_AFTER_S:
-            seconds = max(seconds, IDLE_WAIT_S)
         try:
-            ready, _, _ = select.select([sock.fileno(), wakeup.read_fd], [], [], seconds)
+            ready, _, _ = select.select(
+                [sock.fileno(), wakeup.read_fd], [], [], _wait_s(seconds, active)
+            )
         except (OSError, ValueError):  # the socket was closed meanwhile: the loop will see it
             return
         if ready:
@@ -321,8 +329,7 @@ def _acceptor_wait(messages: queue.Queue[Any]) -> Callable[[float], None]:
         nonlocal active
         with messages.not_empty:  # the queue's mutex: use its unlocked _qsize
             if not messages._qsize():
-                idle = time.monotonic() - active >= IDLE_AFTER_S
-                messages.not_empty.wait(max(seconds, IDLE_WAIT_S) if idle else seconds)
+                messages.not_empty.wait(_wait_s(seconds, active))
             if messages._qsize():
                 active = time.monotonic()
                 # put() wakes one waiter: pass it on, in case it was meant for a thread
@@ -361,8 +368,7 @@ def _requestor_wait(checkpoint: _Checkpoint) -> Callable[[float], None]:
             active = now
         with checkpoint.cleared:
             if checkpoint.is_set():
-                idle = now - active >= IDLE_AFTER_S
-                checkpoint.cleared.wait(max(seconds, IDLE_WAIT_S) if idle else seconds)
+                checkpoint.cleared.wait(_wait_s(seconds, active))
         returned = time.monotonic()
 
     return wait

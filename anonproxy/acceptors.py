@@ -33,8 +33,8 @@ What stays in the supervisor, and why:
 The port: the supervisor binds it first with ``SO_REUSEPORT`` and keeps that socket, bound and
 never listening (it takes no connection), for its whole run: port 0 is resolved once for every
 acceptor, and a port held by another program (without ``SO_REUSEPORT``) stops the start with
-the usual ConfigError. Acceptors are started with the multiprocessing **spawn** context (the
-supervisor runs threads by then: a fork would copy locks held by them).
+the usual ConfigError. Acceptors are started from the fork server of :mod:`anonproxy.processes`
+(the supervisor runs threads by then: a fork of it would copy locks held by them).
 
 A process that ends unexpectedly is started again after a back-off (0.5 s, doubled up to
 30 s, from 0.5 s again once one ran a minute), audited ``acceptor.restarted`` with its exit
@@ -50,7 +50,6 @@ at once and exits (:data:`ORPHAN_GRACE_S`).
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import socket
@@ -66,6 +65,7 @@ from anonproxy.audit import AuditLog, get_logger
 from anonproxy.deid.identity import StudyIdentity
 from anonproxy.errors import ConfigError, StateUnavailable
 from anonproxy.metrics import Metrics
+from anonproxy.processes import child_context
 from anonproxy.remap import MapKey, MapRecorder
 from anonproxy.spool import Spool, SpoolCounters
 
@@ -73,7 +73,7 @@ log = get_logger(__name__)
 
 #: Acceptor processes when ``listen.processes`` is not set: one per core, at most this many.
 MAX_AUTO_PROCESSES = 8
-#: Seconds an acceptor may take to listen at start (spawning an interpreter and building the
+#: Seconds an acceptor may take to listen at start (the fork server starting, and building the
 #: engine take one to a few seconds on a loaded 2-core machine).
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 0.5
@@ -101,7 +101,7 @@ def process_count(configured: int | None) -> int:
 class Channel:
     """The acceptor's end of its pipes to the supervisor: events (one way) and requests
     (answered). Thread-safe. A supervisor gone makes sending fail quietly: the acceptor
-    notices its parent ended and stops (:func:`parent_ended`)."""
+    notices its pipe closed and stops (:meth:`wait_for_stop`)."""
 
     def __init__(self, events: Connection, requests: Connection) -> None:
         self._events = events
@@ -195,17 +195,12 @@ class RelayedMapRecorder:
         return bool(answer[1])
 
 
-def parent_ended(parent: int) -> bool:
-    """Whether the process that started this one has ended (this one was re-parented)."""
-    return os.getppid() != parent
-
-
 # -- the supervisor's side --------------------------------------------------------------------
 
 
 @dataclass
 class AcceptorSpec:
-    """What an acceptor process is started with (crosses the spawn boundary)."""
+    """What an acceptor process is started with (pickled to its process)."""
 
     settings: dict[str, Any]  # Settings in their JSON form
     secret: bytes
@@ -225,7 +220,7 @@ class _Slot:
     """One acceptor process and what the supervisor keeps of it."""
 
     index: int
-    process: Any = None  # multiprocessing.Process (spawn context)
+    process: Any = None  # multiprocessing.Process (forkserver context)
     run: str = ""
     started: float = 0.0
     failures: int = 0
@@ -259,7 +254,7 @@ class AcceptorSupervisor:
         map_recorder: MapRecorder | None,
         ended: Callable[[str, int], None],
     ) -> None:
-        self._context = multiprocessing.get_context("spawn")
+        self._context = child_context()
         self.settings = settings
         self.secret = secret
         self.host = host
@@ -283,7 +278,7 @@ class AcceptorSupervisor:
     @staticmethod
     def make_counters() -> SpoolCounters:
         """The spool's counters in shared memory, for the service's spool and the acceptors'."""
-        return SpoolCounters.shared(multiprocessing.get_context("spawn"))
+        return SpoolCounters.shared(child_context())
 
     # -- lifecycle ------------------------------------------------------------------------
 

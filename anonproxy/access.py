@@ -156,7 +156,8 @@ def _peer_key(address: str) -> int:
 
 class SharedAssociations:
     """The incoming associations of every acceptor process, in shared memory (see the
-    module's docstring). Made by the service with a multiprocessing *context* (spawn) and
+    module's docstring). Made by the service with a multiprocessing *context*
+    (:func:`anonproxy.processes.child_context`) and
     handed to the processes when they are started."""
 
     def __init__(self, context: Any, processes: int, max_associations: int) -> None:  # noqa: ANN401

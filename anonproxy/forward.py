@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import multiprocessing
 import os
 import random
 import shutil
@@ -50,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import ForkServerProcess
 from pathlib import Path
 from typing import Protocol
 from weakref import WeakKeyDictionary
@@ -74,6 +73,7 @@ from anonproxy.config import DicomDestinationConfig, FolderDestinationConfig
 from anonproxy.durable import make_directories, sync_data, sync_directory
 from anonproxy.errors import ForwardError
 from anonproxy.filemeta import read_file_meta
+from anonproxy.processes import child_context
 from anonproxy.spool import DestinationQueue, QueueItem, Spool, check_uid_name
 from anonproxy.tls import client_context
 
@@ -555,12 +555,12 @@ def gate_of(queue: DestinationQueue, maximum: int) -> AssociationGate:
 class ProcessSender:
     """C-STORE to a research PACS from a child process that runs a :class:`DicomSender`.
 
-    The child is started (with ``spawn``: the service runs threads) by :meth:`prepare` or on the
-    first :meth:`send`, and reused for every later one, so its association stays open as a
-    :class:`DicomSender`'s does. A child that dies during a send, or does not answer within
-    :attr:`reply_timeout` seconds (plus one second per megabyte of the instance), is killed:
-    that send fails as transient and the next one starts a new child. A child found ended
-    before a send is replaced for that send. Used by one thread.
+    The child is started (from the fork server of :mod:`anonproxy.processes`) by
+    :meth:`prepare` or on the first :meth:`send`, and reused for every later one, so its
+    association stays open as a :class:`DicomSender`'s does. A child that dies during a send,
+    or does not answer within :attr:`reply_timeout` seconds (plus one second per megabyte of
+    the instance), is killed: that send fails as transient and the next one starts a new
+    child. A child found ended before a send is replaced for that send. Used by one thread.
 
     With a *gate*, the sender opens an association only when the gate admits it
     (:meth:`ready`); without one, whenever it sends. *first*: the sender may open a
@@ -588,7 +588,7 @@ class ProcessSender:
         self.reply_timeout = (
             2 * config.acse_timeout + config.network_timeout + config.dimse_timeout
         ) + _REPLY_MARGIN_S
-        self._process: SpawnProcess | None = None
+        self._process: ForkServerProcess | None = None
         self._conn: Connection | None = None
         self._last_reply = 0.0
         self._maybe_associated = False  # the child may hold an association: idle check due
@@ -604,7 +604,7 @@ class ProcessSender:
         return None if self._process is None else self._process.pid
 
     def _start(self) -> Connection:
-        context = multiprocessing.get_context("spawn")
+        context = child_context()
         conn, child_conn = context.Pipe()
         process = context.Process(
             target=_serve_sender,

@@ -381,8 +381,8 @@ class Proxy:
         if self.map_recorder is not None:  # entries a previous run journaled, shipped now
             self.map_recorder.open()
         if self.settings.listen.acknowledge == "after_receipt" and self.acceptors is None:
-            # The worker processes de-identify every instance: spawned now, not during the
-            # first study (two interpreters starting cost a 2-core machine a second of receiving;
+            # The worker processes de-identify every instance: started now, not during the
+            # first study (two processes starting cost a 2-core machine a second of receiving;
             # with acceptor processes, they de-identify and these start only to recover)
             self.deidentifiers.start()
         deferred = self.deferred.recover()
@@ -643,7 +643,7 @@ class Acceptor:
 
 
 def run_acceptor(spec: AcceptorSpec) -> None:
-    """The main function of an acceptor process (spawned by the service's
+    """The main function of an acceptor process (started by the service's
     :class:`~anonproxy.acceptors.AcceptorSupervisor`): build, listen, report ready, serve
     until the service asks it to stop (or ends), stop. SIGINT and SIGTERM are the service's to
     act on (a terminal or systemd signals every process of the group); SIGHUP reopens the log

@@ -185,7 +185,7 @@ class SpoolCounters:
 
     @classmethod
     def shared(cls, context: Any) -> SpoolCounters:  # noqa: ANN401 - a multiprocessing context
-        """Counters in shared memory, with a lock of *context* (spawn)."""
+        """Counters in shared memory, with a lock of the multiprocessing *context*."""
         return cls(context.RawArray("q", 4), context.Lock())
 
     @property

@@ -22,10 +22,8 @@ first; one that fails authentication is refused (stage ``incoming``) and never d
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -46,13 +44,12 @@ from anonproxy.errors import (
     StructureError,
     TransientError,
 )
+from anonproxy.processes import child_context, wait_for_exit
 from anonproxy.pydicom_settings import silence_value_reports
 from anonproxy.sealed import SealError, opened
 from anonproxy.status import StoreStatus
 
 log = get_logger(__name__)
-
-_PARENT_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -136,8 +133,7 @@ _worker_key: bytes | None = None
 
 def _exit_with_parent(parent: int) -> None:
     """A worker whose service was killed (SIGKILL: no shutdown) exits instead of lingering."""
-    while os.getppid() == parent:
-        time.sleep(_PARENT_CHECK_S)
+    wait_for_exit(parent)
     os._exit(0)
 
 
@@ -203,10 +199,10 @@ class DeidentifierPool:
         self.offloaded = 0  # instances sent to a worker process (for tests and metrics)
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn, not fork: the service process runs threads (pynetdicom, forward workers)
+        # not a fork of this process: it runs threads (pynetdicom, forward workers)
         return ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=child_context(),
             initializer=_start_worker,
             initargs=(self._factory, self.limits, os.getpid(), self.nice, self.incoming_key),
         )

@@ -1,0 +1,80 @@
+"""The service's child processes start from a fork server (anonproxy.processes): the program
+already imported, the signals as under spawn, and the fork server neither ended by the
+signals sent to a whole process group nor outliving the process that started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import forkserver
+
+from anonproxy.processes import child_context
+
+from peers import running, wait_for
+
+
+def _child_state() -> tuple[int, dict[str, object], list[str]]:
+    """In a child: its parent, its SIGTERM/SIGHUP/SIGINT actions, and which of the program's
+    modules it had before its task (the fork server's preload) — it imports nothing itself."""
+    actions = {
+        name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP", "SIGINT")
+    }
+    preloaded = [m for m in ("anonproxy.service", "pynetdicom", "pydicom") if m in sys.modules]
+    return os.getppid(), actions, preloaded
+
+
+def test_a_child_starts_from_the_fork_server_with_the_program_imported_and_default_signals() -> (
+    None
+):
+    with ProcessPoolExecutor(1, mp_context=child_context()) as pool:
+        parent, actions, preloaded = pool.submit(_child_state).result(timeout=120)
+    server = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert parent == server != os.getpid()
+    assert preloaded == ["anonproxy.service", "pynetdicom", "pydicom"]
+    assert actions["SIGTERM"] == signal.SIG_DFL
+    assert actions["SIGHUP"] == signal.SIG_DFL
+    assert actions["SIGINT"] == signal.default_int_handler  # as a spawned interpreter has
+
+
+def test_the_fork_server_outlives_group_signals_and_ends_with_its_starter() -> None:
+    """SIGTERM and SIGHUP (systemd's stop, a terminal's hang-up: the whole group) leave the fork
+    server serving; the process that started it SIGKILLed, a child watching that process ends,
+    then the fork server."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import os, sys
+            from multiprocessing import forkserver
+            from anonproxy.processes import child_context, wait_for_exit
+            context = child_context()
+            first = context.Process(target=wait_for_exit, args=(os.getpid(),))
+            first.start()
+            print(forkserver._forkserver._forkserver_pid, first.pid, flush=True)
+            sys.stdin.readline()  # the fork server signalled: start another child
+            second = context.Process(target=wait_for_exit, args=(os.getpid(),))
+            second.start()
+            print(forkserver._forkserver._forkserver_pid, second.pid, flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert starter.stdout is not None
+        assert starter.stdin is not None
+        server, first = map(int, starter.stdout.readline().split())
+        os.kill(server, signal.SIGTERM)
+        os.kill(server, signal.SIGHUP)
+        starter.stdin.write("\n")
+        starter.stdin.flush()
+        same, second = map(int, starter.stdout.readline().split())
+        assert same == server
+        assert all(map(running, (server, first, second)))
+        starter.kill()
+        starter.wait(10)
+        assert wait_for(lambda: not any(map(running, (first, second, server))), timeout=10)
+    finally:
+        starter.kill()
+        starter.wait()

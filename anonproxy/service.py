@@ -522,7 +522,10 @@ class Proxy:
             self.start()
             if on_started is not None:
                 on_started()
-            self._wait.wait()
+            # Python runs a handler in the main thread, once it wakes: a signal the kernel gave
+            # another thread (it may) would wait for an untimed wait's end.
+            while not self._wait.wait(1.0):
+                pass
         self.stop()
 
     def _stop_requested(self, signum: int, frame: FrameType | None) -> None:

@@ -126,6 +126,10 @@ class Channel:
         closed)."""
         while True:
             try:
+                # woken each second: Python runs a signal's handler (SIGHUP) in this, the main
+                # thread, and the kernel may have given the signal to another
+                if not self._events.poll(1.0):
+                    continue
                 message = self._events.recv()
             except (EOFError, OSError):
                 return ORPHAN_GRACE_S

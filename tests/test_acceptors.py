@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
-from anonproxy.acceptors import process_count
+from anonproxy.acceptors import Channel, process_count
 from anonproxy.access import SharedAssociations
 from anonproxy.config import parse_settings
 from anonproxy.errors import ConfigError
@@ -100,6 +101,33 @@ def test_shared_associations_count_across_processes_and_forget_a_dead_one() -> N
     assert shared.enter(0, "10.0.0.2")[:2] == (2, 2)
     assert process_count(None) == min(os.cpu_count() or 1, 8)
     assert process_count(3) == 3
+
+
+def test_an_acceptor_waiting_for_stop_runs_a_signal_another_thread_took() -> None:
+    """An acceptor's main thread waits for the supervisor's stop; Python runs the SIGHUP
+    handler (reopen the log file) there, so it must wake although the kernel gave the signal
+    to another thread."""
+    import multiprocessing
+
+    events, supervisor = multiprocessing.Pipe()
+    handled = threading.Event()
+    before_stop: list[bool] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: handled.set())
+
+    def signal_this_thread_then_stop() -> None:
+        time.sleep(0.5)  # the main thread is waiting by now
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        before_stop.append(handled.wait(5))
+        supervisor.send(("stop", 2.5))
+
+    try:
+        sender = threading.Thread(target=signal_this_thread_then_stop)
+        sender.start()
+        assert Channel(events, events).wait_for_stop() == 2.5
+        sender.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert before_stop == [True]
 
 
 def test_a_transparent_route_makes_auto_processes_one_and_refuses_a_configured_number(

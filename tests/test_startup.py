@@ -139,6 +139,7 @@ def test_a_sigterm_that_another_thread_takes_still_stops_the_service(tmp_path: P
 
     def signal_this_thread() -> None:
         started.wait(60)
+        time.sleep(0.5)  # the main thread is waiting by now
         signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
         if not stopped.wait(10):
             proxy._wait.set()  # unblock the test; it fails below

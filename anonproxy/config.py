@@ -101,10 +101,10 @@ class TlsClientConfig(_Section):
         return self
 
 
-#: ``listen.processes`` when not configured: 1 is one receiving process (no supervisor); None
-#: is one acceptor process per core, at most 8 (see anonproxy.acceptors), and 1 with a
-#: transparent route.
-DEFAULT_LISTEN_PROCESSES: int | None = 1
+#: ``listen.processes`` when not configured: None is one acceptor process per core, at most 8
+#: (see anonproxy.acceptors), and 1 with a transparent route; 1 is one receiving process (no
+#: supervisor).
+DEFAULT_LISTEN_PROCESSES: int | None = None
 
 
 class ListenConfig(_Section):

@@ -65,7 +65,7 @@ from anonproxy.audit import AuditLog, get_logger
 from anonproxy.deid.identity import StudyIdentity
 from anonproxy.errors import ConfigError, StateUnavailable
 from anonproxy.metrics import Metrics
-from anonproxy.processes import child_context
+from anonproxy.processes import available_cores, child_context
 from anonproxy.remap import MapKey, MapRecorder
 from anonproxy.spool import Spool, SpoolCounters
 
@@ -91,7 +91,7 @@ def process_count(configured: int | None) -> int:
     """Acceptor processes for ``listen.processes`` (*configured*): one per core (at most
     :data:`MAX_AUTO_PROCESSES`) when not set."""
     if configured is None:
-        return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES))
+        return min(available_cores(), MAX_AUTO_PROCESSES)
     return configured
 
 

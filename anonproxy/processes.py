@@ -28,14 +28,19 @@ back before their code runs (:mod:`anonproxy.fork_server`), as under ``spawn``.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import select
 from multiprocessing.context import ForkServerContext
+from pathlib import Path
 
 #: What the fork server imports before forking: its signal set-up first, then the service, which
 #: imports the code of every child.
 PRELOAD = ["anonproxy.fork_server", "anonproxy.service"]
+
+#: The CPU quota of this process's control group (cgroup v2; a container's ``--cpus``).
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def child_context() -> ForkServerContext:
@@ -55,3 +60,16 @@ def wait_for_exit(pid: int) -> None:
         select.select([handle], [], [])
     finally:
         os.close(handle)
+
+
+def available_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may use: those it may run on (its CPU affinity: a container's
+    ``--cpuset-cpus``), no more than its control group's CPU quota (``--cpus``, rounded up)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 file, or not of that form: the affinity alone
+    return max(1, cores)

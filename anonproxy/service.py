@@ -60,6 +60,7 @@ from anonproxy.metrics import Metrics
 from anonproxy.overview import gather
 from anonproxy.patients import PatientDirectory
 from anonproxy.pipeline import InstancePipeline
+from anonproxy.processes import available_cores
 from anonproxy.pydicom_settings import silence_value_reports
 from anonproxy.received import PREFIX as RECEIVING
 from anonproxy.remap import MapRecorder, load_map_key, verify_key
@@ -159,7 +160,7 @@ def deidentify_workers(settings: Settings) -> int:
     """Worker processes for de-identification: ``listen.deidentify_workers``, or one per core
     (at most 4) when not set; 0 runs it in the association threads."""
     configured = settings.listen.deidentify_workers
-    return min(os.cpu_count() or 1, 4) if configured is None else configured
+    return min(available_cores(), 4) if configured is None else configured
 
 
 def acceptor_processes(settings: Settings) -> int:

@@ -24,6 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
+from anonproxy import acceptors
 from anonproxy.acceptors import Channel, process_count
 from anonproxy.access import SharedAssociations
 from anonproxy.config import parse_settings
@@ -99,7 +100,7 @@ def test_shared_associations_count_across_processes_and_forget_a_dead_one() -> N
     shared.clear(0)  # process 0 ended
     assert shared.active() == 1
     assert shared.enter(0, "10.0.0.2")[:2] == (2, 2)
-    assert process_count(None) == min(os.cpu_count() or 1, 8)
+    assert process_count(None) == min(len(os.sched_getaffinity(0)), 8)
     assert process_count(3) == 3
 
 
@@ -135,7 +136,7 @@ def test_a_transparent_route_makes_auto_processes_one_and_refuses_a_configured_n
 ) -> None:
     """A transparent route relays the answer to the process that forwards: left to one per
     core, the service receives in one process and logs why; a number above 1 is refused."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(acceptors, "available_cores", lambda: 4)
     routes = [{"destinations": ["pacs"], "transparent": True}]
     pacs = [{"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}]
     auto = parse_settings({"listen": {"processes": None}, "destinations": pacs, "routes": routes})

@@ -11,8 +11,11 @@ import sys
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import forkserver
+from pathlib import Path
 
-from anonproxy.processes import child_context
+import pytest
+
+from anonproxy.processes import available_cores, child_context
 
 from peers import running, wait_for
 
@@ -78,3 +81,23 @@ def test_the_fork_server_outlives_group_signals_and_ends_with_its_starter() -> N
     finally:
         starter.kill()
         starter.wait()
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", "affinity"),  # no quota
+        ("150000 100000\n", 2),  # --cpus 1.5: two cores, rounded up
+        ("50000 100000\n", 1),
+        (None, "affinity"),  # no cgroup v2 file
+    ],
+)
+def test_available_cores_are_the_affinity_within_the_cgroup_quota(
+    tmp_path: Path, cpu_max: str | None, expected: int | str
+) -> None:
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    wanted = affinity if expected == "affinity" else min(affinity, int(expected))
+    assert available_cores(path) == wanted

@@ -89,6 +89,7 @@ from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
@@ -463,9 +464,11 @@ class Deidentifier:
         run: _Run | None = None
         try:
             sop_class = self._required_uid(ds, _SOP_CLASS_UID, "SOPClassUID")
-            original_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
-            self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
-            self._required_uid(ds, _SERIES_INSTANCE_UID, "SeriesInstanceUID")
+            original_uids = {
+                tag: self._required_uid(ds, tag, keyword)
+                for tag, keyword in _SELF_CHECK_UID_TAGS.items()
+            }
+            original_sop = original_uids[_SOP_INSTANCE_UID]
             burned_in = ds.get(_BURNED_IN_ANNOTATION)
             burned_in_value = str(burned_in.value) if burned_in is not None else None
             patient_id = ds.get(_PATIENT_ID)
@@ -483,7 +486,7 @@ class Deidentifier:
                 run.pseudonyms = self._pseudonyms.pseudonyms(original_id)
             for tag, keyword in _SELF_CHECK_UID_TAGS.items():
                 if not self._kept_by_profile(tag):
-                    run.mapped_uids[self._required_uid(ds, tag, keyword)] = keyword
+                    run.mapped_uids[original_uids[tag]] = keyword
             self._walk(ds, (), run, _Mode.TABLE)
             new_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
             new_study = self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
@@ -546,7 +549,9 @@ class Deidentifier:
             raise DeidentificationError(f"missing or invalid {keyword} {_tag_text(tag)}")
         return value.strip("\x00 ")
 
-    def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run, mode: _Mode) -> None:
+    def _walk(  # noqa: PLR0912 - the dispatch of every element, inline
+        self, ds: Dataset, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> None:
         # The elements as held (none decoded); each key is the Dataset's own tag object, which
         # pydicom finds without comparing tags, and its int for the engine's own tables.
         elements = [(key, int(key), elem.VR) for key, elem in held_elements(ds)]
@@ -561,9 +566,13 @@ class Deidentifier:
         for key, tag, held_vr in elements:
             run.where = tag
             if (tag >> 16) & 1:
-                self._private(
-                    ds, key, private_rules.get(tag), parents, run, kept=tag in kept_private
-                )
+                rule = private_rules.get(tag)
+                kept = tag in kept_private
+                if rule is None and not kept:  # most private data elements: as _private
+                    del ds[key]
+                    run.counts[ActionCode.X] += 1
+                else:
+                    self._private(ds, key, rule, parents, run, kept=kept)
                 continue
             if not tag & 0xFFFF:  # group length
                 del ds[key]
@@ -1013,13 +1022,13 @@ class Deidentifier:
             if tag in _META_REMOVED:
                 del meta[tag]
                 run.counts[ActionCode.X] += 1
-        meta.MediaStorageSOPInstanceUID = new_sop
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        _set(meta, "MediaStorageSOPInstanceUID", new_sop)
+        _set(meta, "ImplementationClassUID", IMPLEMENTATION_CLASS_UID)
+        _set(meta, "ImplementationVersionName", IMPLEMENTATION_VERSION_NAME)
 
     def _update(self, ds: Dataset) -> None:
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = list(self._method)
+        _set(ds, "PatientIdentityRemoved", "YES")
+        _set(ds, "DeidentificationMethod", list(self._method))
         items = []
         for code in self._method_codes:
             item = Dataset()  # the elements setattr would make, without its keyword lookups
@@ -1027,8 +1036,32 @@ class Deidentifier:
             item.add_new(_CODING_SCHEME_DESIGNATOR, VR.SH, code.scheme_designator)
             item.add_new(_CODE_MEANING, VR.LO, code.meaning)
             items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        ds.LongitudinalTemporalInformationModified = self._longitudinal
+        _set(ds, "DeidentificationMethodCodeSequence", Sequence(items))
+        _set(ds, "LongitudinalTemporalInformationModified", self._longitudinal)
+
+
+#: Tag and dictionary VR of the attributes the engine sets (:func:`_set`)
+_SET_BY_KEYWORD: dict[str, tuple[BaseTag, str]] = {
+    keyword: (BaseTag(tag_for_keyword(keyword) or 0), str(dictionary_VR(keyword)))
+    for keyword in (
+        "MediaStorageSOPInstanceUID", "ImplementationClassUID", "ImplementationVersionName",
+        "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified",
+    )
+}  # fmt: skip
+
+
+def _set(ds: Dataset, keyword: str, value: object) -> None:
+    """``setattr(ds, keyword, value)`` without pydicom's keyword look-ups (the engine sets
+    these for every instance): the value of the element there replaced, else a new element
+    of the dictionary VR."""
+    tag, vr = _SET_BY_KEYWORD[keyword]
+    if tag in ds:
+        element = ds[tag]
+        element.value = value
+    else:
+        element = DataElement(tag, vr, value)
+    ds[tag] = element
 
 
 def _meaningful(text: str) -> str:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from operator import itemgetter
 
 from pydicom.charset import convert_encodings, default_encoding, encode_string
@@ -87,7 +88,17 @@ _GROUP_LENGTH = 0x00020000
 _VERSION = 0x00020001
 _MEDIA_SOP_CLASS = 0x00020002
 _MEDIA_SOP_INSTANCE = 0x00020003
+_TRANSFER_SYNTAX_UID = 0x00020010
 _IMPLEMENTATION_CLASS_UID = 0x00020012
+_IMPLEMENTATION_VERSION_NAME = 0x00020013
+#: What validate_file_meta reads, in its order: the Type 1 file meta elements
+_TYPE_1_META = (
+    _VERSION,
+    _IMPLEMENTATION_CLASS_UID,
+    _MEDIA_SOP_CLASS,
+    _MEDIA_SOP_INSTANCE,
+    _TRANSFER_SYNTAX_UID,
+)
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
 
@@ -100,11 +111,11 @@ class Layout:
 
     syntax: UID
 
-    @property
+    @cached_property
     def implicit(self) -> bool:
         return bool(self.syntax.is_implicit_VR)
 
-    @property
+    @cached_property
     def little(self) -> bool:
         return bool(self.syntax.is_little_endian)
 
@@ -214,13 +225,25 @@ def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
 def _encode_file_meta(meta: FileMetaDataset) -> bytes:
     """*meta* completed as ``write_file_meta_info(..., enforce_standard=True)`` completes it,
     encoded in Explicit VR Little Endian behind its group length."""
-    validate_file_meta(meta, enforce_standard=True)
+    _validate_file_meta(meta)
     body = b"".join(
         _encode_element(element, False, True, _DEFAULT_CODECS, None)
         for tag, element in sorted(((int(t), e) for t, e in meta.items()), key=itemgetter(0))
         if tag != _GROUP_LENGTH
     )
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _validate_file_meta(meta: FileMetaDataset) -> None:
+    """``validate_file_meta(meta, enforce_standard=True)``. When the elements it adds are there
+    (Implementation Version Name, and the Type 1 ones with a value) and so are those it
+    requires, it only decodes these (to see that they have a value), as here by tag: pydicom
+    looks each up by keyword. (Only group 2 elements: a FileMetaDataset holds no other.)"""
+    if _IMPLEMENTATION_VERSION_NAME in meta and all(
+        tag in meta and not meta[tag].is_empty for tag in _TYPE_1_META
+    ):
+        return
+    validate_file_meta(meta, enforce_standard=True)
 
 
 def _encode(

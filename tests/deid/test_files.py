@@ -201,3 +201,38 @@ def test_the_file_preamble_is_never_copied(tmp_path: Path) -> None:
     out = io.BytesIO()
     dcmwrite(out, again, enforce_file_format=True)
     assert out.getvalue()[:128] == bytes(128)
+
+
+@pytest.mark.parametrize("header_bytes", [1_000, 1_100_000])
+def test_a_header_is_read_as_pydicom_reads_the_file(tmp_path: Path, header_bytes: int) -> None:
+    """A file of up to 1 MiB is parsed in memory, a longer one from the file: either way the
+    data set and the span are those of pydicom reading the file."""
+    (source,) = make_series(tmp_path / "in", 1, rows=256)  # 128 KiB of pixel data
+    ds = dcmread(source)
+    ds.add_new(0x00091001, "OB", b"\x01" * header_bytes)  # a private value of that length
+    ds.save_as(source, enforce_file_format=True)
+    expected = dcmread(source, stop_before_pixels=True)
+    header, span = read_header(source)
+    assert span is not None
+    assert span.offset == source.read_bytes().index(b"\xe0\x7f\x10\x00OW")
+    before_pixels = [tag for tag in header.keys() if tag < span.tag]  # noqa: SIM118
+    assert before_pixels == list(expected.keys())
+    for tag in before_pixels:  # as read (raw: tag, VR, length, value, offset in the file)
+        assert header.get_item(tag) == expected.get_item(tag)
+    assert header.file_meta == expected.file_meta
+    assert header[0x00091001].value == b"\x01" * header_bytes
+
+
+def test_a_header_cut_short_by_the_end_of_the_file_is_refused(tmp_path: Path) -> None:
+    """Parsed in memory, a file that ends within a value of its header is still refused."""
+    from anonproxy.deid.instance import deidentify_file
+    from anonproxy.errors import StructureError
+
+    (source,) = make_series(tmp_path / "in", 1, rows=64)
+    ds = dcmread(source, stop_before_pixels=True)
+    ds.add_new(0x00091001, "OB", b"\x01" * 100_000)
+    ds.save_as(source, enforce_file_format=True)
+    data = source.read_bytes()
+    source.write_bytes(data[: data.index(b"\x01" * 16) + 90_000])  # within the private value
+    with pytest.raises(StructureError, match="truncated"):
+        deidentify_file(ENGINE, source, tmp_path / "out.dcm")

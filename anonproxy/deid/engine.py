@@ -102,7 +102,7 @@ from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
-from anonproxy.deid.structure import dictionary_sequence, held_elements
+from anonproxy.deid.structure import decoded, dictionary_sequence, get_decoded, held_elements
 from anonproxy.deid.tables import (
     any_iod_paths,
     iod_types,
@@ -469,9 +469,9 @@ class Deidentifier:
                 for tag, keyword in _SELF_CHECK_UID_TAGS.items()
             }
             original_sop = original_uids[_SOP_INSTANCE_UID]
-            burned_in = ds.get(_BURNED_IN_ANNOTATION)
+            burned_in = get_decoded(ds, _BURNED_IN_ANNOTATION)
             burned_in_value = str(burned_in.value) if burned_in is not None else None
-            patient_id = ds.get(_PATIENT_ID)
+            patient_id = get_decoded(ds, _PATIENT_ID)
             originals = StudyValues.of(ds)
             ids = self.identifying_values(ds)
             original_id = str(patient_id.value or "") if patient_id is not None else ""
@@ -543,7 +543,7 @@ class Deidentifier:
 
     @staticmethod
     def _required_uid(ds: Dataset, tag: int, keyword: str) -> str:
-        elem = ds.get(tag)
+        elem = get_decoded(ds, tag)
         value = elem.value if elem is not None else None
         if not isinstance(value, str) or not value.strip("\x00 "):
             raise DeidentificationError(f"missing or invalid {keyword} {_tag_text(tag)}")
@@ -707,7 +707,7 @@ class Deidentifier:
             self._keep(ds, tag, parents, run, mode)
             run.counts[action] += 1
             return
-        elem = ds[tag]
+        elem = decoded(ds, tag)
         if action is ActionCode.Z:
             elem.value = Sequence() if elem.VR == VR.SQ else empty_value_for_VR(elem.VR)
         elif action is ActionCode.D:
@@ -733,7 +733,7 @@ class Deidentifier:
     ) -> None:
         """K: the value stays, decoded (the writer encodes it as pydicom would: trailing
         padding normalised); a sequence's items are walked."""
-        elem = ds[tag]
+        elem = decoded(ds, tag)
         if elem.VR == VR.SQ:
             self._walk_items(elem, parents, run, mode)
 
@@ -876,7 +876,7 @@ class Deidentifier:
     ) -> None:
         """Apply a user rule; a value the action cannot take is removed (never kept)."""
         action = rule.action
-        elem = ds[tag]
+        elem = decoded(ds, tag)
         vr = _first_vr(elem.VR)
         done = True
         if action is RuleAction.REMOVE:

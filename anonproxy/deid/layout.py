@@ -46,9 +46,9 @@ same data set; the layout decisions:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import Any
 
 from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.dataelem import DataElement, RawDataElement
@@ -59,7 +59,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from anonproxy.deid.structure import held_elements
+from anonproxy.deid.structure import get_decoded, held_elements
 
 #: Explicit VRs whose header has two reserved bytes and a 4-byte length (PS3.5 7.1.2): OB, OD,
 #: OF, OL, OV, OW, SQ, SV, UC, UN, UR, UT, UV.
@@ -101,6 +101,7 @@ _TYPE_1_META = (
 )
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,12 @@ class Layout:
     its raw elements are then the received bytes."""
 
     syntax: UID
+    implicit: bool = field(init=False)  # of the syntax, read once (UID's are lookups)
+    little: bool = field(init=False)
 
-    @cached_property
-    def implicit(self) -> bool:
-        return bool(self.syntax.is_implicit_VR)
-
-    @cached_property
-    def little(self) -> bool:
-        return bool(self.syntax.is_little_endian)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "implicit", bool(self.syntax.is_implicit_VR))
+        object.__setattr__(self, "little", bool(self.syntax.is_little_endian))
 
 
 def _delimiter(tag: tuple[int, int], endian: str) -> bytes:
@@ -133,7 +132,7 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     meta = getattr(ds, "file_meta", None)
     if (
         meta is None
-        or meta.get("TransferSyntaxUID") != layout.syntax
+        or _value(meta, _TRANSFER_SYNTAX_UID) != layout.syntax
         or ds.original_encoding != (layout.implicit, layout.little)
         or ds.original_character_set != ds._character_set  # pydicom's own test
         or meta.original_encoding != (False, True)  # else pydicom re-encodes the meta too
@@ -141,7 +140,7 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     ):
         return None
     implicit, little = layout.implicit, layout.little
-    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    encodings = _value(ds, _SPECIFIC_CHARACTER_SET, default_encoding)
     codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
     pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
     elements = sorted(((int(t), e) for t, e in held_elements(ds)), key=itemgetter(0))
@@ -192,6 +191,12 @@ def _encode_elements(  # noqa: PLR0917 - _encode_element's arguments, and where 
         append(_encode_element(element, implicit, little, codecs, encodings))
 
 
+def _value(ds: Dataset, tag: int, default: Any = None) -> Any:  # noqa: ANN401 - any value
+    """``ds.get(keyword, default)`` by tag (pydicom's keyword look-up costs more)."""
+    element = get_decoded(ds, tag)
+    return element.value if element is not None else default
+
+
 def _preamble(ds: Dataset) -> bytes:
     preamble = getattr(ds, "preamble", None) or _PREAMBLE
     if len(preamble) != len(_PREAMBLE):
@@ -204,14 +209,14 @@ def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
     makes before writing it; the elements it changes are new objects."""
     copy = FileMetaDataset()
     for received in meta.keys():  # noqa: SIM118 - get_item keeps what pydicom has not decoded
-        if received != _GROUP_LENGTH:
+        if int(received) != _GROUP_LENGTH:  # int: a BaseTag compares in Python
             copy[received] = meta.get_item(received)
     for tag, source in (
         (_MEDIA_SOP_CLASS, _SOP_CLASS_UID),
         (_MEDIA_SOP_INSTANCE, _SOP_INSTANCE_UID),
     ):
-        current = copy.get(tag)
-        wanted = ds.get(source)
+        current = get_decoded(copy, tag)
+        wanted = get_decoded(ds, source)
         value = wanted.value if wanted is not None else None
         if current is None or (value and value != current.value):
             copy[tag] = DataElement(tag, "UI", value)
@@ -337,7 +342,7 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
         or item.original_character_set != item._character_set  # pydicom's own test
     ):
         return None
-    encodings = item.get("SpecificCharacterSet", codecs)
+    encodings = _value(item, _SPECIFIC_CHARACTER_SET, codecs)
     inner = convert_encodings(encodings or [default_encoding])
     pieces: list[bytes] = []
     _encode_elements(

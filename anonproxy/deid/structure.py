@@ -6,18 +6,23 @@ element, and refuses one whose sequences nest deeper than a limit (``listen.max_
 :data:`DEFAULT_MAX_SEQUENCE_DEPTH` by default), with an unknown VR, a truncated value, an odd
 value length (PS3.5 7.1.1) or a Specific Character Set (0008,0005) term pydicom does not know.
 Messages name the element's tag and the limit, never a value.
+
+:func:`decoded` (and :func:`get_decoded`) is how the engine reads an element: as
+``dataset[tag]``, for less.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
+import pydicom
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
+from pydicom.valuerep import AMBIGUOUS_VR
 from pydicom.valuerep import VR as VR_
 
 from anonproxy.errors import LimitExceeded, StructureError
@@ -29,6 +34,15 @@ DEFAULT_MAX_SEQUENCE_DEPTH = 16
 _VRS = frozenset(str(vr) for vr in VR_)
 #: The VRs an element still as received may be a sequence with: none (implicit VR), SQ, UN.
 _MAYBE_SEQUENCE = frozenset({None, "SQ", "UN"})
+#: Raw elements that pydicom's __getitem__ does more with than convert (see decoded): its
+#: sequences, UN (perhaps another VR), ambiguous VRs (corrected), the character set (decoded
+#: in the default one), pixel data (its array reset) and private data elements (their creator)
+_CONVERTED_APART = frozenset({"SQ", "UN", *(str(vr) for vr in AMBIGUOUS_VR)})
+_SPECIFIC_CHARACTER_SET = 0x00080005
+#: The pydicom whose Dataset.__getitem__ and __setitem__ decoded mirrors (the pinned one)
+_MIRRORED_PYDICOM = "3.0.2"
+_MIRRORS_PYDICOM = pydicom.__version__ == _MIRRORED_PYDICOM
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 def _is_sequence(raw: RawDataElement | DataElement) -> bool:
@@ -65,6 +79,45 @@ def held_elements(dataset: Dataset) -> list[tuple[BaseTag, RawDataElement | Data
         else:
             held.append((key, element))
     return held
+
+
+def decoded(dataset: Dataset, key: int) -> DataElement:
+    """``dataset[key]``: the element, converted from its raw form on first access (KeyError
+    when absent). pydicom's ``__getitem__`` looks a converted element up three more times and
+    stores it through ``__setitem__``'s checks; for the elements most data sets hold (public,
+    received with a VR that is not SQ, UN or ambiguous, not the character set or pixel data)
+    this makes the same conversion, by the same function, and stores it directly. Any other
+    element goes through pydicom, and so does every element with another pydicom than the one
+    this mirrors (:data:`_MIRRORED_PYDICOM`)."""
+    if not _MIRRORS_PYDICOM:
+        return dataset[key]
+    store = cast("dict[int, Any]", dataset._dict)  # pydicom's own
+    held = store[key]
+    if held.__class__ is DataElement:
+        return held
+    tag = int(key)
+    if (
+        held.__class__ is not RawDataElement
+        or held.value is None
+        or held.VR is None
+        or held.VR in _CONVERTED_APART
+        or tag >> 16 & 1
+        or tag == _SPECIFIC_CHARACTER_SET
+        or tag in _PIXEL_DATA_TAGS
+    ):
+        return dataset[key]
+    encoding = dataset.original_character_set or dataset._character_set  # as __getitem__
+    element = convert_raw_data_element(held, encoding=encoding, ds=dataset)
+    store[key] = element  # as __setitem__ stores a public element
+    return element
+
+
+def get_decoded(dataset: Dataset, tag: int) -> DataElement | None:
+    """``dataset.get(tag)`` for an int *tag*, by :func:`decoded`: None when absent."""
+    try:
+        return decoded(dataset, tag)
+    except KeyError:
+        return None
 
 
 def _known_character_sets(dataset: Dataset) -> bool:

@@ -6,6 +6,7 @@ import io
 import struct
 import tracemalloc
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,47 @@ def test_a_header_cut_short_by_the_end_of_the_file_is_refused(tmp_path: Path) ->
     source.write_bytes(data[: data.index(b"\x01" * 16) + 90_000])  # within the private value
     with pytest.raises(StructureError, match="truncated"):
         deidentify_file(ENGINE, source, tmp_path / "out.dcm")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_decoded_converts_every_element_as_pydicom_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decoded(ds, tag) leaves every data set, item and file meta of the readable test files as
+    ds[tag] does: the same elements (VR, value, offset), of the same types; and it is
+    ds[tag] itself with another pydicom than the one it mirrors."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    from anonproxy.deid import structure
+    from anonproxy.deid.structure import decoded, get_decoded
+
+    def walk(ds: Dataset, read: Callable[[Dataset, int], DataElement]) -> None:
+        for tag in list(ds.keys()):
+            element = read(ds, tag)
+            if element.VR == "SQ":
+                for item in element.value:
+                    walk(item, read)
+
+    compared = 0
+    for path in _readable_test_files():
+        by_pydicom, by_engine = dcmread(path, force=True), dcmread(path, force=True)
+        for dataset in (by_pydicom, by_pydicom.file_meta):
+            walk(dataset, lambda ds, tag: ds[tag])
+        for dataset in (by_engine, by_engine.file_meta):
+            walk(dataset, decoded)
+        assert by_engine == by_pydicom, path.name
+        assert by_engine.file_meta == by_pydicom.file_meta, path.name
+        for tag in by_pydicom.keys():  # noqa: SIM118
+            expected, got = by_pydicom.get_item(tag), by_engine.get_item(tag)
+            assert type(got) is type(expected), path.name
+            assert type(got.value) is type(expected.value), path.name
+            assert (got.VR, got.file_tell) == (expected.VR, expected.file_tell), path.name
+            compared += 1
+    assert compared > 5000
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    assert get_decoded(ds, 0x00100010) is ds[0x00100010]
+    assert get_decoded(ds, 0x00101234) is None
+    monkeypatch.setattr(structure, "_MIRRORS_PYDICOM", False)
+    calls: list[object] = []
+    monkeypatch.setattr(Dataset, "__getitem__", lambda ds, key: calls.append(key))
+    decoded(ds, 0x00100020)
+    assert calls == [0x00100020]

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
 from types import MappingProxyType
+from typing import Final
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import (
@@ -140,6 +141,8 @@ _META_REMOVED = frozenset(
     }
 )
 
+#: VR members bound once (see _AS_RECEIVED)
+_SQ, _UI = VR.SQ, VR.UI
 #: VRs of text values (person names apart).
 _TEXT_VRS = frozenset({VR.AE, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UR, VR.UT})
 _BINARY_VRS = frozenset({VR.OB, VR.OD, VR.OF, VR.OL, VR.OV, VR.OW, VR.UN})
@@ -239,6 +242,17 @@ class _Kept(Enum):
 
     AS_RECEIVED = "as received"  # explicit VR, not a sequence: never decoded
     WALKED = "walked"  # a sequence, or implicit VR: decoded, items walked
+
+
+#: Members bound once: an attribute of an enum class costs ~0.1 us a look-up, and the walk and
+#: _apply look them up for every element
+_AS_RECEIVED: Final = _Kept.AS_RECEIVED
+_WALKED: Final = _Kept.WALKED
+_X: Final = ActionCode.X
+_K: Final = ActionCode.K
+_Z: Final = ActionCode.Z
+_D: Final = ActionCode.D
+_U: Final = ActionCode.U
 
 
 class _Mode(Enum):
@@ -570,13 +584,13 @@ class Deidentifier:
                 kept = tag in kept_private
                 if rule is None and not kept:  # most private data elements: as _private
                     del ds[key]
-                    run.counts[ActionCode.X] += 1
+                    run.counts[_X] += 1
                 else:
                     self._private(ds, key, rule, parents, run, kept=kept)
                 continue
             if not tag & 0xFFFF:  # group length
                 del ds[key]
-                run.counts[ActionCode.X] += 1
+                run.counts[_X] += 1
                 continue
             if rules is not None and (rule := self._public_rule(tag)) is not None:
                 self._apply_rule(ds, key, rule, parents, run, mode=mode)
@@ -589,9 +603,9 @@ class Deidentifier:
                 decision = self._decide(tag, held_vr, parents, run, mode)
                 if len(decisions) < _MAX_DECISIONS:
                     decisions[(tag, held_vr)] = decision
-            if decision is _Kept.AS_RECEIVED:
+            if decision is _AS_RECEIVED:
                 continue
-            if decision is _Kept.WALKED:
+            if decision is _WALKED:
                 self._keep(ds, key, parents, run, mode)  # decoded, items walked
                 continue
             self._apply(ds, key, decision, parents, run, mode=mode)
@@ -699,20 +713,20 @@ class Deidentifier:
         *,
         mode: _Mode,
     ) -> None:
-        if action is ActionCode.X:
+        if action is _X:
             del ds[tag]
             run.counts[action] += 1
             return
-        if action is ActionCode.K:
+        if action is _K:
             self._keep(ds, tag, parents, run, mode)
             run.counts[action] += 1
             return
         elem = decoded(ds, tag)
-        if action is ActionCode.Z:
-            elem.value = Sequence() if elem.VR == VR.SQ else empty_value_for_VR(elem.VR)
-        elif action is ActionCode.D:
+        if action is _Z:
+            elem.value = Sequence() if elem.VR == _SQ else empty_value_for_VR(elem.VR)
+        elif action is _D:
             self._dummy(elem, parents, run)
-        elif action is ActionCode.U:
+        elif action is _U:
             self._map_uids(elem, parents, run, mode)
         elif not self._clean(elem, parents, run, mode):
             # cannot clean this value: fall back to the Basic Profile code of the row, or to a
@@ -734,7 +748,7 @@ class Deidentifier:
         """K: the value stays, decoded (the writer encodes it as pydicom would: trailing
         padding normalised); a sequence's items are walked."""
         elem = decoded(ds, tag)
-        if elem.VR == VR.SQ:
+        if elem.VR == _SQ:
             self._walk_items(elem, parents, run, mode)
 
     def _walk_items(
@@ -772,7 +786,7 @@ class Deidentifier:
         keyword = _keyword(tag)
         if not keyword or (_unknown_or_retired(tag) and tag not in self._retired_kept):
             return ActionCode.X
-        if vr == VR.SQ:
+        if vr == _SQ:
             return None  # its items are walked, in the mode of its position
         if (
             mode is not _Mode.TABLE
@@ -810,7 +824,7 @@ class Deidentifier:
             return self._date_code(vr, ActionCode.D)
         if vr in _TEXT_VRS or vr in (VR.PN, VR.AS):
             return ActionCode.D
-        if vr == VR.UI:
+        if vr == _UI:
             return ActionCode.U
         return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
 
@@ -819,7 +833,7 @@ class Deidentifier:
             return ActionCode.K if vr == VR.TM or self._full_dates else ActionCode.C
         if vr in _TEXT_VRS:
             return ActionCode.C
-        if vr in (VR.PN, VR.UI):  # a name left after cleaning would still be a name
+        if vr in (VR.PN, _UI):  # a name left after cleaning would still be a name
             return ActionCode.D if vr == VR.PN else ActionCode.U
         return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
 
@@ -884,10 +898,10 @@ class Deidentifier:
         elif action is RuleAction.KEEP:
             self._keep(ds, tag, parents, run, mode)
         elif action is RuleAction.EMPTY:
-            elem.value = Sequence() if vr == VR.SQ else empty_value_for_VR(elem.VR)
+            elem.value = Sequence() if vr == _SQ else empty_value_for_VR(elem.VR)
         elif action is RuleAction.DUMMY:
             self._dummy(elem, parents, run)
-        elif vr == VR.SQ or isinstance(elem.value, bytes | bytearray):
+        elif vr == _SQ or isinstance(elem.value, bytes | bytearray):
             done = False  # the value actions need values, not items or bytes
         elif action is RuleAction.REPLACE:
             done = self._rule_replace(elem, vr, rule)
@@ -921,7 +935,7 @@ class Deidentifier:
         return True
 
     def _rule_hash(self, elem: DataElement, vr: str, run: _Run) -> bool:
-        if vr == VR.UI:
+        if vr == _UI:
             self._map_uids(elem, (), run, _Mode.TABLE)
             return True
         if vr not in _STRING_VRS:
@@ -948,9 +962,9 @@ class Deidentifier:
     def _dummy(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
         """D: a dummy value; a sequence keeps its items, their content dummied."""
         vr = _first_vr(elem.VR)
-        if vr == VR.SQ:
+        if vr == _SQ:
             self._walk_items(elem, parents, run, _Mode.DUMMY)
-        elif vr == VR.UI:
+        elif vr == _UI:
             values = [v for v in _uid_values(elem)] or [f"anonproxy-dummy:{elem.tag:08X}"]
             elem.value = _as_value([self._map_uid(v, elem.tag, run) for v in values])
         else:
@@ -965,10 +979,10 @@ class Deidentifier:
     def _map_uids(
         self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode
     ) -> None:
-        if elem.VR == VR.SQ:
+        if elem.VR == _SQ:
             self._walk_items(elem, parents, run, mode)
             return
-        if elem.VR != VR.UI:
+        if elem.VR != _UI:
             raise DeidentificationError(f"cannot map UID of {_where(elem.tag)}: VR is not UI")
         values = _uid_values(elem)
         if values:
@@ -979,10 +993,10 @@ class Deidentifier:
         sequence keeps its items, their content cleaned (dummied inside dummied content)."""
         vr = _first_vr(elem.VR)
         cleaned = True
-        if vr == VR.SQ:
+        if vr == _SQ:
             inner = _Mode.DUMMY if mode is _Mode.DUMMY else _Mode.CLEAN
             self._walk_items(elem, parents, run, inner)
-        elif vr == VR.UI:
+        elif vr == _UI:
             self._map_uids(elem, parents, run, mode)
         elif vr in (VR.DA, VR.DT):
             cleaned = self._shift_dates(elem, vr, run)

@@ -17,13 +17,16 @@ from functools import lru_cache
 from typing import Any, cast
 
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
 from pydicom.valuerep import VR as VR_
+from pydicom.values import convert_value
 
 from anonproxy.errors import LimitExceeded, StructureError
 
@@ -43,6 +46,11 @@ _SPECIFIC_CHARACTER_SET = 0x00080005
 _MIRRORED_PYDICOM = "3.0.2"
 _MIRRORS_PYDICOM = pydicom.__version__ == _MIRRORED_PYDICOM
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: LUT descriptors: pydicom's value hook corrects their first value
+_LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_RAW_ELEMENT_VR = pydicom_hooks.raw_element_vr
+_RAW_ELEMENT_VALUE = pydicom_hooks.raw_element_value
 
 
 def _is_sequence(raw: RawDataElement | DataElement) -> bool:
@@ -84,10 +92,12 @@ def decoded(dataset: Dataset, key: int) -> DataElement:
     """``dataset[key]``: the element, converted from its raw form on first access (KeyError
     when absent). pydicom's ``__getitem__`` looks a converted element up three more times and
     stores it through ``__setitem__``'s checks; for the elements most data sets hold (public,
-    received with a VR that is not SQ, UN or ambiguous, not the character set or pixel data)
-    this makes the same conversion, by the same function, and stores it directly. Any other
-    element goes through pydicom, and so does every element with another pydicom than the one
-    this mirrors (:data:`_MIRRORED_PYDICOM`)."""
+    received with a VR that is not SQ, UN or ambiguous, not the character set, pixel data or a
+    LUT descriptor) this makes the same conversion — the steps of pydicom's
+    ``convert_raw_data_element`` with its default hooks: ``convert_value``, then a
+    ``DataElement`` of the value as converted — and stores it directly. Any other element goes
+    through pydicom, and so does every element with another pydicom than the one this mirrors
+    (:data:`_MIRRORED_PYDICOM`), with other hooks, or whose value pydicom fails to convert."""
     if not _MIRRORS_PYDICOM:
         return dataset[key]
     store = cast("dict[int, Any]", dataset._dict)  # pydicom's own
@@ -103,12 +113,39 @@ def decoded(dataset: Dataset, key: int) -> DataElement:
         or tag >> 16 & 1
         or tag == _SPECIFIC_CHARACTER_SET
         or tag in _PIXEL_DATA_TAGS
+        or tag in _LUT_DESCRIPTORS
     ):
         return dataset[key]
     encoding = dataset.original_character_set or dataset._character_set  # as __getitem__
-    element = convert_raw_data_element(held, encoding=encoding, ds=dataset)
+    if _default_conversion():  # convert_raw_data_element's steps for these elements
+        try:
+            value = convert_value(held.VR, held, encoding)  # what the value hook calls
+        except Exception:  # noqa: BLE001 - pydicom's path raises, or makes it UN
+            return dataset[key]
+        element = DataElement(
+            held.tag,
+            held.VR,
+            value,
+            held.value_tell,
+            held.length == _UNDEFINED_LENGTH,
+            already_converted=True,
+        )
+    else:
+        element = convert_raw_data_element(held, encoding=encoding, ds=dataset)
     store[key] = element  # as __setitem__ stores a public element
     return element
+
+
+def _default_conversion() -> bool:
+    """True while pydicom converts raw elements with its own hooks and no callback: for an
+    element with a VR that is not UN, the VR hook keeps it and the value hook is
+    ``convert_value`` (but for LUT descriptors, which decoded leaves to pydicom)."""
+    return (
+        not pydicom_config.data_element_callback
+        and not pydicom_hooks.raw_element_kwargs
+        and pydicom_hooks.raw_element_vr is _RAW_ELEMENT_VR
+        and pydicom_hooks.raw_element_value is _RAW_ELEMENT_VALUE
+    )
 
 
 def get_decoded(dataset: Dataset, tag: int) -> DataElement | None:

@@ -276,6 +276,15 @@ def test_decoded_converts_every_element_as_pydicom_does(monkeypatch: pytest.Monk
     ds = dcmread(get_testdata_file("CT_small.dcm"))
     assert get_decoded(ds, 0x00100010) is ds[0x00100010]
     assert get_decoded(ds, 0x00101234) is None
+    from pydicom.hooks import hooks
+
+    converted: list[object] = []
+    monkeypatch.setattr(hooks, "raw_element_kwargs", {"unused": True})  # not pydicom's default
+    monkeypatch.setattr(
+        structure, "convert_raw_data_element", lambda raw, **_: converted.append(raw.tag)
+    )
+    decoded(ds, 0x00100030)  # Patient's Birth Date, raw: converted by pydicom's hooks
+    assert converted == [0x00100030]
     monkeypatch.setattr(structure, "_MIRRORS_PYDICOM", False)
     calls: list[object] = []
     monkeypatch.setattr(Dataset, "__getitem__", lambda ds, key: calls.append(key))

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
 from types import MappingProxyType
+from typing import Final
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import (
@@ -89,6 +90,7 @@ from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
@@ -101,7 +103,7 @@ from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
-from anonproxy.deid.structure import dictionary_sequence, held_elements
+from anonproxy.deid.structure import decoded, dictionary_sequence, get_decoded, held_elements
 from anonproxy.deid.tables import (
     any_iod_paths,
     iod_types,
@@ -139,6 +141,8 @@ _META_REMOVED = frozenset(
     }
 )
 
+#: VR members bound once (see _AS_RECEIVED)
+_SQ, _UI = VR.SQ, VR.UI
 #: VRs of text values (person names apart).
 _TEXT_VRS = frozenset({VR.AE, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UR, VR.UT})
 _BINARY_VRS = frozenset({VR.OB, VR.OD, VR.OF, VR.OL, VR.OV, VR.OW, VR.UN})
@@ -238,6 +242,17 @@ class _Kept(Enum):
 
     AS_RECEIVED = "as received"  # explicit VR, not a sequence: never decoded
     WALKED = "walked"  # a sequence, or implicit VR: decoded, items walked
+
+
+#: Members bound once: an attribute of an enum class costs ~0.1 us a look-up, and the walk and
+#: _apply look them up for every element
+_AS_RECEIVED: Final = _Kept.AS_RECEIVED
+_WALKED: Final = _Kept.WALKED
+_X: Final = ActionCode.X
+_K: Final = ActionCode.K
+_Z: Final = ActionCode.Z
+_D: Final = ActionCode.D
+_U: Final = ActionCode.U
 
 
 class _Mode(Enum):
@@ -463,12 +478,14 @@ class Deidentifier:
         run: _Run | None = None
         try:
             sop_class = self._required_uid(ds, _SOP_CLASS_UID, "SOPClassUID")
-            original_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
-            self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
-            self._required_uid(ds, _SERIES_INSTANCE_UID, "SeriesInstanceUID")
-            burned_in = ds.get(_BURNED_IN_ANNOTATION)
+            original_uids = {
+                tag: self._required_uid(ds, tag, keyword)
+                for tag, keyword in _SELF_CHECK_UID_TAGS.items()
+            }
+            original_sop = original_uids[_SOP_INSTANCE_UID]
+            burned_in = get_decoded(ds, _BURNED_IN_ANNOTATION)
             burned_in_value = str(burned_in.value) if burned_in is not None else None
-            patient_id = ds.get(_PATIENT_ID)
+            patient_id = get_decoded(ds, _PATIENT_ID)
             originals = StudyValues.of(ds)
             ids = self.identifying_values(ds)
             original_id = str(patient_id.value or "") if patient_id is not None else ""
@@ -483,7 +500,7 @@ class Deidentifier:
                 run.pseudonyms = self._pseudonyms.pseudonyms(original_id)
             for tag, keyword in _SELF_CHECK_UID_TAGS.items():
                 if not self._kept_by_profile(tag):
-                    run.mapped_uids[self._required_uid(ds, tag, keyword)] = keyword
+                    run.mapped_uids[original_uids[tag]] = keyword
             self._walk(ds, (), run, _Mode.TABLE)
             new_sop = self._required_uid(ds, _SOP_INSTANCE_UID, "SOPInstanceUID")
             new_study = self._required_uid(ds, _STUDY_INSTANCE_UID, "StudyInstanceUID")
@@ -540,13 +557,15 @@ class Deidentifier:
 
     @staticmethod
     def _required_uid(ds: Dataset, tag: int, keyword: str) -> str:
-        elem = ds.get(tag)
+        elem = get_decoded(ds, tag)
         value = elem.value if elem is not None else None
         if not isinstance(value, str) or not value.strip("\x00 "):
             raise DeidentificationError(f"missing or invalid {keyword} {_tag_text(tag)}")
         return value.strip("\x00 ")
 
-    def _walk(self, ds: Dataset, parents: tuple[str, ...], run: _Run, mode: _Mode) -> None:
+    def _walk(  # noqa: PLR0912 - the dispatch of every element, inline
+        self, ds: Dataset, parents: tuple[str, ...], run: _Run, mode: _Mode
+    ) -> None:
         # The elements as held (none decoded); each key is the Dataset's own tag object, which
         # pydicom finds without comparing tags, and its int for the engine's own tables.
         elements = [(key, int(key), elem.VR) for key, elem in held_elements(ds)]
@@ -561,13 +580,17 @@ class Deidentifier:
         for key, tag, held_vr in elements:
             run.where = tag
             if (tag >> 16) & 1:
-                self._private(
-                    ds, key, private_rules.get(tag), parents, run, kept=tag in kept_private
-                )
+                rule = private_rules.get(tag)
+                kept = tag in kept_private
+                if rule is None and not kept:  # most private data elements: as _private
+                    del ds[key]
+                    run.counts[_X] += 1
+                else:
+                    self._private(ds, key, rule, parents, run, kept=kept)
                 continue
             if not tag & 0xFFFF:  # group length
                 del ds[key]
-                run.counts[ActionCode.X] += 1
+                run.counts[_X] += 1
                 continue
             if rules is not None and (rule := self._public_rule(tag)) is not None:
                 self._apply_rule(ds, key, rule, parents, run, mode=mode)
@@ -580,9 +603,9 @@ class Deidentifier:
                 decision = self._decide(tag, held_vr, parents, run, mode)
                 if len(decisions) < _MAX_DECISIONS:
                     decisions[(tag, held_vr)] = decision
-            if decision is _Kept.AS_RECEIVED:
+            if decision is _AS_RECEIVED:
                 continue
-            if decision is _Kept.WALKED:
+            if decision is _WALKED:
                 self._keep(ds, key, parents, run, mode)  # decoded, items walked
                 continue
             self._apply(ds, key, decision, parents, run, mode=mode)
@@ -690,20 +713,20 @@ class Deidentifier:
         *,
         mode: _Mode,
     ) -> None:
-        if action is ActionCode.X:
+        if action is _X:
             del ds[tag]
             run.counts[action] += 1
             return
-        if action is ActionCode.K:
+        if action is _K:
             self._keep(ds, tag, parents, run, mode)
             run.counts[action] += 1
             return
-        elem = ds[tag]
-        if action is ActionCode.Z:
-            elem.value = Sequence() if elem.VR == VR.SQ else empty_value_for_VR(elem.VR)
-        elif action is ActionCode.D:
+        elem = decoded(ds, tag)
+        if action is _Z:
+            elem.value = Sequence() if elem.VR == _SQ else empty_value_for_VR(elem.VR)
+        elif action is _D:
             self._dummy(elem, parents, run)
-        elif action is ActionCode.U:
+        elif action is _U:
             self._map_uids(elem, parents, run, mode)
         elif not self._clean(elem, parents, run, mode):
             # cannot clean this value: fall back to the Basic Profile code of the row, or to a
@@ -724,8 +747,8 @@ class Deidentifier:
     ) -> None:
         """K: the value stays, decoded (the writer encodes it as pydicom would: trailing
         padding normalised); a sequence's items are walked."""
-        elem = ds[tag]
-        if elem.VR == VR.SQ:
+        elem = decoded(ds, tag)
+        if elem.VR == _SQ:
             self._walk_items(elem, parents, run, mode)
 
     def _walk_items(
@@ -763,7 +786,7 @@ class Deidentifier:
         keyword = _keyword(tag)
         if not keyword or (_unknown_or_retired(tag) and tag not in self._retired_kept):
             return ActionCode.X
-        if vr == VR.SQ:
+        if vr == _SQ:
             return None  # its items are walked, in the mode of its position
         if (
             mode is not _Mode.TABLE
@@ -801,7 +824,7 @@ class Deidentifier:
             return self._date_code(vr, ActionCode.D)
         if vr in _TEXT_VRS or vr in (VR.PN, VR.AS):
             return ActionCode.D
-        if vr == VR.UI:
+        if vr == _UI:
             return ActionCode.U
         return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
 
@@ -810,7 +833,7 @@ class Deidentifier:
             return ActionCode.K if vr == VR.TM or self._full_dates else ActionCode.C
         if vr in _TEXT_VRS:
             return ActionCode.C
-        if vr in (VR.PN, VR.UI):  # a name left after cleaning would still be a name
+        if vr in (VR.PN, _UI):  # a name left after cleaning would still be a name
             return ActionCode.D if vr == VR.PN else ActionCode.U
         return ActionCode.X if vr in _BINARY_VRS else ActionCode.K
 
@@ -867,7 +890,7 @@ class Deidentifier:
     ) -> None:
         """Apply a user rule; a value the action cannot take is removed (never kept)."""
         action = rule.action
-        elem = ds[tag]
+        elem = decoded(ds, tag)
         vr = _first_vr(elem.VR)
         done = True
         if action is RuleAction.REMOVE:
@@ -875,10 +898,10 @@ class Deidentifier:
         elif action is RuleAction.KEEP:
             self._keep(ds, tag, parents, run, mode)
         elif action is RuleAction.EMPTY:
-            elem.value = Sequence() if vr == VR.SQ else empty_value_for_VR(elem.VR)
+            elem.value = Sequence() if vr == _SQ else empty_value_for_VR(elem.VR)
         elif action is RuleAction.DUMMY:
             self._dummy(elem, parents, run)
-        elif vr == VR.SQ or isinstance(elem.value, bytes | bytearray):
+        elif vr == _SQ or isinstance(elem.value, bytes | bytearray):
             done = False  # the value actions need values, not items or bytes
         elif action is RuleAction.REPLACE:
             done = self._rule_replace(elem, vr, rule)
@@ -912,7 +935,7 @@ class Deidentifier:
         return True
 
     def _rule_hash(self, elem: DataElement, vr: str, run: _Run) -> bool:
-        if vr == VR.UI:
+        if vr == _UI:
             self._map_uids(elem, (), run, _Mode.TABLE)
             return True
         if vr not in _STRING_VRS:
@@ -939,9 +962,9 @@ class Deidentifier:
     def _dummy(self, elem: DataElement, parents: tuple[str, ...], run: _Run) -> None:
         """D: a dummy value; a sequence keeps its items, their content dummied."""
         vr = _first_vr(elem.VR)
-        if vr == VR.SQ:
+        if vr == _SQ:
             self._walk_items(elem, parents, run, _Mode.DUMMY)
-        elif vr == VR.UI:
+        elif vr == _UI:
             values = [v for v in _uid_values(elem)] or [f"anonproxy-dummy:{elem.tag:08X}"]
             elem.value = _as_value([self._map_uid(v, elem.tag, run) for v in values])
         else:
@@ -956,10 +979,10 @@ class Deidentifier:
     def _map_uids(
         self, elem: DataElement, parents: tuple[str, ...], run: _Run, mode: _Mode
     ) -> None:
-        if elem.VR == VR.SQ:
+        if elem.VR == _SQ:
             self._walk_items(elem, parents, run, mode)
             return
-        if elem.VR != VR.UI:
+        if elem.VR != _UI:
             raise DeidentificationError(f"cannot map UID of {_where(elem.tag)}: VR is not UI")
         values = _uid_values(elem)
         if values:
@@ -970,10 +993,10 @@ class Deidentifier:
         sequence keeps its items, their content cleaned (dummied inside dummied content)."""
         vr = _first_vr(elem.VR)
         cleaned = True
-        if vr == VR.SQ:
+        if vr == _SQ:
             inner = _Mode.DUMMY if mode is _Mode.DUMMY else _Mode.CLEAN
             self._walk_items(elem, parents, run, inner)
-        elif vr == VR.UI:
+        elif vr == _UI:
             self._map_uids(elem, parents, run, mode)
         elif vr in (VR.DA, VR.DT):
             cleaned = self._shift_dates(elem, vr, run)
@@ -1013,13 +1036,13 @@ class Deidentifier:
             if tag in _META_REMOVED:
                 del meta[tag]
                 run.counts[ActionCode.X] += 1
-        meta.MediaStorageSOPInstanceUID = new_sop
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        _set(meta, "MediaStorageSOPInstanceUID", new_sop)
+        _set(meta, "ImplementationClassUID", IMPLEMENTATION_CLASS_UID)
+        _set(meta, "ImplementationVersionName", IMPLEMENTATION_VERSION_NAME)
 
     def _update(self, ds: Dataset) -> None:
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = list(self._method)
+        _set(ds, "PatientIdentityRemoved", "YES")
+        _set(ds, "DeidentificationMethod", list(self._method))
         items = []
         for code in self._method_codes:
             item = Dataset()  # the elements setattr would make, without its keyword lookups
@@ -1027,8 +1050,32 @@ class Deidentifier:
             item.add_new(_CODING_SCHEME_DESIGNATOR, VR.SH, code.scheme_designator)
             item.add_new(_CODE_MEANING, VR.LO, code.meaning)
             items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        ds.LongitudinalTemporalInformationModified = self._longitudinal
+        _set(ds, "DeidentificationMethodCodeSequence", Sequence(items))
+        _set(ds, "LongitudinalTemporalInformationModified", self._longitudinal)
+
+
+#: Tag and dictionary VR of the attributes the engine sets (:func:`_set`)
+_SET_BY_KEYWORD: dict[str, tuple[BaseTag, str]] = {
+    keyword: (BaseTag(tag_for_keyword(keyword) or 0), str(dictionary_VR(keyword)))
+    for keyword in (
+        "MediaStorageSOPInstanceUID", "ImplementationClassUID", "ImplementationVersionName",
+        "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified",
+    )
+}  # fmt: skip
+
+
+def _set(ds: Dataset, keyword: str, value: object) -> None:
+    """``setattr(ds, keyword, value)`` without pydicom's keyword look-ups (the engine sets
+    these for every instance): the value of the element there replaced, else a new element
+    of the dictionary VR."""
+    tag, vr = _SET_BY_KEYWORD[keyword]
+    if tag in ds:
+        element = ds[tag]
+        element.value = value
+    else:
+        element = DataElement(tag, vr, value)
+    ds[tag] = element
 
 
 def _meaningful(text: str) -> str:

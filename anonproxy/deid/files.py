@@ -29,6 +29,7 @@ import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +52,8 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _COPY_CHUNK = 1 << 20
 _INFLATE_CHUNK = 64 * 1024
+#: A file up to this size is read into memory to parse its header (see _read_until_pixels)
+_IN_MEMORY_BYTES = 1 << 20
 
 _DECODE_ERRORS = (
     InvalidDicomError,
@@ -147,7 +150,7 @@ def read_received(
     try:
         with source.open("rb") as handle:
             try:
-                ds = dcmread(handle, stop_before_pixels=True)
+                ds = _read_until_pixels(handle)
             except InvalidDicomError:
                 return read_instance(source), None, None
             syntax = ds.file_meta.get("TransferSyntaxUID")
@@ -174,6 +177,19 @@ def read_received(
     except _DECODE_ERRORS:
         raise DecodeError("source is not a readable DICOM file") from None
     return ds, span, layout
+
+
+def _read_until_pixels(handle: BinaryIO) -> Dataset:
+    """``dcmread(handle, stop_before_pixels=True)``, the handle left where it stopped. A file
+    of at most :data:`_IN_MEMORY_BYTES` is read into memory first: pydicom parses a buffer
+    faster than a file (the same bytes: the same data set, or the same error); a larger one,
+    whose pixel data should not be read, is parsed from the file."""
+    if os.fstat(handle.fileno()).st_size > _IN_MEMORY_BYTES:
+        return dcmread(handle, stop_before_pixels=True)
+    buffer = BytesIO(handle.read())
+    ds = dcmread(buffer, stop_before_pixels=True)
+    handle.seek(buffer.tell())
+    return ds
 
 
 def _pixel_span(handle: BinaryIO, source: Path, implicit: bool, little: bool) -> PixelSpan | None:
@@ -288,29 +304,32 @@ def write_spliced(
             check(encode_without_pixels(ds))
             dcmwrite(target, ds, enforce_file_format=True)
         return None
-    trailing = Dataset({t: ds.get_item(t) for t in ds.keys() if t > span.tag})  # noqa: SIM118
+    # int(): a BaseTag compares in Python; most data sets have nothing after the pixel data
+    after = [t for t in ds.keys() if int(t) > span.tag]  # noqa: SIM118
+    trailing = Dataset({t: ds.get_item(t) for t in after}) if after else None
     header = encode_changed(ds, layout, span.tag) if layout is not None else None
     if header is None:
         header = _encode_whole(ds, trailing)
-    tail = _encode_elements(trailing, ds) if len(trailing) else b""
+    tail = _encode_elements(trailing, ds) if trailing is not None else b""
     if check is not None:
-        check(header + tail)
+        check(header + tail if tail else header)
     target.write(header)
     _copy_range(span, target)
     target.write(tail)
     return len(header) + span.header
 
 
-def _encode_whole(ds: Dataset, trailing: Dataset) -> bytes:
+def _encode_whole(ds: Dataset, trailing: Dataset | None) -> bytes:
     """The preamble, file meta and elements of *ds* but *trailing*, encoded by pydicom."""
-    for tag in trailing.keys():  # noqa: SIM118
+    removed = {t: trailing.get_item(t) for t in trailing.keys()} if trailing else {}  # noqa: SIM118
+    for tag in removed:
         del ds[tag]
     try:
         header = DicomBytesIO()
         dcmwrite(header, ds, enforce_file_format=True)
     finally:
-        for tag in trailing.keys():  # noqa: SIM118 - give the caller back its data set
-            ds[tag] = trailing.get_item(tag)
+        for tag, element in removed.items():  # give the caller back its data set
+            ds[tag] = element
     return header.getvalue()
 
 
@@ -383,7 +402,8 @@ def write_instance(
     and where the copied pixel data value starts (see :func:`write_spliced`); *layout* as for
     :func:`write_spliced`."""
     dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.parent.is_dir():  # one stat: mkdir of an existing folder raises and is caught
+        dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

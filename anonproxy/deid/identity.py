@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 
 from pydicom import Dataset
 
+from anonproxy.deid.structure import get_decoded
+
 #: The top-level attributes recorded, as (keyword, tag).
 IDENTIFYING: tuple[tuple[str, int], ...] = (
     ("patient_id", 0x00100020),
@@ -39,7 +41,7 @@ class StudyValues:
         """The values of *ds* (its top level), as text, trailing padding removed."""
         values: dict[str, str] = {}
         for name, tag in IDENTIFYING:
-            elem = ds.get(tag)
+            elem = get_decoded(ds, tag)
             value = "" if elem is None or elem.value is None else str(elem.value)
             values[name] = value.strip("\x00 ")
         return cls(**values)

@@ -63,7 +63,7 @@ from anonproxy.deid.pixels import (
     first_rule,
     triage,
 )
-from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure
+from anonproxy.deid.structure import DEFAULT_MAX_SEQUENCE_DEPTH, check_structure, get_decoded
 from anonproxy.errors import (
     AnonproxyError,
     DecodeError,
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 _ENCAPSULATED_DOCUMENT = 0x00420011
 _PIXEL_DATA = 0x7FE00010
+_MODALITY = 0x00080060
 
 #: Where the de-identified file goes: a path, or a function of the result that names it (e.g.
 #: ``OUT/<study>/<series>/<instance>.dcm`` from the new UIDs).
@@ -320,7 +321,8 @@ def _read(
             source, max_inflated_bytes=limits.max_inflated_bytes
         )
         check_structure(dataset, limits.max_sequence_depth)
-        modality = str(dataset.get("Modality", "") or "")
+        element = get_decoded(dataset, _MODALITY)  # dataset.get("Modality"), by tag
+        modality = str(element.value or "") if element is not None else ""
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError
         raise InputUnreadable(exc.errno, exc.strerror) from None
     except AnonproxyError:

@@ -46,8 +46,9 @@ same data set; the layout decisions:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import Any
 
 from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.dataelem import DataElement, RawDataElement
@@ -58,7 +59,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-from anonproxy.deid.structure import held_elements
+from anonproxy.deid.structure import get_decoded, held_elements
 
 #: Explicit VRs whose header has two reserved bytes and a 4-byte length (PS3.5 7.1.2): OB, OD,
 #: OF, OL, OV, OW, SQ, SV, UC, UN, UR, UT, UV.
@@ -87,9 +88,20 @@ _GROUP_LENGTH = 0x00020000
 _VERSION = 0x00020001
 _MEDIA_SOP_CLASS = 0x00020002
 _MEDIA_SOP_INSTANCE = 0x00020003
+_TRANSFER_SYNTAX_UID = 0x00020010
 _IMPLEMENTATION_CLASS_UID = 0x00020012
+_IMPLEMENTATION_VERSION_NAME = 0x00020013
+#: What validate_file_meta reads, in its order: the Type 1 file meta elements
+_TYPE_1_META = (
+    _VERSION,
+    _IMPLEMENTATION_CLASS_UID,
+    _MEDIA_SOP_CLASS,
+    _MEDIA_SOP_INSTANCE,
+    _TRANSFER_SYNTAX_UID,
+)
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 
 @dataclass(frozen=True)
@@ -99,14 +111,12 @@ class Layout:
     its raw elements are then the received bytes."""
 
     syntax: UID
+    implicit: bool = field(init=False)  # of the syntax, read once (UID's are lookups)
+    little: bool = field(init=False)
 
-    @property
-    def implicit(self) -> bool:
-        return bool(self.syntax.is_implicit_VR)
-
-    @property
-    def little(self) -> bool:
-        return bool(self.syntax.is_little_endian)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "implicit", bool(self.syntax.is_implicit_VR))
+        object.__setattr__(self, "little", bool(self.syntax.is_little_endian))
 
 
 def _delimiter(tag: tuple[int, int], endian: str) -> bytes:
@@ -122,7 +132,7 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     meta = getattr(ds, "file_meta", None)
     if (
         meta is None
-        or meta.get("TransferSyntaxUID") != layout.syntax
+        or _value(meta, _TRANSFER_SYNTAX_UID) != layout.syntax
         or ds.original_encoding != (layout.implicit, layout.little)
         or ds.original_character_set != ds._character_set  # pydicom's own test
         or meta.original_encoding != (False, True)  # else pydicom re-encodes the meta too
@@ -130,7 +140,7 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
     ):
         return None
     implicit, little = layout.implicit, layout.little
-    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    encodings = _value(ds, _SPECIFIC_CHARACTER_SET, default_encoding)
     codecs = convert_encodings(encodings or [default_encoding])  # as write_data_element
     pieces = [_preamble(ds), b"DICM", _encode_file_meta(_file_meta(ds, meta))]
     elements = sorted(((int(t), e) for t, e in held_elements(ds)), key=itemgetter(0))
@@ -181,6 +191,12 @@ def _encode_elements(  # noqa: PLR0917 - _encode_element's arguments, and where 
         append(_encode_element(element, implicit, little, codecs, encodings))
 
 
+def _value(ds: Dataset, tag: int, default: Any = None) -> Any:  # noqa: ANN401 - any value
+    """``ds.get(keyword, default)`` by tag (pydicom's keyword look-up costs more)."""
+    element = get_decoded(ds, tag)
+    return element.value if element is not None else default
+
+
 def _preamble(ds: Dataset) -> bytes:
     preamble = getattr(ds, "preamble", None) or _PREAMBLE
     if len(preamble) != len(_PREAMBLE):
@@ -193,14 +209,14 @@ def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
     makes before writing it; the elements it changes are new objects."""
     copy = FileMetaDataset()
     for received in meta.keys():  # noqa: SIM118 - get_item keeps what pydicom has not decoded
-        if received != _GROUP_LENGTH:
+        if int(received) != _GROUP_LENGTH:  # int: a BaseTag compares in Python
             copy[received] = meta.get_item(received)
     for tag, source in (
         (_MEDIA_SOP_CLASS, _SOP_CLASS_UID),
         (_MEDIA_SOP_INSTANCE, _SOP_INSTANCE_UID),
     ):
-        current = copy.get(tag)
-        wanted = ds.get(source)
+        current = get_decoded(copy, tag)
+        wanted = get_decoded(ds, source)
         value = wanted.value if wanted is not None else None
         if current is None or (value and value != current.value):
             copy[tag] = DataElement(tag, "UI", value)
@@ -214,13 +230,25 @@ def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
 def _encode_file_meta(meta: FileMetaDataset) -> bytes:
     """*meta* completed as ``write_file_meta_info(..., enforce_standard=True)`` completes it,
     encoded in Explicit VR Little Endian behind its group length."""
-    validate_file_meta(meta, enforce_standard=True)
+    _validate_file_meta(meta)
     body = b"".join(
         _encode_element(element, False, True, _DEFAULT_CODECS, None)
         for tag, element in sorted(((int(t), e) for t, e in meta.items()), key=itemgetter(0))
         if tag != _GROUP_LENGTH
     )
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _validate_file_meta(meta: FileMetaDataset) -> None:
+    """``validate_file_meta(meta, enforce_standard=True)``. When the elements it adds are there
+    (Implementation Version Name, and the Type 1 ones with a value) and so are those it
+    requires, it only decodes these (to see that they have a value), as here by tag: pydicom
+    looks each up by keyword. (Only group 2 elements: a FileMetaDataset holds no other.)"""
+    if _IMPLEMENTATION_VERSION_NAME in meta and all(
+        tag in meta and not meta[tag].is_empty for tag in _TYPE_1_META
+    ):
+        return
+    validate_file_meta(meta, enforce_standard=True)
 
 
 def _encode(
@@ -314,7 +342,7 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
         or item.original_character_set != item._character_set  # pydicom's own test
     ):
         return None
-    encodings = item.get("SpecificCharacterSet", codecs)
+    encodings = _value(item, _SPECIFIC_CHARACTER_SET, codecs)
     inner = convert_encodings(encodings or [default_encoding])
     pieces: list[bytes] = []
     _encode_elements(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 from datetime import date
 
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from anonproxy.deid import Deidentifier, Profile
 from anonproxy.deid.dates import DateShifter
+from anonproxy.deid.selfcheck import first_uid
 from anonproxy.errors import DeidentificationError
 
 from .helpers import (
@@ -180,3 +183,20 @@ def test_identifiers_that_look_like_markers_are_searched_as_themselves(patient_i
     ds.StudyDescription = "routine"
     Deidentifier(Profile.from_options(["clean_descriptors"]), secret=SECRET).deidentify(ds)
     assert ds.StudyDescription == "routine"
+
+
+def test_first_uid_is_the_first_whole_uid_token() -> None:
+    """first_uid finds what the regular expression of UID tokens finds first, scanning left to
+    right, on random data made of UIDs, digits, dots, a letter and NUL."""
+    token = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+    rng = random.Random(1234)
+    uids = ["1.2", "1.2.3", "2.3", "12.3", "3.45", "1.2.3.4", "x.1", "1..2", "5"]
+    pieces = [b"1.2", b"1.2.3", b"2.3", b"3.45", b".", b"..", b"1", b"45", b"a", b"\x00"]
+    found = 0
+    for _ in range(20_000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        chosen = rng.sample(uids, rng.randrange(1, 5))
+        expected = next((t.decode() for t in token.findall(data) if t.decode() in chosen), None)
+        assert first_uid(data, chosen) == expected, (data, chosen)
+        found += expected is not None
+    assert found > 2000

@@ -6,6 +6,7 @@ import io
 import struct
 import tracemalloc
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,91 @@ def test_the_file_preamble_is_never_copied(tmp_path: Path) -> None:
     out = io.BytesIO()
     dcmwrite(out, again, enforce_file_format=True)
     assert out.getvalue()[:128] == bytes(128)
+
+
+@pytest.mark.parametrize("header_bytes", [1_000, 1_100_000])
+def test_a_header_is_read_as_pydicom_reads_the_file(tmp_path: Path, header_bytes: int) -> None:
+    """A file of up to 1 MiB is parsed in memory, a longer one from the file: either way the
+    data set and the span are those of pydicom reading the file."""
+    (source,) = make_series(tmp_path / "in", 1, rows=256)  # 128 KiB of pixel data
+    ds = dcmread(source)
+    ds.add_new(0x00091001, "OB", b"\x01" * header_bytes)  # a private value of that length
+    ds.save_as(source, enforce_file_format=True)
+    expected = dcmread(source, stop_before_pixels=True)
+    header, span = read_header(source)
+    assert span is not None
+    assert span.offset == source.read_bytes().index(b"\xe0\x7f\x10\x00OW")
+    before_pixels = [tag for tag in header.keys() if tag < span.tag]  # noqa: SIM118
+    assert before_pixels == list(expected.keys())
+    for tag in before_pixels:  # as read (raw: tag, VR, length, value, offset in the file)
+        assert header.get_item(tag) == expected.get_item(tag)
+    assert header.file_meta == expected.file_meta
+    assert header[0x00091001].value == b"\x01" * header_bytes
+
+
+def test_a_header_cut_short_by_the_end_of_the_file_is_refused(tmp_path: Path) -> None:
+    """Parsed in memory, a file that ends within a value of its header is still refused."""
+    from anonproxy.deid.instance import deidentify_file
+    from anonproxy.errors import StructureError
+
+    (source,) = make_series(tmp_path / "in", 1, rows=64)
+    ds = dcmread(source, stop_before_pixels=True)
+    ds.add_new(0x00091001, "OB", b"\x01" * 100_000)
+    ds.save_as(source, enforce_file_format=True)
+    data = source.read_bytes()
+    source.write_bytes(data[: data.index(b"\x01" * 16) + 90_000])  # within the private value
+    with pytest.raises(StructureError, match="truncated"):
+        deidentify_file(ENGINE, source, tmp_path / "out.dcm")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_decoded_converts_every_element_as_pydicom_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decoded(ds, tag) leaves every data set, item and file meta of the readable test files as
+    ds[tag] does: the same elements (VR, value, offset), of the same types; and it is
+    ds[tag] itself with another pydicom than the one it mirrors."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    from anonproxy.deid import structure
+    from anonproxy.deid.structure import decoded, get_decoded
+
+    def walk(ds: Dataset, read: Callable[[Dataset, int], DataElement]) -> None:
+        for tag in list(ds.keys()):
+            element = read(ds, tag)
+            if element.VR == "SQ":
+                for item in element.value:
+                    walk(item, read)
+
+    compared = 0
+    for path in _readable_test_files():
+        by_pydicom, by_engine = dcmread(path, force=True), dcmread(path, force=True)
+        for dataset in (by_pydicom, by_pydicom.file_meta):
+            walk(dataset, lambda ds, tag: ds[tag])
+        for dataset in (by_engine, by_engine.file_meta):
+            walk(dataset, decoded)
+        assert by_engine == by_pydicom, path.name
+        assert by_engine.file_meta == by_pydicom.file_meta, path.name
+        for tag in by_pydicom.keys():  # noqa: SIM118
+            expected, got = by_pydicom.get_item(tag), by_engine.get_item(tag)
+            assert type(got) is type(expected), path.name
+            assert type(got.value) is type(expected.value), path.name
+            assert (got.VR, got.file_tell) == (expected.VR, expected.file_tell), path.name
+            compared += 1
+    assert compared > 5000
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    assert get_decoded(ds, 0x00100010) is ds[0x00100010]
+    assert get_decoded(ds, 0x00101234) is None
+    from pydicom.hooks import hooks
+
+    converted: list[object] = []
+    monkeypatch.setattr(hooks, "raw_element_kwargs", {"unused": True})  # not pydicom's default
+    monkeypatch.setattr(
+        structure, "convert_raw_data_element", lambda raw, **_: converted.append(raw.tag)
+    )
+    decoded(ds, 0x00100030)  # Patient's Birth Date, raw: converted by pydicom's hooks
+    assert converted == [0x00100030]
+    monkeypatch.setattr(structure, "_MIRRORS_PYDICOM", False)
+    calls: list[object] = []
+    monkeypatch.setattr(Dataset, "__getitem__", lambda ds, key: calls.append(key))
+    decoded(ds, 0x00100020)
+    assert calls == [0x00100020]

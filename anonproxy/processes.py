@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import select
+import time
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
@@ -50,16 +51,30 @@ def child_context() -> ForkServerContext:
     return forkserver
 
 
-def wait_for_exit(pid: int) -> None:
-    """Block until the process *pid* has ended (at once if it has already)."""
+def wait_for_exit(pid: int, *, poll_s: float = 1.0) -> None:
+    """Block until the process *pid* has ended (at once if it has already): by its pidfd, or
+    by looking at it every *poll_s* seconds on a kernel without them (before Linux 5.3)."""
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
+        return
+    except OSError:  # ENOSYS
+        while _exists(pid):
+            time.sleep(poll_s)
         return
     try:
         select.select([handle], [], [])
     finally:
         os.close(handle)
+
+
+def _exists(pid: int) -> bool:
+    """Whether *pid* is a process that has not ended (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
 
 
 def available_cores(cpu_max: Path = CPU_MAX) -> int:

@@ -4,18 +4,20 @@ signals sent to a whole process group nor outliving the process that started it.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
 
-from anonproxy.processes import available_cores, child_context
+from anonproxy.processes import available_cores, child_context, wait_for_exit
 
 from peers import running, wait_for
 
@@ -101,3 +103,26 @@ def test_available_cores_are_the_affinity_within_the_cgroup_quota(
     affinity = len(os.sched_getaffinity(0))
     wanted = affinity if expected == "affinity" else min(affinity, int(expected))
     assert available_cores(path) == wanted
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_wait_for_exit_returns_when_the_process_ends(
+    monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    """By the process's pidfd, or by looking every poll_s seconds (Linux before 5.3 has no
+    pidfd_open: ENOSYS)."""
+    if not pidfd:
+
+        def no_pidfd(pid: int) -> int:
+            raise OSError(errno.ENOSYS, "pidfd_open")
+
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    try:
+        wait_for_exit(sleeper.pid, poll_s=0.05)  # returns once it has ended, not yet reaped
+        assert not running(sleeper.pid)
+    finally:
+        sleeper.wait()
+    reaped = time.monotonic()
+    wait_for_exit(sleeper.pid, poll_s=0.05)  # gone: at once
+    assert time.monotonic() - reaped < 0.5

@@ -235,12 +235,13 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
 def cmd_deidentify(args: argparse.Namespace) -> int:
     """De-identify files or folders offline, with the same engine as the proxy."""
     from anonproxy import offline  # noqa: PLC0415 - keep start-up light
+    from anonproxy.processes import available_cores  # noqa: PLC0415
 
     settings = _settings(args)
     secret = _secret(settings)
     work = offline.tasks(args.inputs, args.output)
     outcomes: Iterable[str] = offline.deidentify(
-        settings, secret.value, work, args.jobs or os.cpu_count() or 1
+        settings, secret.value, work, args.jobs or available_cores()
     )
     if not args.quiet:
         from tqdm import tqdm  # noqa: PLC0415
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     deid.add_argument("inputs", nargs="+", type=Path, help="input files or folders (recursive)")
     deid.add_argument("output", type=Path, help="output folder (or file, for one input file)")
     deid.add_argument(
-        "-j", "--jobs", type=int, default=0, help="worker processes (default: all cores)"
+        "-j", "--jobs", type=int, default=0, help="worker processes (default: one per core)"
     )
     deid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     deid.set_defaults(func=cmd_deidentify)

@@ -23,11 +23,9 @@ from peers import running, wait_for
 
 
 def _child_state() -> tuple[int, dict[str, object], list[str]]:
-    """In a child: its parent, its SIGTERM/SIGHUP/SIGINT actions, and which of the program's
+    """In a child: its parent, its SIGTERM/SIGHUP actions, and which of the program's
     modules it had before its task (the fork server's preload) — it imports nothing itself."""
-    actions = {
-        name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP", "SIGINT")
-    }
+    actions = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP")}
     preloaded = [m for m in ("anonproxy.service", "pynetdicom", "pydicom") if m in sys.modules]
     return os.getppid(), actions, preloaded
 
@@ -42,7 +40,6 @@ def test_a_child_starts_from_the_fork_server_with_the_program_imported_and_defau
     assert preloaded == ["anonproxy.service", "pynetdicom", "pydicom"]
     assert actions["SIGTERM"] == signal.SIG_DFL
     assert actions["SIGHUP"] == signal.SIG_DFL
-    assert actions["SIGINT"] == signal.default_int_handler  # as a spawned interpreter has
 
 
 def test_the_fork_server_outlives_group_signals_and_ends_with_its_starter() -> None:

@@ -103,7 +103,13 @@ from anonproxy.deid.profile import BASIC_PROFILE_CODE, Profile, ProfileOption
 from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
-from anonproxy.deid.structure import decoded, dictionary_sequence, get_decoded, held_elements
+from anonproxy.deid.structure import (
+    decoded,
+    dictionary_sequence,
+    get_decoded,
+    held_elements,
+)
+from anonproxy.deid.structure import dictionary_keyword as _keyword  # the walk's short name
 from anonproxy.deid.tables import (
     any_iod_paths,
     iod_types,
@@ -307,11 +313,6 @@ def _vr_of(held_vr: str | None, tag: int) -> str:
     if held_vr == VR.UN and dictionary_sequence(tag):
         return VR.SQ
     return _first_vr(str(held_vr)) if held_vr else (_first_vr(_dictionary_vr(tag)) or VR.UN)
-
-
-@lru_cache(maxsize=4096)
-def _keyword(tag: int) -> str:
-    return keyword_for_tag(tag)
 
 
 def _first_vr(vr: str) -> str:

@@ -49,7 +49,13 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
 
 from anonproxy.deid.actions import STRING_DUMMIES
-from anonproxy.deid.structure import decoded, dictionary_sequence, get_decoded, held_elements
+from anonproxy.deid.structure import (
+    decoded,
+    dictionary_keyword,
+    dictionary_sequence,
+    get_decoded,
+    held_elements,
+)
 
 MIN_LENGTH = 3
 #: Marks a telephone number among the identifying values (its digits follow): a character no
@@ -157,11 +163,6 @@ def _birth_date_forms(value: str) -> Iterator[str]:
 
 
 @lru_cache(maxsize=4096)
-def _keyword(tag: int) -> str:
-    return keyword_for_tag(tag)
-
-
-@lru_cache(maxsize=4096)
 def _dictionary_vr(tag: int) -> str:
     try:
         return str(dictionary_VR(tag))
@@ -218,7 +219,7 @@ def _collect(
             kind = _KINDS.get(tag, "name" if vr == _PN else None)
         if kind is None or kept(tag):
             continue
-        keyword = _keyword(tag) or "person identification code"
+        keyword = dictionary_keyword(tag) or "person identification code"
         for part in _parts(kind, decoded(ds, key).value):
             phone = kind in {"address", "phone"} and part.startswith(PHONE)
             if kind == "birth" or phone or (PHONE not in part and _searchable(part)):

@@ -19,7 +19,7 @@ from typing import Any, cast
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.hooks import hooks as pydicom_hooks
@@ -63,6 +63,13 @@ def _is_sequence(raw: RawDataElement | DataElement) -> bool:
     # implicit VR, or a sequence sent as UN (by a node that did not know it): pydicom decodes
     # it by the dictionary (replace_un_with_known_vr), items and all
     return not raw.tag.is_private and dictionary_sequence(raw.tag)
+
+
+@lru_cache(maxsize=4096)
+def dictionary_keyword(tag: int) -> str:
+    """The data dictionary's keyword of public attribute *tag* ("" if none), looked up once
+    per tag (the walk and the self-check ask for every element)."""
+    return keyword_for_tag(tag)
 
 
 @lru_cache(maxsize=4096)

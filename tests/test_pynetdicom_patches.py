@@ -273,6 +273,67 @@ def test_idle_reactors_look_rarely(reactor_waits: bool) -> None:
         assert min(counts) > 100
 
 
+def test_an_acceptor_waits_for_work_not_on_a_clock(reactor_waits: bool) -> None:
+    """While the acceptor's association thread runs a slow handler (de-identification), its DUL
+    thread does not wake every 1 ms (each wake took the GIL from the handler); nor does the
+    association thread while it waits for the next request, even just after one."""
+    done = threading.Event()
+
+    def slow_echo(_: evt.Event) -> int:
+        time.sleep(0.3)
+        done.set()
+        return 0x0000
+
+    ae = AE("PATCHES")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, slow_echo)]
+    )
+    requestor = AE("CALLER")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    try:
+        assert assoc.is_established
+        assert wait_for(lambda: len(server.active_associations) == 1, timeout=5, interval=0.01)
+        accepted = server.active_associations[0]
+        dul_loops = _count_calls(accepted.dul, "_is_transport_event")
+        echo = threading.Thread(target=assoc.send_c_echo)
+        echo.start()
+        assert done.wait(5)
+        during_handler = dul_loops[0]
+        association_loops = _count_calls(accepted.dimse, "get_msg")
+        echo.join(5)
+        time.sleep(0.08)  # active: an answer was just sent
+        after_answer = association_loops[0]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        server.shutdown()
+    if reactor_waits:
+        assert during_handler <= 0.3 / patches.IDLE_WAIT_S + 5
+        assert after_answer <= 0.08 / patches.IDLE_WAIT_S + 3
+    else:
+        assert during_handler > 100
+        assert after_answer > 30
+
+
+def test_a_release_request_wakes_the_acceptor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acceptor's association thread, waiting (here up to 5 s) for work, is woken by the
+    peer's A-RELEASE request: a sender that opens an association per instance is not held.
+    (No control: pynetdicom alone looks every 1 ms; this shows the patch's longer waits end.)"""
+    monkeypatch.setattr(patches, "IDLE_WAIT_S", 5.0)
+    with _echo_association() as (server, assoc):
+        assert assoc.send_c_echo().Status == 0x0000
+        time.sleep(patches.IDLE_AFTER_S * 2)
+        started = time.monotonic()
+        assoc.release()
+        released = time.monotonic() - started
+        assert assoc.is_released
+        assert wait_for(lambda: not server.active_associations, timeout=10, interval=0.01)
+    assert released < 1.0
+
+
 def test_a_send_wakes_an_idle_requestor_reactor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """``send_c_echo`` polls until the association thread has paused; an idle one (here made
     to look every 5 s) is woken when the send asks, not at its next look."""

@@ -259,9 +259,11 @@ class _Wakeup:
                     os.write(self._write_fd, b"\0")
 
     def clear(self) -> None:
-        with self._lock:  # before reading: a set() from now on writes again
+        # Read and reset at once: a set() between a reset and a read would have its byte read
+        # and leave the flag set, and every later set() would write nothing (a lost wake-up).
+        # The waker queues its work before set(); the DUL thread looks for it after clear().
+        with self._lock, contextlib.suppress(BlockingIOError):
             self._signalled = False
-        with contextlib.suppress(BlockingIOError):
             os.read(self.read_fd, 4096)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import ssl
 import struct
@@ -271,6 +272,34 @@ def test_idle_reactors_look_rarely(reactor_waits: bool) -> None:
         assert max(counts) <= 0.5 / patches.IDLE_WAIT_S + 5
     else:
         assert min(counts) > 100
+
+
+def test_a_wake_up_during_a_clear_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's set() that comes while the DUL thread clears the wake-up pipe still
+    wakes its next wait (it used to be read by that clear and leave the pipe silent for good:
+    every later wake-up of the association lost, each send then waiting out a time-out)."""
+    wakeup = patches._Wakeup()
+    read = os.read
+    setters: list[threading.Thread] = []
+
+    def read_after_a_set(fd: int, size: int) -> bytes:
+        setter = threading.Thread(target=wakeup.set)
+        setters.append(setter)
+        setter.start()
+        setter.join(0.2)  # blocked on the wake-up's lock, or done
+        return read(fd, size)
+
+    try:
+        wakeup.set()
+        monkeypatch.setattr(patches.os, "read", read_after_a_set)
+        wakeup.clear()
+        monkeypatch.setattr(patches.os, "read", read)
+        setters[0].join(5)
+        wakeup.set()  # and the next one
+        ready, _, _ = select.select([wakeup.read_fd], [], [], 0.5)
+        assert ready == [wakeup.read_fd]
+    finally:
+        wakeup.close()
 
 
 def test_an_acceptor_waits_for_work_not_on_a_clock(reactor_waits: bool) -> None:

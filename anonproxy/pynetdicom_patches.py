@@ -31,15 +31,15 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     ``send_pdu`` writes to when another thread hands it a primitive (forwarding to storescp:
     210 C-STOREs/s before, 270-290 after); the association thread of an acceptor waits on its
     DIMSE message queue's condition, which the DUL thread also notifies when it passes up an
-    A-RELEASE or A-ABORT request. With nothing to do for :data:`IDLE_AFTER_S`, each wakes
-    every :data:`IDLE_WAIT_S` instead of every delay (an idle forwarding association cost 7%
-    of a core waking every 1 ms). An acceptor's two threads wake every :data:`IDLE_WAIT_S`
-    at most even while active: every 1 ms, each wake took the GIL from the thread
-    de-identifying or decoding (one storescu association of MR: 103 -> 134 instances/s, 11.3
-    -> 9.1 ms of CPU per instance). A DUL thread is woken at once when it is told to stop, and
-    the association thread of a requestor when a sending thread asks it to pause (which
-    ``send_c_store`` polls for: it waited up to a loop delay per C-STORE). An acceptor whose
-    peer closed the connection before its association request ends at once
+    A-RELEASE or A-ABORT request; that of a requestor, until a sending thread asks it to pause
+    (which ``send_c_store`` polls for: it waited up to a loop delay per C-STORE). Nothing else
+    these threads act on needs a finer look, so a DUL thread and an acceptor's association
+    thread look every :data:`IDLE_WAIT_S` at most: every 1 ms, each wake took the GIL from the
+    thread de-identifying or decoding (one storescu association of MR: 103 -> 134 instances/s,
+    CPU 11.3 -> 9.1 ms per instance). A requestor's association thread does so once it has
+    had nothing to do for :data:`IDLE_AFTER_S` (an idle forwarding association cost 7% of a
+    core waking every 1 ms). A DUL thread is woken at once when it is told to stop. An
+    acceptor whose peer closed the connection before its association request ends at once
     (:func:`_release_waiting_acceptor`), not after ``acse_timeout``.
 ``response_race``
     The association thread of a requestor takes any message off the DIMSE queue, and the
@@ -279,19 +279,13 @@ _wakeups: weakref.WeakKeyDictionary[DULServiceProvider, _Wakeup] = weakref.WeakK
 
 def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], None]:
     """How a DUL thread sleeps: until its socket has data or another thread hands it work
-    (:func:`_wake`), at most its delay; at most :data:`IDLE_WAIT_S` once idle.
-
-    An acceptor's waits at most :data:`IDLE_WAIT_S` even while active: what else it acts on
-    needs no finer look (the ARTIM timer counts seconds), and its 1 ms delay woke it a dozen
-    times per instance while the association thread de-identified, each time taking the GIL
-    from it. (A requestor's DUL thread, woken the same way, still keeps its delay while
-    active: without it, forwarding slowed to a third.)"""
+    (:func:`_wake`), at most :data:`IDLE_WAIT_S`. Nothing else it acts on needs a finer look
+    (the ARTIM timer counts seconds); its 1 ms delay woke an acceptor's a dozen times per
+    instance while the association thread de-identified, each time taking the GIL from it."""
     reads_at_socket_wake: int | None = None  # set when the socket ended the last wait
-    active = time.monotonic()  # when a wait last ended with something to do
-    is_acceptor = dul.assoc.is_acceptor
 
     def wait(seconds: float) -> None:
-        nonlocal reads_at_socket_wake, active
+        nonlocal reads_at_socket_wake
         sock = dul.socket.socket if dul.socket is not None else None
         reads: int = _waiter.reads  # PDUs this DUL thread has read
         if sock is None or sock.fileno() < 0 or reads_at_socket_wake == reads:
@@ -302,13 +296,12 @@ def _dul_wait(dul: DULServiceProvider, wakeup: _Wakeup) -> Callable[[float], Non
         reads_at_socket_wake = None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data waiting in the SSL buffer: select cannot see it
-        timeout = max(seconds, IDLE_WAIT_S) if is_acceptor else _wait_s(seconds, active)
         try:
-            ready, _, _ = select.select([sock.fileno(), wakeup.read_fd], [], [], timeout)
+            ready, _, _ = select.select(
+                [sock.fileno(), wakeup.read_fd], [], [], max(seconds, IDLE_WAIT_S)
+            )
         except (OSError, ValueError):  # the socket was closed meanwhile: the loop will see it
             return
-        if ready:
-            active = time.monotonic()
         if wakeup.read_fd in ready:
             wakeup.clear()
         elif ready:

@@ -682,6 +682,39 @@ def test_received_data_sets_are_written_into_the_hooked_file(patched: bool, tmp_
 # --- the PDU guard ------------------------------------------------------------------------------
 
 
+class _CountedSocket:
+    """A socket whose ``recv_into`` calls are counted."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def recv_into(self, buffer: memoryview) -> int:
+        self.reads += 1
+        return self.sock.recv_into(buffer)
+
+
+def test_the_guard_reads_a_pdu_in_few_system_calls() -> None:
+    """A PDU body of 128 KiB waiting in the socket is read in a few calls, not pynetdicom's 32
+    reads of 4096 bytes (each with a poll); a peer that closes midway gives a short read."""
+    ours, peer = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        body = os.urandom(128 * 1024)
+        sender = threading.Thread(target=peer.sendall, args=(body + b"tail",))
+        sender.start()
+        counted = _CountedSocket(ours)
+        transport = type("Transport", (), {"socket": counted})()
+        assert patches._read(transport, len(body)) == body  # type: ignore[arg-type]
+        sender.join(5)
+        assert counted.reads <= 4
+        peer.close()
+        assert patches._read(transport, 100) == b"tail"  # type: ignore[arg-type]
+    finally:
+        ours.close()
+        peer.close()
+
+
 class _GuardedServer:
     """A pynetdicom acceptor; with *guarded*, each association behind a PduGuard."""
 

@@ -9,10 +9,17 @@ again for the same file (about 0.3 ms each per instance); :func:`read_file_meta`
 group's bytes once and decodes only the three UIDs. A file it cannot read this way (no preamble,
 an element of undefined length, a group longer than :data:`_READ_BYTES`) is read with pydicom's
 reader instead, so the result is the same for every file that reader accepts.
+
+:func:`encode_file_meta` is the other way: the group 0002 that pynetdicom writes at the start
+of each received data set's file, without building and validating a pydicom data set (~0.3 ms
+per instance in the thread that reads the association's socket). It encodes what pydicom's
+``write_file_meta_info`` writes, byte for byte, for the values it accepts (plain UIDs); anything
+else is left to pydicom.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +111,48 @@ def read_file_meta(path: Path) -> FileMeta:
     with path.open("rb") as handle:
         head = handle.read(_READ_BYTES)
     return _parse(head) or _read_with_pydicom(path)
+
+
+_PLAIN_UID = re.compile(r"[0-9.]{1,64}")
+_PLAIN_SH = re.compile(r"[ -\[\]-~]{0,16}")
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, Explicit VR Little Endian (PS3.5 7.1.2)."""
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    encoded = value.encode("ascii")
+    return encoded + pad if len(encoded) % 2 else encoded
+
+
+def encode_file_meta(
+    sop_class: str,
+    sop_instance: str,
+    transfer_syntax: str,
+    implementation_class: str,
+    implementation_version: str,
+) -> bytes | None:
+    """Group 0002 (after the preamble and ``DICM``) with these values and the File Meta
+    Information Version bytes 00 01: what pydicom's ``write_file_meta_info`` writes for them;
+    None unless every UID is plain (digits and dots, at most 64) and the version name printable
+    ASCII (no backslash) of at most 16 characters."""
+    uids = (sop_class, sop_instance, transfer_syntax, implementation_class)
+    if not all(_PLAIN_UID.fullmatch(uid) for uid in uids):
+        return None
+    if not _PLAIN_SH.fullmatch(implementation_version):
+        return None
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(_SOP_CLASS, b"UI", _padded(sop_class, b"\0")),
+            _element(_SOP_INSTANCE, b"UI", _padded(sop_instance, b"\0")),
+            _element(_TRANSFER_SYNTAX, b"UI", _padded(transfer_syntax, b"\0")),
+            _element(0x0012, b"UI", _padded(implementation_class, b"\0")),
+            _element(0x0013, b"SH", _padded(implementation_version, b" ")),
+        )
+    )
+    return _element(0x0000, b"UL", struct.pack("<L", len(body))) + body

@@ -7,11 +7,17 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pynetdicom.dsutils import split_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import create_file_meta, split_dataset
 
-from anonproxy.filemeta import FileMeta, _parse, read_file_meta
+from anonproxy.filemeta import FileMeta, _parse, encode_file_meta, read_file_meta
 
 
 def _pydicom_meta(path: Path) -> FileMeta:
@@ -74,3 +80,39 @@ def test_no_preamble_is_left_to_pydicom(tmp_path: Path) -> None:
     assert _parse(path.read_bytes()) is None
     with pytest.raises(Exception):  # noqa: B017, PT011 - pydicom's own error for such a file
         read_file_meta(path)
+
+
+_UIDS = st.from_regex(r"[0-9.]{1,64}", fullmatch=True)
+
+
+def _pydicom_encoded(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    buffer = DicomBytesIO()
+    write_file_meta_info(
+        buffer,
+        create_file_meta(
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(transfer_syntax),
+        ),
+    )
+    return bytes(buffer.getvalue())
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # "1..2": written all the same
+@given(_UIDS, _UIDS, _UIDS)
+@settings(max_examples=300, deadline=None)
+def test_encodes_what_pydicom_writes(sop_class: str, sop_instance: str, syntax: str) -> None:
+    """Byte for byte pynetdicom's file meta of a received data set, written by pydicom."""
+    encoded = encode_file_meta(
+        sop_class, sop_instance, syntax, PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )  # fmt: skip
+    assert encoded == _pydicom_encoded(sop_class, sop_instance, syntax)
+    parsed = _parse(b"\0" * 128 + b"DICM" + encoded)
+    assert parsed == FileMeta(sop_class, sop_instance, syntax, 132 + len(encoded))
+
+
+@pytest.mark.parametrize("uid", ["", "1.2.3a", "1." * 40, "1.2 ", "1.2\\3", "1.2\u00e9", "None"])
+def test_leaves_anything_but_plain_uids_to_pydicom(uid: str) -> None:
+    assert encode_file_meta(uid, "1.2", "1.2.840.10008.1.2", "1.2", "V") is None
+    assert encode_file_meta("1.2", "1.2", "1.2.840.10008.1.2", "1.2", "A\\B") is None

@@ -32,6 +32,8 @@ import pynetdicom.dul
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -96,6 +98,7 @@ response_race = _without("response_race")
 send_backpressure = _without("send_backpressure")
 idle_timer_latch = _without("idle_timer_latch")
 file_meta = _without("file_meta")
+received_file_meta = _without("received_file_meta")
 chunked_data_sets = _without("chunked_data_sets")
 
 
@@ -602,6 +605,44 @@ def test_a_file_is_sent_without_decoding_its_file_meta_with_pydicom(
         assoc.release()
     assert wait_for(lambda: len(storescp.files()) == 1, timeout=10)
     assert bool(decoded) is not file_meta
+
+
+# --- received_file_meta -------------------------------------------------------------------------
+
+
+def test_a_received_file_meta_is_written_without_a_pydicom_data_set(
+    received_file_meta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The received file starts with the same bytes; pynetdicom builds (and pydicom validates
+    and encodes) a FileMetaDataset for them."""
+    built: list[int] = []
+
+    class Counted(FileMetaDataset):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pynetdicom.dsutils, "FileMetaDataset", Counted)
+    heads: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        heads.append(Path(event.dataset_path).read_bytes()[:1024])
+        return 0x0000
+
+    _store_ct(on_store)
+    assert len(built) == (0 if received_file_meta else 1)
+    header = dcmread(CT, stop_before_pixels=True)
+    expected = DicomBytesIO()
+    write_file_meta_info(
+        expected,
+        pynetdicom.dsutils.create_file_meta(
+            sop_class_uid=header.SOPClassUID,
+            sop_instance_uid=header.SOPInstanceUID,
+            transfer_syntax=header.file_meta.TransferSyntaxUID,
+        ),
+    )
+    (head,) = heads
+    assert head.startswith(b"\0" * 128 + b"DICM" + expected.getvalue())
 
 
 # --- chunked_data_sets --------------------------------------------------------------------------

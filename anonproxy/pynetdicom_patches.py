@@ -557,7 +557,7 @@ def _apply_file_meta(set_: _Setter) -> None:
 
 @dataclass(frozen=True)
 class _EncodedFileMeta:
-    """The file meta of a received data set, already encoded (:func:`_create_file_meta`)."""
+    """The file meta of a received data set, already encoded (:func:`_apply_received_file_meta`)."""
 
     encoded: bytes
 

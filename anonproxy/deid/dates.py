@@ -18,12 +18,14 @@ _DA_RE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")
 _DT_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?(.*)", re.DOTALL)
 
 DEFAULT_SHIFT_DAYS = (-365, -1)
+_MAX_OFFSETS = 1024
 
 
 class DateShifter:
-    """Shifts DA and DT values by a keyed per-patient number of days (thread-safe, immutable)."""
+    """Shifts DA and DT values by a keyed per-patient number of days (thread-safe, immutable
+    but for a bounded memo of the offsets)."""
 
-    __slots__ = ("_high", "_low", "_secret")
+    __slots__ = ("_high", "_low", "_offsets", "_secret")
 
     def __init__(self, secret: bytes, shift_days: tuple[int, int] = DEFAULT_SHIFT_DAYS) -> None:
         low, high = shift_days
@@ -32,12 +34,22 @@ class DateShifter:
         self._secret = bytes(secret)
         self._low = low
         self._high = high
+        #: offset by Patient ID, at most _MAX_OFFSETS (emptied when full): the instances of a
+        #: study share it (a dictionary's get and set are atomic: any thread may fill it)
+        self._offsets: dict[str, int] = {}
 
     def offset_days(self, patient_id: str) -> int:
         """The shift, in days, of every date of the patient with ``patient_id``."""
+        offset = self._offsets.get(patient_id)
+        if offset is not None:
+            return offset
         digest = hmac.new(self._secret, b"date:" + patient_id.encode("utf-8"), hashlib.sha256)
         span = self._high - self._low + 1
-        return self._low + int.from_bytes(digest.digest()[:8], "big") % span
+        offset = self._low + int.from_bytes(digest.digest()[:8], "big") % span
+        if len(self._offsets) >= _MAX_OFFSETS:
+            self._offsets.clear()
+        self._offsets[patient_id] = offset
+        return offset
 
     @staticmethod
     def shift_da(value: str, days: int) -> str:

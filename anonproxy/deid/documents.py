@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Literal
+from functools import lru_cache
+from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from anonproxy.deid.structure import get_decoded
 from anonproxy.errors import DeidentificationError
 
 EncapsulatedDocumentPolicy = Literal["reject", "clean"]
@@ -48,14 +50,27 @@ def document_type(ds: Dataset) -> str | None:
     """The type of the document an instance of an encapsulated document SOP Class carries
     (``"PDF"``...), or None. (Encapsulated Document in any other instance is dummied by its
     Table E.1-1 row, D.)"""
-    sop_class = str(ds.get(_SOP_CLASS_UID).value if _SOP_CLASS_UID in ds else "").strip("\0 ")
+    element = get_decoded(ds, _SOP_CLASS_UID)
+    sop_class = str(element.value if element is not None else "").strip("\0 ")
     return DOCUMENT_TYPES.get(sop_class)
 
 
-def is_video(transfer_syntax: str | None) -> bool:
+def is_video(transfer_syntax: object) -> bool:
     """True for the MPEG-2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes (PS3.5 8.2.5-8)."""
     if not transfer_syntax:
         return False
+    if isinstance(transfer_syntax, str):
+        return _video_uid(str(transfer_syntax))
+    return _video_name(transfer_syntax)  # not a string: as pydicom's UID() takes it
+
+
+@lru_cache(maxsize=256)
+def _video_uid(transfer_syntax: str) -> bool:
+    """:func:`_video_name`, once per UID (its name is a look-up in pydicom's dictionary)."""
+    return _video_name(transfer_syntax)
+
+
+def _video_name(transfer_syntax: Any) -> bool:  # noqa: ANN401 - what pydicom's UID() takes
     name = UID(transfer_syntax).name
     return any(word in name for word in ("MPEG", "HEVC", "H.264", "H.265"))
 

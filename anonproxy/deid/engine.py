@@ -86,7 +86,7 @@ from pydicom.datadict import (
     keyword_for_tag,
     tag_for_keyword,
 )
-from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -104,10 +104,12 @@ from anonproxy.deid.pseudonyms import Pseudonymizer
 from anonproxy.deid.rules import Rule, RuleAction, RuleHasher, first_match
 from anonproxy.deid.selfcheck import IdentifyingValues, SelfCheck
 from anonproxy.deid.structure import (
+    MIRRORS_PYDICOM as _MIRRORS_PYDICOM,
+)
+from anonproxy.deid.structure import (
     decoded,
     dictionary_sequence,
     get_decoded,
-    held_elements,
 )
 from anonproxy.deid.structure import dictionary_keyword as _keyword  # the walk's short name
 from anonproxy.deid.tables import (
@@ -569,7 +571,13 @@ class Deidentifier:
     ) -> None:
         # The elements as held (none decoded); each key is the Dataset's own tag object, which
         # pydicom finds without comparing tags, and its int for the engine's own tables.
-        elements = [(key, int(key), elem.VR) for key, elem in held_elements(ds)]
+        # (held_elements(ds), in the same pass: an element held without a value is converted)
+        elements = [
+            (key, int(key), held.VR)
+            if held.__class__ is not RawDataElement or held.value is not None
+            else (key, int(key), ds[key].VR)  # noqa: PLR1733 - indexing converts it
+            for key, held in ds.items()
+        ]
         private_rules: dict[int, Rule] = {}
         kept_private: frozenset[int] = frozenset()
         if (self._retain_safe_private or self._private_rules) and any(
@@ -1044,16 +1052,27 @@ class Deidentifier:
     def _update(self, ds: Dataset) -> None:
         _set(ds, "PatientIdentityRemoved", "YES")
         _set(ds, "DeidentificationMethod", list(self._method))
-        items = []
-        for code in self._method_codes:
-            item = Dataset()  # the elements setattr would make, without its keyword lookups
-            item.add_new(_CODE_VALUE, VR.SH, code.value)
-            item.add_new(_CODING_SCHEME_DESIGNATOR, VR.SH, code.scheme_designator)
-            item.add_new(_CODE_MEANING, VR.LO, code.meaning)
-            items.append(item)
+        items = [
+            # the elements setattr would make (add_new's), given to the Dataset as its own
+            # dictionary: without its keyword look-ups and __setitem__'s checks
+            Dataset(
+                {
+                    _CODE_VALUE_TAG: DataElement(_CODE_VALUE_TAG, _SH, code.value),
+                    _SCHEME_TAG: DataElement(_SCHEME_TAG, _SH, code.scheme_designator),
+                    _MEANING_TAG: DataElement(_MEANING_TAG, _LO, code.meaning),
+                }
+            )
+            for code in self._method_codes
+        ]
         _set(ds, "DeidentificationMethodCodeSequence", Sequence(items))
         _set(ds, "LongitudinalTemporalInformationModified", self._longitudinal)
 
+
+#: The elements of a De-identification Method Code Sequence item, by tag (:meth:`_update`)
+_CODE_VALUE_TAG = BaseTag(_CODE_VALUE)
+_SCHEME_TAG = BaseTag(_CODING_SCHEME_DESIGNATOR)
+_MEANING_TAG = BaseTag(_CODE_MEANING)
+_SH, _LO = VR.SH, VR.LO
 
 #: Tag and dictionary VR of the attributes the engine sets (:func:`_set`)
 _SET_BY_KEYWORD: dict[str, tuple[BaseTag, str]] = {
@@ -1071,11 +1090,15 @@ def _set(ds: Dataset, keyword: str, value: object) -> None:
     these for every instance): the value of the element there replaced, else a new element
     of the dictionary VR."""
     tag, vr = _SET_BY_KEYWORD[keyword]
-    if tag in ds:
-        element = ds[tag]
+    store = ds._dict  # pydicom's own
+    if tag in store:
+        element = decoded(ds, tag)
         element.value = value
     else:
         element = DataElement(tag, vr, value)
+        if vr != _SQ and _MIRRORS_PYDICOM:  # as __setitem__ stores a public element
+            store[tag] = element
+            return
     ds[tag] = element
 
 

@@ -39,12 +39,12 @@ class StudyValues:
     @classmethod
     def of(cls, ds: Dataset) -> StudyValues:
         """The values of *ds* (its top level), as text, trailing padding removed."""
-        values: dict[str, str] = {}
-        for name, tag in IDENTIFYING:
+        values: list[str] = []
+        for _, tag in IDENTIFYING:  # the order of the fields
             elem = get_decoded(ds, tag)
-            value = "" if elem is None or elem.value is None else str(elem.value)
-            values[name] = value.strip("\x00 ")
-        return cls(**values)
+            value = None if elem is None else elem.value
+            values.append("" if value is None else str(value).strip("\x00 "))
+        return cls(*values)
 
     def __repr__(self) -> str:  # values of a data set (originals, or pseudonyms): never shown
         return "StudyValues(<redacted>)"

@@ -35,7 +35,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 _ENCAPSULATED_DOCUMENT = 0x00420011
 _PIXEL_DATA = 0x7FE00010
 _MODALITY = 0x00080060
+_TRANSFER_SYNTAX_UID = 0x00020010
 
 #: Where the de-identified file goes: a path, or a function of the result that names it (e.g.
 #: ``OUT/<study>/<series>/<instance>.dcm`` from the new UIDs).
@@ -124,7 +125,7 @@ def check_policy(engine: Deidentifier, dataset: Dataset) -> DataElement | None:
     if profile.burned_in_annotation == "reject" and declares_burned_in_annotation(dataset):
         raise PolicyRefusal("burned-in annotation refused by policy")
     meta = getattr(dataset, "file_meta", None)
-    if profile.video == "reject" and is_video(meta.get("TransferSyntaxUID") if meta else None):
+    if profile.video == "reject" and is_video(_syntax(meta) if meta else None):
         raise PolicyRefusal("video transfer syntax refused by policy (pixel data not checked)")
     kind = document_type(dataset)
     if kind is None:
@@ -136,6 +137,12 @@ def check_policy(engine: Deidentifier, dataset: Dataset) -> DataElement | None:
         raise DeidentificationError(f"encapsulated {kind} document names someone ({found})")
     received = dataset[_ENCAPSULATED_DOCUMENT]
     return DataElement(received.tag, received.VR, bytes(received.value))  # the engine dummies it
+
+
+def _syntax(meta: Dataset) -> Any:  # noqa: ANN401 - the UID, or what pydicom made of it
+    """``meta.get("TransferSyntaxUID")``, by tag."""
+    element = get_decoded(meta, _TRANSFER_SYNTAX_UID)
+    return element.value if element is not None else None
 
 
 def deidentify_file(
@@ -213,7 +220,7 @@ class _PixelPlan:
         rule = first_rule(profile.pixel_rules, dataset)
         regions = boxes(rule, dataset) if rule is not None else []
         meta = getattr(dataset, "file_meta", None)
-        if is_video(meta.get("TransferSyntaxUID") if meta is not None else None):
+        if is_video(_syntax(meta) if meta is not None else None):
             # passed by policy (video: pass): its frames are not read
             return cls(rule, regions, None, None, "video")
         reason = triage(dataset) or ("pixel rule" if rule is not None else None)
@@ -250,7 +257,7 @@ def _blankable_in_place(dataset: Dataset, pixels: PixelSpan | None) -> bool:
     """True if the pixel data is copied as received (native, not deflated, with file meta) in
     an encoding :func:`~anonproxy.deid.pixels.blank_native` writes into."""
     meta = getattr(dataset, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    syntax = _syntax(meta) if meta is not None else None
     if pixels is None or syntax is None or syntax.is_compressed:
         return False
     try:

@@ -56,6 +56,7 @@ from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -119,6 +120,38 @@ class Layout:
         object.__setattr__(self, "little", bool(self.syntax.is_little_endian))
 
 
+def _character_set(ds: Dataset) -> str | list[str]:
+    """``ds._character_set``: the parent's encoding without a Specific Character Set (as that
+    property, which looks the attribute up through ``Dataset.get``), else pydicom's."""
+    if _SPECIFIC_CHARACTER_SET not in ds._dict:  # pydicom's own
+        return ds._parent_encoding
+    return ds._character_set
+
+
+#: Python codec lists that convert_encodings gives back unchanged (see _codecs)
+_UNCHANGED_CODECS: set[tuple[str, ...]] = set()
+_MAX_UNCHANGED_CODECS = 64
+
+
+def _codecs(encodings: str | list[str] | None) -> list[str]:
+    """``convert_encodings(encodings or [default_encoding])``, remembering the lists it gives
+    back unchanged. An item without a Specific Character Set passes on its parent's codecs:
+    Python codec names, which pydicom looks up one by one (two regular expressions and the
+    codec registry each) to give them back as they are, warning of nothing."""
+    if encodings.__class__ is list:
+        key = tuple(encodings)
+        if key in _UNCHANGED_CODECS:
+            return list(key)
+    converted = convert_encodings(encodings or [default_encoding])
+    if (
+        encodings.__class__ is list
+        and converted == encodings
+        and len(_UNCHANGED_CODECS) < _MAX_UNCHANGED_CODECS
+    ):
+        _UNCHANGED_CODECS.add(tuple(converted))
+    return converted
+
+
 def _delimiter(tag: tuple[int, int], endian: str) -> bytes:
     return struct.pack(f"{endian}HHL", *tag, 0)
 
@@ -134,9 +167,9 @@ def encode_changed(ds: Dataset, layout: Layout, below: int | None = None) -> byt
         meta is None
         or _value(meta, _TRANSFER_SYNTAX_UID) != layout.syntax
         or ds.original_encoding != (layout.implicit, layout.little)
-        or ds.original_character_set != ds._character_set  # pydicom's own test
+        or ds.original_character_set != _character_set(ds)  # pydicom's own test
         or meta.original_encoding != (False, True)  # else pydicom re-encodes the meta too
-        or meta.original_character_set != meta._character_set
+        or meta.original_character_set != _character_set(meta)
     ):
         return None
     implicit, little = layout.implicit, layout.little
@@ -207,10 +240,15 @@ def _preamble(ds: Dataset) -> bytes:
 def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
     """A shallow copy of *meta* with the changes ``dcmwrite(..., enforce_file_format=True)``
     makes before writing it; the elements it changes are new objects."""
-    copy = FileMetaDataset()
-    for received in meta.keys():  # noqa: SIM118 - get_item keeps what pydicom has not decoded
-        if int(received) != _GROUP_LENGTH:  # int: a BaseTag compares in Python
-            copy[received] = meta.get_item(received)
+    # the elements as held (get_item keeps what pydicom has not decoded; a file meta read from
+    # a file holds no deferred element), given to the copy as its dictionary: FileMetaDataset
+    # checks their groups once, not in a __setitem__ each
+    held: dict[BaseTag, DataElement | RawDataElement] = {
+        key: element if element.__class__ is DataElement else meta.get_item(key)
+        for key, element in meta._dict.items()  # pydicom's own
+        if int(key) != _GROUP_LENGTH  # int: a BaseTag compares in Python
+    }
+    copy = FileMetaDataset(held)
     for tag, source in (
         (_MEDIA_SOP_CLASS, _SOP_CLASS_UID),
         (_MEDIA_SOP_INSTANCE, _SOP_INSTANCE_UID),
@@ -220,10 +258,10 @@ def _file_meta(ds: Dataset, meta: FileMetaDataset) -> FileMetaDataset:
         value = wanted.value if wanted is not None else None
         if current is None or (value and value != current.value):
             copy[tag] = DataElement(tag, "UI", value)
-    if _VERSION in copy and copy[_VERSION].is_empty:
-        del copy[_VERSION]  # write_file_meta_info adds it anew
-    if _IMPLEMENTATION_CLASS_UID in copy and copy[_IMPLEMENTATION_CLASS_UID].is_empty:
-        del copy[_IMPLEMENTATION_CLASS_UID]
+    for tag in (_VERSION, _IMPLEMENTATION_CLASS_UID):  # write_file_meta_info adds them anew
+        element = get_decoded(copy, tag)  # copy[tag], by tag
+        if element is not None and element.is_empty:
+            del copy[tag]
     return copy
 
 
@@ -244,9 +282,11 @@ def _validate_file_meta(meta: FileMetaDataset) -> None:
     (Implementation Version Name, and the Type 1 ones with a value) and so are those it
     requires, it only decodes these (to see that they have a value), as here by tag: pydicom
     looks each up by keyword. (Only group 2 elements: a FileMetaDataset holds no other.)"""
-    if _IMPLEMENTATION_VERSION_NAME in meta and all(
-        tag in meta and not meta[tag].is_empty for tag in _TYPE_1_META
-    ):
+    held = meta._dict  # pydicom's own
+    if _IMPLEMENTATION_VERSION_NAME in held and all(
+        (element := get_decoded(meta, tag)) is not None and not element.is_empty
+        for tag in _TYPE_1_META
+    ):  # meta[tag], by tag (decoded)
         return
     validate_file_meta(meta, enforce_standard=True)
 
@@ -332,18 +372,19 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, codecs: list[str])
     ambiguous-VR correction changes nothing in it). None for any other item: pydicom decodes
     and corrects every element, and so does the caller."""
     elements = held_elements(item)  # as pydicom's writer takes them (get_item)
-    if item.original_encoding == (None, None):  # made by the engine
+    encoding = item.original_encoding
+    if encoding == (None, None):  # made by the engine
         if any(
             isinstance(e, RawDataElement) or e.VR == "SQ" or " or " in e.VR for _, e in elements
         ):
             return None
     elif (
-        item.original_encoding != (implicit, little)
-        or item.original_character_set != item._character_set  # pydicom's own test
+        encoding != (implicit, little)
+        or item.original_character_set != _character_set(item)  # pydicom's own test
     ):
         return None
     encodings = _value(item, _SPECIFIC_CHARACTER_SET, codecs)
-    inner = convert_encodings(encodings or [default_encoding])
+    inner = _codecs(encodings)
     pieces: list[bytes] = []
     _encode_elements(
         sorted(((int(t), e) for t, e in elements), key=itemgetter(0)),

@@ -45,6 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from anonproxy.deid import codes
 from anonproxy.deid.codes import Code
+from anonproxy.deid.structure import get_decoded
 from anonproxy.errors import DeidentificationError
 
 #: SOP Class UID prefixes whose pixels often carry burned-in text (PS3.4 Storage SOP Classes).
@@ -67,14 +68,28 @@ _RECONSTRUCTING_MODALITIES = frozenset(
 )
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+#: The attributes triage reads, by tag (``ds.get(keyword)`` looks each keyword up first)
+_ROWS = 0x00280010
+_BURNED_IN_ANNOTATION = 0x00280301
+_SOP_CLASS_UID = 0x00080016
+_MODALITY = 0x00080060
+_IMAGE_TYPE = 0x00080008
+
+
+def _value(ds: Dataset, tag: int) -> Any:  # noqa: ANN401 - any value
+    """``ds.get(keyword)`` for the keyword of *tag*, by tag (:func:`get_decoded`)."""
+    element = get_decoded(ds, tag)
+    return element.value if element is not None else None
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    value = _value(ds, tag)
     return "" if value is None else str(value).strip("\0 ")
 
 
 def declares_burned_in_annotation(ds: Dataset) -> bool:
     """True if Burned In Annotation (0028,0301) is YES."""
-    return _text(ds, "BurnedInAnnotation").upper() == "YES"
+    return _text(ds, _BURNED_IN_ANNOTATION).upper() == "YES"
 
 
 def read_by_sop_class(sop_class: str) -> str | None:
@@ -88,17 +103,19 @@ def read_by_sop_class(sop_class: str) -> str | None:
 def triage(ds: Dataset) -> str | None:
     """Why the pixels of the image ``ds`` need looking at, or None (the header says they do
     not, or it is no image)."""
-    if ds.get("Rows") is None:
+    if _value(ds, _ROWS) is None:
         return None
     if declares_burned_in_annotation(ds):
         return "burned-in annotation"
-    by_class = read_by_sop_class(_text(ds, "SOPClassUID"))
+    by_class = read_by_sop_class(_text(ds, _SOP_CLASS_UID))
     if by_class is not None:
         return by_class
-    modality = _text(ds, "Modality").upper()
+    modality = _text(ds, _MODALITY).upper()
     if modality in _TRIAGED_MODALITIES:
         return _TRIAGED_MODALITIES[modality]
-    return _image_type_reason({str(v).strip().upper() for v in ds.get("ImageType") or []}, modality)
+    return _image_type_reason(
+        {str(v).strip().upper() for v in _value(ds, _IMAGE_TYPE) or []}, modality
+    )
 
 
 def _image_type_reason(image_type: set[str], modality: str) -> str | None:

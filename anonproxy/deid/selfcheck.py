@@ -44,6 +44,7 @@ from functools import lru_cache
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
@@ -54,7 +55,6 @@ from anonproxy.deid.structure import (
     dictionary_keyword,
     dictionary_sequence,
     get_decoded,
-    held_elements,
 )
 
 MIN_LENGTH = 3
@@ -122,6 +122,10 @@ _PRODUCT_TAGS = (0x00080070, 0x00081090, 0x00181020)
 #: Code Value, Coding Scheme Designator and Version: the words of coding schemes.
 _VOCABULARY_TAGS = frozenset({0x00080100, 0x00080102, 0x00080103})
 _SPECIFIC_CHARACTER_SET = 0x00080005
+#: What _collect reads: elements of these VRs (sequences, perhaps one sent as UN, names) and
+#: of these tags; it skips any other element received with its VR
+_COLLECTED_VRS = frozenset({"SQ", "UN", "PN"})
+_COLLECTED_TAGS = frozenset({*_KINDS, *_VOCABULARY_TAGS, _CODE_VALUE})
 
 
 def _strings(value: object) -> Iterator[str]:
@@ -189,7 +193,7 @@ def _parts(kind: str, value: object) -> Iterator[str]:
             yield text.strip("\x00 ")
 
 
-def _collect(
+def _collect(  # noqa: PLR0912 - the dispatch of every element, inline
     ds: Dataset,
     kept: Callable[[int], bool],
     found: dict[str, tuple[str, str]],
@@ -198,13 +202,19 @@ def _collect(
 ) -> None:
     """Add to *found* ``value → (keyword, kind)`` for the identifying values of *ds* (and its
     items), and to *codes* the coding-scheme words of its codes."""
-    for key, held in held_elements(ds):  # only what is read below is decoded
+    for key, element in ds.items():  # only what is read below is decoded
+        held = element  # as held_elements gives it, without its list:
+        if held.__class__ is RawDataElement and held.value is None:
+            held = ds[key]  # noqa: PLR1733 - an element held without a value is converted
+        vr = held.VR
+        if vr is not None and vr not in _COLLECTED_VRS and key not in _COLLECTED_TAGS:
+            continue  # most elements: none of the kinds below, by their VR and tag
         tag = int(key)
         if tag >> 16 & 1 or not tag & 0xFFFF:  # private data elements, group lengths
             continue
-        vr = held.VR or _dictionary_vr(tag)
+        vr = vr or _dictionary_vr(tag)
         if vr == _SQ or (vr == _UN and dictionary_sequence(tag)):  # UN: decoded as SQ
-            elem = ds[key]  # the key as held: pydicom finds it without comparing tags
+            elem = decoded(ds, key)  # ds[key]; the key as held: found without comparing tags
             if elem.VR == _SQ and not kept(tag):
                 person = tag == _PERSON_IDENTIFICATION_CODE_SEQUENCE
                 for item in elem.value or ():
@@ -226,8 +236,14 @@ def _collect(
                 found.setdefault(part.casefold(), (keyword, kind))
 
 
-def _in_words(value: str, text: str) -> bool:
-    """True if ``value`` is a whole word (or words) of ``text``, whatever the case."""
+def _in_words(value: str, text: str, ascii_lowered: str | None = None) -> bool:
+    """True if ``value`` is a whole word (or words) of ``text``, whatever the case.
+    *ascii_lowered* is ``text.lower()`` when *text* is ASCII (None otherwise): an ASCII value
+    not in it is no word of *text* (between ASCII characters, ignoring case is comparing
+    lower case), found without the regular expression (one per value: compiled anew for the
+    values of each patient)."""
+    if ascii_lowered is not None and value.isascii() and value.lower() not in ascii_lowered:
+        return False
     return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
 
 
@@ -335,11 +351,16 @@ class IdentifyingValues:
             for text in _strings(elem.value)
         )
         vocabulary = "\n".join(codes)
+        lowered_vocabulary = vocabulary.lower() if vocabulary.isascii() else None
+        lowered_product = product.lower() if product.isascii() else None
         words = {
             value: keyword
             for value, (keyword, kind) in found.items()
             if value.startswith(PHONE)
-            or not (_in_words(value, vocabulary) or (kind != "name" and _in_words(value, product)))
+            or not (
+                _in_words(value, vocabulary, lowered_vocabulary)
+                or (kind != "name" and _in_words(value, product, lowered_product))
+            )
         }
         charset = ds.get(_SPECIFIC_CHARACTER_SET)
         try:

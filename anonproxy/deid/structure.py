@@ -14,7 +14,7 @@ Messages name the element's tag and the limit, never a value.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 import pydicom
 from pydicom import config as pydicom_config
@@ -23,6 +23,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.hooks import hooks as pydicom_hooks
+from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
 from pydicom.valuerep import VR as VR_
@@ -41,10 +42,14 @@ _MAYBE_SEQUENCE = frozenset({None, "SQ", "UN"})
 #: sequences, UN (perhaps another VR), ambiguous VRs (corrected), the character set (decoded
 #: in the default one), pixel data (its array reset) and private data elements (their creator)
 _CONVERTED_APART = frozenset({"SQ", "UN", *(str(vr) for vr in AMBIGUOUS_VR)})
+_AMBIGUOUS = frozenset(str(vr) for vr in AMBIGUOUS_VR)
 _SPECIFIC_CHARACTER_SET = 0x00080005
 #: The pydicom whose Dataset.__getitem__ and __setitem__ decoded mirrors (the pinned one)
 _MIRRORED_PYDICOM = "3.0.2"
 _MIRRORS_PYDICOM = pydicom.__version__ == _MIRRORED_PYDICOM
+#: True with the pydicom :func:`decoded` mirrors: the engine stores the public elements it
+#: makes in a data set's dictionary as ``Dataset.__setitem__`` does, without its checks
+MIRRORS_PYDICOM = _MIRRORS_PYDICOM
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 #: LUT descriptors: pydicom's value hook corrects their first value
 _LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
@@ -107,11 +112,22 @@ def decoded(dataset: Dataset, key: int) -> DataElement:
     (:data:`_MIRRORED_PYDICOM`), with other hooks, or whose value pydicom fails to convert."""
     if not _MIRRORS_PYDICOM:
         return dataset[key]
-    store = cast("dict[int, Any]", dataset._dict)  # pydicom's own
+    store: Any = dataset._dict  # pydicom's own (a dict)
     held = store[key]
     if held.__class__ is DataElement:
         return held
+    return _convert(dataset, store, key, held)
+
+
+def _convert(
+    dataset: Dataset, store: dict[int, Any], key: int, held: RawDataElement | DataElement
+) -> DataElement:
+    """:func:`decoded` of an element not converted yet."""
     tag = int(key)
+    if held.__class__ is RawDataElement and held.VR == "SQ" and held.value is not None:
+        if not tag >> 16 & 1:
+            return _convert_sequence(dataset, store, key, held)
+        return dataset[key]
     if (
         held.__class__ is not RawDataElement
         or held.value is None
@@ -143,6 +159,28 @@ def decoded(dataset: Dataset, key: int) -> DataElement:
     return element
 
 
+def _convert_sequence(
+    dataset: Dataset, store: dict[int, Any], key: int, held: RawDataElement
+) -> DataElement:
+    """``dataset[key]`` for a public element received as SQ, its value read (not deferred):
+    pydicom's conversion (its hooks, which read the items), stored as ``__setitem__`` stores
+    a sequence (a Sequence value, the Pixel Representation passed down to its items) and
+    returned without ``__getitem__``'s four more look-ups of it and its second pass over the
+    items for the Pixel Representation (the same values again). The conversion gives an SQ,
+    or UN when pydicom's value hook could not read the items (stored as it is)."""
+    encoding = dataset.original_character_set or dataset._character_set  # as __getitem__
+    element = convert_raw_data_element(held, encoding=encoding, ds=dataset)
+    store[key] = element
+    if element.VR == "SQ":
+        if not isinstance(element.value, Sequence):
+            element.value = Sequence(element.value)
+        dataset._set_pixel_representation(element)
+    elif element.VR in _AMBIGUOUS:  # not what pydicom makes of SQ: its own path, to be sure
+        store[key] = held
+        return dataset[key]
+    return element
+
+
 def _default_conversion() -> bool:
     """True while pydicom converts raw elements with its own hooks and no callback: for an
     element with a VR that is not UN, the VR hook keeps it and the value hook is
@@ -157,14 +195,23 @@ def _default_conversion() -> bool:
 
 def get_decoded(dataset: Dataset, tag: int) -> DataElement | None:
     """``dataset.get(tag)`` for an int *tag*, by :func:`decoded`: None when absent."""
-    try:
-        return decoded(dataset, tag)
-    except KeyError:
-        return None
+    if not _MIRRORS_PYDICOM:
+        try:
+            return dataset[tag]
+        except KeyError:
+            return None
+    store: Any = dataset._dict  # pydicom's own (a dict)
+    held = store.get(tag)  # not store[tag]: a KeyError raised and caught costs more
+    if held is None or held.__class__ is DataElement:
+        return held
+    return _convert(dataset, store, tag, held)
 
 
 def _known_character_sets(dataset: Dataset) -> bool:
-    raw: Any = dataset.get_item(0x00080005)
+    store: Any = dataset._dict  # pydicom's own (a dict)
+    raw: Any = store.get(_SPECIFIC_CHARACTER_SET)  # by int: most data sets lack it
+    if isinstance(raw, RawDataElement) and raw.value is None:
+        raw = dataset.get_item(_SPECIFIC_CHARACTER_SET)  # deferred: get_item reads it
     if raw is None:
         return True
     value = raw.value
@@ -177,7 +224,7 @@ def _known_character_sets(dataset: Dataset) -> bool:
     return all(term == "" or term in python_encoding for term in terms)
 
 
-def check_structure(dataset: Dataset, max_depth: int) -> None:
+def check_structure(dataset: Dataset, max_depth: int) -> None:  # noqa: PLR0912 - inline checks
     """Refuse, before de-identification, a data set whose sequences nest deeper than
     *max_depth* (a top-level sequence has depth 1), or with an unknown VR, a value shorter than
     its length (a truncated data set), an odd value length (PS3.5 7.1.1; tolerated in private
@@ -194,7 +241,10 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
         current, depth = stack.pop()
         if not _known_character_sets(current):
             raise StructureError("unknown Specific Character Set (0008,0005)")
-        for tag, raw in held_elements(current):
+        for tag, held in current.items():
+            raw = held  # as held_elements gives it, without its list:
+            if raw.__class__ is RawDataElement and raw.value is None:
+                raw = current[tag]  # noqa: PLR1733 - an element held without a value is converted
             if isinstance(raw, RawDataElement):
                 vr, length = raw.VR, raw.length
                 if vr is not None and vr not in _VRS:
@@ -209,7 +259,7 @@ def check_structure(dataset: Dataset, max_depth: int) -> None:
                     continue
             if not _is_sequence(raw):
                 continue
-            element = current[tag]
+            element = decoded(current, tag)  # current[tag]
             if element.VR != "SQ":
                 continue
             if depth + 1 > max_depth:

@@ -24,6 +24,8 @@ IMPLEMENTATION_CLASS_UID = "2.25.108173207205427750141799670009618415673"
 IMPLEMENTATION_VERSION_NAME = "ANONPROXY_010"
 
 _UID_PREFIX = b"uid:"
+#: Bound of a remapper's memo (some 0.5 MB)
+_MAX_MAPPED = 4096
 _HASH_KEY_LABEL = b"anonproxy:original-uid-hash:v1"
 
 
@@ -39,10 +41,12 @@ def is_well_known(uid: str) -> bool:
 class UidRemapper:
     """Maps UIDs to ``2.25.<int>`` with a keyed HMAC; well-known UIDs are returned unchanged.
 
-    Immutable after construction, so one instance can be shared by any number of threads.
+    Immutable after construction but for a bounded memo of the UIDs mapped (the instances of
+    a series share their study, series and frame of reference UIDs; a dictionary's get and set
+    are atomic), so one instance can be shared by any number of threads.
     """
 
-    __slots__ = ("_hash_key", "_keyed", "_secret")
+    __slots__ = ("_hash_key", "_keyed", "_mapped", "_secret")
 
     def __init__(self, secret: bytes) -> None:
         if not isinstance(secret, bytes | bytearray) or not secret:
@@ -51,15 +55,24 @@ class UidRemapper:
         self._hash_key = hmac.new(self._secret, _HASH_KEY_LABEL, hashlib.sha256).digest()
         #: HMAC-SHA256 keyed and fed the prefix once; each UID continues a copy of it
         self._keyed = hmac.new(self._secret, _UID_PREFIX, hashlib.sha256)
+        #: replacement by original UID (unpadded), at most _MAX_MAPPED (emptied when full)
+        self._mapped: dict[str, str] = {}
 
     def __call__(self, uid: str) -> str:
         """The replacement of ``uid`` (trailing NUL/space padding is ignored)."""
         uid = uid.strip("\x00 ")
+        mapped = self._mapped.get(uid)
+        if mapped is not None:
+            return mapped
         if not uid or is_well_known(uid):
             return uid
         digest = self._keyed.copy()
         digest.update(uid.encode("ascii", "replace"))
-        return f"2.25.{int.from_bytes(digest.digest()[:16], 'big')}"
+        mapped = f"2.25.{int.from_bytes(digest.digest()[:16], 'big')}"
+        if len(self._mapped) >= _MAX_MAPPED:
+            self._mapped.clear()  # bounded whatever the senders send
+        self._mapped[uid] = mapped
+        return mapped
 
     def original_hash(self, uid: str) -> str:
         """Hex keyed hash of an original UID for audit records (not reversible, not the UID)."""

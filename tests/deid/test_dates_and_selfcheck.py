@@ -200,3 +200,37 @@ def test_first_uid_is_the_first_whole_uid_token() -> None:
         assert first_uid(data, chosen) == expected, (data, chosen)
         found += expected is not None
     assert found > 2000
+
+
+def test_in_words_without_the_regex_answers_as_the_regex() -> None:
+    """_in_words with the lower-cased ASCII text (no regular expression when the value is not
+    in it) answers as the regular expression alone, on random values and texts, ASCII or not
+    (the Kelvin sign and the long s match k and s when case is ignored)."""
+    from anonproxy.deid.selfcheck import _in_words
+
+    rng = random.Random(4321)
+    alphabet = ["a", "B", "k", "s", " ", "-", "1", "_", "\n", "é", "\u212a", "\u017f", "ß"]
+    hits = 0
+    for _ in range(20_000):
+        value = "".join(rng.choice(alphabet[:8]) for _ in range(rng.randrange(1, 4))).casefold()
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        expected = re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
+        lowered = text.lower() if text.isascii() else None
+        assert _in_words(value, text, lowered) is expected, (value, text)
+        assert _in_words(value, text) is expected, (value, text)
+        hits += expected
+    assert hits > 300
+
+
+def test_date_offsets_remembered_are_the_keyed_ones() -> None:
+    """DateShifter remembers offsets (bounded): the same as a new shifter's, for many IDs."""
+    from anonproxy.deid import dates
+
+    shifter = DateShifter(b"secret", (-30, -1))
+    ids = [f"patient-{n}" for n in range(dates._MAX_OFFSETS + 50)]
+    first = [shifter.offset_days(patient_id) for patient_id in ids]
+    again = [shifter.offset_days(patient_id) for patient_id in reversed(ids)][::-1]
+    fresh = [DateShifter(b"secret", (-30, -1)).offset_days(patient_id) for patient_id in ids]
+    assert first == again == fresh
+    assert len(set(first)) > 20
+    assert len(shifter._offsets) <= dates._MAX_OFFSETS

@@ -101,3 +101,22 @@ def test_implementation_class_uid_is_valid() -> None:
     assert IMPLEMENTATION_CLASS_UID.startswith("2.25.")
     assert UID_RE.match(IMPLEMENTATION_CLASS_UID)
     assert len(IMPLEMENTATION_CLASS_UID) <= 64
+
+
+def test_remembered_uids_are_the_keyed_ones() -> None:
+    """A remapper remembers what it mapped (bounded): the same replacements as a new one's,
+    padding ignored, well-known UIDs and the empty UID never remembered."""
+    from anonproxy.deid import uids
+
+    remapper = UidRemapper(b"secret")
+    originals = [f"1.2.826.0.1.{n}" for n in range(uids._MAX_MAPPED + 100)]
+    first = [remapper(uid) for uid in originals]
+    again = [remapper(uid + "\x00") for uid in reversed(originals)][::-1]
+    fresh = [UidRemapper(b"secret")(uid) for uid in originals]
+    assert first == again == fresh
+    assert len(set(first)) == len(originals)
+    assert len(remapper._mapped) <= uids._MAX_MAPPED
+    assert remapper("1.2.840.10008.1.2") == "1.2.840.10008.1.2"  # well-known
+    assert remapper(" ") == ""
+    assert "1.2.840.10008.1.2" not in remapper._mapped
+    assert "" not in remapper._mapped

@@ -20,10 +20,12 @@ own child and association, sharing one :class:`AssociationGate`. Associations ar
 time; the first is opened whenever an instance waits, each further one only while the queue
 holds more than :data:`FURTHER_BACKLOG` instances beyond one per open association, and only
 by a child that has started (every child starts with its worker; no instance waits for an
-interpreter to start). A further association that the destination rejects, aborts or does not
-accept within :data:`PROBE_ACSE_TIMEOUT_S` while another is open (a PACS that serves one
-association at a time, or limits how many) is no failure of the instance: it goes back to the
-queue, uncounted, and the gate lowers that destination's limit to the associations open,
+interpreter to start). A further association is opened before its worker takes an instance
+(:meth:`ProcessSender.ready`): one that the destination rejects, aborts or does not accept
+within :data:`PROBE_ACSE_TIMEOUT_S` while another is open (a PACS that serves one association
+at a time, or limits how many) holds no instance meanwhile, and fails none (a send that must
+open one, its association having ended since, gives its instance back to the queue,
+uncounted). Either way the gate lowers that destination's limit to the associations open,
 raising it again for one more try after a minute, then after ever longer pauses (up to an
 hour). Nothing is promised about the order of instances across associations.
 
@@ -265,6 +267,12 @@ class DicomSender:
         self._assoc = assoc
         return assoc
 
+    def open_further(self) -> None:
+        """Open a further association to this destination now, with no instance waiting on it
+        (see :meth:`_associate`: :class:`DestinationBusy` if it is not established)."""
+        self._associate(further=True)
+        self._last_used = time.monotonic()
+
     def send(self, path: Path, *, further: bool = False) -> int:
         """C-STORE the file at *path*; *further*: if an association must be opened, another
         to this destination is open (see :meth:`_associate`)."""
@@ -359,6 +367,11 @@ class _Send:
 
 
 @dataclass(frozen=True)
+class _Associate:
+    """Request: open an association now, a further one (see :meth:`ProcessSender.ready`)."""
+
+
+@dataclass(frozen=True)
 class _Release:
     """Request: release the association (idle)."""
 
@@ -368,7 +381,7 @@ class _Close:
     """Request: release the association and exit."""
 
 
-_Request = _Send | _Release | _Close
+_Request = _Send | _Associate | _Release | _Close
 
 
 @dataclass(frozen=True)
@@ -398,15 +411,27 @@ class _Missing:
 
 
 @dataclass(frozen=True)
+class _Opened:
+    """Reply: the association is open (:class:`_Associate`)."""
+
+    associated: bool = True
+
+
+@dataclass(frozen=True)
 class _Started:
     """Sent once by the child, before any reply: it has started and takes requests."""
 
 
-_Reply = _Stored | _Refused | _Missing
+_Reply = _Stored | _Refused | _Missing | _Opened
 
 
-def _send_one(sender: DicomSender, request: _Send) -> _Reply:
+def _answer(sender: DicomSender, request: _Send | _Associate) -> _Reply:
+    """Carry out *request* in the sender process; the reply."""
     try:
+        if isinstance(request, _Associate):
+            if not sender.associated:
+                sender.open_further()
+            return _Opened()
         return _Stored(sender.send(Path(request.path), further=request.further))
     except ForwardError as exc:
         return _Refused(
@@ -441,7 +466,7 @@ def _serve_sender(
             if isinstance(request, _Release):
                 sender.close()
                 continue
-            conn.send(_send_one(sender, request))
+            conn.send(_answer(sender, request))
     except (EOFError, OSError):
         pass  # the parent is gone
     finally:
@@ -643,7 +668,36 @@ class ProcessSender:
             self._start()
         # No instance waits for an interpreter to start; until then, admitted again next time
         # (unless no longer wanted).
-        return self.started(timeout)
+        if not self.started(timeout):
+            return False
+        # Nor for a further association: one that a PACS serving one association at a time
+        # never answers held the instance taken for it PROBE_ACSE_TIMEOUT_S, then gave it back.
+        return not admitted or self._open_further()
+
+    def _open_further(self) -> bool:
+        """Have the child open the further association the gate admitted; whether it did."""
+        conn = self._conn
+        if conn is None:
+            return False
+        request: _Request = _Associate()
+        try:
+            conn.send(request)
+            reply = conn.recv() if conn.poll(self.reply_timeout) else None
+        except (EOFError, OSError):
+            reply = None
+        if reply is None:
+            self._failed("sender process failed or did not answer")
+            return False
+        self._last_reply = time.monotonic()
+        if isinstance(reply, _Opened):
+            self._associated(True)
+            return True
+        # Not established (not answered in time, rejected, failed): the destination serves no
+        # further association now; the gate tries again later, as after a refusal in a send.
+        self._maybe_associated = False
+        if self.gate is not None:
+            self.gate.refused(self)
+        return False
 
     def started(self, timeout: float) -> bool:
         """Whether the child has started and takes requests, waiting up to *timeout* seconds
@@ -734,6 +788,8 @@ class ProcessSender:
             return reply.status
         if isinstance(reply, _Missing):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        if isinstance(reply, _Opened):  # not an answer to a send
+            raise self._failed("sender process answered out of turn")
         raise ForwardError(reply.message, permanent=reply.permanent, status=reply.status)
 
     def idle_check(self) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from anonproxy.audit import AuditLog
 from anonproxy.config import DicomDestinationConfig
@@ -147,7 +149,9 @@ def test_a_destination_taking_one_association_gets_every_instance_without_quaran
     try:
         forwarding.start()
         assert wait_for(forwarding.drained, timeout=90)
-        assert forwarding.gate.limit == 1  # degraded to what the destination serves
+        # degraded to what the destination serves (storescp: once the probe of a further
+        # association, which holds no instance, has timed out)
+        assert wait_for(lambda: forwarding.gate.limit == 1, timeout=10)
     finally:
         forwarding.stop()
         if scp is not None:
@@ -162,6 +166,36 @@ def test_a_destination_taking_one_association_gets_every_instance_without_quaran
     assert not forwarding.events("instance.forward_retry")
     assert not forwarding.events("instance.quarantined")
     assert not list((tmp_path / "storage" / "quarantine").glob("*/*.dcm"))
+
+
+def test_a_further_association_is_opened_before_an_instance_is_taken(tmp_path: Path) -> None:
+    """A PACS that serves one association at a time never answers a further one: the worker
+    admitted to try one finds out before it takes an instance (it used to take one, and hold
+    it the probe's 2 s before giving it back: the last of a series arrived that much later)."""
+    scp = StoreSCP(tmp_path / "research").start()  # DCMTK storescp: one association at a time
+    holder = AE("HOLDER")
+    holder.add_requested_context(Verification)
+    held = holder.associate("127.0.0.1", scp.port, ae_title="RESEARCH")
+    gate = AssociationGate(4)
+    gate.opened("another worker")  # the destination's one association
+    sender = ProcessSender(
+        _destination(scp.port, "RESEARCH", max_associations=4), "ANONPROXY", gate=gate, first=False
+    )
+    try:
+        assert held.is_established
+        sender.prepare()
+        assert sender.started(60)
+        assert sender.ready(lambda: 10, 0.1) is False  # tried, and no instance taken for it
+        assert gate.limit == 1
+        held.release()  # storescp is free: a further association is established
+        gate.limit = 4  # (the gate tries one again after a while)
+        assert sender.ready(lambda: 10, 0.1) is True
+        assert gate.open == 2
+    finally:
+        sender.close()
+        if held.is_established:
+            held.release()
+        scp.stop()
 
 
 def test_proposes_any_length_and_sends_pdus_of_the_destinations_maximum(

@@ -86,7 +86,7 @@ from pydicom.datadict import (
     keyword_for_tag,
     tag_for_keyword,
 )
-from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -107,6 +107,7 @@ from anonproxy.deid.structure import (
     MIRRORS_PYDICOM as _MIRRORS_PYDICOM,
 )
 from anonproxy.deid.structure import (
+    as_held,
     decoded,
     dictionary_sequence,
     get_decoded,
@@ -571,13 +572,7 @@ class Deidentifier:
     ) -> None:
         # The elements as held (none decoded); each key is the Dataset's own tag object, which
         # pydicom finds without comparing tags, and its int for the engine's own tables.
-        # (held_elements(ds), in the same pass: an element held without a value is converted)
-        elements = [
-            (key, int(key), held.VR)
-            if held.__class__ is not RawDataElement or held.value is not None
-            else (key, int(key), ds[key].VR)  # noqa: PLR1733 - indexing converts it
-            for key, held in ds.items()
-        ]
+        elements = [(key, int(key), as_held(ds, key, held).VR) for key, held in ds.items()]
         private_rules: dict[int, Rule] = {}
         kept_private: frozenset[int] = frozenset()
         if (self._retain_safe_private or self._private_rules) and any(

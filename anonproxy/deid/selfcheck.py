@@ -44,13 +44,13 @@ from functools import lru_cache
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
 
 from anonproxy.deid.actions import STRING_DUMMIES
 from anonproxy.deid.structure import (
+    as_held,
     decoded,
     dictionary_keyword,
     dictionary_sequence,
@@ -193,7 +193,7 @@ def _parts(kind: str, value: object) -> Iterator[str]:
             yield text.strip("\x00 ")
 
 
-def _collect(  # noqa: PLR0912 - the dispatch of every element, inline
+def _collect(
     ds: Dataset,
     kept: Callable[[int], bool],
     found: dict[str, tuple[str, str]],
@@ -203,9 +203,7 @@ def _collect(  # noqa: PLR0912 - the dispatch of every element, inline
     """Add to *found* ``value → (keyword, kind)`` for the identifying values of *ds* (and its
     items), and to *codes* the coding-scheme words of its codes."""
     for key, element in ds.items():  # only what is read below is decoded
-        held = element  # as held_elements gives it, without its list:
-        if held.__class__ is RawDataElement and held.value is None:
-            held = ds[key]  # noqa: PLR1733 - an element held without a value is converted
+        held = as_held(ds, key, element)
         vr = held.VR
         if vr is not None and vr not in _COLLECTED_VRS and key not in _COLLECTED_TAGS:
             continue  # most elements: none of the kinds below, by their VR and tag

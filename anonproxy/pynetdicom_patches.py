@@ -68,6 +68,16 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     element through pydicom's writer: ~0.3 ms per instance in the DUL thread, the one reading
     the socket). :func:`anonproxy.filemeta.encode_file_meta` writes the same bytes; values it
     does not take (not plain UIDs) still go through pydicom.
+``command_sets``
+    pynetdicom builds each DIMSE command set it sends as a pydicom data set, encoded twice
+    (once for its group length), and reads each one it receives element by element through a
+    pydicom data set: ~0.45 ms per message sent, ~0.15 ms per message received, and an
+    instance is two messages in the acceptor and two in a forward sender. Those of C-STORE and
+    C-ECHO are coded by :mod:`anonproxy.command_set` (:func:`_encoded_message`,
+    :func:`_decoded_primitive`: 7 and 26 µs), byte for byte and value for value the same;
+    anything else it does not take (another message, a value that is not plain, a message
+    that EVT_DIMSE_SENT handlers will read) goes pynetdicom's way. One storescu association of
+    MR: 140 -> 171 instances/s, CPU 10.9 -> 7.9 ms per instance over the proxy's processes.
 ``chunked_data_sets``
     pynetdicom's documented switches ``STORE_RECV_CHUNKED_DATASET`` (a received C-STORE data
     set is written to a file as it arrives, never held whole) and
@@ -110,18 +120,25 @@ import types
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom.filewriter
 import pynetdicom
 import pynetdicom.association
+import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dsutils
 import pynetdicom.dul
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
@@ -130,6 +147,7 @@ from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
+from anonproxy import command_set
 from anonproxy.errors import ConfigError
 from anonproxy.filemeta import encode_file_meta, read_file_meta
 from anonproxy.tls import handshake
@@ -148,6 +166,7 @@ PATCHES = (
     "idle_timer_latch",
     "file_meta",
     "received_file_meta",
+    "command_sets",
     "chunked_data_sets",
 )
 """The names of the process-wide patches, in the order :func:`install` applies them."""
@@ -599,6 +618,115 @@ def _apply_received_file_meta(set_: _Setter) -> None:
     set_(pynetdicom.dimse_messages, "write_file_meta_info", write_encoded)
 
 
+# --- command_sets -------------------------------------------------------------------------------
+
+#: The messages whose command sets :mod:`anonproxy.command_set` encodes and decodes
+_COMMAND_SET_MESSAGES = frozenset({"C_STORE_RQ", "C_STORE_RSP", "C_ECHO_RQ", "C_ECHO_RSP"})
+#: Command Data Set Type (0000,0800): a data set follows, or none does (PS3.7 E.1)
+_DATA_SET_PRESENT, _NO_DATA_SET = 0x0001, 0x0101
+
+
+class _EncodedCommandSet(bytes):
+    """A command set already encoded (:func:`_apply_command_sets`)."""
+
+
+def _encoded_message(primitive: Any) -> pynetdicom.dimse_messages.DIMSEMessage | None:  # noqa: ANN401 - a DIMSE primitive
+    """The message pynetdicom's ``send_msg`` would build for *primitive*, its command set
+    encoded by :func:`anonproxy.command_set.encode` (what ``primitive_to_message`` puts in
+    the command set: each of the message's elements that the primitive has a value for, the
+    Command Field, the Command Data Set Type); None for any other message or value."""
+    responding = primitive.MessageIDBeingRespondedTo is not None
+    kind = (
+        pynetdicom.dimse._RSP_TO_MESSAGE if responding else pynetdicom.dimse._RQ_TO_MESSAGE
+    ).get(type(primitive))
+    if kind is None or kind.__name__ not in _COMMAND_SET_MESSAGES:
+        return None
+    name = kind.__name__
+    values: dict[str, object] = {}
+    for keyword in pynetdicom.dimse_messages._COMMAND_SET_KEYWORDS[name.replace("_", "-")]:
+        if keyword in {"CommandGroupLength", "CommandField", "CommandDataSetType"}:
+            continue
+        if not hasattr(primitive, keyword):
+            values[keyword] = None  # pynetdicom leaves it in, without a value
+        elif (value := getattr(primitive, keyword)) is not None:
+            values[keyword] = value
+    data_set_keyword = pynetdicom.dimse_messages._DATASET_KEYWORDS.get(name)
+    data_set = getattr(primitive, data_set_keyword) if data_set_keyword else BytesIO()
+    path = getattr(primitive, "_dataset_path", None)
+    values["CommandField"] = _COMMAND_FIELDS[name]
+    present = (data_set_keyword and data_set) or path
+    values["CommandDataSetType"] = _DATA_SET_PRESENT if present else _NO_DATA_SET
+    encoded = command_set.encode(values)
+    if encoded is None:
+        return None
+    message = kind.__new__(kind)  # not __init__: it builds the pydicom data set
+    message.context_id = None
+    message.encoded_command_set = BytesIO()
+    message.command_set = _EncodedCommandSet(encoded)  # type: ignore[assignment] # read by encode_msg only
+    message.data_set = data_set
+    message._data_set_path = path
+    message._data_set_file = None
+    return message
+
+
+def _decoded_primitive(message: pynetdicom.dimse_messages.DIMSEMessage) -> Any:  # noqa: ANN401 - a DIMSE primitive
+    """The primitive pynetdicom's ``message_to_primitive`` would make of *message*, from
+    its command set's bytes by :func:`anonproxy.command_set.decode`; None for any other
+    message or value."""
+    name = type(message).__name__
+    if name not in _COMMAND_SET_MESSAGES:
+        return None
+    values = command_set.decode(message.encoded_command_set.getvalue())
+    if values is None:
+        return None
+    primitive: Any = pynetdicom.dimse_messages._MSG_TO_PRIMITVE[name[: name.rfind("_R")]]()
+    for keyword, value in values.items():
+        if hasattr(primitive, keyword):
+            setattr(primitive, keyword, value)
+    data_set_keyword = pynetdicom.dimse_messages._DATASET_KEYWORDS.get(name)
+    if data_set_keyword:
+        setattr(primitive, data_set_keyword, message.data_set)
+    primitive._context_id = message.context_id
+    primitive._dataset_path = message._data_set_path
+    primitive._dataset_file = message._data_set_file
+    return primitive
+
+
+_COMMAND_FIELDS = {
+    kind.__name__: field
+    for field, (_, kind) in pynetdicom.dimse_messages._MESSAGE_TYPES.items()
+    if kind.__name__ in _COMMAND_SET_MESSAGES
+}
+
+
+def _apply_command_sets(set_: _Setter) -> None:
+    encode = pynetdicom.dsutils.encode  # the name pynetdicom.dimse_messages imported
+    send_msg = DIMSEServiceProvider.send_msg
+    message_to_primitive = pynetdicom.dimse_messages.DIMSEMessage.message_to_primitive
+
+    def encoded_or_encode(ds: Any, *args: Any, **kwargs: Any) -> bytes | None:  # noqa: ANN401 - pynetdicom's signature
+        return ds if isinstance(ds, _EncodedCommandSet) else encode(ds, *args, **kwargs)
+
+    def send_encoded(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:  # noqa: ANN401
+        # EVT_DIMSE_SENT handlers (pynetdicom's debug log) read the message's pydicom data set
+        message = (
+            None if self.assoc.get_handlers(evt.EVT_DIMSE_SENT) else _encoded_message(primitive)
+        )
+        if message is None:
+            send_msg(self, primitive, context_id)
+            return
+        for pdata in message.encode_msg(context_id, self.maximum_pdu_size):
+            self.dul.send_pdu(pdata)
+
+    def decoded_primitive(self: pynetdicom.dimse_messages.DIMSEMessage) -> Any:  # noqa: ANN401
+        primitive = _decoded_primitive(self)
+        return message_to_primitive(self) if primitive is None else primitive
+
+    set_(pynetdicom.dimse_messages, "encode", encoded_or_encode)
+    set_(DIMSEServiceProvider, "send_msg", send_encoded)
+    set_(pynetdicom.dimse_messages.DIMSEMessage, "message_to_primitive", decoded_primitive)
+
+
 # --- chunked_data_sets --------------------------------------------------------------------------
 
 
@@ -614,6 +742,7 @@ _APPLY: dict[str, Callable[[_Setter], None]] = {
     "idle_timer_latch": _apply_idle_timer_latch,
     "file_meta": _apply_file_meta,
     "received_file_meta": _apply_received_file_meta,
+    "command_sets": _apply_command_sets,
     "chunked_data_sets": _apply_chunked_data_sets,
 }
 

@@ -99,6 +99,7 @@ send_backpressure = _without("send_backpressure")
 idle_timer_latch = _without("idle_timer_latch")
 file_meta = _without("file_meta")
 received_file_meta = _without("received_file_meta")
+command_sets = _without("command_sets")
 chunked_data_sets = _without("chunked_data_sets")
 
 
@@ -643,6 +644,102 @@ def test_a_received_file_meta_is_written_without_a_pydicom_data_set(
     )
     (head,) = heads
     assert head.startswith(b"\0" * 128 + b"DICM" + expected.getvalue())
+
+
+# --- command_sets -------------------------------------------------------------------------------
+
+
+def test_command_sets_are_coded_without_pydicom_data_sets(
+    command_sets: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-STORE request and its response, each sent and received in this process: pynetdicom
+    builds each command set it sends as a pydicom data set (and encodes it for its group
+    length) and reads each one it receives element by element; the patch does neither, and
+    the store succeeds the same."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as anonproxy runs it
+    sent: list[int] = []
+    group_length = pynetdicom.dimse_messages.DIMSEMessage._set_command_group_length
+    monkeypatch.setattr(
+        pynetdicom.dimse_messages.DIMSEMessage,
+        "_set_command_group_length",
+        lambda self: sent.append(1) or group_length(self),
+    )
+    read: list[int] = []
+    iterate = Dataset.__iter__
+
+    def counted_iter(self: Dataset) -> Any:
+        if "CommandField" in self:  # a command set
+            read.append(1)
+        return iterate(self)
+
+    monkeypatch.setattr(Dataset, "__iter__", counted_iter)
+    seen: list[tuple[int, str]] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append((event.request.MessageID, str(event.request.AffectedSOPInstanceUID)))
+        return 0x0000
+
+    _store_ct(on_store)
+    assert seen == [(1, str(dcmread(CT, stop_before_pixels=True).SOPInstanceUID))]
+    assert len(sent) == (0 if command_sets else 2)  # the request and the response
+    assert len(read) == (0 if command_sets else 4)  # each built, each received
+
+
+def test_a_dimse_sent_handler_still_gets_pydicom_command_sets() -> None:
+    """pynetdicom's EVT_DIMSE_SENT handlers (its debug log) read the message's data set: with
+    one bound, the message is pynetdicom's."""
+    messages: list[Any] = []
+    with _echo_association() as (_, assoc):
+        assoc.bind(evt.EVT_DIMSE_SENT, lambda event: messages.append(event.message))
+        assert assoc.send_c_echo().Status == 0x0000
+    (message,) = messages
+    assert isinstance(message.command_set, Dataset)
+    assert message.command_set.CommandField == 0x0030  # C-ECHO-RQ
+
+
+def test_dcmtk_echoes_and_stores_through_the_patched_coding(command_sets: bool) -> None:
+    """echoscu and storescu (DCMTK) against a pynetdicom acceptor: their requests decoded and
+    the responses encoded by the patch (or by pynetdicom: the control)."""
+    header = dcmread(CT, stop_before_pixels=True)
+    acceptor = AE("PATCHES")
+    acceptor.add_supported_context(Verification)
+    acceptor.add_supported_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    stored: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0xA700 if len(stored) > 1 else 0x0000  # the second: Out of Resources
+
+    port = free_port()
+    server = acceptor.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        echo = subprocess.run(
+            [tool("echoscu"), "-aec", "PATCHES", "127.0.0.1", str(port)],
+            env=PEER_ENV,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert echo.returncode == 0
+        stores = [
+            subprocess.run(
+                [tool("storescu"), "-v", "-aec", "PATCHES", "127.0.0.1", str(port), str(CT)],
+                env=PEER_ENV,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            for _ in range(2)
+        ]
+    finally:
+        server.shutdown()
+    assert stored == [str(header.SOPInstanceUID)] * 2
+    assert stores[0].returncode == 0
+    assert "Received Store Response (Success)" in stores[0].stderr
+    assert "Received Store Response (Refused: OutOfResources)" in stores[1].stderr
 
 
 # --- chunked_data_sets --------------------------------------------------------------------------

@@ -624,6 +624,12 @@ def _apply_received_file_meta(set_: _Setter) -> None:
 _COMMAND_SET_MESSAGES = frozenset({"C_STORE_RQ", "C_STORE_RSP", "C_ECHO_RQ", "C_ECHO_RSP"})
 #: Command Data Set Type (0000,0800): a data set follows, or none does (PS3.7 E.1)
 _DATA_SET_PRESENT, _NO_DATA_SET = 0x0001, 0x0101
+#: Command Field (0000,0100) of each of them
+_COMMAND_FIELDS = {
+    kind.__name__: field
+    for field, (_, kind) in pynetdicom.dimse_messages._MESSAGE_TYPES.items()
+    if kind.__name__ in _COMMAND_SET_MESSAGES
+}
 
 
 class _EncodedCommandSet(bytes):
@@ -651,11 +657,13 @@ def _encoded_message(primitive: Any) -> pynetdicom.dimse_messages.DIMSEMessage |
         elif (value := getattr(primitive, keyword)) is not None:
             values[keyword] = value
     data_set_keyword = pynetdicom.dimse_messages._DATASET_KEYWORDS.get(name)
-    data_set = getattr(primitive, data_set_keyword) if data_set_keyword else BytesIO()
-    path = getattr(primitive, "_dataset_path", None)
+    data_set, present = BytesIO(), False  # a message type without a data set
+    if data_set_keyword:
+        data_set = getattr(primitive, data_set_keyword)
+        present = bool(data_set)
+    path = getattr(primitive, "_dataset_path", None)  # a data set sent from a file
     values["CommandField"] = _COMMAND_FIELDS[name]
-    present = (data_set_keyword and data_set) or path
-    values["CommandDataSetType"] = _DATA_SET_PRESENT if present else _NO_DATA_SET
+    values["CommandDataSetType"] = _DATA_SET_PRESENT if present or path else _NO_DATA_SET
     encoded = command_set.encode(values)
     if encoded is None:
         return None
@@ -690,13 +698,6 @@ def _decoded_primitive(message: pynetdicom.dimse_messages.DIMSEMessage) -> Any: 
     primitive._dataset_path = message._data_set_path
     primitive._dataset_file = message._data_set_file
     return primitive
-
-
-_COMMAND_FIELDS = {
-    kind.__name__: field
-    for field, (_, kind) in pynetdicom.dimse_messages._MESSAGE_TYPES.items()
-    if kind.__name__ in _COMMAND_SET_MESSAGES
-}
 
 
 def _apply_command_sets(set_: _Setter) -> None:

@@ -24,7 +24,8 @@ from peers import StoreSCP, free_port, storescu, wait_for, wait_port
 pytestmark = pytest.mark.integration
 
 NAME, PATIENT_ID = "Sentinel^Zebulon^Quince", "SENTINEL-ID-8841"
-SENTINELS = [NAME.encode(), PATIENT_ID.encode(), b"Zebulon", b"8841"]
+# (not the bare digits: a timestamp such as 11:15:42.884199 holds them)
+SENTINELS = [NAME.encode(), PATIENT_ID.encode(), b"Zebulon", b"ID-8841"]
 
 
 def _key(path: Path, data: bytes | None = None) -> Path:

@@ -34,7 +34,10 @@ before the run and at most during it, sampled every 0.1 s for the large instance
 second for a series, whose rate a sample's CPU would lower), and the CPU time per
 instance of the proxy (all its processes), of storescu and of the research PACS, with the
 ceiling that sum sets on this machine (cores / CPU per instance: how fast the whole chain could
-go on these cores if nothing ever waited). ``--processes N`` sets the proxy's
+go on these cores if nothing ever waited). Then the sender curve: each run with N senders
+over the one with one sender, in the same round; and the most N senders could reach, the
+ceiling at one sender's CPU per instance over one sender's delivery rate (a further
+association adds no CPU to share out, only work). ``--processes N`` sets the proxy's
 ``listen.processes`` (acceptor processes). DCMTK and Orthanc run with TCP_NODELAY=1.
 """
 
@@ -44,6 +47,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -59,6 +63,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pydicom import dcmread
 
+from anonproxy.processes import available_cores
+
 import builders
 from peers import PEER_ENV, Orthanc, StoreSCP, descendants, free_port, tool, wait_port
 
@@ -71,6 +77,7 @@ LISTEN: dict[str, int] = {}  # listen options of the proxy under test (--deident
 PROFILE: dict[str, str] = {}  # profile options of the proxy under test (--no-ocr)
 DESTINATION: dict[str, object] = {}  # options of its destination (--max-associations)
 PEER: dict[str, object] = {"kind": "storescp", "max_pdu": None}  # --destination, --peer-max-pdu
+CORES = available_cores()  # those this process may use: its affinity, its cgroup's CPU quota
 
 
 class Peer:
@@ -411,10 +418,13 @@ def _median(rounds: list[dict[str, dict]], label: str, value: Callable[[dict], f
     return statistics.median(value(results[label]) for results in rounds)
 
 
-def _ratio(rounds: list[dict[str, dict]], label: str, key: str, base: str) -> tuple[float, str]:
+def _ratio(
+    rounds: list[dict[str, dict]], label: str, key: str, base: str, base_key: str = "seconds"
+) -> tuple[float, str]:
     """The median over *rounds* of the rate of *label* (from its *key* seconds) over that of
-    *base* in the same round; and the ratios of each round, when there are several."""
-    ratios = [results[base]["seconds"] / results[label][key] for results in rounds]
+    *base* (from its *base_key* seconds) in the same round; and the ratios of each round,
+    when there are several."""
+    ratios = [results[base][base_key] / results[label][key] for results in rounds]
     each = "" if len(ratios) == 1 else " [" + " ".join(f"{r:.2f}" for r in ratios) + "]"
     return statistics.median(ratios), each
 
@@ -463,13 +473,42 @@ def report(name: str, count: int, size: int, rounds: list[dict[str, dict]]) -> N
             + (")" if receive_only else "")
         )
         shares = [result[f"cpu_{part}_s"] * 1000 / count for part in ("proxy", "senders", "peer")]
-        cores = os.cpu_count() or 1
         print(
             f"  {'':44s} CPU per instance: proxy {shares[0]:.1f} ms (all its processes;"
             f" the service process {result['cpu_proxy_main_s'] * 1000 / count:.1f}),"
             f" storescu {shares[1]:.1f} ms, research PACS {shares[2]:.1f} ms;"
-            f" ceiling on {cores} cores {cores * 1000 / sum(shares):.0f} inst/s"
+            f" ceiling on {CORES} cores {_ceiling(result, count):.0f} inst/s"
         )
+    _curves(count, rounds)
+
+
+def _ceiling(result: dict[str, float], count: int) -> float:
+    """How fast the whole chain (proxy, storescu, research PACS) could go on :data:`CORES`
+    at the CPU per instance of *result*: instances/s."""
+    cpu_s = sum(result[f"cpu_{part}_s"] for part in ("proxy", "senders", "peer"))
+    return CORES * count / cpu_s
+
+
+def _curves(count: int, rounds: list[dict[str, dict]]) -> None:
+    """Per acknowledgement mode, the rates with N senders over those with one, in the same
+    round; and the most N senders could reach: the ceiling of the chain at one sender's CPU
+    per instance over one sender's delivery rate (each further association only adds CPU)."""
+    one = re.compile(r"anonproxy (\S+), 1 sender$")
+    for label in [label for label in rounds[0] if one.match(label)]:
+        mode = one.match(label)[1]  # type: ignore[index]
+        bounds = [_ceiling(r[label], count) * r[label]["seconds"] / count for r in rounds]
+        print(
+            f"  sender curve, {mode}: N senders' rate over one sender's (one sender delivers"
+            f" {1 / statistics.median(bounds):.2f} of the chain's ceiling, so N senders"
+            f" reach {statistics.median(bounds):.2f} x at most)"
+        )
+        for other in [o for o in rounds[0] if o.startswith(f"anonproxy {mode}, ") and o != label]:
+            acknowledged = _ratio(rounds, other, "acknowledged_s", label, "acknowledged_s")
+            delivered = _ratio(rounds, other, "seconds", label, "seconds")
+            print(
+                f"    {other.rsplit(', ', 1)[1]:>10s}: acknowledged {acknowledged[0]:.2f}"
+                f"{acknowledged[1]}, delivered {delivered[0]:.2f}{delivered[1]}"
+            )
 
 
 def bench(

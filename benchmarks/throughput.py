@@ -36,8 +36,8 @@ instance of the proxy (all its processes), of storescu and of the research PACS,
 ceiling that sum sets on this machine (cores / CPU per instance: how fast the whole chain could
 go on these cores if nothing ever waited). Then the sender curve: each run with N senders
 over the one with one sender, in the same round; and the most N senders could reach, the
-ceiling at one sender's CPU per instance over one sender's delivery rate (a further
-association adds no CPU to share out, only work). ``--processes N`` sets the proxy's
+ceiling at one sender's CPU per instance over one sender's delivery rate (more senders bring
+more work, not more cores). ``--processes N`` sets the proxy's
 ``listen.processes`` (acceptor processes). DCMTK and Orthanc run with TCP_NODELAY=1.
 """
 

@@ -496,13 +496,16 @@ def _curves(count: int, rounds: list[dict[str, dict]]) -> None:
     one = re.compile(r"anonproxy (\S+), 1 sender$")
     for label in [label for label in rounds[0] if one.match(label)]:
         mode = one.match(label)[1]  # type: ignore[index]
+        others = [o for o in rounds[0] if o.startswith(f"anonproxy {mode}, ") and o != label]
+        if not others:
+            continue
         bounds = [_ceiling(r[label], count) * r[label]["seconds"] / count for r in rounds]
         print(
             f"  sender curve, {mode}: N senders' rate over one sender's (one sender delivers"
             f" {1 / statistics.median(bounds):.2f} of the chain's ceiling, so N senders"
             f" reach {statistics.median(bounds):.2f} x at most)"
         )
-        for other in [o for o in rounds[0] if o.startswith(f"anonproxy {mode}, ") and o != label]:
+        for other in others:
             acknowledged = _ratio(rounds, other, "acknowledged_s", label, "acknowledged_s")
             delivered = _ratio(rounds, other, "seconds", label, "seconds")
             print(

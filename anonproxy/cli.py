@@ -235,14 +235,16 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
 def cmd_deidentify(args: argparse.Namespace) -> int:
     """De-identify files or folders offline, with the same engine as the proxy."""
     from anonproxy import offline  # noqa: PLC0415 - keep start-up light
-    from anonproxy.processes import available_cores  # noqa: PLC0415
 
     settings = _settings(args)
     secret = _secret(settings)
     work = offline.tasks(args.inputs, args.output)
-    outcomes: Iterable[str] = offline.deidentify(
-        settings, secret.value, work, args.jobs or available_cores()
-    )
+    jobs = args.jobs
+    if not jobs:
+        from anonproxy.processes import available_cores  # noqa: PLC0415 - multiprocessing
+
+        jobs = available_cores()
+    outcomes: Iterable[str] = offline.deidentify(settings, secret.value, work, jobs)
     if not args.quiet:
         from tqdm import tqdm  # noqa: PLC0415
 

@@ -29,8 +29,8 @@ from anonproxy.errors import (
     LimitExceeded,
     StructureError,
 )
+from anonproxy.file_names import check_uid_name
 from anonproxy.pydicom_settings import silence_value_reports
-from anonproxy.spool import check_uid_name
 
 #: One file's work: the input, the output file or folder, and whether it is a folder
 Task = tuple[Path, Path, bool]

@@ -8,6 +8,7 @@ it holds no logic of its own.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections import Counter
@@ -234,7 +235,17 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
     """De-identify files or folders offline, with the same engine as the proxy."""
-    from anonproxy import offline  # noqa: PLC0415 - keep start-up light
+    # The engine's import (pydicom, numpy, anonproxy.deid) makes some 100 000 objects that live
+    # as long as the process, and almost no garbage: the collector is off meanwhile, then given
+    # them as permanent (gc.freeze), so that neither the collections the import would trigger
+    # nor the later ones walk them (one-file run: 2.14 -> 1.98 G instructions). Everything made
+    # afterwards is collected as before.
+    gc.disable()
+    try:
+        from anonproxy import offline  # noqa: PLC0415 - keep start-up light
+    finally:
+        gc.freeze()
+        gc.enable()
 
     settings = _settings(args)
     secret = _secret(settings)

@@ -3,13 +3,14 @@ in worker processes, with the same outcomes and outputs."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from anonproxy import offline
+from anonproxy import cli, offline
 from anonproxy.config import Settings
 from anonproxy.deid import Deidentifier
 from anonproxy.deid.instance import DeidentifiedFile, Limits, Target
@@ -100,3 +101,20 @@ def test_one_job_stopped_early_drops_its_engine(tmp_path: Path, corpus: list[Pat
     assert offline._WORKER is not None
     outcomes.close()  # type: ignore[attr-defined]  # a generator
     assert offline._WORKER is None
+
+
+def test_deidentify_command_collects_garbage_again_after_its_start(
+    tmp_path: Path, corpus: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command has the collector off while it imports the engine, whose objects it then
+    leaves out of every collection (frozen), and on afterwards."""
+    monkeypatch.setenv("ANONPROXY_SECRET", SECRET.decode())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "one.dcm"
+    try:
+        assert cli.main(["deidentify", "-q", "-j", "1", str(corpus[0]), str(out)]) == 0
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()  # the start's objects back to the collector of this test session
+    assert dcmread(out).PatientIdentityRemoved == "YES"

@@ -8,6 +8,7 @@ it holds no logic of its own.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections import Counter
@@ -234,15 +235,27 @@ def cmd_describe_profile(args: argparse.Namespace) -> int:
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
     """De-identify files or folders offline, with the same engine as the proxy."""
-    from anonproxy import offline  # noqa: PLC0415 - keep start-up light
-    from anonproxy.processes import available_cores  # noqa: PLC0415
+    # The engine's import (pydicom, numpy, anonproxy.deid) makes some 100 000 objects that live
+    # as long as the process, and almost no garbage: the collector is off meanwhile, then given
+    # them as permanent (gc.freeze), so that neither the collections the import would trigger
+    # nor the later ones walk them (one-file run: 2.14 -> 1.98 G instructions). Everything made
+    # afterwards is collected as before.
+    gc.disable()
+    try:
+        from anonproxy import offline  # noqa: PLC0415 - keep start-up light
+    finally:
+        gc.freeze()
+        gc.enable()
 
     settings = _settings(args)
     secret = _secret(settings)
     work = offline.tasks(args.inputs, args.output)
-    outcomes: Iterable[str] = offline.deidentify(
-        settings, secret.value, work, args.jobs or available_cores()
-    )
+    jobs = args.jobs
+    if not jobs:
+        from anonproxy.processes import available_cores  # noqa: PLC0415 - multiprocessing
+
+        jobs = available_cores()
+    outcomes: Iterable[str] = offline.deidentify(settings, secret.value, work, jobs)
     if not args.quiet:
         from tqdm import tqdm  # noqa: PLC0415
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from anonproxy.errors import ConfigError
-from anonproxy.spool import NOT_QUEUES
+from anonproxy.file_names import NOT_QUEUES
 
 #: listen.max_sequence_depth: the engine's anonproxy.deid.structure.DEFAULT_MAX_SEQUENCE_DEPTH,
 #: repeated to keep this module free of pydicom (tests/test_config.py keeps them equal).

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from anonproxy import codecs
 from anonproxy.config import ProfileConfig, Settings
 from anonproxy.deid import Deidentifier, PatientPseudonyms, Profile
 from anonproxy.deid.pseudonyms import PatientLookup
 from anonproxy.errors import ConfigError, StateUnavailable
-from anonproxy.patients import PatientDirectory, import_csv
-from anonproxy.state import StateStore
+
+if TYPE_CHECKING:  # imported where used: only a profile with the lookup table needs the store
+    from anonproxy.patients import PatientDirectory
+    from anonproxy.state import StateStore
 
 
 def build_profile(config: ProfileConfig, patients: PatientLookup | None = None) -> Profile:
@@ -113,6 +116,8 @@ def uses_lookup_table(settings: Settings) -> bool:
 
 def open_state(settings: Settings, *, migrate: bool = True) -> StateStore:
     """The state store of *settings* (schema migrations applied with *migrate*)."""
+    from anonproxy.state import StateStore  # noqa: PLC0415 - sqlite3, for the lookup table only
+
     return StateStore.open(settings.state, settings.storage.path, migrate=migrate)
 
 
@@ -121,6 +126,8 @@ def patient_lookup(settings: Settings, secret: bytes) -> PatientDirectory | None
     connection of this process; the service applied the migrations)."""
     if not uses_lookup_table(settings):
         return None
+    from anonproxy.patients import PatientDirectory  # noqa: PLC0415 - see open_state
+
     return PatientDirectory(open_state(settings, migrate=False), secret)
 
 
@@ -143,4 +150,6 @@ def import_configured_table(settings: Settings, store: StateStore, secret: bytes
     a row that disagrees with the store stops the start, ConfigError)."""
     spec = settings.profile.patient_id
     if spec is not None and spec.method == "lookup" and spec.lookup_csv is not None:
+        from anonproxy.patients import import_csv  # noqa: PLC0415 - see open_state
+
         import_csv(store, secret, spec.lookup_csv)

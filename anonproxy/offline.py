@@ -1,6 +1,8 @@
 """``anonproxy deidentify``: files and folders de-identified offline, by the proxy's engine
 and file path (:func:`~anonproxy.deid.instance.deidentify_file`: structure limits, the
-burned-in annotation policy, de-identification, the self-check), in worker processes.
+burned-in annotation policy, de-identification, the self-check), in worker processes; with
+one job, in this process (the same worker set-up and per-file function, without a process to
+start and the work to send it).
 
 Each file gets an outcome name (``de-identified``, ``skipped (not DICOM)``, ``failed
 (...)``), never a value from the file. The command line (:mod:`anonproxy.cli`) counts them.
@@ -13,7 +15,6 @@ network module"), so the command starts without them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from anonproxy.errors import (
     LimitExceeded,
     StructureError,
 )
+from anonproxy.file_names import check_uid_name
 from anonproxy.pydicom_settings import silence_value_reports
-from anonproxy.spool import check_uid_name
 
 #: One file's work: the input, the output file or folder, and whether it is a folder
 Task = tuple[Path, Path, bool]
@@ -60,14 +61,31 @@ def tasks(paths: Sequence[Path], output: Path) -> list[Task]:
 
 
 def deidentify(settings: Settings, secret: bytes, work: list[Task], jobs: int) -> Iterator[str]:
-    """The outcome of each task, in order, de-identified by *jobs* worker processes with the
-    engine of *settings* keyed by *secret*. The lookup table is prepared first (ConfigError
-    when it cannot be)."""
+    """The outcome of each task, in order, de-identified by *jobs* worker processes (one job:
+    in this process) with the engine of *settings* keyed by *secret*. The lookup table is
+    prepared first (ConfigError when it cannot be)."""
     prepare_lookup_table(settings, secret)
+    if jobs == 1:
+        return _outcomes_here(settings, secret, work)
     return _outcomes(settings, secret, work, jobs)
 
 
+def _outcomes_here(settings: Settings, secret: bytes, work: list[Task]) -> Iterator[str]:
+    """The outcomes of one job, in this process: a worker process's set-up and per-file work
+    (:func:`_init_worker`, :func:`_deidentify_one`) without the process, the pickled settings
+    and the results sent back (most of the command's time for a few files)."""
+    global _WORKER  # noqa: PLW0603 - the engine of this process while the run lasts
+    _init_worker(settings, secret)
+    try:
+        yield from map(_deidentify_one, work)
+    finally:
+        _WORKER = None
+
+
 def _outcomes(settings: Settings, secret: bytes, work: list[Task], jobs: int) -> Iterator[str]:
+    """The outcomes of *jobs* worker processes (multiprocessing imported for them only)."""
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415 - not for one job
+
     with ProcessPoolExecutor(
         max_workers=jobs, initializer=_init_worker, initargs=(settings, secret)
     ) as pool:

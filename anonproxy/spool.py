@@ -85,24 +85,18 @@ from typing import Any
 
 from anonproxy.durable import DirectorySync, make_directories, sync_data, sync_directory
 from anonproxy.errors import SpoolFullError
+from anonproxy.file_names import NOT_QUEUES as NOT_QUEUES  # noqa: PLC0414 - exported here
+from anonproxy.file_names import SPOOL_DEFERRED as _DEFERRED
+from anonproxy.file_names import SPOOL_INCOMING as _INCOMING
+from anonproxy.file_names import SPOOL_TMP as _TMP
+from anonproxy.file_names import check_uid_name as check_uid_name  # noqa: PLC0414 - exported
 from anonproxy.received import PREFIX as RECEIVING
 from anonproxy.received import ReceivedFile
 from anonproxy.received import settle as settle_received
 
-_UID_NAME = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 SUFFIX = ".dcm"
 _NAME = re.compile(r"^[0-9a-z-]{1,200}$")  # deferred and kept inputs: never a UID
-_TMP, _INCOMING, _DEFERRED = "tmp", "incoming", "deferred"
-NOT_QUEUES = frozenset({_TMP, _INCOMING, _DEFERRED})  # spool folders that are no queue: reserved
 _HIDDEN = ".pending"  # a de-identified instance linked, not yet visible: .<original>.<uid>.pending
-
-
-def check_uid_name(uid: str) -> str:
-    """Return *uid* if it is a valid UID usable as a file name, else raise ValueError."""
-    if len(uid) > 64 or not _UID_NAME.match(uid):
-        msg = "not a valid UID for a file name"
-        raise ValueError(msg)
-    return uid
 
 
 _names = itertools.count()

@@ -473,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anonproxy`` command."""
+    # numpy (which pydicom imports) starts OpenBLAS's threads, one per core, which spin for a
+    # while after the import; anonproxy does no linear algebra (its parallel work is in
+    # processes): one thread, unless the environment says otherwise (`anonproxy deidentify`
+    # on one file: ~0.09 s of CPU less)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "map" and not (args.pseudonym if args.action == "lookup" else args.study):

@@ -630,6 +630,15 @@ _COMMAND_FIELDS = {
     for field, (_, kind) in pynetdicom.dimse_messages._MESSAGE_TYPES.items()
     if kind.__name__ in _COMMAND_SET_MESSAGES
 }
+#: The parameters each of them takes from its primitive (the rest: set by _encoded_message)
+_PARAMETERS = {
+    name: tuple(
+        keyword
+        for keyword in pynetdicom.dimse_messages._COMMAND_SET_KEYWORDS[name.replace("_", "-")]
+        if keyword not in {"CommandGroupLength", "CommandField", "CommandDataSetType"}
+    )
+    for name in _COMMAND_SET_MESSAGES
+}
 
 
 class _EncodedCommandSet(bytes):
@@ -649,9 +658,7 @@ def _encoded_message(primitive: Any) -> pynetdicom.dimse_messages.DIMSEMessage |
         return None
     name = kind.__name__
     values: dict[str, object] = {}
-    for keyword in pynetdicom.dimse_messages._COMMAND_SET_KEYWORDS[name.replace("_", "-")]:
-        if keyword in {"CommandGroupLength", "CommandField", "CommandDataSetType"}:
-            continue
+    for keyword in _PARAMETERS[name]:
         if not hasattr(primitive, keyword):
             values[keyword] = None  # pynetdicom leaves it in, without a value
         elif (value := getattr(primitive, keyword)) is not None:

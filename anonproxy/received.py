@@ -132,9 +132,19 @@ def _for(directory: Path, durable: bool) -> _Ahead:
 class ReceivedFile:
     """One received data set's file: ``write``, ``name``, ``file.flush`` and ``close``, as
     pynetdicom uses its NamedTemporaryFile; unbuffered (pynetdicom writes whole fragments).
-    *durable*: the files are to be kept durably (``storage.fsync``)."""
+    *durable*: the files are to be kept durably (``storage.fsync``). *checksum*: most of them
+    will be kept, so the CRC-32 of the kept mark is computed as the bytes are written; without
+    it, only a file that is kept is read back for its CRC (an instance de-identified before
+    its answer is never kept: no CRC of its bytes on the association's path)."""
 
-    def __init__(self, directory: Path, key: bytes | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        key: bytes | None = None,
+        durable: bool = True,
+        *,
+        checksum: bool = True,
+    ) -> None:
         self.started = time.monotonic()  # the data set's first fragment arrived
         self._ahead = _for(directory, durable)
         self.path, self._fd, self._entry_on_disk = self._ahead.take()
@@ -142,7 +152,7 @@ class ReceivedFile:
         self._discarded = False
         self._sealer = Sealer(key) if key is not None else None
         self.size = 0  # bytes written to the disk
-        self._crc = 0
+        self._crc: int | None = 0 if checksum else None  # None: read back if kept
         self.finished = False
 
     @property
@@ -162,7 +172,8 @@ class ReceivedFile:
         return self._sealer is not None
 
     def _write_all(self, data: bytes) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+        if self._crc is not None:
+            self._crc = zlib.crc32(data, self._crc)
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -207,7 +218,8 @@ class ReceivedFile:
 
     def _mark(self, target: Path) -> bool:
         """Write the kept mark; False when the file system has no user attributes."""
-        mark = f"kept {target.name} {self.size} {self._crc:08x}".encode("ascii")
+        crc = self._crc if self._crc is not None else _crc_of(self.path)
+        mark = f"kept {target.name} {self.size} {crc:08x}".encode("ascii")
         try:
             os.setxattr(self._fd, _ATTRIBUTE, mark)
         except OSError as exc:

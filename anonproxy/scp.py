@@ -64,15 +64,20 @@ def check_pynetdicom() -> None:
     pynetdicom_patches.check_version()
 
 
-def receive_into(directory: Path, key: bytes | None = None, *, durable: bool = True) -> None:
+def receive_into(
+    directory: Path, key: bytes | None = None, *, durable: bool = True, checksum: bool = True
+) -> None:
     """Make pynetdicom write received C-STORE data sets, as they arrive, into *directory*
     (the spool's owner-only ``deferred`` folder, under hidden names: see
     :mod:`anonproxy.received`), sealed with *key* when one is configured, rather than the
     system's temporary folder: they hold PHI (the hook:
     :func:`anonproxy.pynetdicom_patches.receive_data_sets_into`). The handler removes each file
     once answered, unless it was kept (deferred); with *durable*, the files are created ahead
-    with their entries on disk (see :mod:`anonproxy.received`)."""
-    pynetdicom_patches.receive_data_sets_into(lambda: ReceivedFile(directory, key, durable))
+    with their entries on disk, and with *checksum* (most are kept: ``acknowledge:
+    after_receipt``) their CRC-32 computed as they arrive (see :mod:`anonproxy.received`)."""
+    pynetdicom_patches.receive_data_sets_into(
+        lambda: ReceivedFile(directory, key, durable, checksum=checksum)
+    )
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -122,7 +127,12 @@ class StorageSCP:
     ) -> None:
         pynetdicom_patches.install()  # UnsupportedPynetdicom (a ConfigError) on another version
         self.incoming_key = pipeline.runner.incoming_key
-        receive_into(pipeline.spool.deferred_dir, self.incoming_key, durable=pipeline.spool.fsync)
+        receive_into(
+            pipeline.spool.deferred_dir,
+            self.incoming_key,
+            durable=pipeline.spool.fsync,
+            checksum=pipeline.acknowledge_on_receipt,
+        )
         self.config = config
         self.pipeline = pipeline
         self.audit = audit

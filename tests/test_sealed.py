@@ -4,6 +4,7 @@ file, what start-up refuses, and keeping a received file with one flush (anonpro
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,40 @@ def test_a_kept_file_survives_a_crash_before_its_rename_and_a_partial_one_does_n
     assert settle(folder) == 1
     assert sorted(p.name for p in folder.iterdir()) == ["k-1.dcm"]
     assert _open(folder / "k-1.dcm") == b"x" * 5000
+
+
+def test_without_checksum_a_kept_file_gets_the_same_mark_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file received without *checksum* (acknowledged after de-identification: rarely
+    kept) computes no CRC while it is written; kept all the same, its mark is the one a
+    checksummed file gets, so settle() keeps it after a crash."""
+    folder = tmp_path / "deferred"
+    folder.mkdir()
+    crcs: list[int] = []
+    crc32 = zlib.crc32
+    monkeypatch.setattr(received_module.zlib, "crc32", lambda *a: crcs.append(1) or crc32(*a))
+    ahead = received_module._for(folder, durable=True)
+    assert wait_for(lambda: ahead._spares.qsize() >= 2, timeout=10)  # entries on disk: marked
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        marks = []
+        for checksum in (True, False):
+            received = ReceivedFile(folder, checksum=checksum)
+            crcs.clear()
+            for chunk in (b"a" * 3000, b"b" * 70000, b"c"):
+                received.write(chunk)
+            received.finish()
+            assert bool(crcs) is checksum  # computed as written, or not at all
+            target = folder / f"k-{int(checksum)}.dcm"
+            received.keep(target, fd)
+            marks.append(os.getxattr(target, "user.anonproxy").replace(target.name.encode(), b""))
+            os.rename(target, folder / f".recv-crashed-{checksum}")  # its rename lost
+    finally:
+        os.close(fd)
+    assert marks[0] == marks[1]
+    assert settle(folder) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["k-0.dcm", "k-1.dcm"]
 
 
 def test_once_kept_or_discarded_a_received_file_gives_pynetdicom_no_name_to_remove(

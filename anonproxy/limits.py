@@ -89,6 +89,16 @@ class DataSetBound:
         self._received = 0  # bytes of the data set being received
         self._dropping = False
 
+    def fits(self, size: int) -> bool:
+        """Count *size* bytes of data set fragments, none the last, when they are within the
+        bound; False, nothing counted, when they are not (:meth:`take` must cut them)."""
+        if self.max_bytes is None:
+            return True
+        if self._dropping or self._received + size > self.max_bytes:
+            return False
+        self._received += size
+        return True
+
     def take(self, primitive: P_DATA) -> None:
         """Count the data set fragments of *primitive*; past the bound, keep only their
         message control header (PS3.8 E.2)."""
@@ -139,6 +149,10 @@ class PduGuard:
     def take(self, primitive: P_DATA) -> None:
         """A received P-DATA, before it is decoded: bounded by :attr:`data_sets`."""
         self.data_sets.take(primitive)
+
+    def fits(self, size: int) -> bool:
+        """Data set fragments written without a P-DATA (see :meth:`DataSetBound.fits`)."""
+        return self.data_sets.fits(size)
 
     def undecodable(self) -> None:
         """The DIMSE layer cannot decode a received message: it is aborted (unless a refusal

@@ -22,6 +22,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import pynetdicom
 import pynetdicom.association
 import pynetdicom.dsutils
 import pynetdicom.dul
+import pynetdicom.pdu
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -42,6 +44,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from anonproxy import pynetdicom_patches as patches
 from anonproxy.config import TlsServerConfig
+from anonproxy.deid.files import data_set_offset
 from anonproxy.errors import ConfigError
 from anonproxy.limits import PduGuard
 from anonproxy.tls import server_context
@@ -1066,3 +1069,142 @@ def test_a_peer_that_takes_any_pdu_length_is_sent_bounded_pdus(
         assert max(peer.pdv_lengths) <= 1 << 20
     else:
         assert max(peer.pdv_lengths) > 3 << 20  # the whole data set as one PDU
+
+
+# --- data set fragments, straight to the file (guard_pdus) --------------------------------------
+
+
+class _StoreServer:
+    """A pynetdicom Storage SCP (16 KiB PDUs) whose associations are guarded (with *bound* on
+    the data set); each C-STORE's received file is kept in :attr:`received`."""
+
+    def __init__(self, *, bound: int | None = None, pdu_handler: bool = False) -> None:
+        self.received: list[tuple[bytes, bool]] = []  # the file's bytes, cut by the bound
+        self.violations: list[str] = []
+        self.guards: list[PduGuard] = []
+        ae = AE("ANONPROXY")
+        ae.maximum_pdu_size = 16384
+        ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        self.port = free_port()
+
+        def guard(event: evt.Event) -> None:
+            pdu_guard = PduGuard(16384, lambda r, d: self.violations.append(r), bound)
+            self.guards.append(pdu_guard)
+            patches.guard_pdus(event.assoc, pdu_guard, read_timeout=10)
+
+        def store(event: evt.Event) -> int:
+            data = Path(event.dataset_path).read_bytes()
+            self.received.append((data, self.guards[-1].data_sets.oversized))
+            return 0x0000
+
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, guard), (evt.EVT_C_STORE, store)]
+        if pdu_handler:
+            handlers.append((evt.EVT_PDU_RECV, lambda _: None))
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def store(self, path: Path) -> Dataset:
+        requestor = AE("CALLER")
+        requestor.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        assoc = requestor.associate("127.0.0.1", self.port, ae_title="ANONPROXY")
+        assert assoc.is_established
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            self.server.shutdown()
+
+
+def _count_pdata_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count P-DATA-TF PDUs decoded, with pynetdicom's logging handlers off (as the service
+    runs: they are bound to EVT_PDU_RECV)."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    decoded: list[int] = []
+    original = pynetdicom.pdu.P_DATA_TF.decode
+
+    def counted(self: Any, bytestream: bytes) -> None:
+        decoded.append(len(bytestream))
+        original(self, bytestream)
+
+    monkeypatch.setattr(pynetdicom.pdu.P_DATA_TF, "decode", counted)
+    return decoded
+
+
+@pytest.mark.parametrize("pdu_handler", [False, True], ids=["straight", "handler-bound"])
+def test_data_set_fragments_go_straight_to_the_file(
+    pdu_handler: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data set of 13 PDUs: pynetdicom decodes each into PDU and P-DATA objects and passes
+    it through its state machine to the DIMSE layer, which writes it to the file. Guarded, only
+    the command and the last fragment go that way (and the response, on the requestor's side);
+    the file holds the same data set. A handler bound to EVT_PDU_RECV sees every PDU."""
+    decoded = _count_pdata_decodes(monkeypatch)
+    source = _large_file(tmp_path, 200_000)
+    server = _StoreServer(pdu_handler=pdu_handler)
+    assert server.store(source).Status == 0x0000
+    ((data, cut),) = server.received
+    assert not cut
+    with source.open("rb") as handle:
+        sent = handle.read()[data_set_offset(handle) :]
+    assert data[-len(sent) :] == sent
+    assert data.startswith(b"\0" * 128 + b"DICM")
+    assert len(data) == data_set_offset(BytesIO(data)) + len(sent)
+    data_pdus = -(-len(sent) // (16384 - 6 - 6))  # at most 16384 bytes: PDU and PDV headers
+    if pdu_handler:
+        assert len(decoded) >= data_pdus + 2
+    else:
+        assert len(decoded) == 3  # the request's command and last fragment, the response
+    assert server.violations == []
+
+
+def test_straight_fragments_are_counted_by_the_data_set_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fragments written straight to the file count towards the data set bound; past it, they
+    go to the guard's cut (the file keeps no more than the bound, the handler is told)."""
+    decoded = _count_pdata_decodes(monkeypatch)
+    server = _StoreServer(bound=50_000)
+    assert server.store(_large_file(tmp_path, 200_000)).Status == 0x0000
+    ((data, cut),) = server.received
+    assert cut
+    assert data_set_offset(BytesIO(data)) + 40_000 < len(data) <= 50_000 + 1024
+    assert len(decoded) > 3  # past the bound, every fragment through the guard's cut
+
+
+def test_a_straight_fragment_that_cannot_be_written_aborts_the_association(
+    tmp_path: Path,
+) -> None:
+    """As when the DIMSE layer fails to write a fragment: the message is undecodable, the
+    association is aborted (and the guard told), nothing is acknowledged."""
+
+    class Failing:
+        def __init__(self) -> None:
+            self.writes = 0
+            self.name = str(tmp_path / "received.dcm")
+
+        def write(self, data: bytes) -> int:
+            self.writes += 1
+            if self.writes > 5:  # preamble, DICM, file meta, two fragments
+                raise OSError(28, "No space left on device")
+            return len(data)
+
+        @property
+        def file(self) -> Any:
+            return self
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    original = pynetdicom.dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+    patches.receive_data_sets_into(Failing)
+    try:
+        server = _StoreServer()
+        answer = server.store(_large_file(tmp_path, 200_000))
+    finally:
+        pynetdicom.dimse_messages.NamedTemporaryFile = original  # type: ignore[attr-defined]
+    assert "Status" not in answer  # no answer: aborted
+    assert server.received == []
+    assert server.violations == ["invalid_dimse_message"]

@@ -31,6 +31,7 @@ import pynetdicom.association
 import pynetdicom.dsutils
 import pynetdicom.dul
 import pynetdicom.pdu
+import pynetdicom.pdu_primitives
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -104,6 +105,7 @@ file_meta = _without("file_meta")
 received_file_meta = _without("received_file_meta")
 command_sets = _without("command_sets")
 chunked_data_sets = _without("chunked_data_sets")
+direct_p_data = _without("direct_p_data")
 
 
 # --- the version gate ---------------------------------------------------------------------------
@@ -535,7 +537,10 @@ def test_a_data_set_sent_from_a_file_is_not_queued_whole(
     )
     requestor = AE("CALLER")
     requestor.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES")
+    # a handler that sees each PDU sent: the P-DATA go through the DUL thread's queue (not
+    # direct_p_data's way), as over TLS
+    sent = (evt.EVT_PDU_SENT, lambda _: None)
+    assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHES", evt_handlers=[sent])
     statuses: list[Dataset] = []
     try:
         assert assoc.is_established
@@ -1208,3 +1213,116 @@ def test_a_straight_fragment_that_cannot_be_written_aborts_the_association(
     assert "Status" not in answer  # no answer: aborted
     assert server.received == []
     assert server.violations == ["invalid_dimse_message"]
+
+
+# --- direct_p_data ------------------------------------------------------------------------------
+
+
+def test_a_p_data_tf_is_encoded_as_pynetdicom_encodes_it() -> None:
+    """The same bytes as ``P_DATA_TF(primitive).encode()``, for commands and fragments of
+    every size and for several PDVs in one PDU."""
+    for values in (
+        [(1, b"\x03" + bytes(100))],
+        [(3, b"\x00" + os.urandom(16372))],
+        [(5, b"\x02"), (5, b"\x01" + b"cmd"), (7, b"\x00" + os.urandom(70000))],
+        [(255, b"\x02" + os.urandom(131066))],
+    ):
+        primitive = pynetdicom.pdu_primitives.P_DATA()
+        primitive.presentation_data_value_list = [[c, v] for c, v in values]
+        expected = pynetdicom.pdu.P_DATA_TF(primitive).encode()
+        assert patches.encode_p_data(primitive) == expected
+
+
+def _stores(
+    path: Path, handlers: list[Any], *, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+) -> tuple[list[bytes], list[int], Any]:
+    """C-STORE *path* (16 KiB PDUs) with the requestor's *handlers*, pynetdicom's logging
+    handlers off (as the service runs: they are bound to EVT_PDU_SENT); the data sets received,
+    the P-DATA-TF PDU objects built to be sent, and the requestor's DUL."""
+    received: list[bytes] = []
+    level, _config.LOG_HANDLER_LEVEL = _config.LOG_HANDLER_LEVEL, "none"
+
+    def store(event: evt.Event) -> int:
+        received.append(Path(event.dataset_path).read_bytes())
+        return 0x0000
+
+    acceptor = AE("PATCHES")
+    acceptor.maximum_pdu_size = 16384
+    acceptor.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = acceptor.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+        ssl_context=tls[0] if tls else None,
+    )
+    built: list[int] = []
+    original = pynetdicom.pdu.P_DATA_TF.__init__
+
+    def counted(self: Any, *args: Any) -> None:
+        if args:  # built to be sent (DT-1); one built empty is decoded into
+            built.append(1)
+        original(self, *args)
+
+    requestor = AE("CALLER")
+    requestor.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = requestor.associate(
+        "127.0.0.1",
+        port,
+        ae_title="PATCHES",
+        evt_handlers=handlers,
+        tls_args=(tls[1], "localhost") if tls else None,
+    )
+    try:
+        assert assoc.is_established
+        pynetdicom.pdu.P_DATA_TF.__init__ = counted  # type: ignore[method-assign]
+        try:
+            assert assoc.send_c_store(path).Status == 0x0000
+        finally:
+            pynetdicom.pdu.P_DATA_TF.__init__ = original  # type: ignore[method-assign]
+        return received, built, assoc.dul
+    finally:
+        assoc.release()
+        server.shutdown()
+        _config.LOG_HANDLER_LEVEL = level
+
+
+def test_a_p_data_is_sent_by_the_thread_sending_it(direct_p_data: bool, tmp_path: Path) -> None:
+    """pynetdicom builds a P_DATA_TF object for each PDU it sends (in DT-1, in the DUL
+    thread, after a hand-off through its queue); sent directly, none is built and the
+    acceptor receives the same data set."""
+    source = _large_file(tmp_path, 200_000)
+    received, built, _ = _stores(source, [])
+    with source.open("rb") as handle:
+        sent = handle.read()[data_set_offset(handle) :]
+    ((data,),) = [received]
+    assert data.endswith(sent)
+    fragments = -(-len(sent) // (16384 - 12))
+    if direct_p_data:
+        assert built == []
+    else:  # the command, the fragments, and the acceptor's response
+        assert len(built) == fragments + 2
+
+
+@pytest.mark.parametrize("case", ["pdu-sent-handler", "tls"])
+def test_a_p_data_goes_through_the_dul_thread_when_it_must(
+    case: str, tmp_path: Path, pki: Pki
+) -> None:
+    """With a handler bound to EVT_PDU_SENT (it sees the PDU objects) or over TLS (an SSL
+    socket is written by the thread that reads it), every P-DATA goes pynetdicom's way; the
+    P-DATA queued are all counted out once sent (a later one may go directly again)."""
+    source = _large_file(tmp_path, 100_000)
+    seen: list[str] = []
+    handlers = [(evt.EVT_PDU_SENT, lambda e: seen.append(type(e.pdu).__name__))]
+    tls = None
+    if case == "tls":
+        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_side.load_cert_chain(pki.server_cert, pki.server_key)
+        tls, handlers = (server_side, ssl.create_default_context(cafile=str(pki.ca))), []
+    received, built, dul = _stores(source, handlers, tls=tls)
+    assert len(received) == 1
+    fragments = 100_000 // (16384 - 12) + 1
+    assert len(built) >= fragments + 1  # the command and the fragments: P_DATA_TF, in DT-1
+    if case == "pdu-sent-handler":
+        assert seen.count("P_DATA_TF") == fragments + 1
+    assert patches._sending_of(dul).queued == 0

@@ -794,12 +794,11 @@ def encode_p_data(primitive: P_DATA) -> bytes:
     """The P-DATA-TF PDU of *primitive* (PS3.8 9.3.5), as pynetdicom's ``P_DATA_TF`` encodes
     it: each PDV item its length, presentation context ID and value (message control header
     and fragment)."""
-    items = [
-        b"".join((struct.pack(">LB", len(value) + 1, context_id), value))
-        for context_id, value in primitive.presentation_data_value_list
-    ]
-    body = b"".join(items)
-    return b"".join((struct.pack(">BBL", 0x04, 0, len(body)), body))
+    parts = [b""]  # the PDU header, once the length is known
+    for context_id, value in primitive.presentation_data_value_list:
+        parts += (struct.pack(">LB", len(value) + 1, context_id), value)
+    parts[0] = struct.pack(">BBL", 0x04, 0, sum(map(len, parts)))
+    return b"".join(parts)  # one copy of each value
 
 
 def _sends_directly(dul: DULServiceProvider) -> bool:

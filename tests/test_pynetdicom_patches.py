@@ -514,6 +514,19 @@ def _large_file(directory: Path, pixel_bytes: int) -> Path:
     return path
 
 
+def _sc_acceptor(handlers: list[Any], ssl_context: ssl.SSLContext | None = None) -> tuple[Any, int]:
+    """A pynetdicom Storage SCP ("PATCHES") of Secondary Capture in Explicit VR Little Endian,
+    16 KiB PDUs, with *handlers*; its server and port."""
+    acceptor = AE("PATCHES")
+    acceptor.maximum_pdu_size = 16384
+    acceptor.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = acceptor.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    )
+    return server, port
+
+
 def test_a_data_set_sent_from_a_file_is_not_queued_whole(
     send_backpressure: bool, tmp_path: Path
 ) -> None:
@@ -526,15 +539,7 @@ def test_a_data_set_sent_from_a_file_is_not_queued_whole(
         if event.pdu.__class__.__name__ == "P_DATA_TF":
             reading.wait(10)  # the acceptor's DUL thread stops reading
 
-    acceptor = AE("PATCHES")
-    acceptor.maximum_pdu_size = 16384
-    acceptor.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-    port = free_port()
-    server = acceptor.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        evt_handlers=[(evt.EVT_PDU_RECV, hold), (evt.EVT_C_STORE, lambda _: 0x0000)],
-    )
+    server, port = _sc_acceptor([(evt.EVT_PDU_RECV, hold), (evt.EVT_C_STORE, lambda _: 0x0000)])
     requestor = AE("CALLER")
     requestor.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
     # a handler that sees each PDU sent: the P-DATA go through the DUL thread's queue (not
@@ -1087,10 +1092,6 @@ class _StoreServer:
         self.received: list[tuple[bytes, bool]] = []  # the file's bytes, cut by the bound
         self.violations: list[str] = []
         self.guards: list[PduGuard] = []
-        ae = AE("ANONPROXY")
-        ae.maximum_pdu_size = 16384
-        ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-        self.port = free_port()
 
         def guard(event: evt.Event) -> None:
             pdu_guard = PduGuard(16384, lambda r, d: self.violations.append(r), bound)
@@ -1105,12 +1106,12 @@ class _StoreServer:
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, guard), (evt.EVT_C_STORE, store)]
         if pdu_handler:
             handlers.append((evt.EVT_PDU_RECV, lambda _: None))
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        self.server, self.port = _sc_acceptor(handlers)
 
     def store(self, path: Path) -> Dataset:
         requestor = AE("CALLER")
         requestor.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-        assoc = requestor.associate("127.0.0.1", self.port, ae_title="ANONPROXY")
+        assoc = requestor.associate("127.0.0.1", self.port, ae_title="PATCHES")
         assert assoc.is_established
         try:
             return assoc.send_c_store(path)
@@ -1246,16 +1247,7 @@ def _stores(
         received.append(Path(event.dataset_path).read_bytes())
         return 0x0000
 
-    acceptor = AE("PATCHES")
-    acceptor.maximum_pdu_size = 16384
-    acceptor.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-    port = free_port()
-    server = acceptor.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        evt_handlers=[(evt.EVT_C_STORE, store)],
-        ssl_context=tls[0] if tls else None,
-    )
+    server, port = _sc_acceptor([(evt.EVT_C_STORE, store)], tls[0] if tls else None)
     built: list[int] = []
     original = pynetdicom.pdu.P_DATA_TF.__init__
 

@@ -33,6 +33,8 @@ import pynetdicom.dul
 import pynetdicom.pdu
 import pynetdicom.pdu_primitives
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -1161,6 +1163,65 @@ def test_data_set_fragments_go_straight_to_the_file(
     else:
         assert len(decoded) == 3  # the request's command and last fragment, the response
     assert server.violations == []
+
+
+class _Collecting:
+    """What _write_fragments uses of a C-STORE request collecting its data set."""
+
+    def __init__(self, context_id: int) -> None:
+        self.context_id = context_id
+        self.written = bytearray()
+        self._data_set_file = self
+
+    def write(self, data: memoryview) -> int:
+        self.written += data
+        return len(data)
+
+    @property
+    def file(self) -> Any:
+        return self
+
+    def flush(self) -> None:
+        pass
+
+
+class _Fits:
+    def fits(self, size: int) -> bool:
+        return True
+
+
+_PDVS = st.lists(
+    st.tuples(
+        st.sampled_from([1, 3, 5]),  # presentation context ID
+        st.sampled_from([0x00, 0x01, 0x02, 0x03, 0x04, 0xFC]),  # message control header
+        st.binary(max_size=300),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pdvs=_PDVS)
+def test_straight_fragments_are_the_values_pynetdicom_decodes(
+    pdvs: list[tuple[int, int, bytes]],
+) -> None:
+    """Any P-DATA-TF body: written straight only when every PDV is a data set fragment of the
+    message's context and none the last, and then exactly the fragments pynetdicom's decoder
+    gives the DIMSE layer (each value without its control header), in order."""
+    primitive = pynetdicom.pdu_primitives.P_DATA()
+    primitive.presentation_data_value_list = [[c, bytes([h]) + v] for c, h, v in pdvs]
+    body = bytearray(patches.encode_p_data(primitive)[6:])
+    message = _Collecting(context_id=1)
+    undecodable: list[int] = []
+    straight = patches._write_fragments(message, _Fits(), body, lambda: undecodable.append(1))
+    decoded = pynetdicom.pdu.P_DATA_TF()
+    decoded.decode(bytes(patches.encode_p_data(primitive)))
+    values = decoded.to_primitive().presentation_data_value_list
+    expected = all(c == 1 and not v[0] & 0x03 for c, v in values)
+    assert straight is expected
+    assert bytes(message.written) == (b"".join(v[1:] for _, v in values) if expected else b"")
+    assert undecodable == []
 
 
 def test_straight_fragments_are_counted_by_the_data_set_bound(

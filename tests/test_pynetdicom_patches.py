@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import types
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -1165,15 +1166,20 @@ def test_data_set_fragments_go_straight_to_the_file(
     assert server.violations == []
 
 
-class _Collecting:
-    """What _write_fragments uses of a C-STORE request collecting its data set."""
+class _DataSetFile:
+    """What pynetdicom (and _write_fragments) use of the file a data set is received into:
+    collects what is written; with *fail_after*, raises on each write after that many."""
 
-    def __init__(self, context_id: int) -> None:
-        self.context_id = context_id
+    def __init__(self, name: str = "", fail_after: int | None = None) -> None:
+        self.name = name
+        self.fail_after = fail_after
+        self.writes = 0
         self.written = bytearray()
-        self._data_set_file = self
 
-    def write(self, data: memoryview) -> int:
+    def write(self, data: bytes | memoryview) -> int:
+        self.writes += 1
+        if self.fail_after is not None and self.writes > self.fail_after:
+            raise OSError(28, "No space left on device")
         self.written += data
         return len(data)
 
@@ -1182,6 +1188,9 @@ class _Collecting:
         return self
 
     def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -1212,7 +1221,8 @@ def test_straight_fragments_are_the_values_pynetdicom_decodes(
     primitive = pynetdicom.pdu_primitives.P_DATA()
     primitive.presentation_data_value_list = [[c, bytes([h]) + v] for c, h, v in pdvs]
     body = bytearray(patches.encode_p_data(primitive)[6:])
-    message = _Collecting(context_id=1)
+    file = _DataSetFile()
+    message = types.SimpleNamespace(context_id=1, _data_set_file=file)
     undecodable: list[int] = []
     straight = patches._write_fragments(message, _Fits(), body, lambda: undecodable.append(1))
     decoded = pynetdicom.pdu.P_DATA_TF()
@@ -1220,7 +1230,7 @@ def test_straight_fragments_are_the_values_pynetdicom_decodes(
     values = decoded.to_primitive().presentation_data_value_list
     expected = all(c == 1 and not v[0] & 0x03 for c, v in values)
     assert straight is expected
-    assert bytes(message.written) == (b"".join(v[1:] for _, v in values) if expected else b"")
+    assert bytes(file.written) == (b"".join(v[1:] for _, v in values) if expected else b"")
     assert undecodable == []
 
 
@@ -1243,30 +1253,11 @@ def test_a_straight_fragment_that_cannot_be_written_aborts_the_association(
 ) -> None:
     """As when the DIMSE layer fails to write a fragment: the message is undecodable, the
     association is aborted (and the guard told), nothing is acknowledged."""
-
-    class Failing:
-        def __init__(self) -> None:
-            self.writes = 0
-            self.name = str(tmp_path / "received.dcm")
-
-        def write(self, data: bytes) -> int:
-            self.writes += 1
-            if self.writes > 5:  # preamble, DICM, file meta, two fragments
-                raise OSError(28, "No space left on device")
-            return len(data)
-
-        @property
-        def file(self) -> Any:
-            return self
-
-        def flush(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
     original = pynetdicom.dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
-    patches.receive_data_sets_into(Failing)
+    # preamble, DICM, file meta and two fragments written; the third fails
+    patches.receive_data_sets_into(
+        lambda: _DataSetFile(str(tmp_path / "received.dcm"), fail_after=5)
+    )
     try:
         server = _StoreServer()
         answer = server.store(_large_file(tmp_path, 200_000))

@@ -917,6 +917,15 @@ def received_file(event: Event) -> object | None:
     return getattr(event.request, "_dataset_file", None)
 
 
+def data_set_in_progress(assoc: Association) -> object | None:
+    """The file object of a C-STORE data set *assoc* was receiving and never completed (the
+    association ended, or the message was dropped, in the middle of it), or None. pynetdicom
+    closes a data set's file only after its C-STORE handler: one left half-received would
+    keep its descriptor, and its blocks on disk, for the life of the process."""
+    message = assoc.dimse.message
+    return getattr(message, "_data_set_file", None) if message is not None else None
+
+
 # --- the PDU guard ------------------------------------------------------------------------------
 
 
@@ -1020,6 +1029,10 @@ def guard_pdus(assoc: Association, guard: PduFilter, *, read_timeout: float | No
     receive = dimse.receive_primitive
 
     def undecodable() -> None:
+        abandoned = data_set_in_progress(assoc)
+        if abandoned is not None:  # the file is removed with the others left half-received
+            with contextlib.suppress(OSError):
+                abandoned.close()  # type: ignore[attr-defined]
         dimse.message = None
         guard.undecodable()
         dul.event_queue.put("Evt19")
@@ -1061,24 +1074,31 @@ def _read_pdu_data(
     bound to EVT_DATA_RECV, EVT_PDU_RECV or EVT_FSM_TRANSITION (which would have seen them). A
     write that fails is an undecodable message, as in the DIMSE layer. Any other PDU (the
     command, the last fragment) is handed to pynetdicom's own, which reads the header and body
-    that were read here (the guard's reads: checked as they were read)."""
+    that were read here (the guard's reads: checked as they were read), or the error a read
+    raised here (a connection reset: Evt17 there, then EVT_ABORTED)."""
     read = transport.recv  # the guard's
-    header = read(6)
-    pending = [header]
-    message = _receiving_data_set(dul) if len(header) == 6 and header[0] == 0x04 else None
-    if message is not None:
-        (length,) = struct.unpack_from(">L", header, 2)
-        body = read(length)
-        pending.append(body)
-        if len(body) == length and _write_fragments(message, guard, body, undecodable):
-            _waiter.reads = getattr(_waiter, "reads", 0) + 1  # as counted_read_pdu_data
-            return
+    pending: list[bytearray | OSError] = []
+    try:
+        header = read(6)
+        pending.append(header)
+        message = _receiving_data_set(dul) if len(header) == 6 and header[0] == 0x04 else None
+        if message is not None:
+            (length,) = struct.unpack_from(">L", header, 2)
+            body = read(length)
+            pending.append(body)
+            if len(body) == length and _write_fragments(message, guard, body, undecodable):
+                _waiter.reads = getattr(_waiter, "reads", 0) + 1  # as counted_read_pdu_data
+                return
+    except OSError as exc:  # a reset, a time-out: raised to pynetdicom's read, which handles it
+        pending.append(exc)
 
     def replay(nr_bytes: int) -> bytearray:
-        del nr_bytes  # the PDU's header, then its body: as they were read
+        del nr_bytes  # the PDU's header, then its body: as they were read (or failed)
         chunk = pending.pop(0)
         if not pending:
             transport.recv = read  # type: ignore[method-assign]
+        if isinstance(chunk, OSError):
+            raise chunk
         return chunk
 
     transport.recv = replay  # type: ignore[method-assign]

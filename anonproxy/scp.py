@@ -357,7 +357,11 @@ class StorageSCP:
             )
 
     def handle_closed(self, event: evt.Event) -> None:
-        """EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: close the record once."""
+        """EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: remove a data set left half-received
+        (its descriptor closed), and close the record once."""
+        abandoned = pynetdicom_patches.data_set_in_progress(event.assoc)
+        if isinstance(abandoned, ReceivedFile):
+            abandoned.discard()
         with self._lock:
             record = self._records.pop(id(event.assoc), None)
         if record is None:

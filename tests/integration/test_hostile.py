@@ -10,7 +10,10 @@ server survives, and a normal DCMTK storescu association right after succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import struct
 import time
 import zlib
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzz.test_pdu_fuzz import store_conversation
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -248,6 +252,41 @@ def test_a_c_store_without_a_data_set_is_refused_and_the_server_serves_on(
     assert wait_for(lambda: _events(tmp_path, "instance.failed"), 10)
     failed = _events(tmp_path, "instance.failed")
     assert [e["reason"] for e in failed] == ["no data set"]
+    assert echoscu(proxy.port) == 0
+
+
+def test_a_c_store_cut_off_by_a_reset_is_audited_and_leaves_no_file_open(
+    make_proxy, tmp_path: Path
+) -> None:
+    """Peers that reset the connection in the middle of a data set (after its first fragment):
+    each association is audited as ended, and each half-received file is removed with its
+    descriptor closed. Before, a reset raised in the read of the data set's straight path and
+    pynetdicom ended the association without EVT_ABORTED (no audit record); and a data set
+    left half-received kept its descriptor, and its blocks on disk, for the life of the
+    process (pynetdicom closes a data set's file only after its C-STORE handler)."""
+    proxy = make_proxy(listen={"processes": 1, "network_timeout": 5, "acse_timeout": 5})
+    deferred = tmp_path / "var" / "spool" / "deferred"
+    stream = store_conversation()
+    cut = len(stream) - 1500  # into the second of the data set's three PDUs
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(stream[:cut])
+            time.sleep(0.1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert wait_for(lambda: proxy.active_associations() == 0, 15)
+    ended = ("association.aborted", "association.closed")
+    assert wait_for(lambda: sum(len(_events(tmp_path, name)) for name in ended) == 5, 10)
+
+    def received_open() -> list[str]:  # descriptors of this process on received files
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [link for link in links if link.startswith(f"{deferred}/.recv-")]
+
+    assert wait_for(lambda: not any(link.endswith("(deleted)") for link in received_open()), 5)
+    assert all(os.path.getsize(link) == 0 for link in received_open())  # created ahead only
+    assert [p.name for p in deferred.iterdir() if p.stat().st_size] == []
     assert echoscu(proxy.port) == 0
 
 

@@ -441,6 +441,11 @@ def _requestor_wait(checkpoint: _Checkpoint) -> Callable[[float], None]:
     return wait
 
 
+def _count_read() -> None:
+    """One more PDU read by this DUL thread (what its wait looks at, see :func:`_dul_wait`)."""
+    _waiter.reads = getattr(_waiter, "reads", 0) + 1
+
+
 def _apply_reactor_waits(set_: _Setter) -> None:
     read_pdu_data = DULServiceProvider._read_pdu_data
     run_dul_reactor = DULServiceProvider.run_reactor
@@ -449,7 +454,7 @@ def _apply_reactor_waits(set_: _Setter) -> None:
     run_association_reactor = Association._run_reactor
 
     def counted_read_pdu_data(self: DULServiceProvider) -> None:
-        _waiter.reads = getattr(_waiter, "reads", 0) + 1  # in the DUL thread
+        _count_read()
         read_pdu_data(self)
 
     def waiting_dul_reactor(self: DULServiceProvider) -> None:
@@ -1087,7 +1092,7 @@ def _read_pdu_data(
             body = read(length)
             pending.append(body)
             if len(body) == length and _write_fragments(message, guard, body, undecodable):
-                _waiter.reads = getattr(_waiter, "reads", 0) + 1  # as counted_read_pdu_data
+                _count_read()
                 return
     except OSError as exc:  # a reset, a time-out: raised to pynetdicom's read, which handles it
         pending.append(exc)

@@ -160,6 +160,11 @@ class PduGuard:
         if not self.tripped:
             self.on_violation("invalid_dimse_message", {"pdu_type": _P_DATA_TF})
 
+    def invalid_pdu(self, pdu_type: int) -> None:
+        """A received PDU has parameters pynetdicom refuses (an even presentation context ID,
+        say): it is aborted as an invalid PDU."""
+        self.on_violation("invalid_pdu_parameters", {"pdu_type": pdu_type})
+
     def limit(self, pdu_type: int) -> int:
         """The longest body accepted for a PDU of *pdu_type*."""
         if pdu_type == _P_DATA_TF and self.max_pdu_size:

@@ -92,6 +92,11 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     :func:`_apply_direct_p_data`). One storescu association of CT 512x512 to storescp, 4
     interleaved pairs of runs: 84 -> 99 instances/s; the proxy's CPU per instance 12.3-13.2 ->
     9.7-9.8 ms.
+``late_primitives``
+    A local primitive (a C-STORE response, an A-RELEASE response) that reaches the state
+    machine after the peer had the association aborted (Sta13) or closed (Sta1) has no
+    transition there: ``do_action`` raised InvalidEventError in the DUL thread, which died.
+    It is dropped (:func:`_apply_late_primitives`).
 
 Hooks, applied where they are needed (each documented at its function):
 
@@ -100,7 +105,8 @@ Hooks, applied where they are needed (each documented at its function):
   PHI), and :func:`received_file`, the object it returned for a C-STORE request;
 * :func:`guard_pdus`: per association of the SCP, every PDU header checked before its body is
   read, nothing read while the association request is decided, an undecodable DIMSE
-  message turned into an A-ABORT (the policy: :class:`anonproxy.limits.PduGuard`), and the
+  message or a PDU whose parameters pynetdicom refuses (:func:`_check_parameters`) turned into
+  an A-ABORT (the policy: :class:`anonproxy.limits.PduGuard`), and the
   data set fragments of a C-STORE request written straight to its file
   (:func:`_read_pdu_data`);
 * :func:`finish_tls_handshake`: the TLS handshake in the association's own thread, bounded,
@@ -124,6 +130,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import queue
 import select
 import socket
 import ssl
@@ -157,7 +164,9 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.fsm import TRANSITION_TABLE as TRANSITIONS
+from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
@@ -184,6 +193,7 @@ PATCHES = (
     "command_sets",
     "chunked_data_sets",
     "direct_p_data",
+    "late_primitives",
 )
 """The names of the process-wide patches, in the order :func:`install` applies them."""
 
@@ -864,6 +874,36 @@ def _apply_direct_p_data(set_: _Setter) -> None:
     set_(DULServiceProvider, "_send", locked_send)
 
 
+# --- late_primitives ----------------------------------------------------------------------------
+
+_LOCAL_EVENTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+"""The state machine's events for a primitive of the local user after the association request:
+A-ASSOCIATE response (accept, reject), P-DATA, A-RELEASE request and response, A-ABORT."""
+_ENDED_STATES = frozenset({"Sta1", "Sta13"})
+"""No association (Sta1), or one ended and waiting for the connection to close (Sta13)."""
+
+
+def _apply_late_primitives(set_: _Setter) -> None:
+    """The peer can end an association (an A-ABORT, a reset, a PDU that gets it aborted) while
+    the local user answers it: a C-STORE response, the A-RELEASE response to a release request
+    followed by garbage. pynetdicom 3.0.4's state machine has no transition for that primitive
+    once the association is over (Sta13, Sta1): ``do_action`` raises InvalidEventError in the
+    DUL thread, which dies with a traceback on stderr, and a connection still open (Sta13) is
+    then never closed by it. Here such a primitive is taken off the queue and dropped: there is
+    nobody left to send it to."""
+    do_action = StateMachine.do_action
+
+    def dropping_late_primitives(self: StateMachine, event: str) -> None:
+        state = self.current_state
+        if event in _LOCAL_EVENTS and state in _ENDED_STATES and (event, state) not in TRANSITIONS:
+            with contextlib.suppress(queue.Empty):
+                self.dul.to_provider_queue.get(False)
+            return
+        do_action(self, event)
+
+    set_(StateMachine, "do_action", dropping_late_primitives)
+
+
 _APPLY: dict[str, Callable[[_Setter], None]] = {
     "reactor_waits": _apply_reactor_waits,
     "response_race": _apply_response_race,
@@ -874,6 +914,7 @@ _APPLY: dict[str, Callable[[_Setter], None]] = {
     "command_sets": _apply_command_sets,
     "chunked_data_sets": _apply_chunked_data_sets,
     "direct_p_data": _apply_direct_p_data,
+    "late_primitives": _apply_late_primitives,
 }
 
 
@@ -953,6 +994,9 @@ class PduFilter(Protocol):
     def undecodable(self) -> None:
         """The DIMSE layer could not decode a received message (the association is aborted)."""
 
+    def invalid_pdu(self, pdu_type: int) -> None:
+        """A received PDU of *pdu_type* has parameters pynetdicom refuses (it is aborted)."""
+
 
 _guards: weakref.WeakKeyDictionary[Association, PduFilter] = weakref.WeakKeyDictionary()
 
@@ -994,11 +1038,15 @@ def guard_pdus(assoc: Association, guard: PduFilter, *, read_timeout: float | No
     * nothing is read while the A-ASSOCIATE-RQ is being decided (state Sta3), nor while an
       event read earlier waits: pynetdicom's state machine has no transition for the local
       answer (Evt7/Evt8) once anything read here has moved it on (garbage or an A-ABORT: Sta13
-      or Sta1), and its reactor thread then dies with InvalidEventError;
+      or Sta1): the peer would never get it (``late_primitives`` drops it; before, the DUL
+      thread died with InvalidEventError);
     * a P-DATA-TF whose command set pynetdicom cannot decode (no Command Field, say) raises in
       the DIMSE decoder inside the DUL thread, which stops without an A-ABORT to the peer and
       without EVT_ABORTED: it becomes Evt19 (A-ABORT), as pynetdicom does for messages that
       fail later;
+    * an A-ASSOCIATE-RQ, A-RELEASE-RQ/RP or A-ABORT whose parameters pynetdicom refuses is an
+      invalid PDU (Evt19, A-ABORT) as soon as it is read (:func:`_check_parameters`), not a
+      ValueError that stops the DUL thread;
     * the data set fragments of a C-STORE request go straight from the PDU read to the file
       the data set is received into (:func:`_read_pdu_data`).
     """
@@ -1106,11 +1154,43 @@ def _read_pdu_data(
             raise chunk
         return chunk
 
+    queued = len(dul._recv_pdu.queue)
     transport.recv = replay  # type: ignore[method-assign]
     try:
         type(dul)._read_pdu_data(dul)
     finally:
         transport.recv = read  # type: ignore[method-assign]
+    if len(dul._recv_pdu.queue) > queued:
+        _check_parameters(dul, guard)
+
+
+_CONVERTED_PDUS = (A_ASSOCIATE_RQ, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT_RQ)
+"""The PDUs an acceptor's state machine turns into primitives for its user."""
+
+
+def _check_parameters(dul: DULServiceProvider, guard: PduFilter) -> None:
+    """Turn the PDU just read into its primitive now, in the read, not in the state machine's
+    action (AE-6, AR-2, AR-3, AA-3), where pynetdicom 3.0.4 does it outside any ``try``: a
+    parameter it refuses (an even presentation context ID, say) raised ValueError there, and
+    the DUL thread died without answering the peer, whose connection stayed open until
+    ``acse_timeout``. A PDU whose parameters do not convert is an invalid PDU (Evt19: an
+    A-ABORT, PS3.8 9.2), and the guard is told; one that converts hands the action the same
+    primitive. The DUL thread is the only one queuing events and received PDUs, and reads only
+    with its event queue empty (:func:`guard_pdus`): the PDU and event just queued are last."""
+    received = dul._recv_pdu
+    pdu = received.queue[-1]
+    if type(pdu) not in _CONVERTED_PDUS:
+        return
+    try:
+        primitive = pdu.to_primitive()
+    except Exception:  # noqa: BLE001 - any parameter pynetdicom refuses: an invalid PDU
+        with received.mutex:
+            received.queue.pop()
+        with dul.event_queue.mutex:
+            dul.event_queue.queue[-1] = "Evt19"
+        guard.invalid_pdu(pdu.pdu_type)
+        return
+    pdu.to_primitive = lambda: primitive  # not twice: ~2 ms for 120 contexts
 
 
 def _receiving_data_set(dul: DULServiceProvider) -> Any:  # noqa: ANN401 - a C_STORE_RQ

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
 import urllib.request
@@ -459,8 +460,6 @@ class TlsStoreSCP(StoreSCP):
 
 
 def _pdu_item(item_type: int, payload: bytes) -> bytes:
-    import struct
-
     return struct.pack(">BBH", item_type, 0, len(payload)) + payload
 
 
@@ -474,8 +473,6 @@ def associate_rq(
     max_pdu: int = 16384,
 ) -> bytes:
     """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2), built byte by byte."""
-    import struct
-
     presentation = b"".join(
         _pdu_item(
             0x20,
@@ -502,13 +499,78 @@ def associate_rq(
 
 def p_data_tf(items: Sequence[tuple[int, int, bytes]]) -> bytes:
     """A P-DATA-TF PDU of PDV items (context ID, message control header, fragment)."""
-    import struct
-
     body = b"".join(
         struct.pack(">LBB", len(data) + 2, context_id, control) + data
         for context_id, control, data in items
     )
     return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def _command_element(number: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, number, len(value)) + value
+
+
+def c_echo_rq(message_id: int = 1) -> bytes:
+    """A C-ECHO-RQ command set (Implicit VR Little Endian)."""
+    body = (
+        _command_element(0x0002, b"1.2.840.10008.1.1\x00")
+        + _command_element(0x0100, struct.pack("<H", 0x0030))
+        + _command_element(0x0110, struct.pack("<H", message_id))
+        + _command_element(0x0800, struct.pack("<H", 0x0101))
+    )
+    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+
+
+RELEASE_RQ = struct.pack(">BBLL", 0x05, 0, 4, 0)
+_CT = "1.2.840.10008.5.1.4.1.1.2"
+_EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
+
+
+def conversation() -> bytes:
+    """A valid C-ECHO conversation of an SCU, as one byte stream."""
+    return associate_rq() + p_data_tf([(1, 0x03, c_echo_rq())]) + RELEASE_RQ
+
+
+def _element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
+    """An Explicit VR Little Endian element (short-length VRs, and OB)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", group, number, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, number, vr, len(value)) + value
+
+
+def store_conversation() -> bytes:
+    """A valid C-STORE conversation (a CT image's header and 3 KB of pixels), its data set in
+    three P-DATA-TF PDUs: two middle fragments and the last, the way the proxy's straight path
+    to the data set's file takes them."""
+    instance = b"1.2.826.0.1.3680043.8.498.1\x00"
+    body = (
+        _command_element(0x0002, _CT.encode())
+        + _command_element(0x0100, struct.pack("<H", 0x0001))
+        + _command_element(0x0110, struct.pack("<H", 7))
+        + _command_element(0x0700, struct.pack("<H", 0))
+        + _command_element(0x0800, struct.pack("<H", 0x0000))
+        + _command_element(0x1000, instance)
+    )
+    command = _command_element(0x0000, struct.pack("<L", len(body))) + body
+    data_set = (
+        _element(0x0008, 0x0016, b"UI", _CT.encode())
+        + _element(0x0008, 0x0018, b"UI", instance)
+        + _element(0x0008, 0x0060, b"CS", b"CT")
+        + _element(0x0010, 0x0010, b"PN", b"FUZZ^PATIENT")
+        + _element(0x0020, 0x000D, b"UI", b"1.2.826.0.1.3680043.8.498.2\x00")
+        + _element(0x7FE0, 0x0010, b"OB", bytes(3000))
+    )
+    third = len(data_set) // 3
+    fragments = [data_set[:third], data_set[third : 2 * third], data_set[2 * third :]]
+    contexts = [(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)), (3, _CT, (_EXPLICIT_LITTLE,))]
+    return (
+        associate_rq(contexts=contexts)
+        + p_data_tf([(3, 0x03, command)])
+        + p_data_tf([(3, 0x00, fragments[0])])
+        + p_data_tf([(3, 0x00, fragments[1])])
+        + p_data_tf([(3, 0x02, fragments[2])])
+        + RELEASE_RQ
+    )
 
 
 class RawPeer:

@@ -31,6 +31,7 @@ import pynetdicom
 import pynetdicom.association
 import pynetdicom.dsutils
 import pynetdicom.dul
+import pynetdicom.fsm
 import pynetdicom.pdu
 import pynetdicom.pdu_primitives
 import pytest
@@ -109,6 +110,7 @@ received_file_meta = _without("received_file_meta")
 command_sets = _without("command_sets")
 chunked_data_sets = _without("chunked_data_sets")
 direct_p_data = _without("direct_p_data")
+late_primitives = _without("late_primitives")
 
 
 # --- the version gate ---------------------------------------------------------------------------
@@ -952,13 +954,14 @@ def test_nothing_is_read_while_the_association_request_is_decided(
     patched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A peer that sends a P-DATA right behind its A-ASSOCIATE-RQ, in one write: pynetdicom's
-    DUL thread reads it while the acceptor decides (Sta3), answers it with an A-ABORT (Sta13),
-    and the acceptor's A-ASSOCIATE-AC is then an event its state machine has no transition for
-    (InvalidEventError, now and then: a race, so the control tries up to 40 times). Guarded,
-    the answer goes out first, every time."""
+    DUL thread reads it while the acceptor decides (Sta3) and answers it with an A-ABORT
+    (Sta13), and the acceptor's A-ASSOCIATE-AC then comes too late: the peer never gets its
+    answer (a race, so the control tries up to 40 times; before ``late_primitives``, the DUL
+    thread died of InvalidEventError on it). Guarded, the answer goes out first, every time."""
     raised: list[str] = []  # exceptions that ended a thread (pynetdicom's DUL thread)
     monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type.__name__))
     server = _GuardedServer(patched)
+    answered_first = True
     try:
         for _ in range(40 if not patched else 10):
             peer = RawPeer(server.port, timeout=5)
@@ -967,14 +970,99 @@ def test_nothing_is_read_while_the_association_request_is_decided(
                 pdus = [pdu_type for pdu_type, _ in peer.pdus_until_closed()]
             finally:
                 peer.close()
-            if patched:
-                assert pdus == [0x02, 0x07]  # A-ASSOCIATE-AC, then A-ABORT
             assert wait_for(lambda: not server.server.active_associations, timeout=5)
-            if raised:
+            answered_first = pdus == [0x02, 0x07]  # A-ASSOCIATE-AC, then A-ABORT
+            if not answered_first:
                 break
-        assert ("InvalidEventError" in raised) is not patched
+        assert answered_first is patched
+        assert raised == []
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("pdu", "pdu_type"),
+    [
+        # an even presentation context ID (PS3.8 9.3.2.2: odd integers)
+        (associate_rq(contexts=[(2, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",))]), 0x01),
+        # an A-ABORT from source 3 (PS3.8 9.3.8: 0, 1 or 2), once associated
+        (struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 3, 0), 0x07),
+    ],
+    ids=["even_context_id", "abort_source_3"],
+)
+def test_a_pdu_with_parameters_pynetdicom_refuses_is_aborted(
+    patched: bool, monkeypatch: pytest.MonkeyPatch, pdu: bytes, pdu_type: int
+) -> None:
+    """pynetdicom turns these PDUs into primitives in the state machine's action, outside any
+    try: ValueError kills the DUL thread, and the peer is told nothing (an association request
+    waits for ``acse_timeout``; an established association is never audited as aborted).
+    Guarded, it is an invalid PDU: an A-ABORT, audited, and EVT_ABORTED once established."""
+    raised: list[str] = []  # exceptions that ended a thread (pynetdicom's DUL thread)
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type.__name__))
+    server = _GuardedServer(patched)
+    try:
+        if pdu_type == 0x01:
+            peer = RawPeer(server.port, timeout=2)
+        else:
+            peer = server.associated_peer(timeout=2)
+        try:
+            peer.send(pdu)
+            answer = peer.read_pdu()
+        finally:
+            peer.close()
+        assert (answer is not None and answer[0] == 0x07) is patched  # A-ABORT
+        assert server.violations == (
+            [("invalid_pdu_parameters", {"pdu_type": pdu_type})] if patched else []
+        )
+        if pdu_type == 0x07:
+            assert server.aborted.wait(3) is patched
+        assert raised == ([] if patched else ["ValueError"])
+    finally:
+        server.stop()
+
+
+def test_a_valid_association_request_is_converted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's check hands the state machine's action the primitive it made."""
+    calls = [0]
+    to_primitive = pynetdicom.pdu.A_ASSOCIATE_RQ.to_primitive
+
+    def counted(pdu: pynetdicom.pdu.A_ASSOCIATE_RQ) -> Any:
+        calls[0] += 1
+        return to_primitive(pdu)
+
+    monkeypatch.setattr(pynetdicom.pdu.A_ASSOCIATE_RQ, "to_primitive", counted)
+    server = _GuardedServer(True)
+    try:
+        server.associated_peer(timeout=5).close()
+        assert calls == [1]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("state", ["Sta13", "Sta1"])
+def test_a_primitive_after_the_peer_ended_the_association_is_dropped(
+    late_primitives: bool, state: str
+) -> None:
+    """The acceptor answers a release request while a PDU read behind it has the association
+    aborted (Sta13: A-ABORT sent, waiting for the connection to close): pynetdicom's state
+    machine has no transition for the A-RELEASE response there, and InvalidEventError ends the
+    DUL thread (seen in the fuzzer's streams; a race, so shown here on the state machine)."""
+    assoc = Association(AE("ANONPROXY"), "acceptor")
+    dul = assoc.dul
+    dul.state_machine.current_state = state
+    response = pynetdicom.pdu_primitives.A_RELEASE()
+    response.result = "affirmative"
+    dul.to_provider_queue.put(response)
+    assert dul._process_recv_primitive()
+    event = dul.event_queue.get(False)
+    assert event == "Evt14"
+    if late_primitives:
+        dul.state_machine.do_action(event)
+        assert dul.to_provider_queue.empty()  # dropped, not left to be seen again
+        assert dul.state_machine.current_state == state
+    else:
+        with pytest.raises(pynetdicom.fsm.InvalidEventError):
+            dul.state_machine.do_action(event)
 
 
 # --- the TLS handshake in the association's thread ----------------------------------------------

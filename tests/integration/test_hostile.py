@@ -21,13 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzz.test_pdu_fuzz import store_conversation
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 
-from peers import RawPeer, associate_rq, echoscu, p_data_tf, send_body, storescu, wait_for
+from peers import (
+    RawPeer,
+    associate_rq,
+    echoscu,
+    p_data_tf,
+    send_body,
+    store_conversation,
+    storescu,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

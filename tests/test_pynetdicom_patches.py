@@ -29,11 +29,14 @@ from typing import Any
 
 import pynetdicom
 import pynetdicom.association
+import pynetdicom.dimse_messages
+import pynetdicom.dimse_primitives
 import pynetdicom.dsutils
 import pynetdicom.dul
 import pynetdicom.fsm
 import pynetdicom.pdu
 import pynetdicom.pdu_primitives
+import pynetdicom.transport
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1434,6 +1437,78 @@ def test_a_p_data_is_sent_by_the_thread_sending_it(direct_p_data: bool, tmp_path
         assert built == []
     else:  # the command, the fragments, and the acceptor's response
         assert len(built) == fragments + 2
+
+
+def _store_message(path: Path, offset: int) -> Any:
+    request = pynetdicom.dimse_primitives.C_STORE()
+    request.MessageID, request.Priority = 7, 0
+    request.AffectedSOPClassUID = SecondaryCaptureImageStorage
+    request.AffectedSOPInstanceUID = "1.2.3.4"
+    request._dataset_path = (path, offset)
+    message = pynetdicom.dimse_messages.C_STORE_RQ()
+    message.primitive_to_message(request)
+    return message
+
+
+def _message_pdus(path: Path, offset: int, max_pdu: int) -> tuple[bytes, list[Any]]:
+    """The P-DATA-TF PDUs ``encode_msg`` gives for a C-STORE of the data set in *path* (from
+    *offset*): all of them encoded, and the data set's P-DATA values one at a time."""
+    primitives = list(_store_message(path, offset).encode_msg(1, max_pdu))
+    encoded = b"".join(
+        p.encoded if hasattr(p, "encoded") else patches.encode_p_data(p) for p in primitives
+    )
+    values = []
+    for primitive in primitives[1:]:
+        expanded = primitive.primitives() if hasattr(primitive, "primitives") else [primitive]
+        values += [pdata.presentation_data_value_list for pdata in expanded]
+    return encoded, values
+
+
+def test_a_data_set_sent_from_a_file_is_encoded_in_windows_of_the_same_pdus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows of fragments, each encoded in one buffer: the same bytes as pynetdicom's
+    ``encode_msg`` and one P-DATA-TF per P-DATA, for data sets of every length against the
+    fragment and window sizes (an empty one is one empty last fragment), and the same P-DATA
+    when they must go pynetdicom's way."""
+    step = 1000 - 6
+    monkeypatch.setattr(patches, "WINDOW_BYTES", 3 * step + 10)  # 3 fragments per window
+    offset = 132
+    for length in (0, 1, step - 1, step, step + 1, 3 * step, 3 * step + 1, 7 * step + 5):
+        path = tmp_path / f"{length}.dcm"
+        path.write_bytes(os.urandom(offset + length))
+        patches.uninstall()
+        patches.install(without={"direct_p_data"})
+        expected = _message_pdus(path, offset, 1000)
+        patches.install()
+        windows = list(_store_message(path, offset).encode_msg(1, 1000))[1:]
+        assert len(windows) == max(1, -(-length // (3 * step)))
+        assert _message_pdus(path, offset, 1000) == expected, length
+
+
+def test_a_data_set_sent_from_a_file_takes_one_send_per_window(
+    direct_p_data: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom sends a data set in one system call per P-DATA-TF (16 KiB: 13 for 200 KB);
+    sent directly, the PDUs of up to WINDOW_BYTES of it go in one."""
+    sends: list[int] = []
+    send = pynetdicom.transport.AssociationSocket.send
+
+    def counted(self: Any, data: bytes) -> None:
+        if threading.current_thread() is threading.main_thread() or not direct_p_data:
+            sends.append(len(data))
+        send(self, data)
+
+    monkeypatch.setattr(pynetdicom.transport.AssociationSocket, "send", counted)
+    source = _large_file(tmp_path, 200_000)
+    received, _, _ = _stores(source, [])
+    assert len(received) == 1
+    with source.open("rb") as handle:
+        data_set = len(handle.read()) - data_set_offset(handle)
+    fragments = -(-data_set // (16384 - 6))
+    p_data = [size for size in sends if size > 1000]  # not the command, response, A-RELEASE
+    assert len(p_data) == (1 if direct_p_data else fragments)
+    assert sum(p_data) == data_set + 12 * fragments
 
 
 @pytest.mark.parametrize("case", ["pdu-sent-handler", "tls"])

@@ -38,3 +38,21 @@ RETAIN_DEVICE_IDENTITY = Code("113109", "DCM", "Retain Device Identity Option")
 RETAIN_UIDS = Code("113110", "DCM", "Retain UIDs Option")
 RETAIN_SAFE_PRIVATE = Code("113111", "DCM", "Retain Safe Private Option")
 RETAIN_INSTITUTION_IDENTITY = Code("113112", "DCM", "Retain Institution Identity Option")
+
+#: What the engine writes into every instance whatever the instance holds: the codes above
+#: (value, scheme, meaning), Patient Identity Removed, Longitudinal Temporal Information
+#: Modified and the fixed De-identification Method values. An identifying value equal to one
+#: of them is not looked for in the output (:mod:`anonproxy.deid.selfcheck`): a Patient ID
+#: "YES" is found again in Patient Identity Removed, where the engine put its own word.
+WRITTEN_VALUES: frozenset[str] = frozenset(
+    text.casefold()
+    for text in (
+        *(part for code in list(globals().values()) if isinstance(code, Code) for part in code),
+        "YES",
+        "MODIFIED",
+        "UNMODIFIED",
+        "REMOVED",
+        "anonproxy",
+        "strict allow-list of public attributes",
+    )
+)

@@ -18,13 +18,14 @@ A value is left out when the profile keeps its attribute (K, or a ``keep`` rule:
 Institution Name under Retain Institution Identity), when it is too short to be searched
 without rejecting innocent instances (fewer than 3 characters; fewer than 6 when it is made of
 digits only, since numbers of that length occur in any header; fewer than 3 letters or
-digits), when it equals one of the
-engine's own dummy values, or when it occurs as a word in the product description of the
-equipment (Manufacturer, Manufacturer's Model Name, Software Versions; person names apart) or
-among the codes of the instance (Code Value, Coding Scheme Designator and Version, but for a
-person's identification code): product and coding vocabulary is not identifying (a test
-file's Institution Name "Here" and its Manufacturer "... name here"; another's Patient's Name
-"Test^S R" and its Coding Scheme Designator "TEST").
+digits), when it equals one of the engine's own dummy values or a value the engine writes into
+every instance (``YES`` in Patient Identity Removed, the CID 7050 codes and their meanings:
+:data:`anonproxy.deid.codes.WRITTEN_VALUES`), or when it occurs as a word in the product
+description of the equipment (Manufacturer, Manufacturer's Model Name, Software Versions;
+person names apart) or among the codes of the instance (Code Value, Coding Scheme Designator
+and Version, but for a person's identification code): product and coding vocabulary is not
+identifying (a test file's Institution Name "Here" and its Manufacturer "... name here";
+another's Patient's Name "Test^S R" and its Coding Scheme Designator "TEST").
 
 :meth:`IdentifyingValues.scrub` is the text part of the C (clean) action: it deletes these
 values from a text value. :class:`SelfCheck` is the last gate before an instance is stored:
@@ -49,6 +50,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import VR
 
 from anonproxy.deid.actions import STRING_DUMMIES
+from anonproxy.deid.codes import WRITTEN_VALUES
 from anonproxy.deid.structure import (
     as_held,
     decoded,
@@ -143,10 +145,13 @@ def _strings(value: object) -> Iterator[str]:
 
 def _searchable(value: str) -> bool:
     """Long enough to be searched without rejecting innocent instances."""
+    folded = value.casefold()
+    if folded in STRING_DUMMIES or folded in WRITTEN_VALUES:
+        return False
     if value.isdigit():
         return len(value) >= MIN_DIGITS
     letters = len(value) if value.isalnum() else sum(c.isalnum() for c in value)
-    return letters >= MIN_LENGTH and value.casefold() not in STRING_DUMMIES
+    return letters >= MIN_LENGTH
 
 
 def _name_components(value: object) -> Iterator[str]:

@@ -139,6 +139,28 @@ def test_self_check_ignores_words_inside_other_words_and_product_names() -> None
     assert ds.ContrastBolusRoute == "Scanner knee"
 
 
+@pytest.mark.parametrize(
+    ("patient_id", "options"),
+    [
+        ("YES", []),  # Patient Identity Removed (hypothesis found this one)
+        ("Modified", MODIFIED),  # Longitudinal Temporal Information Modified
+        ("REMOVED", []),
+        ("113100", []),  # the Basic Profile's code value
+        ("DCM", []),  # its coding scheme
+        ("Retain Longitudinal Temporal Information Full Dates Option", FULL),  # a code meaning
+    ],
+)
+def test_a_value_the_engine_writes_itself_is_not_a_self_check_hit(
+    patient_id: str, options: list[str]
+) -> None:
+    """An identifying value equal to what the engine writes into every instance would be found
+    again there, in the engine's own attributes: the instance was refused."""
+    ds = minimal()
+    ds.PatientID = patient_id
+    Deidentifier(Profile.from_options(options), secret=SECRET).deidentify(ds)
+    assert ds.PatientID != patient_id
+
+
 def test_retained_institution_is_not_a_self_check_hit() -> None:
     ds = minimal()
     ds.ContrastBolusRoute = INSTITUTION

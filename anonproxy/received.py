@@ -66,9 +66,11 @@ class _Ahead:
         self.directory = directory
         self.durable = durable
         self._spares: queue.Queue[tuple[Path, int]] = queue.Queue()
-        self._wanted = threading.Semaphore(_AHEAD)  # files taken and not yet made again
+        self._wanted = _AHEAD  # files taken and not yet made again
+        self._batch_wanted = threading.Condition()  # notified once _BATCH files are wanted
         self._closing: queue.SimpleQueue[int] = queue.SimpleQueue()
-        threading.Thread(target=self._create, name="receive-ahead", daemon=True).start()
+        self.maker = threading.Thread(target=self._create, name="receive-ahead", daemon=True)
+        self.maker.start()
         threading.Thread(target=self._close, name="receive-close", daemon=True).start()
 
     def take(self) -> tuple[Path, int, bool]:
@@ -78,7 +80,10 @@ class _Ahead:
                 path, fd = self._spares.get_nowait()
             except queue.Empty:
                 return (*_create(self.directory), False)
-            self._wanted.release()
+            with self._batch_wanted:
+                self._wanted += 1
+                if self._wanted == _BATCH:  # the maker wakes once a batch, not at each file
+                    self._batch_wanted.notify()
             if os.fstat(fd).st_nlink:  # not removed meanwhile (a restart's clean-up)
                 return path, fd, self.durable
             os.close(fd)
@@ -92,11 +97,10 @@ class _Ahead:
         except OSError:
             return
         while True:
-            for _ in range(_BATCH):  # wait until a batch was taken
-                self._wanted.acquire()
-            wanted = _BATCH
-            while wanted < _AHEAD and self._wanted.acquire(blocking=False):
-                wanted += 1
+            with self._batch_wanted:  # wait until a batch was taken
+                while self._wanted < _BATCH:
+                    self._batch_wanted.wait()
+                wanted, self._wanted = self._wanted, 0
             made: list[tuple[Path, int]] = []
             try:
                 for _ in range(wanted):

@@ -4,6 +4,7 @@ file, what start-up refuses, and keeping a received file with one flush (anonpro
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -200,3 +201,27 @@ def test_once_kept_or_discarded_a_received_file_gives_pynetdicom_no_name_to_remo
     dropped.discard()
     assert kept.name == dropped.name == ""
     assert [p.name for p in folder.iterdir() if not p.name.startswith(".recv-")] == ["k.dcm"]
+
+
+def _voluntary_switches(native_id: int) -> int:
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("voluntary_ctxt"))[24:])
+
+
+def test_the_files_made_ahead_wake_their_maker_once_a_batch(tmp_path: Path) -> None:
+    """Taking a file made ahead (once per C-STORE, in the thread reading the socket) woke the
+    thread that makes them at every file, which then took the interpreter's lock only to wait
+    again: 62-79 wake-ups for 32 files. It wakes once a batch of 8 is wanted."""
+    ahead = received_module._for(tmp_path, durable=False)
+    assert wait_for(lambda: ahead._spares.qsize() >= 16, timeout=10)
+    time.sleep(0.05)  # the maker waits again
+    maker = ahead.maker.native_id
+    assert maker is not None
+    before = _voluntary_switches(maker)
+    for _ in range(32):
+        path, fd, _ = ahead.take()
+        os.close(fd)
+        os.unlink(path)
+        time.sleep(0.002)  # as C-STORE requests come: the maker has time to wait between them
+    assert wait_for(lambda: ahead._spares.qsize() >= 16, timeout=10)
+    assert _voluntary_switches(maker) - before <= 12

@@ -91,10 +91,10 @@ and the tests use ``install(without={name})`` and :func:`uninstall` to show it i
     same bytes) and sends it; all sends of a DUL go under one lock (see
     :func:`_apply_direct_p_data`). One storescu association of CT 512x512 to storescp, 4
     interleaved pairs of runs: 84 -> 99 instances/s; the proxy's CPU per instance 12.3-13.2 ->
-    9.7-9.8 ms.  A data set sent from a file is read, fragmented (the same
-    fragments) and encoded a window of about :data:`WINDOW_BYTES` at a time, and each window
-    sent in one system call (a forward sender's CPU per CT 512x512 to storescp with 16 KiB
-    PDUs: 1.01-1.02 -> 0.66-0.76 ms).
+    9.7-9.8 ms. A data set sent from a file is read, fragmented (the same fragments) and
+    encoded a window of about :data:`WINDOW_BYTES` at a time, and each window sent in one
+    system call (a forward sender's CPU per CT 512x512 to storescp with 16 KiB PDUs:
+    1.01-1.02 -> 0.66-0.76 ms).
 ``late_primitives``
     A local primitive (a C-STORE response, an A-RELEASE response) that reaches the state
     machine after the peer had the association aborted (Sta13) or closed (Sta1) has no
@@ -945,7 +945,7 @@ def _apply_direct_p_data(set_: _Setter) -> None:
         self: pynetdicom.dimse_messages.DIMSEMessage, context_id: int, max_pdu_length: int
     ) -> Iterator[P_DATA]:
         path = self._data_set_path
-        if path is None or self.data_set is not None or not max_pdu_length:
+        if path is None or self.data_set is not None or max_pdu_length <= 6:  # no room left
             yield from encode_msg(self, context_id, max_pdu_length)
             return
         self._data_set_path = None  # the command set's P-DATA only, as pynetdicom makes them

@@ -1,6 +1,7 @@
 """The codes of CID 7050 "De-identification Method" (PS3.16) the engine writes into
 De-identification Method Code Sequence (0012,0064): the Basic Application Level
-Confidentiality Profile and its options.
+Confidentiality Profile and its options; and the other fixed values it writes into every
+instance (:data:`WRITTEN_VALUES`).
 
 Written out here (code value, scheme, meaning as PS3.16 and pydicom's ``codes.DCM`` give
 them; tests/deid/test_codes.py compares them) rather than looked up in pydicom's code
@@ -39,20 +40,20 @@ RETAIN_UIDS = Code("113110", "DCM", "Retain UIDs Option")
 RETAIN_SAFE_PRIVATE = Code("113111", "DCM", "Retain Safe Private Option")
 RETAIN_INSTITUTION_IDENTITY = Code("113112", "DCM", "Retain Institution Identity Option")
 
-#: What the engine writes into every instance whatever the instance holds: the codes above
-#: (value, scheme, meaning), Patient Identity Removed, Longitudinal Temporal Information
-#: Modified and the fixed De-identification Method values. An identifying value equal to one
-#: of them is not looked for in the output (:mod:`anonproxy.deid.selfcheck`): a Patient ID
-#: "YES" is found again in Patient Identity Removed, where the engine put its own word.
+#: Patient Identity Removed (0012,0062)
+PATIENT_IDENTITY_REMOVED = "YES"
+#: Longitudinal Temporal Information Modified (0028,0303): dates kept, shifted, or removed
+DATES_UNMODIFIED, DATES_MODIFIED, DATES_REMOVED = "UNMODIFIED", "MODIFIED", "REMOVED"
+#: The first value of De-identification Method (0012,0063), and the one of the strict profile
+METHOD_BY, METHOD_STRICT = "anonproxy", "strict allow-list of public attributes"
+
+#: What the engine writes into every instance whatever the instance holds: the codes and the
+#: values above. An identifying value equal to one of them is not looked for in the output
+#: (:mod:`anonproxy.deid.selfcheck`): a Patient ID "YES" is found again in Patient Identity
+#: Removed, where the engine put its own word.
 WRITTEN_VALUES: frozenset[str] = frozenset(
     text.casefold()
-    for text in (
-        *(part for code in list(globals().values()) if isinstance(code, Code) for part in code),
-        "YES",
-        "MODIFIED",
-        "UNMODIFIED",
-        "REMOVED",
-        "anonproxy",
-        "strict allow-list of public attributes",
-    )
+    for name, value in list(globals().items())
+    if not name.startswith("_")
+    for text in (value if isinstance(value, Code) else (value,) if isinstance(value, str) else ())
 )

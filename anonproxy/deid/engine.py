@@ -95,6 +95,14 @@ from pydicom.valuerep import VR, validate_value
 
 from anonproxy.deid.actions import UNKNOWN_IOD, ActionCode, dummy_value, resolve
 from anonproxy.deid.burned_in import PixelText
+from anonproxy.deid.codes import (
+    DATES_MODIFIED,
+    DATES_REMOVED,
+    DATES_UNMODIFIED,
+    METHOD_BY,
+    METHOD_STRICT,
+    PATIENT_IDENTITY_REMOVED,
+)
 from anonproxy.deid.dates import DEFAULT_SHIFT_DAYS, DateShifter
 from anonproxy.deid.files import encode_without_pixels
 from anonproxy.deid.identity import StudyIdentity, StudyValues
@@ -218,8 +226,8 @@ _TIME_VRS = frozenset({VR.DA, VR.DT, VR.TM})
 _PSEUDONYM_KEY = "pseudonym"
 
 _LONGITUDINAL = {
-    ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES: "UNMODIFIED",
-    ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES: "MODIFIED",
+    ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_FULL_DATES: DATES_UNMODIFIED,
+    ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES: DATES_MODIFIED,
 }
 
 
@@ -376,11 +384,11 @@ class Deidentifier:
         self._modified_dates = (
             ProfileOption.RETAIN_LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED_DATES in options
         )
-        self._method = ["anonproxy", BASIC_PROFILE_CODE.meaning] + [
+        self._method = [METHOD_BY, BASIC_PROFILE_CODE.meaning] + [
             o.code.meaning for o in profile.ordered_options
         ]
         if profile.strict:
-            self._method.append("strict allow-list of public attributes")
+            self._method.append(METHOD_STRICT)
         if profile.patient_ids is not None:
             self._method.append(f"patient pseudonyms ({profile.patient_ids.method.value})")
         if profile.rules:
@@ -406,15 +414,15 @@ class Deidentifier:
     def _rule_dates(self) -> str:
         """Longitudinal Temporal Information Modified without a longitudinal option."""
         if any(r.action is RuleAction.SHIFT_DATE for r in self._rules):
-            return "MODIFIED"
+            return DATES_MODIFIED
         if any(
             r.action is RuleAction.KEEP
             and (tag := r.exact_tag) is not None
             and _dictionary_vr(tag) in _DATE_VRS
             for r in self._rules
         ):
-            return "UNMODIFIED"
-        return "REMOVED"
+            return DATES_UNMODIFIED
+        return DATES_REMOVED
 
     def defines(self, sop_class_uid: str, tag: int) -> bool:
         """True if the IOD of ``sop_class_uid`` (some IOD, for a SOP Class the data does not
@@ -1045,7 +1053,7 @@ class Deidentifier:
         _set(meta, "ImplementationVersionName", IMPLEMENTATION_VERSION_NAME)
 
     def _update(self, ds: Dataset) -> None:
-        _set(ds, "PatientIdentityRemoved", "YES")
+        _set(ds, "PatientIdentityRemoved", PATIENT_IDENTITY_REMOVED)
         _set(ds, "DeidentificationMethod", list(self._method))
         items = [
             # the elements setattr would make (add_new's), given to the Dataset as its own

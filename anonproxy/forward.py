@@ -48,7 +48,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerProcess
@@ -100,6 +100,10 @@ _LIMIT_RETRY_S = 60.0  # after a refused further association: the first try agai
 FURTHER_BACKLOG = 2
 """Instances in a queue, beyond one per open association, that a further association needs: a
 short lag of the open ones (a burst of a few) is not worth another association and process."""
+BATCH = 4
+"""Instances a worker takes at once, when that many are due, and hands its sender process in
+one request: the child sends each after the other while the worker settles the ones answered
+(releases, audits, takes the next), so that the association waits on neither."""
 _LIMIT_RETRY_MAX_S = 3600.0
 _LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -190,6 +194,11 @@ class DestinationBusy(ForwardError):
     destination serves fewer in parallel. Not a failure of the instance."""
 
 
+class NotSent(ForwardError):
+    """An instance of a batch was not sent: an earlier one failed in a way that would fail it
+    too (see :meth:`ProcessSender.send_each`). Not a failure of the instance."""
+
+
 class DicomSender:
     """C-STORE to a research PACS over a reused association (in the sender process of a
     :class:`ProcessSender`)."""
@@ -208,6 +217,7 @@ class DicomSender:
         self._assoc: Association | None = None
         self._last_used = 0.0
         self._wanted: dict[tuple[str, str], None] = {}
+        self._holding = False  # see held()
 
     def _contexts(self) -> list[PresentationContext]:
         """One context per (SOP Class, transfer syntax) seen, plus an uncompressed fallback
@@ -282,9 +292,9 @@ class DicomSender:
             raise ForwardError("instance lacks its file meta UIDs", permanent=True) from None
         sop_class = meta.sop_class
         syntax = meta.transfer_syntax
-        if (
-            self._assoc is not None
-            and time.monotonic() - self._last_used > self.config.idle_timeout
+        if self._assoc is not None and (
+            time.monotonic() - self._last_used > self.config.idle_timeout
+            or (self._holding and pynetdicom_patches.ended_while_held(self._assoc))
         ):
             self.close()
         if (sop_class, syntax) not in self._wanted:
@@ -300,6 +310,8 @@ class DicomSender:
         dataset: Path | Dataset = path
         if syntax not in accepted:
             dataset = self._convert(path, syntax, accepted)
+        if self._holding:
+            pynetdicom_patches.hold_reactor(assoc)
         try:
             status = assoc.send_c_store(dataset)
         except (RuntimeError, ValueError, OSError) as exc:
@@ -338,12 +350,28 @@ class DicomSender:
         dataset.file_meta.TransferSyntaxUID = target
         return dataset
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Send a batch: the association thread stays paused from one C-STORE to the next
+        (:func:`~anonproxy.pynetdicom_patches.hold_reactor`), and the peer's A-RELEASE or
+        A-ABORT that it would have answered meanwhile is looked for before each."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._assoc is not None:
+                pynetdicom_patches.release_reactor(self._assoc)
+
     def close(self) -> None:
         if self._assoc is not None:
+            assoc, self._assoc = self._assoc, None
+            pynetdicom_patches.release_reactor(assoc)
             with contextlib.suppress(Exception):
-                if self._assoc.is_established:
-                    self._assoc.release()
-            self._assoc = None
+                if pynetdicom_patches.ended_while_held(assoc):
+                    assoc.join(_CLOSE_WAIT_S)  # its thread answers the peer and ends it
+                if assoc.is_established:
+                    assoc.release()
 
     def idle_check(self) -> None:
         """Close the association once it has been idle for the configured time."""
@@ -354,15 +382,18 @@ class DicomSender:
 
 
 # --- the sender process ----------------------------------------------------------------------
-# Requests, parent to child: _Send (answered with one reply), _Release and _Close (not
-# answered). Every reply says whether the child holds an association after it.
+# Requests, parent to child: _Send (answered with one reply per path, in order), _Associate
+# (one reply), _Release and _Close (not answered). Every reply says whether the child holds an
+# association after it.
 
 
 @dataclass(frozen=True)
 class _Send:
-    """Request: C-STORE the spool file *path* (*further*: see :meth:`DicomSender.send`)."""
+    """Request: C-STORE the spool files *paths*, one after the other (*further*: see
+    :meth:`DicomSender.send`). A transient refusal ends the batch: each path after it is
+    answered :class:`_Skipped`, not sent (what refused one would refuse the next)."""
 
-    path: str
+    paths: tuple[str, ...]
     further: bool = False
 
 
@@ -418,21 +449,29 @@ class _Opened:
 
 
 @dataclass(frozen=True)
+class _Skipped:
+    """Reply: not sent, a transient refusal of an earlier path of the batch ended it."""
+
+    associated: bool = False
+
+
+@dataclass(frozen=True)
 class _Started:
     """Sent once by the child, before any reply: it has started and takes requests."""
 
 
-_Reply = _Stored | _Refused | _Missing | _Opened
+_Reply = _Stored | _Refused | _Missing | _Opened | _Skipped
 
 
-def _answer(sender: DicomSender, request: _Send | _Associate) -> _Reply:
-    """Carry out *request* in the sender process; the reply."""
+def _answer(sender: DicomSender, request: _Associate | str, further: bool = False) -> _Reply:
+    """Carry out *request* in the sender process, an :class:`_Associate` or one path of a
+    :class:`_Send`; the reply."""
     try:
         if isinstance(request, _Associate):
             if not sender.associated:
                 sender.open_further()
             return _Opened()
-        return _Stored(sender.send(Path(request.path), further=request.further))
+        return _Stored(sender.send(Path(request), further=further))
     except ForwardError as exc:
         return _Refused(
             str(exc),
@@ -466,7 +505,18 @@ def _serve_sender(
             if isinstance(request, _Release):
                 sender.close()
                 continue
-            conn.send(_answer(sender, request))
+            if isinstance(request, _Associate):
+                conn.send(_answer(sender, request))
+                continue
+            ended = False  # by a transient refusal
+            with sender.held():
+                for path in request.paths:
+                    if ended:
+                        reply: _Reply = _Skipped(sender.associated)
+                    else:
+                        reply = _answer(sender, path, request.further)
+                    conn.send(reply)
+                    ended = ended or (isinstance(reply, _Refused) and not reply.permanent)
     except (EOFError, OSError):
         pass  # the parent is gone
     finally:
@@ -756,41 +806,87 @@ class ProcessSender:
         return ForwardError(reason)
 
     def send(self, path: Path) -> int:
-        timeout = self.reply_timeout + path.stat().st_size / _MIN_THROUGHPUT_BYTES_S
+        (outcome,) = self.send_each([path])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def send_each(self, paths: list[Path]) -> Generator[int | Exception, None, None]:
+        """Have the child C-STORE *paths* one after the other, in one request: the outcome of
+        each, in order, as its reply arrives (the child goes on to the next meanwhile). An
+        outcome is the status (as :meth:`send` returns it) or the exception :meth:`send` would
+        raise; a path that a transient failure of an earlier one left unsent:
+        :class:`NotSent`. Yields one outcome per path, whatever happens; a caller that stops
+        early has the child killed (its replies would answer the next request)."""
         if self._process is not None and not self._process.is_alive():
-            # ended while idle (killed, out of memory): nothing of this instance was sent
+            # ended while idle (killed, out of memory): nothing of this batch was sent
             exitcode = self._stop(graceful=False)
             log.warning("forward.sender_ended", destination=self.config.name, exitcode=exitcode)
         conn = self._conn or self._start()
         further = self._further and not self._maybe_associated
-        request: _Request = _Send(str(path), further)
-        deadline = time.monotonic() + timeout
+        request: _Request = _Send(tuple(str(path) for path in paths), further)
+        answered = 0
+        failure: ForwardError | None = None
         try:
-            conn.send(request)
-            reply: _Reply | _Started | None = None
-            while reply is None or isinstance(reply, _Started):
-                if not conn.poll(max(0.0, deadline - time.monotonic())):
-                    reply = None
-                    break
-                reply = conn.recv()
-                self._started = True
-        except (EOFError, OSError):
-            raise self._failed("sender process failed") from None
-        if reply is None:
-            raise self._failed(f"sender process did not answer within {timeout:.0f} s")
+            try:
+                conn.send(request)
+            except OSError:
+                failure = self._failed("sender process failed")
+            for path in paths:
+                outcome: int | Exception
+                if failure is not None:
+                    outcome, failure = failure, NotSent("the sender process failed before it")
+                else:
+                    outcome = self._outcome(conn, path)
+                    if self._conn is not conn:  # killed: the rest of the batch is not sent
+                        failure = NotSent("the sender process failed before it")
+                answered += 1
+                yield outcome
+        finally:
+            if answered < len(paths) and self._conn is conn:
+                self._failed("batch abandoned")
+
+    def _outcome(  # noqa: PLR0911 - one return per kind of reply
+        self, conn: Connection, path: Path
+    ) -> int | Exception:
+        """The child's next reply, for *path*, as an outcome (see :meth:`send_each`)."""
+        reply = self._reply(conn, path)
+        if isinstance(reply, ForwardError):
+            return reply
         self._last_reply = time.monotonic()
         if isinstance(reply, _Refused) and reply.busy and self.gate is not None:
             self._maybe_associated = False
             self.gate.refused(self)
-            raise DestinationBusy(reply.message)
+            return DestinationBusy(reply.message)
         self._associated(reply.associated)
         if isinstance(reply, _Stored):
             return reply.status
         if isinstance(reply, _Missing):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+            return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        if isinstance(reply, _Skipped):
+            return NotSent("an earlier instance of its batch was refused")
         if isinstance(reply, _Opened):  # not an answer to a send
-            raise self._failed("sender process answered out of turn")
-        raise ForwardError(reply.message, permanent=reply.permanent, status=reply.status)
+            return self._failed("sender process answered out of turn")
+        return ForwardError(reply.message, permanent=reply.permanent, status=reply.status)
+
+    def _reply(self, conn: Connection, path: Path) -> _Reply | ForwardError:
+        """The child's next reply, waited for as long as *path* may take; the child killed
+        (and the error of that) when it fails or does not answer in time."""
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0  # the child answers _Missing
+        timeout = self.reply_timeout + size / _MIN_THROUGHPUT_BYTES_S
+        deadline = time.monotonic() + timeout
+        try:
+            while conn.poll(max(0.0, deadline - time.monotonic())):
+                reply: _Reply | _Started = conn.recv()
+                self._started = True
+                if not isinstance(reply, _Started):
+                    return reply
+        except (EOFError, OSError):
+            return self._failed("sender process failed")
+        return self._failed(f"sender process did not answer within {timeout:.0f} s")
 
     def idle_check(self) -> None:
         """Have the child release its association once it has been idle for the configured
@@ -850,6 +946,7 @@ class ForwardWorker(threading.Thread):
 
     def run(self) -> None:
         ready = getattr(self.sender, "ready", None)
+        batch = BATCH if hasattr(self.sender, "send_each") else 1
         try:
             self.sender.prepare()
             while not self._stop_event.is_set():
@@ -859,7 +956,10 @@ class ForwardWorker(threading.Thread):
                 if item is None:
                     self.sender.idle_check()
                     continue
-                self._forward(item)
+                items = [item]
+                while len(items) < batch and (more := self.queue.take(timeout=0)) is not None:
+                    items.append(more)
+                self._forward(items)
         finally:
             self.sender.close()
 
@@ -885,13 +985,51 @@ class ForwardWorker(threading.Thread):
         self.queue.retry_later(item, 0.0)
         self._stop_event.wait(delay)
 
-    def _forward(self, item: QueueItem) -> None:
-        path = self.queue.path(item)
+    def _outcomes(self, paths: list[Path]) -> Generator[int | Exception, None, None]:
+        """The outcome of sending each of *paths* (see :meth:`ProcessSender.send_each`)."""
+        send_each = getattr(self.sender, "send_each", None)
+        if send_each is not None:
+            yield from send_each(paths)
+            return
+        for path in paths:
+            try:
+                yield self.sender.send(path)
+            except (ForwardError, FileNotFoundError) as exc:
+                yield exc
+
+    def _forward(self, items: list[QueueItem]) -> None:
+        """Send *items*, settling each as its outcome arrives (the next one is being sent
+        meanwhile). A sender that fails unexpectedly fails the item it was sending; the items
+        after it, and any left without an outcome, go back to the queue uncounted."""
         started = time.monotonic()
+        outcomes = self._outcomes([self.queue.path(item) for item in items])
+        settled = 0
         try:
-            status = self.sender.send(path)
-        except DestinationBusy:
-            # Nothing was sent: not an attempt, no back-off (the gate now holds this worker)
+            for item in items:
+                try:
+                    outcome = next(outcomes)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - settled as a failure of this item
+                    outcome = exc
+                self._settle(item, outcome, started)
+                settled += 1
+                started = time.monotonic()
+        finally:
+            outcomes.close()
+            for item in items[settled:]:
+                item.attempts -= 1  # retry_later counts one
+                self.queue.retry_later(item, 0.0)
+
+    def _settle(self, item: QueueItem, outcome: int | Exception, started: float) -> None:
+        """Release, quarantine or retry *item* by the *outcome* of its send (begun *started*)."""
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            status = outcome
+        except (DestinationBusy, NotSent):
+            # Nothing was sent: not an attempt, no back-off (busy: the gate now holds this
+            # worker; not sent: the instance before it was retried or backed off)
             item.attempts -= 1  # retry_later counts one
             self.queue.retry_later(item, 0.0)
             return

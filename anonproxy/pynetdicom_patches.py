@@ -170,7 +170,13 @@ from pynetdicom.events import Event
 from pynetdicom.fsm import TRANSITION_TABLE as TRANSITIONS
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ, P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA, MaximumLengthNotification
+from pynetdicom.pdu_primitives import (
+    A_ABORT,
+    A_P_ABORT,
+    A_RELEASE,
+    P_DATA,
+    MaximumLengthNotification,
+)
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
@@ -421,11 +427,13 @@ def _acceptor_wait(assoc: Association) -> Callable[[float], None]:
 
 class _Checkpoint(threading.Event):
     """An association's ``_reactor_checkpoint`` that wakes its reactor when cleared: a sending
-    thread clears it and then polls until the reactor has paused."""
+    thread clears it and then polls until the reactor has paused. While *held*
+    (:func:`hold_reactor`), a send's ``set()`` leaves the reactor paused for the next send."""
 
     def __init__(self, *, is_set: bool) -> None:
         super().__init__()
         self.cleared = threading.Condition()
+        self.held = False
         if is_set:
             self.set()
 
@@ -433,6 +441,38 @@ class _Checkpoint(threading.Event):
         super().clear()
         with self.cleared:
             self.cleared.notify_all()
+
+    def set(self) -> None:
+        if not self.held:
+            super().set()
+
+
+def hold_reactor(assoc: Association) -> None:
+    """Keep the association thread of the requestor *assoc* paused from its next send until
+    :func:`release_reactor`, so that consecutive sends skip the pause handshake (two wake-ups
+    of that thread and a 0.1 ms poll each: a fifth of the C-STORE rate to storescp). Meanwhile
+    nothing watches for the peer's A-RELEASE or A-ABORT between sends: ask
+    :func:`ended_while_held` before each. An abort or kill of the association ends the hold.
+    Nothing happens without the ``reactor_waits`` patch."""
+    checkpoint = assoc._reactor_checkpoint
+    if isinstance(checkpoint, _Checkpoint):
+        checkpoint.held = True
+
+
+def release_reactor(assoc: Association) -> None:
+    """End :func:`hold_reactor`: the association thread runs again."""
+    checkpoint = assoc._reactor_checkpoint
+    if isinstance(checkpoint, _Checkpoint) and checkpoint.held:
+        checkpoint.held = False
+        checkpoint.set()
+
+
+def ended_while_held(assoc: Association) -> bool:
+    """Whether what the held association thread of *assoc* would act on has come: the peer's
+    A-RELEASE or A-ABORT (or the connection's end), or the upper layer's thread ended."""
+    return not assoc.dul.is_alive() or isinstance(
+        assoc.dul.peek_next_pdu(), (A_RELEASE, A_ABORT, A_P_ABORT)
+    )
 
 
 def _requestor_wait(checkpoint: _Checkpoint) -> Callable[[float], None]:
@@ -511,6 +551,24 @@ def _apply_reactor_waits(set_: _Setter) -> None:
     set_(DULServiceProvider, "send_pdu", waking_send_pdu)
     set_(DULServiceProvider, "kill_dul", waking_kill_dul)
     set_(Association, "_run_reactor", waiting_association_reactor)
+    _apply_held_reactors(set_)
+
+
+def _apply_held_reactors(set_: _Setter) -> None:
+    """An association killed or aborted ends :func:`hold_reactor`: its thread must run to end."""
+    kill = Association.kill
+    abort = Association.abort
+
+    def releasing_kill(self: Association) -> None:
+        release_reactor(self)
+        kill(self)
+
+    def releasing_abort(self: Association, block: bool = True) -> None:
+        release_reactor(self)
+        abort(self, block)
+
+    set_(Association, "kill", releasing_kill)
+    set_(Association, "abort", releasing_abort)
 
 
 # --- response_race ------------------------------------------------------------------------------

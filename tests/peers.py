@@ -12,6 +12,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -300,12 +301,14 @@ class RefusingSCP:
         max_pdu: int = 16382,
         max_associations: int = 10,
         delay: float = 0.0,
+        abort_after: int | None = None,
     ) -> None:
         self.status = status
         self.sop_classes = sop_classes
         self.max_pdu = max_pdu  # the Maximum Length it advertises (0: any)
         self.max_associations = max_associations  # more at once are rejected (transient)
         self.delay = delay  # seconds each C-STORE takes (a PACS storing the instance)
+        self.abort_after = abort_after  # an association aborted just after its N-th answer
         self.port = free_port()
         self.ae_title = "REFUSER"
         self.calls = 0
@@ -333,6 +336,8 @@ class RefusingSCP:
             self.stored.append((id(event.assoc), str(event.request.AffectedSOPInstanceUID)))
             if self.delay:
                 time.sleep(self.delay)
+            if self.abort_after == sum(1 for a, _ in self.stored if a == id(event.assoc)):
+                threading.Timer(0.05, event.assoc.abort).start()
             return self.status
 
         def handle_established(event: Any) -> None:

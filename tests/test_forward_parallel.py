@@ -1,7 +1,8 @@
 """Parallel associations to one destination (anonproxy.forward's AssociationGate): several
 deliver every instance once, a destination that serves fewer gets every instance all the same
-(no retry counted, nothing quarantined), and the Maximum Length we propose and send with
-(real peers on loopback: a pynetdicom SCP, DCMTK storescp)."""
+(no retry counted, nothing quarantined), a worker hands its sender batches and counts only what
+was sent, and the Maximum Length we propose and send with (real peers on loopback: a
+pynetdicom SCP, DCMTK storescp)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from anonproxy.audit import AuditLog
 from anonproxy.config import DicomDestinationConfig
 from anonproxy.forward import (
+    BATCH,
     PROPOSED_MAX_PDU,
     AssociationGate,
     DicomSender,
@@ -127,6 +129,58 @@ def test_several_associations_deliver_every_instance_once(
     assert len(associations) >= 2  # in parallel: more than one association carried them
     assert len(forwarding.events("instance.forwarded")) == 60
     assert not forwarding.events("instance.forward_retry")
+
+
+def test_a_worker_hands_its_sender_batches_of_what_is_due(
+    tmp_path: Path, peers: list[RefusingSCP]
+) -> None:
+    peer = RefusingSCP(0x0000).start()
+    peers.append(peer)
+    forwarding = Forwarding(tmp_path, _destination(peer.port, peer.ae_title, max_associations=1))
+    uids = forwarding.put(builders.make_series(tmp_path / "series", 4 * BATCH, rows=32))
+    (worker,) = forwarding.workers
+    assert isinstance(worker.sender, ProcessSender)
+    batches: list[int] = []
+    send_each = worker.sender.send_each
+
+    def counted(paths: list[Path]) -> Iterator[int | Exception]:
+        batches.append(len(paths))
+        return send_each(paths)
+
+    worker.sender.send_each = counted  # type: ignore[method-assign]
+    try:
+        forwarding.start()
+        assert wait_for(forwarding.drained, timeout=60)
+    finally:
+        forwarding.stop()
+    assert sorted(uid for _, uid in peer.stored) == sorted(uids)
+    assert batches == [BATCH] * 4  # all were due: full batches, one request each
+    forwarded = forwarding.events("instance.forwarded")
+    assert len(forwarded) == 4 * BATCH
+    assert {e["attempts"] for e in forwarded} == {1}
+
+
+def test_a_refused_batch_counts_one_attempt_per_instance_sent(
+    tmp_path: Path, peers: list[RefusingSCP]
+) -> None:
+    """Out of Resources for the first instance of a batch: the others are not sent, and
+    neither counted nor backed off; the worker backs off once per instance the peer saw."""
+    peer = RefusingSCP(0xA700).start()
+    peers.append(peer)
+    forwarding = Forwarding(tmp_path, _destination(peer.port, peer.ae_title, max_associations=1))
+    forwarding.put(builders.make_series(tmp_path / "series", BATCH + 2, rows=32))
+    try:
+        forwarding.start()
+        assert wait_for(lambda: peer.calls >= 3, timeout=30)
+    finally:
+        forwarding.stop()
+    retries = forwarding.events("instance.forward_retry")
+    assert len(retries) == peer.calls  # one record, and one back-off, per instance sent
+    queue = forwarding.spool.queues["research"]
+    assert len(queue) == BATCH + 2  # nothing lost, nothing quarantined
+    assert not forwarding.events("instance.quarantined")
+    attempts = Counter(str(e["deid_sop_instance_uid"]) for e in retries)
+    assert sum(attempts.values()) == peer.calls
 
 
 @pytest.mark.parametrize("peer_kind", ["rejects a second association", "serves one at a time"])

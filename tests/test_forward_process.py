@@ -23,6 +23,7 @@ from anonproxy.forward import (
     UNLIMITED_PEER_PDU,
     DicomSender,
     FolderSender,
+    NotSent,
     ProcessSender,
     make_sender,
 )
@@ -78,6 +79,97 @@ def test_delivers_from_one_reused_child(sender: ProcessSender, storescp: StoreSC
     assert sender.pid == pid  # the same child (and association) for the next instance
     assert wait_for(lambda: len(storescp.files()) == 2, timeout=10)
     assert {p.name.split(".", 1)[0] for p in storescp.files()} == {"CT", "MR"}
+
+
+def test_a_batch_is_sent_in_one_request_and_answered_path_by_path(
+    sender: ProcessSender, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    paths = builders.make_series(tmp_path / "series", 3)
+    outcomes = sender.send_each([CT, tmp_path / "gone.dcm", *paths])
+    assert next(outcomes) == 0x0000
+    # the child goes on to the next instances while the first outcome is being settled
+    assert wait_for(lambda: len(storescp.files()) == 4, timeout=10)
+    rest = list(outcomes)
+    assert isinstance(rest[0], FileNotFoundError)  # removed meanwhile: the batch goes on
+    assert rest[1:] == [0x0000] * 3
+    assert sender.send(MR) == 0x0000  # the child's replies and requests still pair up
+
+
+def test_a_peer_aborting_between_the_sends_of_a_batch_costs_no_instance(
+    refusing: list[RefusingSCP], tmp_path: Path
+) -> None:
+    """The association thread, held between sends, does not see the abort; the next send looks
+    for it and associates again (without that, it is sent on the aborted association and
+    fails: no C-STORE response)."""
+    peer = RefusingSCP(0x0000, abort_after=1).start()
+    refusing.append(peer)
+    sender = DicomSender(_destination(peer.port, peer.ae_title, dimse_timeout=30), "ANONPROXY")
+    paths = builders.make_series(tmp_path / "s", 3)
+    try:
+        with sender.held():
+            started = time.monotonic()
+            for path in paths:
+                assert sender.send(path) == 0x0000
+                time.sleep(0.3)  # the peer aborts 0.05 s after each association's first answer
+            assert time.monotonic() - started < 5
+    finally:
+        sender.close()
+    assert len({association for association, _ in peer.stored}) == 3
+
+
+@pytest.mark.parametrize(("status", "sent"), [(0xA700, 1), (0xC000, 3)])
+def test_a_transient_refusal_ends_a_batch_and_a_permanent_one_does_not(
+    refusing: list[RefusingSCP], tmp_path: Path, status: int, sent: int
+) -> None:
+    peer = RefusingSCP(status).start()
+    refusing.append(peer)
+    process_sender = ProcessSender(_destination(peer.port, peer.ae_title), "ANONPROXY")
+    try:
+        outcomes = list(process_sender.send_each(builders.make_series(tmp_path / "s", 3)))
+        assert peer.calls == sent
+        first, *rest = outcomes
+        assert isinstance(first, ForwardError)
+        assert first.status == status
+        if sent == 1:  # Out of Resources: what refused the first would refuse the others
+            assert all(isinstance(outcome, NotSent) for outcome in rest)
+        else:  # the instance's own fault: each is sent and refused on its own
+            assert all(type(o) is ForwardError and o.permanent for o in rest)
+    finally:
+        process_sender.close()
+
+
+def test_a_child_dying_in_a_batch_fails_its_instance_and_sends_none_after(
+    sender: ProcessSender, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    assert sender.send(CT) == 0x0000
+    first = sender.pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)  # the request is sent; the child dies before it answers
+    killer = threading.Timer(0.5, os.kill, (first, signal.SIGKILL))
+    killer.start()
+    try:
+        outcomes = list(sender.send_each(builders.make_series(tmp_path / "s", 3)))
+    finally:
+        killer.join()
+    assert len(outcomes) == 3
+    assert type(outcomes[0]) is ForwardError
+    assert str(outcomes[0]) == "sender process failed"
+    assert all(isinstance(outcome, NotSent) for outcome in outcomes[1:])
+    assert sender.send(MR) == 0x0000
+    assert sender.pid not in {None, first}
+
+
+def test_a_batch_left_unread_has_its_child_replaced(
+    sender: ProcessSender, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    outcomes = sender.send_each(builders.make_series(tmp_path / "s", 3))
+    assert next(outcomes) == 0x0000
+    first = sender.pid
+    outcomes.close()  # two replies unread: they would answer the next request
+    assert sender.pid is None
+    assert first is not None
+    assert not running(first)
+    assert sender.send(MR) == 0x0000
 
 
 @pytest.mark.parametrize(

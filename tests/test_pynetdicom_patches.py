@@ -474,6 +474,79 @@ def test_a_wake_up_pending_is_written_once() -> None:
         wakeup.close()
 
 
+# --- held reactors (part of reactor_waits) ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _store_association(port: int, ae_title: str) -> Iterator[Association]:
+    requestor = AE("PATCHES")
+    requestor.add_requested_context(
+        dcmread(CT, stop_before_pixels=True).SOPClassUID, ExplicitVRLittleEndian
+    )
+    assoc = requestor.associate("127.0.0.1", port, ae_title=ae_title)
+    try:
+        assert assoc.is_established
+        yield assoc
+    finally:
+        patches.release_reactor(assoc)
+        if assoc.is_established:
+            assoc.release()
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_held_requestor_reactor_sleeps_through_a_batch_of_sends(
+    held: bool, storescp: StoreSCP
+) -> None:
+    """Held, the association thread is not woken between sends (no pause handshake); the
+    control, each send pauses it and wakes it again."""
+    with _store_association(storescp.port, storescp.ae_title) as assoc:
+        assert assoc.send_c_store(CT).Status == 0x0000
+        looks = [0]
+        get_msg = assoc.dimse.get_msg
+
+        def counted(block: bool = False) -> Any:  # noqa: ANN401 - pynetdicom's signature
+            looks[0] += not block  # the association thread's look, once a loop
+            return get_msg(block)
+
+        assoc.dimse.get_msg = counted  # type: ignore[method-assign]
+        if held:
+            patches.hold_reactor(assoc)
+        for _ in range(5):
+            assert assoc.send_c_store(CT).Status == 0x0000
+        during = looks[0]
+        patches.release_reactor(assoc)
+        assert wait_for(lambda: looks[0] > during, timeout=2)  # it runs again
+    assert during <= 1 if held else during >= 5
+
+
+def test_an_aborted_or_killed_association_ends_its_hold(storescp: StoreSCP) -> None:
+    """Its thread must run to end; left paused, it would wait forever."""
+    with _store_association(storescp.port, storescp.ae_title) as assoc:
+        patches.hold_reactor(assoc)
+        assert assoc.send_c_store(CT).Status == 0x0000
+        assert not assoc._reactor_checkpoint.is_set()  # paused after the send
+        assoc.abort()
+        assoc.join(5)
+        assert not assoc.is_alive()
+
+
+def test_the_peers_abort_during_a_hold_is_seen_before_the_next_send() -> None:
+    """The held thread does not see it; ended_while_held does, and once released the thread
+    ends the association as pynetdicom would."""
+    peer = RefusingSCP(0x0000, abort_after=1).start()
+    try:
+        with _store_association(peer.port, peer.ae_title) as assoc:
+            patches.hold_reactor(assoc)
+            assert assoc.send_c_store(CT).Status == 0x0000
+            assert wait_for(lambda: patches.ended_while_held(assoc), timeout=5)
+            assert assoc.is_established  # nobody looked
+            patches.release_reactor(assoc)
+            assoc.join(5)
+            assert assoc.is_aborted
+    finally:
+        peer.stop()
+
+
 # --- response_race ------------------------------------------------------------------------------
 
 

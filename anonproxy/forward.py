@@ -14,6 +14,11 @@ over a pipe, never data sets. The child is started with its worker, started agai
 has died, and ends when its pipe is closed (the service stopped or died). The child reads only
 the file meta of an instance (:mod:`anonproxy.filemeta`) and streams the data set's bytes from
 the file as they are: nothing is decoded, unless the destination needs another transfer syntax.
+A worker hands its child up to :data:`BATCH` instances that are due in one request; the child
+sends them one after the other on its association (whose thread it keeps paused meanwhile) and
+answers each as it is sent, so that releasing, auditing and taking the next ones in the worker
+overlap the sending (forwarding alone to storescp, 2 cores: MR 577-616 -> 768-851/s, CT
+466-492 -> 660-692/s).
 
 Parallel associations: a destination has ``max_associations`` workers (default 2), each with its
 own child and association, sharing one :class:`AssociationGate`. Associations are opened one at a
@@ -941,7 +946,7 @@ class ForwardWorker(threading.Thread):
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
-        """Finish the current instance, then stop."""
+        """Finish the current batch (at most :data:`BATCH` instances), then stop."""
         self._stop_event.set()
 
     def run(self) -> None:

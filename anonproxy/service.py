@@ -465,7 +465,7 @@ class Proxy:
     def stop(self, timeout: float = 20.0) -> None:
         """Graceful shutdown: stop accepting, let running associations finish for up to
         *timeout* seconds (then abort them: what they did not get acknowledged, they resend),
-        stop the workers after their current instance. 20 s stays inside the usual 30 s
+        stop the workers after their current batch. 20 s stays inside the usual 30 s
         grace period of container orchestrators before SIGKILL."""
         if self._stopped.is_set():
             return

@@ -504,7 +504,7 @@ def test_a_held_requestor_reactor_sleeps_through_a_batch_of_sends(
         looks = [0]
         get_msg = assoc.dimse.get_msg
 
-        def counted(block: bool = False) -> Any:  # noqa: ANN401 - pynetdicom's signature
+        def counted(block: bool = False) -> Any:
             looks[0] += not block  # the association thread's look, once a loop
             return get_msg(block)
 

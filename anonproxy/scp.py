@@ -24,11 +24,14 @@ shared by every process (:class:`~anonproxy.access.SharedAssociations`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -124,6 +127,7 @@ class StorageSCP:
         metrics: Metrics | None = None,
         shared: SharedAssociations | None = None,
         acceptor_index: int = 0,
+        reports: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         pynetdicom_patches.install()  # UnsupportedPynetdicom (a ConfigError) on another version
         self.incoming_key = pipeline.runner.incoming_key
@@ -143,6 +147,9 @@ class StorageSCP:
         # acceptor processes: the associations of every process, and this one's region
         self.shared = shared
         self.acceptor_index = acceptor_index
+        # what a C-STORE's audit records and metrics are reported within (an acceptor process:
+        # one message to the service process per data set, see Channel.gathered)
+        self.reports = reports
         self._counted: dict[int, str] = {}  # association -> peer address, counted in shared
         self.ae = self._build_ae()
         self.server: Any = None
@@ -432,6 +439,10 @@ class StorageSCP:
         * ``StoreStatus.INSTANCE_TOO_LARGE`` (0xA701): larger than ``max_instance_bytes``;
         * ``StoreStatus.CANNOT_UNDERSTAND`` (0xC000): a corrupt deflate stream, or no data set.
         """
+        with self.reports():
+            return self._handle_store_within_limits(event)
+
+    def _handle_store_within_limits(self, event: evt.Event) -> Dataset | int:
         received = pynetdicom_patches.received_file(event)
         if not isinstance(received, ReceivedFile):  # a C-STORE request without a data set
             return self._refuse_store(event, StoreStatus.CANNOT_UNDERSTAND, "no data set")

@@ -630,6 +630,7 @@ class Acceptor:
             metrics=RelayedMetrics(channel),
             shared=spec.shared,
             acceptor_index=spec.index,
+            reports=channel.gathered,
         )
         if listen.acknowledge == "after_receipt":
             self.deidentifiers.start()

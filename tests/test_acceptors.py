@@ -131,6 +131,68 @@ def test_an_acceptor_waiting_for_stop_runs_a_signal_another_thread_took() -> Non
     assert before_stop == [True]
 
 
+def test_what_a_c_store_reports_goes_to_the_supervisor_as_one_message() -> None:
+    """Inside gathered(), this thread's messages wait and leave together; another thread's
+    leave at once; one message alone leaves as itself."""
+    import multiprocessing
+
+    events, supervisor = multiprocessing.Pipe()
+    channel = Channel(events, events)
+    with channel.gathered():
+        channel.send(("audit", "instance.received", {}))
+        channel.send(("received", 0.25))
+        other = threading.Thread(target=channel.send, args=(("answered", 0),))
+        other.start()
+        other.join()
+        assert supervisor.recv() == ("answered", 0)
+        assert not supervisor.poll(0.1)
+    assert supervisor.recv() == (
+        "gathered",
+        [("audit", "instance.received", {}), ("received", 0.25)],
+    )
+    with channel.gathered():
+        channel.send(("committed", "research", "1.2.3_4.dcm"))
+    assert supervisor.recv() == ("committed", "research", "1.2.3_4.dcm")
+    with channel.gathered():
+        pass
+    assert not supervisor.poll(0.1)
+
+
+def test_a_bad_message_among_gathered_ones_costs_only_itself(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from anonproxy.audit import AuditLog
+    from anonproxy.metrics import Metrics
+    from anonproxy.spool import Spool, SpoolCounters
+
+    audit_path = tmp_path / "audit.jsonl"
+    supervisor = acceptors.AcceptorSupervisor(
+        {},
+        b"",
+        1,
+        host="127.0.0.1",
+        port=0,
+        max_associations=1,
+        target=lambda spec: None,
+        audit=AuditLog(audit_path),
+        metrics=Metrics(),
+        spool=Spool(tmp_path / "var", ["research"], fsync=False),
+        counters=SpoolCounters(),
+        map_recorder=None,
+        ended=lambda run, code: None,
+    )
+    events, acceptor = multiprocessing.Pipe()
+    reader = threading.Thread(target=supervisor._read_events, args=(supervisor.slots[0], events))
+    reader.start()
+    bad = [("audit", "test.one", {}), ("no such kind",), ("audit", "test.two", {})]
+    with capture_logs() as logs:
+        acceptor.send(("gathered", bad))
+        acceptor.close()
+        reader.join(5)
+    assert [r["event"] for r in audit_records(audit_path)] == ["test.one", "test.two"]
+    assert [e["event"] for e in logs] == ["acceptor.message_failed"]
+
+
 def test_a_transparent_route_makes_auto_processes_one_and_refuses_a_configured_number(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -31,7 +31,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -127,7 +126,7 @@ class StorageSCP:
         metrics: Metrics | None = None,
         shared: SharedAssociations | None = None,
         acceptor_index: int = 0,
-        reports: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+        reports: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         pynetdicom_patches.install()  # UnsupportedPynetdicom (a ConfigError) on another version
         self.incoming_key = pipeline.runner.incoming_key

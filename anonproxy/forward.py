@@ -14,7 +14,8 @@ over a pipe, never data sets. The child is started with its worker, started agai
 has died, and ends when its pipe is closed (the service stopped or died). The child reads only
 the file meta of an instance (:mod:`anonproxy.filemeta`) and streams the data set's bytes from
 the file as they are: nothing is decoded, unless the destination needs another transfer syntax.
-A worker hands its child up to :data:`BATCH` instances that are due in one request; the child
+A worker whose association is the destination's only one open hands its child up to
+:data:`BATCH` due instances in one request (else one: the others send the rest); the child
 sends them one after the other on its association (whose thread it keeps paused meanwhile) and
 answers each as it is sent, so that releasing, auditing and taking the next ones in the worker
 overlap the sending (forwarding alone to storescp, 2 cores: MR 577-616 -> 768-851/s, CT
@@ -106,9 +107,10 @@ FURTHER_BACKLOG = 2
 """Instances in a queue, beyond one per open association, that a further association needs: a
 short lag of the open ones (a burst of a few) is not worth another association and process."""
 BATCH = 4
-"""Instances a worker takes at once, when that many are due, and hands its sender process in
-one request: the child sends each after the other while the worker settles the ones answered
-(releases, audits, takes the next), so that the association waits on neither."""
+"""Instances a worker takes at once, when that many are due and no other association to the
+destination is open, and hands its sender process in one request: the child sends each after
+the other while the worker settles the ones answered (releases, audits, takes the next), so
+that the association waits on neither."""
 _LIMIT_RETRY_MAX_S = 3600.0
 _LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -962,11 +964,17 @@ class ForwardWorker(threading.Thread):
                     self.sender.idle_check()
                     continue
                 items = [item]
-                while len(items) < batch and (more := self.queue.take(timeout=0)) is not None:
+                while len(items) < self._batch(batch) and (more := self.queue.take(0)) is not None:
                     items.append(more)
                 self._forward(items)
         finally:
             self.sender.close()
+
+    def _batch(self, batch: int) -> int:
+        """How many instances to take at once: *batch*, or one while another association to the
+        destination is open (it sends in parallel what this worker leaves in the queue)."""
+        gate: AssociationGate | None = getattr(self.sender, "gate", None)
+        return batch if gate is None or gate.open <= 1 else 1
 
     def _audit(self, event: str, item: QueueItem, **fields: object) -> None:
         """An audit record about *item* at this destination."""

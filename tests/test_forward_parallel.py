@@ -33,7 +33,7 @@ from anonproxy.spool import Spool
 
 import builders
 from conftest import audit_records
-from peers import RefusingSCP, StoreSCP, wait_for
+from peers import RefusingSCP, StoreSCP, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +158,20 @@ def test_a_worker_hands_its_sender_batches_of_what_is_due(
     forwarded = forwarding.events("instance.forwarded")
     assert len(forwarded) == 4 * BATCH
     assert {e["attempts"] for e in forwarded} == {1}
+
+
+def test_a_worker_takes_one_at_a_time_while_another_association_is_open(tmp_path: Path) -> None:
+    """Batches only while its association is the destination's only one: with others open, what
+    it leaves in the queue goes out in parallel."""
+    forwarding = Forwarding(tmp_path, _destination(free_port(), "RESEARCH", max_associations=2))
+    first, second = forwarding.workers
+    assert first._batch(BATCH) == BATCH  # none open yet
+    forwarding.gate.opened(first.sender)
+    assert first._batch(BATCH) == BATCH  # its own, alone
+    forwarding.gate.opened(second.sender)
+    assert first._batch(BATCH) == second._batch(BATCH) == 1
+    forwarding.gate.closed(second.sender)
+    assert first._batch(BATCH) == BATCH
 
 
 def test_a_refused_batch_counts_one_attempt_per_instance_sent(

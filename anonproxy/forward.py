@@ -558,6 +558,13 @@ class AssociationGate:
         with self._cond:
             return len(self._open) + (self._opening is not None)
 
+    @property
+    def held(self) -> int:
+        """Associations held (not one being opened: a PACS that serves one at a time may not
+        answer it for :data:`PROBE_ACSE_TIMEOUT_S`)."""
+        with self._cond:
+            return len(self._open)
+
     def admit(
         self, member: object, backlog: Callable[[], int], timeout: float, *, first: bool = True
     ) -> bool | None:
@@ -974,7 +981,7 @@ class ForwardWorker(threading.Thread):
         """How many instances to take at once: *batch*, or one while another association to the
         destination is open (it sends in parallel what this worker leaves in the queue)."""
         gate: AssociationGate | None = getattr(self.sender, "gate", None)
-        return batch if gate is None or gate.open <= 1 else 1
+        return batch if gate is None or gate.held <= 1 else 1
 
     def _audit(self, event: str, item: QueueItem, **fields: object) -> None:
         """An audit record about *item* at this destination."""

@@ -168,6 +168,8 @@ def test_a_worker_takes_one_at_a_time_while_another_association_is_open(tmp_path
     assert first._batch(BATCH) == BATCH  # none open yet
     forwarding.gate.opened(first.sender)
     assert first._batch(BATCH) == BATCH  # its own, alone
+    assert forwarding.gate.admit(second.sender, lambda: 10, 1.0, first=False)
+    assert first._batch(BATCH) == BATCH  # a further one being opened: perhaps never answered
     forwarding.gate.opened(second.sender)
     assert first._batch(BATCH) == second._batch(BATCH) == 1
     forwarding.gate.closed(second.sender)

@@ -135,6 +135,8 @@ class Sender(Protocol):
     # Optional: ``ready(backlog, timeout) -> bool``, whether the sender may take an instance
     # now (*backlog()*: the instances in its queue), waiting up to *timeout* seconds
     # (ProcessSender: its destination's AssociationGate). A sender without it is always ready.
+    # Optional: ``send_each(paths)``, the outcome of sending each path, as they come
+    # (ProcessSender.send_each). A sender without it is given one instance at a time.
 
     def send(self, path: Path) -> int:
         """Deliver the file at *path*; return the destination's status (0 for a folder).

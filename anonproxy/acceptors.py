@@ -2,12 +2,12 @@
 
 One process receives at the rate one core de-identifies: Python's GIL keeps the association
 threads of one process on one core. With ``listen.processes`` > 1, the service process (the
-*supervisor*) starts that many *acceptor* processes. Each listens on the DICOM port with
-``SO_REUSEPORT`` (the kernel spreads new connections over them, :class:`~anonproxy.scp.
-ReusePortServer`), builds its own SCP, pipeline and engine from the settings (and, under
-``listen.acknowledge: after_receipt``, its own deferred processor) and commits into the one
-spool. ``listen.processes: 1`` is the single process of before: no supervisor, nothing of this
-module runs.
+*supervisor*) starts that many *acceptor* processes. Each accepts from the supervisor's
+listening socket on the DICOM port, where the least busy acceptor takes each new connection
+(:class:`~anonproxy.scp.SharedListenerServer`), builds its own SCP, pipeline and engine from
+the settings (and, under ``listen.acknowledge: after_receipt``, its own deferred processor)
+and commits into the one spool. ``listen.processes: 1`` is the single process of before: no
+supervisor, nothing of this module runs.
 
 What stays in the supervisor, and why:
 
@@ -30,11 +30,14 @@ What stays in the supervisor, and why:
   counted in shared memory (:class:`~anonproxy.access.SharedAssociations`), like the spool's
   quotas (:class:`~anonproxy.spool.SpoolCounters`).
 
-The port: the supervisor binds it first with ``SO_REUSEPORT`` and keeps that socket, bound and
-never listening (it takes no connection), for its whole run: port 0 is resolved once for every
-acceptor, and a port held by another program (without ``SO_REUSEPORT``) stops the start with
-the usual ConfigError. Acceptors are started from the fork server of :mod:`anonproxy.processes`
-(the supervisor runs threads by then: a fork of it would copy locks held by them).
+The port: the supervisor binds it, listens on it and keeps that socket for its whole run;
+each acceptor gets it when it starts (from the fork server of :mod:`anonproxy.processes`: the
+supervisor runs threads by then, and a fork of it would copy locks held by them). Port 0 is
+resolved once for every acceptor, a port held by another program stops the start with the
+usual ConfigError, and connections that arrive while an acceptor restarts wait in the socket's
+backlog for the others. (``SO_REUSEPORT``, one socket per acceptor, was left: the kernel
+spreads connections over such sockets by a hash of their addresses, blind to how busy each
+process is, and a connection queued for an acceptor that dies is reset.)
 
 A process that ends unexpectedly is started again after a back-off (0.5 s, doubled up to
 30 s, from 0.5 s again once one ran a minute), audited ``acceptor.restarted`` with its exit
@@ -232,6 +235,7 @@ class AcceptorSpec:
     index: int
     run: str  # names its deferred data sets: unique among every process of this storage
     port: int  # resolved by the supervisor (listen.port 0: the port it bound)
+    listener: socket.socket  # the supervisor's, listening on the port: shared by the acceptors
     parent: int
     shared: SharedAssociations
     counters: SpoolCounters
@@ -293,7 +297,7 @@ class AcceptorSupervisor:
         self.ended = ended
         self.shared = SharedAssociations(self._context, processes, max_associations)
         self.slots = [_Slot(index) for index in range(processes)]
-        self._socket: socket.socket | None = None
+        self.listener: socket.socket | None = None  # the port, listening (start)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._last_run = 0
@@ -310,7 +314,7 @@ class AcceptorSupervisor:
     def start(self) -> None:
         """Reserve the port, start every acceptor and wait until each listens. ConfigError
         when the port cannot be listened on or an acceptor cannot start."""
-        self._reserve_port()
+        self._listen()
         for slot in self.slots:
             self._start(slot)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -329,16 +333,16 @@ class AcceptorSupervisor:
         self._monitor = threading.Thread(target=self._supervise, name="acceptors", daemon=True)
         self._monitor.start()
 
-    def _reserve_port(self) -> None:
-        """Bind the port with SO_REUSEPORT (never listening): fails when another program holds
-        it, resolves port 0, and keeps it ours between restarts."""
+    def _listen(self) -> None:
+        """Listen on the port, for every acceptor (:attr:`listener`): fails when another
+        program holds it, resolves port 0, and keeps it ours between restarts."""
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((self.host, self.port))
+                sock.listen()
             except BaseException:
                 sock.close()
                 raise
@@ -346,8 +350,14 @@ class AcceptorSupervisor:
             reason = exc.strerror or type(exc).__name__
             msg = f"listen: cannot listen on {self.host}:{self.port}: {reason}"
             raise ConfigError(msg) from None
-        self._socket = sock
+        self.listener = sock
         self.port = int(sock.getsockname()[1])
+
+    def _listening(self) -> socket.socket:
+        if self.listener is None:
+            msg = "an acceptor started before the port was listened on"
+            raise RuntimeError(msg)
+        return self.listener
 
     def _next_run(self) -> str:
         with self._lock:
@@ -366,6 +376,7 @@ class AcceptorSupervisor:
             index=slot.index,
             run=slot.run,
             port=self.port,
+            listener=self._listening(),
             parent=os.getpid(),
             shared=self.shared,
             counters=self.counters,
@@ -421,6 +432,9 @@ class AcceptorSupervisor:
             if slot.events is not None and slot.process is not None and slot.process.is_alive():
                 with contextlib.suppress(OSError, ValueError):
                     slot.events.send(("stop", grace_s))
+        if self.listener is not None:  # new connections refused now, in every acceptor
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float) -> None:
         """Wait up to *timeout* seconds for the acceptors to exit, kill those still running,
@@ -438,8 +452,8 @@ class AcceptorSupervisor:
                 reader.join(2.0)  # what they sent before they ended is written
         if self._monitor is not None:
             self._monitor.join(2.0)
-        if self._socket is not None:
-            self._socket.close()
+        if self.listener is not None:
+            self.listener.close()
 
     def reopen_logs(self) -> None:
         """SIGHUP: the acceptors reopen their log files. Only those that reported ready: one

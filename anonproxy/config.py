@@ -116,8 +116,8 @@ class ListenConfig(_Section):
     allowed_calling_ae_titles: list[AllowedCallingEntry] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
     deidentify_workers: int | None = Field(default=None, ge=0, le=64)
-    # Receiving processes on the one port (SO_REUSEPORT); null: one per core (at most 8; 1 with
-    # a transparent route)
+    # Receiving processes on the one port (one listening socket, the least busy takes each
+    # connection); null: one per core (at most 8; 1 with a transparent route)
     processes: int | None = Field(default=DEFAULT_LISTEN_PROCESSES, ge=1, le=64)
     max_associations_per_peer: int | None = Field(default=None, ge=1)
     tls: TlsServerConfig | None = None

@@ -16,20 +16,23 @@ syntax) are built once, with the AE, and shared by every association read-only
 them for each association (65 ms of CPU on the 2-core benchmark machine under load: what a
 sender that opens one association per instance pays per instance).
 
-In an acceptor process (``listen.processes`` > 1, :mod:`anonproxy.acceptors`) the SCP listens
-with ``SO_REUSEPORT`` (:class:`ReusePortServer`, through pynetdicom's ``server_class``) on
-the port the other acceptor processes listen on, and counts its associations in the table
-shared by every process (:class:`~anonproxy.access.SharedAssociations`).
+In an acceptor process (``listen.processes`` > 1, :mod:`anonproxy.acceptors`) the SCP accepts
+from the listening socket every acceptor process shares, the least busy first
+(:class:`SharedListenerServer`, through pynetdicom's ``server_class``), and counts its
+associations in the table shared by every process
+(:class:`~anonproxy.access.SharedAssociations`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import socketserver
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,21 +85,87 @@ def receive_into(
     )
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server, its socket bound with ``SO_REUSEPORT``: the
-    acceptor processes listen on one port and the kernel spreads the connections over them.
-    (Only sockets of the same user that all set it share a port: a port another program holds
-    still fails to bind.)"""
+#: How long an acceptor process waits, per association it runs, before it takes a new
+#: connection from the listening socket it shares with the others (at most
+#: :data:`MAX_ACCEPT_DEFERRAL_S`): a less busy process takes it meanwhile.
+ACCEPT_DEFERRAL_S = 0.005
+MAX_ACCEPT_DEFERRAL_S = 0.025
+#: How often a deferring process looks whether another took the connection.
+_DEFERRAL_STEP_S = 0.001
+#: How long the accept loop rests after the shared socket failed (shut down while stopping).
+_FAILED_ACCEPT_PAUSE_S = 0.05
+
+
+class SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server on a listening socket that every acceptor
+    process shares (made by the supervisor, :attr:`listener`): each new connection wakes every
+    process, the first to accept has it, and the others find none (``BlockingIOError``, which
+    socketserver's loop ignores).
+
+    The processes do not race as equals. A process waits :data:`ACCEPT_DEFERRAL_S` per
+    connection it has open before it accepts, so a connection goes to the least busy process;
+    a busy or stuck sibling costs a new connection at most :data:`MAX_ACCEPT_DEFERRAL_S`. A
+    waiting process looks every :data:`_DEFERRAL_STEP_S` whether the connection is still
+    there, and goes back to waiting for the next one once another process took it: a
+    connection that arrives later gets a full wait of its own. (``SO_REUSEPORT``, which this
+    replaces, spread connections by a hash of their addresses: four storescu associations to
+    two processes went two and two in 5 of 16 trials, three and one in 9, all four to one
+    process in 2.)
+
+    Closing the server closes this process's descriptor only: the socket listens while any
+    process holds it (the supervisor does, for its whole run)."""
+
+    listener: socket.socket  # set by shared_listener_server
 
     def server_bind(self) -> None:
-        cast("socket.socket", self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        cast("socket.socket", self.socket).close()  # the one socketserver made: not used
+        self.socket = self.listener
+        self.socket.setblocking(False)  # a process that loses the race finds none, at once
+        self.server_address = self.socket.getsockname()
+        self._connections: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # accepted
+        self._pending = select.poll()  # whether a connection waits on the socket
+        self._pending.register(self.socket, select.POLLIN)
+
+    def server_activate(self) -> None:
+        """Nothing: the supervisor's socket is listening already."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        deferral = min(self.load() * ACCEPT_DEFERRAL_S, MAX_ACCEPT_DEFERRAL_S)
+        until = time.monotonic() + deferral
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, _DEFERRAL_STEP_S))
+            if not self._pending.poll(0):
+                raise BlockingIOError  # another process took it
+        try:
+            request = super().get_request()
+        except BlockingIOError:
+            raise  # another process took it
+        except OSError:
+            time.sleep(_FAILED_ACCEPT_PAUSE_S)  # the socket was shut down: no busy loop
+            raise
+        self._connections.add(request[0])
+        return request
+
+    def load(self) -> int:
+        """The connections this process accepted and has not closed (pynetdicom closes the
+        socket when its association ends)."""
+        return sum(connection.fileno() != -1 for connection in self._connections)
+
+    def server_close(self) -> None:
+        """Close this process's descriptor of the shared socket (pynetdicom's would shut the
+        socket down for every process)."""
+        cast("socket.socket", self.socket).close()
 
     def shutdown(self) -> None:
         """Stop serving and close the socket (the server was made with ``make_server``: it is
         not in the AE's list of servers that pynetdicom's ``shutdown`` removes it from)."""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def shared_listener_server(listener: socket.socket) -> type[SharedListenerServer]:
+    """A :class:`SharedListenerServer` class on *listener* (pynetdicom's ``server_class``)."""
+    return type("SharedListenerServer", (SharedListenerServer,), {"listener": listener})
 
 
 @dataclass
@@ -206,11 +275,11 @@ class StorageSCP:
             ),
         ]  # fmt: skip
 
-    def start(self, *, reuse_port: bool = False) -> None:
-        """Listen in the background; with *reuse_port*, on a port other processes listen on
-        (:class:`ReusePortServer`)."""
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Listen in the background: on a socket of its own, or on *listener*, the listening
+        socket the acceptor processes share (:class:`SharedListenerServer`)."""
         address = (self.config.host, self.config.port)
-        if not reuse_port:
+        if listener is None:
             self.server = self.ae.start_server(
                 address,
                 block=False,
@@ -224,7 +293,7 @@ class StorageSCP:
             evt_handlers=self.handlers,
             ssl_context=self.ssl_context,
             contexts=self.contexts,
-            server_class=ReusePortServer,
+            server_class=shared_listener_server(listener),
         )
         threading.Thread(
             target=self.server.serve_forever, name="acceptor-server", daemon=True
@@ -247,7 +316,7 @@ class StorageSCP:
     def shutdown(self) -> None:
         """Abort whatever is still running."""
         self.ae.shutdown()
-        if isinstance(self.server, ReusePortServer):
+        if isinstance(self.server, SharedListenerServer):
             self.server.server_close()
 
     # -- association events ---------------------------------------------------------------

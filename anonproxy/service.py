@@ -666,7 +666,7 @@ def run_acceptor(spec: AcceptorSpec) -> None:
     configure_logging(settings.log.level, format=settings.log.format, path=settings.log.path)
     try:
         acceptor = Acceptor(settings, spec, channel)
-        acceptor.scp.start(reuse_port=True)
+        acceptor.scp.start(spec.listener)
     except ConfigError as exc:
         channel.send(("failed", str(exc)))
         raise SystemExit(2) from None

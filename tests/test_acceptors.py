@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
 
-from anonproxy import acceptors
+from anonproxy import acceptors, scp
 from anonproxy.acceptors import Channel, process_count
 from anonproxy.access import SharedAssociations
 from anonproxy.config import parse_settings
@@ -270,6 +270,7 @@ def test_several_acceptors_receive_in_parallel_and_audit_every_record_whole(
         if r["event"] in {"association.released", "association.closed"}
     ]
     assert len(accepted) == senders
+    assert {acceptor for acceptor, _ in accepted} == {0, 1}  # both took some
     assert sorted(closed) == sorted(accepted)  # one pair per association
     forwarded = Counter(
         r["deid_sop_instance_uid"] for r in records if r["event"] == "instance.forwarded"
@@ -442,6 +443,72 @@ def test_the_per_peer_limit_holds_across_acceptors(make_proxy, tmp_path: Path) -
     again = ae.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
     assert again.is_established
     again.release()
+
+
+def test_the_least_busy_acceptor_takes_each_new_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two servers on one shared listening socket (as two acceptor processes): the one that
+    runs two associations leaves the next connections to the idle one until they run as
+    many. Deferrals stretched to tenths of a second so that the order cannot be a race."""
+    monkeypatch.setattr(scp, "ACCEPT_DEFERRAL_S", 0.2)
+    monkeypatch.setattr(scp, "MAX_ACCEPT_DEFERRAL_S", 1.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    servers = []
+    for _ in range(2):
+        ae = AE(ae_title="ANONPROXY")
+        ae.add_supported_context(Verification)
+        servers.append(
+            ae.make_server(("127.0.0.1", 0), server_class=scp.shared_listener_server(listener))
+        )
+    busy, idle = servers
+    requestor = AE(ae_title="MODALITY")
+    requestor.add_requested_context(Verification)
+    held = []
+    try:
+        threading.Thread(target=busy.serve_forever, daemon=True).start()
+        held += [requestor.associate("127.0.0.1", port, ae_title="ANONPROXY") for _ in range(2)]
+        assert all(assoc.is_established for assoc in held)
+        threading.Thread(target=idle.serve_forever, daemon=True).start()
+        for expected in (1, 2):
+            held.append(requestor.associate("127.0.0.1", port, ae_title="ANONPROXY"))
+            assert held[-1].is_established
+            assert wait_for(lambda n=expected: len(idle.active_associations) == n, timeout=5)
+        assert len(busy.active_associations) == 2
+    finally:
+        for assoc in held:
+            assoc.release()
+        for server in servers:
+            server.shutdown()
+        listener.close()
+
+
+def test_a_stopping_service_refuses_new_connections_and_lets_running_ones_finish(
+    make_proxy,
+) -> None:
+    proxy = make_proxy(listen={"processes": 2})
+    requestor = AE(ae_title="MODALITY")
+    requestor.add_requested_context(Verification)
+    running = requestor.associate("127.0.0.1", proxy.port, ae_title="ANONPROXY")
+    assert running.is_established
+    stopping = threading.Thread(target=proxy.stop, kwargs={"timeout": 10})
+    stopping.start()
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    try:
+        assert wait_for(refused, timeout=5)
+        assert running.send_c_echo().Status == 0x0000  # still served in its grace period
+    finally:
+        running.release()
+    stopping.join(15)
+    assert not stopping.is_alive()
 
 
 def test_a_port_another_program_holds_stops_the_start(make_proxy, tmp_path: Path) -> None:

@@ -312,7 +312,7 @@ class AcceptorSupervisor:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Reserve the port, start every acceptor and wait until each listens. ConfigError
+        """Listen on the port, start every acceptor and wait until each serves it. ConfigError
         when the port cannot be listened on or an acceptor cannot start."""
         self._listen()
         for slot in self.slots:

@@ -44,10 +44,11 @@ A process that ends unexpectedly is started again after a back-off (0.5 s, doubl
 code. Nothing it acknowledged is lost: an instance is acknowledged once committed to the spool
 (or kept in ``spool/deferred``); its deferred data sets, named after its *run* (unique among
 the processes), and any deferred commit it left half-done are recovered by the supervisor's own
-deferred processor. On stop, each acceptor closes its listening socket, lets its associations
-finish within the grace period, finishes its deferred instances in the engine and exits;
-one that does not is killed. An acceptor whose supervisor was killed aborts its associations
-at once and exits (:data:`ORPHAN_GRACE_S`).
+deferred processor. On stop, the supervisor shuts the listening socket down (new connections
+are refused), and each acceptor lets its associations finish within the grace period,
+finishes its deferred instances in the engine and exits; one that does not is killed. An
+acceptor whose supervisor was killed aborts its associations at once and exits
+(:data:`ORPHAN_GRACE_S`).
 """
 
 from __future__ import annotations
@@ -423,8 +424,9 @@ class AcceptorSupervisor:
         return self.shared.active()
 
     def request_stop(self, grace_s: float) -> None:
-        """Ask every acceptor to stop: close its listening socket, let its associations finish
-        within *grace_s* seconds (then abort them), exit. Returns at once (:meth:`join`)."""
+        """Ask every acceptor to stop: stop accepting, let its associations finish within
+        *grace_s* seconds (then abort them), exit; new connections are refused from now on.
+        Returns at once (:meth:`join`)."""
         self._stopping.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(None)

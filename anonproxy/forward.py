@@ -962,7 +962,8 @@ class ForwardWorker(threading.Thread):
 
     def run(self) -> None:
         ready = getattr(self.sender, "ready", None)
-        batch = BATCH if hasattr(self.sender, "send_each") else 1
+        send_each = getattr(self.sender, "send_each", None)
+        batch = BATCH if send_each is not None else 1
         try:
             self.sender.prepare()
             while not self._stop_event.is_set():
@@ -975,7 +976,7 @@ class ForwardWorker(threading.Thread):
                 items = [item]
                 while len(items) < self._batch(batch) and (more := self.queue.take(0)) is not None:
                     items.append(more)
-                self._forward(items)
+                self._forward(items, send_each or self._send_one_by_one)
         finally:
             self.sender.close()
 
@@ -1007,24 +1008,25 @@ class ForwardWorker(threading.Thread):
         self.queue.retry_later(item, 0.0)
         self._stop_event.wait(delay)
 
-    def _outcomes(self, paths: list[Path]) -> Generator[int | Exception, None, None]:
-        """The outcome of sending each of *paths* (see :meth:`ProcessSender.send_each`)."""
-        send_each = getattr(self.sender, "send_each", None)
-        if send_each is not None:
-            yield from send_each(paths)
-            return
+    def _send_one_by_one(self, paths: list[Path]) -> Generator[int | Exception, None, None]:
+        """:meth:`ProcessSender.send_each` for a sender without it (a folder): the outcome of
+        sending each of *paths* by its ``send``."""
         for path in paths:
             try:
                 yield self.sender.send(path)
             except (ForwardError, FileNotFoundError) as exc:
                 yield exc
 
-    def _forward(self, items: list[QueueItem]) -> None:
-        """Send *items*, settling each as its outcome arrives (the next one is being sent
-        meanwhile). A sender that fails unexpectedly fails the item it was sending; the items
-        after it, and any left without an outcome, go back to the queue uncounted."""
+    def _forward(
+        self,
+        items: list[QueueItem],
+        send_each: Callable[[list[Path]], Generator[int | Exception, None, None]],
+    ) -> None:
+        """Send *items* by *send_each*, settling each as its outcome arrives (the next one is
+        being sent meanwhile). A sender that fails unexpectedly fails the item it was sending;
+        the items after it, and any left without an outcome, go back to the queue uncounted."""
         started = time.monotonic()
-        outcomes = self._outcomes([self.queue.path(item) for item in items])
+        outcomes = send_each([self.queue.path(item) for item in items])
         settled = 0
         try:
             for item in items:
